@@ -1,0 +1,16 @@
+"""Errors a user can act on. Drivers (CLI, widgets) show their message as one line, no traceback.
+
+Kept free of torch so that every driver can catch them cheaply.
+"""
+
+
+class DinofuseError(Exception):
+    """Base class: the message says what went wrong and what to do."""
+
+
+class BackboneError(DinofuseError, RuntimeError):
+    """A backbone could not be loaded."""
+
+
+class GeometryError(DinofuseError, ValueError):
+    """Input that cannot be placed in space (dimensions, voxel sizes, coverage)."""

@@ -1,0 +1,185 @@
+"""Volumes in physical space and resampling between grids, in napari's conventions.
+
+Axes are always (z, y, x) and units nanometres. As in napari, voxel ``i`` has its *centre* at
+``offset + i * voxel_size`` (napari's ``translate`` and ``scale``), so it spans half a voxel either side.
+Only numpy here (torch tensors are accepted by :func:`resample` without importing torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeometryError
+
+Triple = tuple[float, float, float]
+
+
+def _triple(value, name: str, positive: bool = False) -> Triple:
+    arr = np.broadcast_to(np.asarray(value, dtype=float), (3,)) if np.ndim(value) == 0 else np.asarray(value, float)
+    if arr.shape != (3,):
+        raise GeometryError(f"{name} needs 3 values (z, y, x) in nm, got {value!r}")
+    if not np.all(np.isfinite(arr)):
+        raise GeometryError(f"{name} must be finite, got {value!r}")
+    if positive and np.any(arr <= 0):
+        raise GeometryError(f"{name} must be positive in every axis, got {tuple(arr.tolist())}")
+    return tuple(float(v) for v in arr)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a (Z, Y, X) array's voxel centres lie in the world (nm)."""
+
+    shape: tuple[int, int, int]
+    voxel_size: Triple
+    offset: Triple = (0.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "voxel_size", _triple(self.voxel_size, "voxel size", positive=True))
+        object.__setattr__(self, "offset", _triple(self.offset, "offset"))
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise GeometryError(f"a grid needs 3 non-empty axes (z, y, x), got shape {self.shape}")
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """World coordinates of the outer faces: (low corner, high corner)."""
+        vs, off, n = np.array(self.voxel_size), np.array(self.offset), np.array(self.shape)
+        return off - vs / 2, off + (n - 0.5) * vs
+
+    def index_to_world(self, index) -> np.ndarray:
+        return np.asarray(self.offset) + np.asarray(index, float) * np.asarray(self.voxel_size)
+
+    def world_to_index(self, world) -> np.ndarray:
+        """Continuous index (voxel centres at integers)."""
+        return (np.asarray(world, float) - np.asarray(self.offset)) / np.asarray(self.voxel_size)
+
+    def axis_centres(self, axis: int) -> np.ndarray:
+        return self.offset[axis] + np.arange(self.shape[axis]) * self.voxel_size[axis]
+
+    def covers(self, other: "Grid", tolerance: float = 1e-3) -> bool:
+        """True when every voxel of ``other`` lies inside this grid's extent."""
+        lo, hi = self.bounds
+        olo, ohi = other.bounds
+        tol = tolerance * np.minimum(self.voxel_size, other.voxel_size)
+        return bool(np.all(olo >= lo - tol) and np.all(ohi <= hi + tol))
+
+    def coarsen(self, factors) -> "Grid":
+        """The grid of blocks of ``factors`` voxels (e.g. 16x16 ViT patches, 2^k UNet levels).
+
+        The last block may hang over the edge (ceil), as a padded patch does. A block's centre is the
+        centre of its voxels: the offset moves by (factor - 1) / 2 voxels.
+        """
+        f = np.broadcast_to(np.asarray(factors, dtype=int), (3,))
+        shape = tuple(-(-n // k) for n, k in zip(self.shape, f))
+        vs = np.asarray(self.voxel_size) * f
+        off = np.asarray(self.offset) + (f - 1) / 2 * np.asarray(self.voxel_size)
+        return Grid(shape, tuple(vs), tuple(off))
+
+    def crop(self, start, stop) -> "Grid":
+        """The sub-grid of voxels start..stop (exclusive) along each axis."""
+        start = np.asarray(start, int)
+        shape = np.asarray(stop, int) - start
+        return Grid(tuple(shape), self.voxel_size, tuple(self.index_to_world(start)))
+
+    def describe(self) -> str:
+        lo, hi = self.bounds
+        return ", ".join(f"{a} {l:.6g}..{h:.6g} nm" for a, l, h in zip("zyx", lo, hi))
+
+
+class Volume:
+    """A 3D array (numpy, zarr or dask; never loaded whole) placed in the world."""
+
+    def __init__(self, data, voxel_size, offset=(0.0, 0.0, 0.0), name: str = "volume"):
+        shape = tuple(getattr(data, "shape", ()))
+        if len(shape) == 2:
+            raise GeometryError(f"{name} is 2D {shape}: dinofuse segments volumes (z, y, x). Stack the images "
+                                "into a 3D array, or add a z axis of length 1 for a single section")
+        if len(shape) == 4 and shape[-1] in (3, 4):
+            raise GeometryError(f"{name} looks like an RGB(A) volume {shape}: convert it to grayscale (EM data "
+                                "has one channel)")
+        if len(shape) != 3:
+            raise GeometryError(f"{name} has {len(shape)} dimensions {shape}: a volume needs exactly 3 (z, y, x); "
+                                "select one channel or time point first")
+        if np.dtype(data.dtype).kind not in "uif":
+            raise GeometryError(f"{name} has dtype {data.dtype}: expected integer or floating-point intensities")
+        self.data = data
+        self.name = name
+        try:
+            self.grid = Grid(shape, voxel_size, offset)
+        except GeometryError as exc:
+            raise GeometryError(f"{name}: {exc}") from None
+
+    shape = property(lambda self: self.grid.shape)
+    voxel_size = property(lambda self: self.grid.voxel_size)
+    offset = property(lambda self: self.grid.offset)
+    dtype = property(lambda self: np.dtype(self.data.dtype))
+
+    def __repr__(self) -> str:
+        return (f"Volume({self.name!r}, shape={self.shape}, dtype={self.dtype}, voxel_size={self.voxel_size}, "
+                f"offset={self.offset})")
+
+    def require_covers(self, other: "Volume") -> None:
+        """Raise a clear error unless this volume (e.g. the context) covers ``other`` (e.g. the raw)."""
+        if not self.grid.covers(other.grid):
+            raise GeometryError(
+                f"{self.name} does not cover {other.name}: {other.name} spans {other.grid.describe()}, "
+                f"{self.name} spans {self.grid.describe()}. Check the voxel sizes and offsets (napari scale "
+                "and translate) of both")
+
+    def resample_onto(self, target: Grid, mode: str = "linear"):
+        """This volume's values on ``target``'s voxel centres (reads the whole source array)."""
+        return resample(np.asarray(self.data), self.grid, target, mode=mode)
+
+
+def _axis_weights(src: Grid, dst: Grid, axis: int):
+    """Per target voxel along ``axis``: two source indices and the weight of the second."""
+    pos = (dst.axis_centres(axis) - src.offset[axis]) / src.voxel_size[axis]
+    pos = np.clip(pos, 0, src.shape[axis] - 1)  # inside the extent but beyond the last centre: edge value
+    i0 = np.floor(pos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, src.shape[axis] - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
+
+
+def resample(values, src: Grid, dst: Grid, mode: str = "linear", check_coverage: bool = True):
+    """Resample ``values`` (..., Z, Y, X) laid on ``src`` onto the voxel centres of ``dst``.
+
+    Every target voxel gets the value at its own physical location (separable linear interpolation or
+    nearest neighbour). Leading axes (e.g. feature channels) are carried along. Works on numpy arrays
+    and on torch tensors (on their own device).
+    """
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"unknown resampling mode {mode!r}: use 'linear' or 'nearest'")
+    if tuple(values.shape[-3:]) != src.shape:
+        raise GeometryError(f"values of shape {tuple(values.shape)} do not match the source grid {src.shape}")
+    if check_coverage and not src.covers(dst):
+        raise GeometryError(f"the source ({src.describe()}) does not cover the target ({dst.describe()})")
+    is_torch = type(values).__module__.startswith("torch")
+    out = values
+    for axis in range(3):
+        i0, i1, w = _axis_weights(src, dst, axis)
+        dim = out.ndim - 3 + axis
+        shape = [1] * out.ndim
+        shape[dim] = -1
+        if mode == "nearest":
+            out = _take(out, np.where(w < 0.5, i0, i1), dim, is_torch)
+            continue
+        a, b = _take(out, i0, dim, is_torch), _take(out, i1, dim, is_torch)
+        if is_torch:
+            import torch
+
+            wt = torch.as_tensor(w, device=out.device, dtype=a.dtype if a.is_floating_point() else torch.float32)
+            out = a + (b - a) * wt.view(shape)
+        else:
+            a = a.astype(np.result_type(a.dtype, np.float32), copy=False)
+            out = a + (b - a) * w.reshape(shape).astype(a.dtype)
+    return out
+
+
+def _take(values, index: np.ndarray, dim: int, is_torch: bool):
+    if is_torch:
+        import torch
+
+        return torch.index_select(values, dim, torch.as_tensor(index, device=values.device))
+    return np.take(values, index, axis=dim)
