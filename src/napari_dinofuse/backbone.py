@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import BackboneError
+from .errors import BackboneError, InputError
 
 DEFAULT_BACKBONE = "facebook/dinov3-vitl16-pretrain-sat493m"
 BACKBONE_ENV = "DINOFUSE_BACKBONE"
@@ -77,10 +77,10 @@ def intensity_range(data, mode: str = "dtype", sample_size: int = 2_000_000) -> 
         info = np.iinfo(dtype)
         return float(info.min), float(info.max)
     if mode not in ("dtype", "percentile"):
-        raise ValueError(f"unknown intensity normalisation {mode!r}: use 'dtype' or 'percentile'")
+        raise InputError(f"unknown intensity normalisation {mode!r}: use 'dtype' or 'percentile'")
     sample = np.asarray(_strided_sample(data, sample_size), dtype=np.float64)
     if not np.all(np.isfinite(sample)):
-        raise ValueError("the data contain NaN or infinite values: fill or mask them before segmenting")
+        raise InputError("the data contain NaN or infinite values: fill or mask them before segmenting")
     low, high = np.percentile(sample, [0.5, 99.5])
     if high <= low:  # constant image: avoid a division by zero, map everything to 0
         high = low + 1.0

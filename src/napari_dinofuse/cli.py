@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 from . import __version__
 from .errors import DinofuseError
 
 # Subcommands that later releases fill in; listed so `--help` shows the whole tool.
 PLANNED = {
-    "extract": "extract DINOv3 features of a raw (and context) volume into the on-disk cache",
-    "cache": "list or clear cached feature volumes",
     "train": "fine-tune the context-fused 3D UNet on sparse painted labels",
     "predict": "segment a volume with a trained model (labels, probabilities, attention maps)",
     "demo": "the offline end-to-end demo on the bundled synthetic EM sample",
@@ -40,6 +39,109 @@ def _check_backbone(args) -> int:
     return 0
 
 
+def _triple(text: str) -> tuple[float, float, float]:
+    """'Z,Y,X' (or one number for isotropic) in nm."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X in nm (e.g. 8,4,4), got {text!r}") from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 values Z,Y,X in nm, got {text!r}")
+    return tuple(values)
+
+
+def _add_volume_args(parser: argparse.ArgumentParser, role: str, required: bool) -> None:
+    parser.add_argument(f"--{role}", required=required, metavar="PATH",
+                        help=f"{role} volume: .zarr (array or OME-Zarr image), .tif/.tiff or .npy")
+    parser.add_argument(f"--{role}-voxel-size", type=_triple, metavar="Z,Y,X",
+                        help=f"{role} voxel size in nm (default: from the file's metadata)")
+    parser.add_argument(f"--{role}-offset", type=_triple, metavar="Z,Y,X",
+                        help=f"{role} offset of the first voxel's centre in nm (default: metadata or 0)")
+    parser.add_argument(f"--{role}-level", type=int, default=0, metavar="N",
+                        help="OME-Zarr resolution level (default 0, the full resolution)")
+
+
+def _open(args, role: str):
+    from .io import open_volume
+
+    path = getattr(args, role)
+    return open_volume(path, voxel_size=getattr(args, f"{role}_voxel_size"), offset=getattr(args, f"{role}_offset"),
+                       name=role, level=getattr(args, f"{role}_level"),
+                       voxel_size_hint=f"--{role}-voxel-size Z,Y,X")
+
+
+def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default=None,
+                        help="hub id, local folder, or random:<arch> (default: $DINOFUSE_BACKBONE or "
+                             "facebook/dinov3-vitl16-pretrain-sat493m)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def _follow(generator, label: str):
+    """Drive an engine generator with a one-line progress bar on stderr; returns its value."""
+    start = time.perf_counter()
+    tty = sys.stderr.isatty()
+    last_shown = -1.0
+    while True:
+        try:
+            step = next(generator)
+        except StopIteration as stop:
+            if tty:
+                print(file=sys.stderr)
+            return stop.value
+        elapsed = time.perf_counter() - start
+        fraction = step.fraction
+        eta = f", {elapsed / fraction - elapsed:.0f} s left" if 0 < fraction < 1 and elapsed > 2 else ""
+        text = f"{label}: [{'#' * int(30 * fraction):<30}] {step.done}/{step.total} {step.message}{eta}"
+        if tty:
+            print("\r" + text[:150].ljust(150), end="", file=sys.stderr, flush=True)
+        elif fraction - last_shown >= 0.1 or fraction >= 1:
+            print(text, file=sys.stderr, flush=True)
+            last_shown = fraction
+
+
+def _extract(args) -> int:
+    from .backbone import load_backbone
+    from .cache import FeatureCache, format_bytes
+    from .features import extract_features
+
+    raw = _open(args, "raw")
+    volumes = [raw]
+    if args.context:
+        context = _open(args, "context")
+        context.require_covers(raw)
+        volumes.append(context)
+    backbone = load_backbone(args.backbone, device=args.device)
+    print(backbone.describe())
+    cache = FeatureCache(args.cache)
+    for volume in volumes:
+        start = time.perf_counter()
+        entry = _follow(extract_features(volume, backbone, cache, planes=args.planes, tile_size=args.tile_size,
+                                         batch_size=args.batch_size), volume.name)
+        print(f"{volume.name}: features {entry.shape} in {entry.path} ({format_bytes(entry.nbytes_on_disk())}, "
+              f"{time.perf_counter() - start:.1f} s)")
+    print(f"cache {cache.root}: {format_bytes(cache.size_bytes())} in all")
+    return 0
+
+
+def _cache(args) -> int:
+    from .cache import FeatureCache, format_bytes
+
+    cache = FeatureCache(args.cache)
+    entries = cache.entries()
+    if args.action == "list":
+        for e in entries:
+            print(f"{e.key}  {format_bytes(e.nbytes):>9}  {100 * e.fraction_done:5.1f}%  {e.planes:<5} "
+                  f"{e.backbone}  {e.source}  {tuple(e.shape)}")
+        print(f"{len(entries)} entries, {format_bytes(cache.size_bytes())} in {cache.root}")
+    else:
+        freed = cache.clear(args.keys or None)
+        print(f"freed {format_bytes(freed)} in {cache.root}")
+    return 0
+
+
 def _planned(name: str):
     def run(_args) -> int:
         print(f"dinofuse {name}: not available in version {__version__} yet", file=sys.stderr)
@@ -58,12 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-backbone", help="load a backbone and run it on one slice (checks weights access)",
                            description="Load a DINOv3 backbone and time one forward pass.")
-    check.add_argument("--backbone", default=None,
-                       help="hub id, local folder, or random:<arch> (default: $DINOFUSE_BACKBONE or "
-                            "facebook/dinov3-vitl16-pretrain-sat493m)")
-    check.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    _add_backbone_args(check)
     check.add_argument("--size", type=int, default=512, help="side of the test slice in pixels")
     check.set_defaults(func=_check_backbone)
+
+    extract = sub.add_parser("extract", help="extract DINOv3 features of a raw (and context) volume into the cache",
+                             description="Extract patch-resolution DINOv3 features into the on-disk cache "
+                                         "(resumes an interrupted run; reuses finished work).")
+    _add_volume_args(extract, "raw", required=True)
+    _add_volume_args(extract, "context", required=False)
+    _add_backbone_args(extract)
+    extract.add_argument("--cache", default=None, metavar="DIR",
+                         help="feature cache folder (default: $DINOFUSE_CACHE or the user cache directory)")
+    extract.add_argument("--planes", default="xy", choices=["xy", "ortho"],
+                         help="xy slices, or xy+xz+yz averaged for 3D consistency (3x the cost)")
+    extract.add_argument("--batch-size", type=int, default=None, metavar="N",
+                         help="slices per forward pass (default 16 on CUDA, 4 otherwise)")
+    extract.add_argument("--tile-size", type=int, default=1024, metavar="PX",
+                         help="slices wider than this are tiled with overlap (default 1024)")
+    extract.set_defaults(func=_extract)
+
+    cache = sub.add_parser("cache", help="list or clear cached feature volumes")
+    cache.add_argument("action", choices=["list", "clear"])
+    cache.add_argument("keys", nargs="*", help="entries to clear (default: all)")
+    cache.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder")
+    cache.set_defaults(func=_cache)
 
     for name, text in PLANNED.items():
         sub.add_parser(name, help=f"{text} (not yet available)", description=text).set_defaults(func=_planned(name))
@@ -72,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Warnings (e.g. random backbones) as one plain line, not a source excerpt.
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         return args.func(args)
     except DinofuseError as exc:

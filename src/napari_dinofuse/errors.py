@@ -14,3 +14,7 @@ class BackboneError(DinofuseError, RuntimeError):
 
 class GeometryError(DinofuseError, ValueError):
     """Input that cannot be placed in space (dimensions, voxel sizes, coverage)."""
+
+
+class InputError(DinofuseError, ValueError):
+    """Data or settings that cannot be used as given (NaNs, unknown options)."""

@@ -1,0 +1,219 @@
+"""Chunked, resumable DINOv3 feature extraction over whole volumes.
+
+Slices go through the 2D ViT in batches; slices wider than ``tile_size`` are cut into tiles aligned to
+the 16-pixel patch grid, overlapping by at least two patches, and stitched at patch resolution (each
+patch taken from the tile where it lies farthest from an edge). Features are stored at patch resolution,
+float16, ``(C, Z, ceil(Y/16), ceil(X/16))``, in a :class:`~napari_dinofuse.cache.FeatureCache` entry.
+
+``ortho`` also runs the ViT on xz and yz planes; their features are block-averaged over each 16-plane
+block and linearly interpolated along z onto the same grid, and a read averages the three.
+
+:func:`extract_features` is a generator: it yields :class:`Progress` between batches, so any driver can
+show progress and stop it (``close()``) at a batch boundary; every finished unit stays in the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbone import PATCH_SIZE, Backbone, intensity_range, to_unit_range
+from .cache import PLANE_SETS, FeatureCache, FeatureEntry
+from .errors import InputError
+from .geometry import Grid, Volume, resample
+from .io import content_hash, read_region
+
+DEFAULT_TILE_SIZE = 1024
+MIN_OVERLAP_PATCHES = 2
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a long engine operation."""
+
+    done: int
+    total: int
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+def run_to_end(generator: Generator):
+    """Drive an engine generator to its end and return its value (for scripts and tests)."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
+def feature_grid(volume: Volume) -> Grid:
+    """Where the xy patch-grid features of ``volume`` lie in the world."""
+    return volume.grid.coarsen((1, PATCH_SIZE, PATCH_SIZE))
+
+
+def resolve_intensity_mode(mode: str, dtype) -> str:
+    if mode == "auto":  # 8-bit EM uses its full range; 16-bit and float data rarely do
+        return "dtype" if np.dtype(dtype) == np.uint8 else "percentile"
+    if mode not in ("dtype", "percentile"):
+        raise InputError(f"unknown intensity normalisation {mode!r}: use auto, dtype or percentile")
+    return mode
+
+
+def feature_signature(volume: Volume, backbone: Backbone, planes: str, tile_size: int,
+                      intensity: str = "auto") -> dict:
+    """Everything the features depend on. Equal signatures share a cache entry; any difference separates them."""
+    mode = resolve_intensity_mode(intensity, volume.dtype)
+    low, high = intensity_range(volume.data, mode)
+    return {
+        "data": content_hash(volume.data),
+        "shape": list(volume.shape),
+        "dtype": str(volume.dtype),
+        "voxel_size": list(volume.voxel_size),
+        "backbone": str(backbone.spec),
+        "weights": backbone.fingerprint(),
+        "normalization": backbone.normalization,
+        "intensity": {"mode": mode, "low": low, "high": high},
+        "planes": planes,
+        "tile_size": int(tile_size),
+        "patch_size": PATCH_SIZE,
+        "version": __version__,
+    }
+
+
+def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, *,
+                     planes: str = "xy", tile_size: int = DEFAULT_TILE_SIZE, batch_size: int | None = None,
+                     intensity: str = "auto", verify: bool = True
+                     ) -> Generator[Progress, None, FeatureEntry]:
+    """Extract (or resume, or reuse) the patch-grid features of ``volume``; returns the cache entry."""
+    if planes not in PLANE_SETS:
+        raise InputError(f"unknown planes {planes!r}: use one of {', '.join(PLANE_SETS)}")
+    if tile_size % PATCH_SIZE or tile_size < 2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1):
+        raise InputError(f"tile size must be a multiple of {PATCH_SIZE} and at least "
+                            f"{2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1)} pixels, got {tile_size}")
+    batch_size = batch_size or (16 if backbone.device.type == "cuda" else 4)
+    cache = cache if cache is not None else FeatureCache()
+
+    yield Progress(0, 1, f"{volume.name}: identifying the data")
+    signature = feature_signature(volume, backbone, planes, tile_size, intensity)
+    low, high = signature["intensity"]["low"], signature["intensity"]["high"]
+    z, y, x = volume.shape
+    shape = (backbone.embed_dim, z, -(-y // PATCH_SIZE), -(-x // PATCH_SIZE))
+    entry = cache.entry(signature, shape, info={"source": volume.name, "offset": list(volume.offset)})
+
+    if verify:
+        for plane in entry.planes:
+            entry.verify(plane)
+    todo = {plane: sorted(set(range(entry.unit_count(plane))) - entry.done_units(plane)) for plane in entry.planes}
+    # Work is counted in 2D slices through the ViT, so ortho progress is honest about its cost.
+    per_unit = {"xy": 1, "xz": min(PATCH_SIZE, y), "yz": min(PATCH_SIZE, x)}
+    total = sum(len(units) * per_unit[p] for p, units in todo.items())
+    done = 0
+    yield Progress(done, total, f"{volume.name}: {total} slices to extract" if total else
+                   f"{volume.name}: features found in the cache")
+    extractor = _SliceExtractor(backbone, tile_size, low, high, volume.name)
+    for plane, units in todo.items():
+        steps = _xy_units(volume, entry, units, batch_size, extractor) if plane == "xy" else \
+            _ortho_units(volume, entry, plane, units, batch_size, extractor)
+        for slices in steps:
+            done += slices
+            yield Progress(done, total, f"{volume.name}: {plane} planes")
+    return entry
+
+
+def compute_features(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, **kwargs) -> FeatureEntry:
+    """:func:`extract_features` run to the end."""
+    return run_to_end(extract_features(volume, backbone, cache, **kwargs))
+
+
+class _SliceExtractor:
+    """2D grayscale slices (B, H, W) of the raw dtype -> patch features (B, C, gh, gw) float32."""
+
+    def __init__(self, backbone: Backbone, tile_size: int, low: float, high: float, name: str):
+        self.backbone, self.tile_size, self.low, self.high, self.name = backbone, tile_size, low, high, name
+
+    def __call__(self, slices: np.ndarray) -> np.ndarray:
+        images = torch.from_numpy(np.ascontiguousarray(slices).astype(np.float32, copy=False))
+        if not torch.isfinite(images).all():
+            raise InputError(f"{self.name} contains NaN or infinite values: fill or mask them first")
+        images = to_unit_range(images, self.low, self.high)
+        h, w = images.shape[1:]
+        ys, xs = _axis_tiles(h, self.tile_size), _axis_tiles(w, self.tile_size)
+        if len(ys) == 1 and len(xs) == 1:
+            return self.backbone.patch_features(images).cpu().numpy()
+        out = np.empty((images.shape[0], self.backbone.embed_dim, ys[-1][3], xs[-1][3]), np.float32)
+        for ty in ys:
+            for tx in xs:
+                tile = images[:, ty[0] * PATCH_SIZE:min(ty[1] * PATCH_SIZE, h),
+                              tx[0] * PATCH_SIZE:min(tx[1] * PATCH_SIZE, w)]
+                feats = self.backbone.patch_features(tile).cpu().numpy()
+                out[:, :, ty[2]:ty[3], tx[2]:tx[3]] = feats[:, :, ty[2] - ty[0]:ty[3] - ty[0],
+                                                            tx[2] - tx[0]:tx[3] - tx[0]]
+        return out
+
+
+def _axis_tiles(n_pixels: int, tile_size: int) -> list[tuple[int, int, int, int]]:
+    """Tiles along one axis, in patches: (start, stop, own_start, own_stop).
+
+    Tiles overlap by at least 2 * MIN_OVERLAP_PATCHES; each patch is owned by the tile whose centre is
+    nearest, so an owned patch is at least MIN_OVERLAP_PATCHES from any edge that is not the image's.
+    """
+    n = -(-n_pixels // PATCH_SIZE)
+    size = tile_size // PATCH_SIZE
+    if n <= size:
+        return [(0, n, 0, n)]
+    step = size - 2 * MIN_OVERLAP_PATCHES
+    starts = sorted(set(list(range(0, n - size, step)) + [n - size]))
+    bounds = [0] + [(a + b + size) // 2 for a, b in zip(starts, starts[1:])] + [n]
+    return [(s, s + size, bounds[i], bounds[i + 1]) for i, s in enumerate(starts)]
+
+
+def _runs(units: list[int], batch_size: int) -> Iterable[tuple[int, int]]:
+    """Consecutive runs of unit indices, cut to at most batch_size: contiguous slabs read at once."""
+    start = prev = None
+    for u in units:
+        if start is None:
+            start = prev = u
+        elif u == prev + 1 and u - start < batch_size:
+            prev = u
+        else:
+            yield start, prev + 1
+            start = prev = u
+    if start is not None:
+        yield start, prev + 1
+
+
+def _xy_units(volume, entry, units, batch_size, extractor) -> Iterable[int]:
+    for z0, z1 in _runs(units, batch_size):
+        feats = extractor(read_region(volume.data, slice(z0, z1))).astype(np.float16)
+        for i, z in enumerate(range(z0, z1)):
+            entry.write_unit("xy", z, feats[i])
+        yield z1 - z0
+
+
+def _ortho_units(volume, entry, plane, units, batch_size, extractor) -> Iterable[int]:
+    """xz (yz) planes of one 16-row (column) block -> block mean -> interpolated along z."""
+    z = volume.shape[0]
+    axis = 1 if plane == "xz" else 2
+    for unit in units:
+        lo, hi = unit * PATCH_SIZE, min((unit + 1) * PATCH_SIZE, volume.shape[axis])
+        region = [slice(None)] * 3
+        region[axis] = slice(lo, hi)
+        slab = np.moveaxis(read_region(volume.data, tuple(region)), axis, 0)  # (planes, Z, other)
+        total = None
+        for b in range(0, slab.shape[0], batch_size):
+            feats = extractor(slab[b:b + batch_size])  # (B, C, gz, g_other)
+            total = feats.sum(0) if total is None else total + feats.sum(0)
+        mean = total / slab.shape[0]  # (C, gz, g_other)
+        gz, g_other = mean.shape[1:]
+        # Patch i along z is centred on voxel 16 i + 7.5; interpolate onto every voxel's centre.
+        src = Grid((gz, 1, g_other), (PATCH_SIZE, 1, 1), ((PATCH_SIZE - 1) / 2, 0, 0))
+        on_z = resample(mean[:, :, None, :], src, Grid((z, 1, g_other), 1.0))[:, :, 0, :]
+        entry.write_unit(plane, unit, on_z.astype(np.float16))
+        yield hi - lo

@@ -1,0 +1,199 @@
+"""Chunked feature extraction into the resumable zarr cache (random tiny ViT: real code paths, fake weights)."""
+
+import tracemalloc
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_dinofuse.backbone import to_unit_range
+from napari_dinofuse.cache import CacheError, FeatureCache
+from napari_dinofuse.errors import DinofuseError
+from napari_dinofuse.features import compute_features, extract_features, feature_grid
+from napari_dinofuse.geometry import Volume
+
+
+@pytest.fixture
+def counting_backbone(tiny_backbone, monkeypatch):
+    """The real tiny backbone, counting the slices it is asked to embed."""
+    calls = {"slices": 0}
+    original = tiny_backbone.patch_features
+
+    def counted(images):
+        calls["slices"] += images.shape[0]
+        return original(images)
+
+    monkeypatch.setattr(tiny_backbone, "patch_features", counted)
+    tiny_backbone.calls = calls
+    return tiny_backbone
+
+
+def _volume(shape=(6, 50, 70), seed=0, name="raw"):
+    data = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return Volume(data, voxel_size=(8.0, 4.0, 4.0), name=name)
+
+
+def test_xy_features_are_the_backbone_patch_grid_in_fp16(tmp_path, tiny_backbone):
+    volume = _volume()
+    entry = compute_features(volume, tiny_backbone, FeatureCache(tmp_path))
+    features = entry.read()
+    assert features.shape == (64, 6, 4, 5) and features.dtype == np.float16  # ceil(50/16), ceil(70/16)
+    direct = tiny_backbone.patch_features(to_unit_range(volume.data[3:4], 0, 255))[0].numpy()
+    assert np.allclose(features[:, 3], direct, atol=2e-2, rtol=1e-2)
+    grid = feature_grid(volume)
+    assert grid.shape == features.shape[1:] and grid.voxel_size == (8.0, 64.0, 64.0)
+
+
+def test_ortho_features_share_the_xy_grid_and_add_3d_context(tmp_path, tiny_backbone):
+    volume = _volume(shape=(20, 40, 36))
+    cache = FeatureCache(tmp_path)
+    xy = compute_features(volume, tiny_backbone, cache).read().astype(np.float32)
+    entry = compute_features(volume, tiny_backbone, cache, planes="ortho")
+    ortho = entry.read().astype(np.float32)
+    assert ortho.shape == xy.shape == (64, 20, 3, 3)
+    assert np.isfinite(ortho).all()
+    # The average of three plane families: correlated with, but not equal to, the xy features.
+    assert np.abs(ortho - xy).mean() > 1e-3
+    assert np.corrcoef(ortho.ravel(), xy.ravel())[0, 1] > 0.5
+
+
+def test_tiled_slices_match_whole_slices(tmp_path, counting_backbone):
+    volume = _volume(shape=(2, 150, 200))
+    cache = FeatureCache(tmp_path)
+    whole = compute_features(volume, counting_backbone, cache, tile_size=1024).read().astype(np.float32)
+    assert counting_backbone.calls["slices"] == 2
+    tiled = compute_features(volume, counting_backbone, cache, tile_size=96).read().astype(np.float32)
+    assert counting_backbone.calls["slices"] > 2 + 2 * 4  # really tiled: several tiles per slice
+    cosine = (whole * tiled).sum(0) / np.linalg.norm(whole, axis=0) / np.linalg.norm(tiled, axis=0)
+    assert cosine.min() > 0.99
+    assert np.abs(whole - tiled).mean() < 0.05 * np.abs(whole).mean()
+
+
+def test_second_extraction_reuses_the_cache(tmp_path, counting_backbone):
+    volume, cache = _volume(), FeatureCache(tmp_path)
+    first = compute_features(volume, counting_backbone, cache)
+    assert counting_backbone.calls["slices"] == 6
+    second = compute_features(volume, counting_backbone, cache)
+    assert counting_backbone.calls["slices"] == 6  # not called again
+    assert second.path == first.path
+    assert np.array_equal(second.read(), first.read())
+
+
+def test_changed_data_or_settings_get_a_separate_entry(tmp_path, tiny_backbone):
+    cache = FeatureCache(tmp_path)
+    volume = _volume()
+    base = compute_features(volume, tiny_backbone, cache)
+    edited = volume.data.copy()
+    edited[2, 10, 10] ^= 0xFF
+    paths = {
+        base.path,
+        compute_features(Volume(edited, volume.voxel_size), tiny_backbone, cache).path,
+        compute_features(volume, tiny_backbone, cache, planes="ortho").path,
+        compute_features(volume, tiny_backbone, cache, intensity="percentile").path,
+    }
+    assert len(paths) == 4
+    assert len(cache.entries()) == 4
+    # The original entry is untouched by the others.
+    assert np.array_equal(compute_features(volume, tiny_backbone, cache).read(), base.read())
+
+
+def test_changed_model_gets_a_separate_entry(tmp_path, tiny_backbone):
+    import warnings
+
+    from napari_dinofuse.backbone import load_backbone
+
+    cache = FeatureCache(tmp_path)
+    volume = _volume(shape=(2, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sat = load_backbone("random:tiny", device="cpu", normalization="sat493m")
+    assert compute_features(volume, tiny_backbone, cache).path != compute_features(volume, sat, cache).path
+
+
+def test_interrupted_run_resumes_with_the_missing_slices_only(tmp_path, counting_backbone):
+    volume = _volume(shape=(12, 40, 40))
+    cache = FeatureCache(tmp_path)
+    run = extract_features(volume, counting_backbone, cache, batch_size=2)
+    for progress in run:
+        if progress.done >= 4:
+            break
+    run.close()  # what a Cancel button or Ctrl-C does between batches
+    done_before = counting_backbone.calls["slices"]
+    assert done_before == 4
+    partial = cache.entries()[0]
+    assert 0 < partial.fraction_done < 1
+    entry = compute_features(volume, counting_backbone, cache, batch_size=2)
+    assert counting_backbone.calls["slices"] == 12  # the 8 missing slices, nothing twice
+    reference = compute_features(volume, counting_backbone, FeatureCache(tmp_path / "fresh"), batch_size=2)
+    assert np.array_equal(entry.read(), reference.read())
+
+
+def test_unfinished_units_are_never_read_as_valid(tmp_path, tiny_backbone):
+    volume = _volume(shape=(6, 32, 32))
+    cache = FeatureCache(tmp_path)
+    run = extract_features(volume, tiny_backbone, cache, batch_size=2)
+    for progress in run:
+        if progress.done >= 2:
+            break
+    run.close()
+    entry = cache.entry(*_signature_and_shape(cache))
+    assert entry.read((slice(0, 2),)).shape == (64, 2, 2, 2)
+    with pytest.raises(CacheError, match="incomplete"):
+        entry.read((slice(0, 4),))
+    # A unit whose data was written but whose marker was not (process killed in between) is not done.
+    entry._arrays["xy"][:, 3] = 1.0
+    assert 3 not in entry.done_units("xy")
+
+
+def _signature_and_shape(cache):
+    entry = cache.entries()[0]
+    import json
+
+    record = json.loads((entry.path / "signature.json").read_text())
+    return record["signature"], record["shape"]
+
+
+def test_corrupted_chunk_is_detected_and_recomputed(tmp_path, counting_backbone):
+    volume = _volume(shape=(5, 32, 48))
+    cache = FeatureCache(tmp_path)
+    entry = compute_features(volume, counting_backbone, cache)
+    good = entry.read()
+    chunk_files = sorted(p for p in (entry.path / "features.zarr" / "xy").rglob("*") if p.is_file()
+                         and p.name != "zarr.json")
+    assert len(chunk_files) == 5  # one chunk per slice
+    victim = chunk_files[2]
+    raw = bytearray(victim.read_bytes())
+    raw[100:140] = b"\xff" * 40  # bit rot, same length
+    victim.write_bytes(bytes(raw))
+    chunk_files[4].write_bytes(victim.read_bytes()[:50])  # truncated by a crash
+    calls = counting_backbone.calls["slices"]
+    repaired = compute_features(volume, counting_backbone, cache)
+    assert counting_backbone.calls["slices"] - calls == 2  # exactly the two damaged slices
+    # Equal up to float noise: BLAS may round differently for a batch of 1 than for a batch of 4.
+    assert np.allclose(repaired.read(), good, atol=1e-2)
+
+
+def test_memory_stays_bounded_on_a_larger_dask_volume(tmp_path, tiny_backbone):
+    # 96 slices of 768^2 (54 MiB), produced lazily by dask chunk by chunk.
+    lazy = da.random.default_rng(0).integers(0, 256, (96, 768, 768), dtype=np.uint8, chunks=(4, 768, 768))
+    volume = Volume(lazy, voxel_size=(8.0, 4.0, 4.0))
+    tracemalloc.start()
+    try:
+        entry = compute_features(volume, tiny_backbone, FeatureCache(tmp_path), batch_size=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert entry.complete
+    volume_bytes = lazy.nbytes
+    assert peak < volume_bytes / 4, f"peak {peak / 2**20:.0f} MiB for a {volume_bytes / 2**20:.0f} MiB volume"
+
+
+def test_bad_input_is_refused_clearly(tmp_path, tiny_backbone):
+    data = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    data[1, 5, 5] = np.nan
+    with pytest.raises(DinofuseError, match="NaN"):
+        compute_features(Volume(data, 4.0), tiny_backbone, FeatureCache(tmp_path))
+    with pytest.raises(DinofuseError, match="planes"):
+        compute_features(_volume(), tiny_backbone, FeatureCache(tmp_path), planes="xz")
+    with pytest.raises(DinofuseError, match="multiple of 16"):
+        compute_features(_volume(), tiny_backbone, FeatureCache(tmp_path), tile_size=100)
