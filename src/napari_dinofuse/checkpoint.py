@@ -1,0 +1,430 @@
+"""Model folders: ``config.json`` + ``model.safetensors`` + ``training_log.json``.
+
+Nothing is pickled: weights are safetensors and everything else JSON, so opening a model
+someone shared cannot run code.
+
+Label mapping: the UNet predicts ``num_classes`` logits; class index ``i`` is label value
+``i + 1`` in a napari Labels layer (``ModelInfo.class_names[i]`` names it), and label 0 stays
+"unlabelled" for painting and training.
+
+Saving is atomic per folder: files go to a hidden temporary sibling (``.<name>.tmp-*``), are
+fsynced, then swapped in by renames. A crash at any point leaves the previous complete model or
+the new complete model at ``<name>``; if the process dies between the two renames, the previous
+model waits at ``.<name>.old-*`` and the next :func:`load_model` or :func:`save_model` of that
+folder puts it back. Concurrent saves to the *same* folder are not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import DinofuseError
+from .modeling.unet import FusedUNet3D, UNetConfig
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "LOG_FILE",
+    "MIN_FORMAT_VERSION",
+    "WEIGHTS_FILE",
+    "CheckpointError",
+    "ModelInfo",
+    "check_backbone_compatible",
+    "is_model_folder",
+    "load_model",
+    "read_training_log",
+    "save_model",
+]
+
+# Bump FORMAT_VERSION whenever a reader of the old format would misread the new one (renamed or
+# removed keys, new weight layout). New optional keys do not need a bump: readers ignore unknown keys.
+FORMAT_VERSION = 1
+# Oldest format this version still reads.
+MIN_FORMAT_VERSION = 1
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LOG_FILE = "training_log.json"
+_MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE)
+_UPGRADE_HINT = "upgrade napari-dinofuse (pip install -U napari-dinofuse)"
+
+
+class CheckpointError(DinofuseError):
+    """A model folder cannot be read or written as asked."""
+
+
+# -- metadata ---------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types; numpy/torch scalars and arrays via ``tolist``; NaN/inf -> None
+    (``json`` would write bare ``NaN``, which strict JSON readers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return _jsonable(obj.tolist())
+    raise TypeError(f"cannot store {type(obj).__name__} in JSON: {obj!r}")
+
+
+def _voxel_size(value, name: str) -> tuple[float, float, float]:
+    try:
+        vs = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} needs 3 numbers (z, y, x) in nm, got {value!r}") from None
+    if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+        raise ValueError(f"{name} needs 3 positive numbers (z, y, x) in nm, got {value!r}")
+    return vs
+
+
+@dataclass
+class ModelInfo:
+    """Everything needed to use a trained model besides its weights.
+
+    ``class_names[i]`` names class index ``i`` of the logits, shown as label value ``i + 1``.
+    ``package_version`` is the napari-dinofuse version that wrote the folder (set by
+    :func:`save_model`). ``extra``: free-form JSON-able metadata (planes, intensity ranges, ...).
+    """
+
+    unet: UNetConfig
+    class_names: list[str]
+    backbone: str
+    normalization: str
+    backbone_dim: int
+    raw_voxel_size: tuple[float, float, float]
+    context_voxel_size: tuple[float, float, float] | None = None
+    package_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.unet, UNetConfig):
+            raise ValueError(f"unet must be a UNetConfig, got {type(self.unet).__name__}")
+        self.class_names = list(self.class_names)
+        if not all(isinstance(n, str) and n.strip() for n in self.class_names):
+            raise ValueError(f"class_names must be non-empty strings, got {self.class_names!r}")
+        if len(self.class_names) != self.unet.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names for a model with {self.unet.num_classes} classes"
+            )
+        for name in ("backbone", "normalization", "package_version"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.backbone_dim, bool) or not isinstance(self.backbone_dim, int) or self.backbone_dim < 1:
+            raise ValueError(f"backbone_dim must be a positive integer, got {self.backbone_dim!r}")
+        self.raw_voxel_size = _voxel_size(self.raw_voxel_size, "raw_voxel_size")
+        if self.context_voxel_size is not None:
+            self.context_voxel_size = _voxel_size(self.context_voxel_size, "context_voxel_size")
+        if not isinstance(self.extra, Mapping):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+        self.extra = dict(self.extra)
+
+    def label_names(self) -> dict[int, str]:
+        """Label value -> class name (label 0, unlabelled, is not a class)."""
+        return {i + 1: name for i, name in enumerate(self.class_names)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "package_version": self.package_version,
+            "unet": self.unet.to_dict(),
+            "class_names": list(self.class_names),
+            "backbone": self.backbone,
+            "normalization": self.normalization,
+            "backbone_dim": self.backbone_dim,
+            "raw_voxel_size": list(self.raw_voxel_size),
+            "context_voxel_size": None if self.context_voxel_size is None else list(self.context_voxel_size),
+            "extra": _jsonable(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelInfo:
+        """Inverse of :meth:`to_dict`; ``format_version`` and unknown keys are ignored here
+        (:func:`load_model` checks the version). Raises ValueError on missing or bad values."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        required = ("unet", "class_names", "backbone", "normalization", "backbone_dim", "raw_voxel_size")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"missing keys: {missing}")
+        if not isinstance(data["unet"], Mapping):
+            raise ValueError("'unet' must be a JSON object")
+        return cls(
+            unet=UNetConfig.from_dict(data["unet"]),
+            class_names=data["class_names"],
+            backbone=data["backbone"],
+            normalization=data["normalization"],
+            backbone_dim=data["backbone_dim"],
+            raw_voxel_size=data["raw_voxel_size"],
+            context_voxel_size=data.get("context_voxel_size"),
+            package_version=data.get("package_version", "unknown"),
+            extra=data.get("extra") or {},
+        )
+
+
+def check_backbone_compatible(info: ModelInfo, backbone_spec: str, backbone_dim: int) -> str | None:
+    """Raise CheckpointError if ``backbone_dim`` differs from the model's; return a warning
+    if only the backbone spec differs (same width, but possibly different features), else None."""
+    if int(backbone_dim) != info.backbone_dim:
+        raise CheckpointError(
+            f"model trained on {info.backbone_dim}-d features, backbone {backbone_spec} gives "
+            f"{int(backbone_dim)}-d: use --backbone {info.backbone}"
+        )
+    if str(backbone_spec).rstrip("/\\") != info.backbone.rstrip("/\\"):
+        return (
+            f"model was trained with backbone {info.backbone}, now using {backbone_spec} (same "
+            f"{info.backbone_dim}-d width): results are only meaningful if it is the same network"
+        )
+    return None
+
+
+# -- file helpers -----------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes renames/creations in the directory durable; directories cannot be opened on Windows.
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _siblings(folder: Path, kind: str) -> list[Path]:
+    pattern = f".{glob.escape(folder.name)}.{kind}-*"
+    return sorted(folder.parent.glob(pattern), key=lambda p: p.stat().st_mtime)
+
+
+def _recover_interrupted_save(folder: Path) -> Path:
+    """Put back a previous model left aside by a save that died between its two renames.
+
+    Returns the folder to read from (the aside copy itself if it cannot be moved back, e.g. on a
+    read-only share).
+    """
+    if folder.exists():
+        return folder
+    aside = [p for p in _siblings(folder, "old") if (p / CONFIG_FILE).is_file()]
+    if not aside:
+        return folder
+    try:
+        os.replace(aside[-1], folder)
+    except OSError:
+        return aside[-1]
+    return folder
+
+
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+# -- save / load ------------------------------------------------------------------------
+
+
+def save_model(
+    folder: str | os.PathLike,
+    model: FusedUNet3D,
+    info: ModelInfo,
+    training_log: list[dict] | None = None,
+) -> Path:
+    """Write ``model`` and ``info`` (stamped with this package version) to ``folder`` atomically,
+    replacing a model already there. Refuses to replace a folder that holds anything else."""
+    folder = Path(folder).expanduser().absolute()
+    if not isinstance(model, FusedUNet3D):
+        raise TypeError(f"expected a FusedUNet3D, got {type(model).__name__}")
+    if model.config.to_dict() != info.unet.to_dict():
+        raise ValueError(f"model config {model.config} does not match info.unet {info.unet}")
+    info = dataclasses.replace(info, package_version=__version__)
+    config = info.to_dict()  # fails early (before touching disk) on non-JSON-able extra
+
+    _recover_interrupted_save(folder)
+    if folder.exists():
+        if not folder.is_dir():
+            raise CheckpointError(f"cannot save a model to {folder}: it is a file")
+        if any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
+            raise CheckpointError(
+                f"cannot save a model to {folder}: it is not empty and not a dinofuse model folder; "
+                "choose a new or empty folder"
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of earlier crashed saves to this folder (all hidden, so never taken for models).
+    for stale in _siblings(folder, "tmp") + _siblings(folder, "old"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    tag = uuid.uuid4().hex[:8]
+    tmp = folder.with_name(f".{folder.name}.tmp-{tag}")
+    old = folder.with_name(f".{folder.name}.old-{tag}")
+    tmp.mkdir()
+    try:
+        # safetensors wants contiguous CPU tensors; detach so no autograd state is kept alive.
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        metadata = {"format": "pt", "dinofuse_format_version": str(FORMAT_VERSION)}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        _fsync_file(tmp / WEIGHTS_FILE)
+        _write_json(tmp / LOG_FILE, list(training_log or []))
+        _write_json(tmp / CONFIG_FILE, config)
+        _fsync_dir(tmp)
+
+        had_previous = folder.exists()
+        if had_previous:
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if had_previous:
+                os.replace(old, folder)  # roll back to the previous model
+            raise
+        _fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if had_previous:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"corrupt {path.name} in {path.parent}: {exc}; the model folder is damaged, re-save or re-train it"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def _check_format(config: Mapping[str, Any], folder: Path) -> None:
+    version = config.get("format_version")
+    writer = config.get("package_version", "an unknown version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"corrupt {CONFIG_FILE} in {folder}: format_version is {version!r}, expected an integer; "
+            "the model folder is damaged, re-save or re-train it"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"model {folder} was written by napari-dinofuse {writer} in model format {version}; "
+            f"napari-dinofuse {__version__} reads formats up to {FORMAT_VERSION}: {_UPGRADE_HINT}"
+        )
+    if version < MIN_FORMAT_VERSION:
+        raise CheckpointError(
+            f"model {folder} was written by napari-dinofuse {writer} in model format {version}, which "
+            f"napari-dinofuse {__version__} no longer reads (oldest: {MIN_FORMAT_VERSION}): use napari-dinofuse "
+            f"{writer} to predict with it, or re-train it with this version"
+        )
+
+
+def _list(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _check_weights(model: FusedUNet3D, state: Mapping[str, torch.Tensor], folder: Path) -> None:
+    expected = model.state_dict()
+    problems = []
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing:
+        problems.append(f"missing {_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_list(unexpected)}")
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    if shapes:
+        problems.append(f"shape mismatch (file vs config) {'; '.join(shapes[:5])}")
+    if problems:
+        raise CheckpointError(
+            f"weights in {folder / WEIGHTS_FILE} do not match its {CONFIG_FILE}: {'; '.join(problems)}; "
+            "the folder mixes files from different models, re-save or re-train it"
+        )
+
+
+def _open_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder).expanduser()
+    folder = _recover_interrupted_save(folder.absolute())
+    if not folder.is_dir():
+        raise CheckpointError(f"not a dinofuse model folder: {folder} (no such folder)")
+    return folder
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[FusedUNet3D, ModelInfo]:
+    """Load a model folder; the model is on ``device`` and in eval mode."""
+    folder = _open_folder(folder)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"not a dinofuse model folder: {folder} (missing {', '.join(missing)})")
+
+    config = _read_json(folder / CONFIG_FILE)
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"corrupt {CONFIG_FILE} in {folder}: not a JSON object; re-save or re-train it")
+    _check_format(config, folder)
+    try:
+        info = ModelInfo.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid {CONFIG_FILE} in {folder}: {exc}; re-save or re-train it") from None
+
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"cannot read {WEIGHTS_FILE} in {folder}: {exc}; the file is damaged, re-save or re-train it"
+        ) from None
+    model = FusedUNet3D(info.unet)
+    _check_weights(model, state, folder)
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    model.eval()
+    return model, info
+
+
+def read_training_log(folder: str | os.PathLike) -> list[dict]:
+    """The training log saved with a model ([] if the model was saved without one)."""
+    folder = _open_folder(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"not a dinofuse model folder: {folder} (missing {CONFIG_FILE})")
+    if not (folder / LOG_FILE).is_file():
+        return []
+    log = _read_json(folder / LOG_FILE)
+    if not isinstance(log, list):
+        raise CheckpointError(f"corrupt {LOG_FILE} in {folder}: expected a list of entries")
+    return log

@@ -1,0 +1,300 @@
+"""Splitting (z, y, x) volumes into blocks and tiles; numpy only.
+
+Two decompositions, for two jobs:
+
+* **Blocks** (:func:`iter_blocks`): non-overlapping *cores* that partition a region exactly, each
+  grown by a halo of context into an *outer* block. A blockwise (e.g. dask) run reads ``outer``,
+  computes, and writes only ``inner`` of its result into ``core``, so no voxel is written twice.
+* **Tiles** (:func:`tile_grid`): equal-sized, overlapping windows for sliding-window inference.
+  Overlapping predictions are blended with a weight window that falls off towards tile faces,
+  where a network sees the least context::
+
+      acc = BlendAccumulator(shape, channels)
+      w = blending_weights(tile_shape, overlap)
+      for tile in tile_grid(shape, tile_shape, overlap):
+          acc.add(tile, predict(volume[tile]), w)   # sum(w * pred) and sum(w)
+      out = acc.result()                           # sum(w * pred) / sum(w)
+
+  Because every weight is strictly positive, every covered voxel gets a well-defined average,
+  including voxels at the volume edge that only one tile covers.
+
+Slices are always concrete here (``start``/``stop`` ints, step 1), in voxel indices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeometryError
+
+__all__ = [
+    "BlendAccumulator",
+    "Block",
+    "blending_weights",
+    "iter_blocks",
+    "normalize_roi",
+    "parse_roi",
+    "roi_to_str",
+    "tile_grid",
+]
+
+Slices3 = tuple[slice, slice, slice]
+_AXES = ("z", "y", "x")
+
+
+def _ints3(value, name: str, minimum: int) -> tuple[int, int, int]:
+    """One int for all axes, or three (z, y, x)."""
+    values = (value,) * 3 if np.ndim(value) == 0 else tuple(value)
+    if len(values) != 3:
+        raise ValueError(f"{name} needs 1 or 3 integers (z, y, x), got {value!r}")
+    out = []
+    for v in values:
+        # bool is an int subclass, but a True tile size is a bug.
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < minimum:
+            raise ValueError(f"{name} must be integers >= {minimum}, got {value!r}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def _shape3(shape) -> tuple[int, int, int]:
+    return _ints3(shape, "shape", 1)
+
+
+def _slices_shape(slices: Sequence[slice]) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in slices)
+
+
+# -- regions of interest -----------------------------------------------------------------
+
+
+def normalize_roi(roi: Sequence[slice] | None, shape) -> Slices3:
+    """Concrete, validated slices for ``roi`` (None: the whole volume).
+
+    Open ends (``None``) become 0 / the axis length; negative indices, steps, empty ranges and
+    ranges past the volume are refused (GeometryError, a ValueError) rather than silently clipped.
+    """
+    shape = _shape3(shape)
+    if roi is None:
+        return tuple(slice(0, n) for n in shape)
+    roi = tuple(roi)
+    if len(roi) != 3 or not all(isinstance(s, slice) for s in roi):
+        raise GeometryError(f"an ROI needs 3 slices (z, y, x), got {roi!r}")
+    out = []
+    for s, n, axis in zip(roi, shape, _AXES):
+        if s.step not in (None, 1):
+            raise GeometryError(f"ROI {axis} range {s!r} has a step; only contiguous ranges are supported")
+        start = 0 if s.start is None else int(s.start)
+        stop = n if s.stop is None else int(s.stop)
+        if start < 0 or stop < 0:
+            raise GeometryError(f"ROI {axis} range {start}:{stop} is negative; use indices from 0 to {n}")
+        if stop > n:
+            raise GeometryError(f"ROI {axis} range {start}:{stop} runs past the volume ({axis} size {n})")
+        if start >= stop:
+            raise GeometryError(f"ROI {axis} range {start}:{stop} is empty")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+_RANGE = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
+
+
+def parse_roi(text: str, shape) -> Slices3:
+    """Parse ``"z0:z1,y0:y1,x0:x1"`` (non-negative ints, open ends allowed: ``"0:10,:,5:"``)."""
+    hint = "expected z0:z1,y0:y1,x0:x1 with non-negative integers, either end may be left out (e.g. 0:10,:,5:)"
+    parts = str(text).split(",")
+    if len(parts) != 3:
+        raise GeometryError(f"ROI {text!r} has {len(parts)} range(s): {hint}")
+    slices = []
+    for part, axis in zip(parts, _AXES):
+        match = _RANGE.match(part)
+        if match is None:
+            raise GeometryError(f"ROI {text!r}: bad {axis} range {part.strip()!r}: {hint}")
+        start, stop = (int(g) if g else None for g in match.groups())
+        slices.append(slice(start, stop))
+    return normalize_roi(slices, shape)
+
+
+def roi_to_str(roi: Sequence[slice]) -> str:
+    """Inverse of :func:`parse_roi` (open ends stay open)."""
+    def bound(v):
+        return "" if v is None else str(int(v))
+
+    return ",".join(f"{bound(s.start)}:{bound(s.stop)}" for s in roi)
+
+
+# -- blocks -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a blockwise run.
+
+    ``core``: the voxels this block (alone) writes. ``outer``: ``core`` grown by the halo and
+    clipped to the volume, i.e. what it reads. ``inner``: where ``core`` sits inside ``outer``.
+    """
+
+    core: Slices3
+    outer: Slices3
+
+    @property
+    def inner(self) -> Slices3:
+        return tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(self.core, self.outer))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return _slices_shape(self.core)
+
+    @property
+    def outer_shape(self) -> tuple[int, int, int]:
+        return _slices_shape(self.outer)
+
+
+def iter_blocks(shape, block_shape, halo=0, roi: Sequence[slice] | None = None) -> list[Block]:
+    """Blocks whose cores tile ``roi`` exactly (no overlap, no gap), in (z, y, x) order.
+
+    The last block along an axis may be smaller. Halos are clipped to the *volume*, not the ROI:
+    data just outside the ROI is still valid context for the voxels inside it.
+    """
+    shape = _shape3(shape)
+    block_shape = _ints3(block_shape, "block_shape", 1)
+    halo = _ints3(halo, "halo", 0)
+    roi = normalize_roi(roi, shape)
+    per_axis = []
+    for r, b, h, n in zip(roi, block_shape, halo, shape):
+        axis = []
+        for start in range(r.start, r.stop, b):
+            stop = min(start + b, r.stop)
+            axis.append((slice(start, stop), slice(max(0, start - h), min(n, stop + h))))
+        per_axis.append(axis)
+    return [
+        Block(core=(cz, cy, cx), outer=(oz, oy, ox))
+        for cz, oz in per_axis[0]
+        for cy, oy in per_axis[1]
+        for cx, ox in per_axis[2]
+    ]
+
+
+# -- overlapping tiles ------------------------------------------------------------------
+
+
+def _tile_starts(n: int, tile: int, overlap: int, axis: str) -> list[int]:
+    if n <= tile:
+        return [0]  # one tile, clipped to the volume
+    if overlap >= tile:
+        raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile}) along {axis}")
+    step = tile - overlap
+    count = -(-(n - tile) // step) + 1
+    span = n - tile
+    # Evenly spread, first at 0 and last ending at the volume edge; spacing <= step, so
+    # neighbours overlap by at least `overlap`. Integer rounding keeps this exact and portable.
+    return [(i * span + (count - 1) // 2) // (count - 1) for i in range(count)]
+
+
+def tile_grid(shape, tile_shape, overlap=0) -> list[Slices3]:
+    """Overlapping tiles of ``tile_shape`` (clipped to smaller volumes) covering ``shape``.
+
+    No tile hangs outside the volume, so every tile has the same shape
+    (``min(tile_shape, shape)`` per axis) and a model sees no padding it was not trained on.
+    """
+    shape = _shape3(shape)
+    tile_shape = _ints3(tile_shape, "tile_shape", 1)
+    overlap = _ints3(overlap, "overlap", 0)
+    per_axis = []
+    for n, t, o, axis in zip(shape, tile_shape, overlap, _AXES):
+        size = min(t, n)
+        per_axis.append([slice(s, s + size) for s in _tile_starts(n, t, o, axis)])
+    return [(z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+
+
+def _window_1d(size: int, overlap: int, eps: float) -> np.ndarray:
+    w = np.ones(size, dtype=np.float64)
+    ramp_len = min(overlap, size // 2)
+    if ramp_len > 0:
+        # Raised cosine sampled strictly inside (0, 1): the outermost voxel gets a small but
+        # non-zero weight, so a voxel only one tile covers still has a defined average.
+        x = (np.arange(ramp_len) + 1) / (ramp_len + 1)
+        ramp = 0.5 - 0.5 * np.cos(np.pi * x)
+        w[:ramp_len] = ramp
+        w[size - ramp_len:] = np.minimum(w[size - ramp_len:], ramp[::-1])
+    return np.maximum(w, eps)
+
+
+def blending_weights(tile_shape, overlap, dtype=np.float32, eps: float = 1e-3) -> np.ndarray:
+    """Separable weight window of ``tile_shape``: raised-cosine ramps over ``overlap`` voxels
+    at each face, 1 in the middle, and at least ``eps`` per axis (so > 0 everywhere).
+
+    Pass the actual tile shape (``tile_grid`` clips tiles to small volumes).
+    """
+    tile_shape = _ints3(tile_shape, "tile_shape", 1)
+    overlap = _ints3(overlap, "overlap", 0)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    wz, wy, wx = (_window_1d(t, o, eps) for t, o in zip(tile_shape, overlap))
+    return (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).astype(dtype)
+
+
+class BlendAccumulator:
+    """Weighted average of overlapping tile predictions over one region.
+
+    Holds ``sum(w * pred)`` as ``(channels, *shape)`` and ``sum(w)`` as ``shape``; memory is
+    bounded by the region, not the volume. ``origin`` places the region in volume coordinates so
+    a blockwise run can accumulate just its outer block while adding tiles in global slices;
+    parts of a tile outside the region are ignored.
+    """
+
+    def __init__(self, shape, channels: int, dtype=np.float32, origin=(0, 0, 0)) -> None:
+        self.shape = _shape3(shape)
+        self.origin = _ints3(origin, "origin", 0)
+        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels!r}")
+        self.channels = int(channels)
+        self.dtype = np.dtype(dtype)
+        self._sum = np.zeros((self.channels, *self.shape), dtype=self.dtype)
+        self._weight = np.zeros(self.shape, dtype=self.dtype)
+
+    def add(self, tile_slices: Sequence[slice], values, weights=None) -> None:
+        """Add ``values`` ``(C, *tile)`` for the tile at ``tile_slices`` (volume coordinates).
+
+        ``weights``: the tile's window (e.g. :func:`blending_weights`), broadcastable to the
+        tile; None means uniform weights. Weights must be > 0 for the average to be defined.
+        """
+        tile_slices = tuple(tile_slices)
+        if len(tile_slices) != 3 or any(s.start is None or s.stop is None for s in tile_slices):
+            raise ValueError(f"tile_slices must be 3 slices with explicit bounds, got {tile_slices!r}")
+        tile_shape = _slices_shape(tile_slices)
+        values = np.asarray(values)
+        if values.shape != (self.channels, *tile_shape):
+            raise ValueError(f"values must have shape {(self.channels, *tile_shape)}, got {values.shape}")
+        weights = np.broadcast_to(np.ones((), self.dtype) if weights is None else np.asarray(weights), tile_shape)
+
+        src, dst = [], []
+        for s, o, n in zip(tile_slices, self.origin, self.shape):
+            lo, hi = s.start - o, s.stop - o
+            a, b = max(lo, 0), min(hi, n)
+            if a >= b:
+                return  # tile lies outside this region
+            dst.append(slice(a, b))
+            src.append(slice(a - lo, b - lo))
+        src, dst = tuple(src), tuple(dst)
+        w = weights[src].astype(self.dtype, copy=False)
+        self._sum[(slice(None), *dst)] += np.multiply(values[(slice(None), *src)], w, dtype=self.dtype)
+        self._weight[dst] += w
+
+    @property
+    def weight_sum(self) -> np.ndarray:
+        return self._weight
+
+    @property
+    def covered(self) -> np.ndarray:
+        """Voxels at least one tile with positive weight reached."""
+        return self._weight > 0
+
+    def result(self, fill_value: float = 0.0) -> np.ndarray:
+        """``sum(w * pred) / sum(w)`` as ``(C, *shape)``; ``fill_value`` where nothing was added."""
+        out = np.full(self._sum.shape, fill_value, dtype=self.dtype)
+        np.divide(self._sum, self._weight, out=out, where=self._weight > 0)
+        return out

@@ -1,0 +1,219 @@
+import numpy as np
+import pytest
+
+from napari_dinofuse.errors import GeometryError
+from napari_dinofuse.tiling import (
+    BlendAccumulator,
+    Block,
+    blending_weights,
+    iter_blocks,
+    normalize_roi,
+    parse_roi,
+    roi_to_str,
+    tile_grid,
+)
+
+# -- blocks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, block, halo, roi",
+    [
+        ((7, 20, 13), (3, 8, 5), (1, 4, 2), None),
+        ((5, 5, 5), 5, 0, None),
+        ((4, 9, 30), (10, 4, 7), 3, None),  # block larger than an axis
+        ((12, 16, 16), (4, 6, 5), (2, 2, 2), (slice(2, 11), slice(None, 9), slice(3, None))),
+    ],
+)
+def test_block_cores_partition_the_roi(shape, block, halo, roi):
+    blocks = iter_blocks(shape, block, halo, roi)
+    count = np.zeros(shape, dtype=int)
+    for b in blocks:
+        count[b.core] += 1
+    expected = np.zeros(shape, dtype=int)
+    expected[normalize_roi(roi, shape)] = 1
+    np.testing.assert_array_equal(count, expected)
+
+
+def test_block_halos_are_clipped_to_the_volume_and_inner_locates_the_core():
+    shape, halo = (7, 20, 13), (1, 4, 2)
+    volume = np.arange(np.prod(shape)).reshape(shape)
+    for b in iter_blocks(shape, (3, 8, 5), halo):
+        for core, outer, h, n in zip(b.core, b.outer, halo, shape):
+            assert outer.start == max(0, core.start - h)
+            assert outer.stop == min(n, core.stop + h)
+        np.testing.assert_array_equal(volume[b.outer][b.inner], volume[b.core])
+        assert b.shape == volume[b.core].shape and b.outer_shape == volume[b.outer].shape
+
+
+def test_block_halo_reaches_outside_roi_and_order_is_zyx():
+    blocks = iter_blocks((10, 10, 10), 4, 2, roi=(slice(4, 8), slice(0, 10), slice(0, 10)))
+    assert blocks[0].outer[0] == slice(2, 10)  # context beyond the ROI is real data
+    starts = [tuple(s.start for s in b.core) for b in blocks]
+    assert starts == sorted(starts)
+    assert blocks[1].core[2] == slice(4, 8)  # x varies fastest
+    with pytest.raises(AttributeError):
+        blocks[0].core = blocks[1].core  # frozen
+
+
+@pytest.mark.parametrize("bad", [dict(block_shape=0), dict(block_shape=(2, 2)), dict(halo=-1), dict(block_shape=True)])
+def test_iter_blocks_rejects_bad_arguments(bad):
+    kwargs = dict(shape=(4, 4, 4), block_shape=2, halo=0) | bad
+    with pytest.raises(ValueError):
+        iter_blocks(**kwargs)
+
+
+# -- tiles ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, tile, overlap",
+    [
+        ((20, 50, 37), (8, 16, 16), (2, 4, 4)),
+        ((16, 16, 16), 16, 4),
+        ((33, 17, 64), (8, 8, 8), 0),
+        ((9, 100, 3), (4, 32, 8), (3, 8, 2)),  # tiles larger than some axes
+    ],
+)
+def test_tile_grid_covers_every_voxel_with_equal_tiles_inside_the_volume(shape, tile, overlap):
+    tiles = tile_grid(shape, tile, overlap)
+    expected_shape = tuple(min(t, n) for t, n in zip(np.broadcast_to(tile, 3), shape))
+    count = np.zeros(shape, dtype=int)
+    for t in tiles:
+        assert all(0 <= s.start and s.stop <= n for s, n in zip(t, shape))
+        assert tuple(s.stop - s.start for s in t) == expected_shape
+        count[t] += 1
+    assert count.min() >= 1
+    # First tile starts at 0, last ends at the edge.
+    assert all(s.start == 0 for s in tiles[0]) and all(s.stop == n for s, n in zip(tiles[-1], shape))
+
+
+def test_tile_grid_neighbours_overlap_by_at_least_the_request():
+    tiles = tile_grid((1, 1, 100), (1, 1, 32), (0, 0, 8))
+    starts = [t[2].start for t in tiles]
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    gaps = np.diff(starts)
+    assert gaps.max() <= 32 - 8 and gaps.max() - gaps.min() <= 1  # evenly spread
+
+
+def test_tile_grid_rejects_overlap_not_smaller_than_tile():
+    with pytest.raises(ValueError, match="overlap"):
+        tile_grid((10, 10, 40), (4, 4, 8), (0, 0, 8))
+
+
+# -- blending ---------------------------------------------------------------------------
+
+
+def test_blending_weights_positive_symmetric_and_one_in_the_middle():
+    w = blending_weights((8, 16, 12), (2, 4, 4))
+    assert w.dtype == np.float32 and w.shape == (8, 16, 12)
+    assert w.min() > 0 and w.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1])
+    assert w[4, 8, 6] == 1.0
+    assert w[0, 8, 6] < w[1, 8, 6] < w[2, 8, 6]
+    assert np.all(blending_weights((4, 4, 4), 0) == 1)
+
+
+def _blend(field, tile, overlap, dtype=np.float32):
+    channels = field.shape[0]
+    acc = BlendAccumulator(field.shape[1:], channels, dtype=dtype)
+    for t in tile_grid(field.shape[1:], tile, overlap):
+        w = blending_weights(tuple(s.stop - s.start for s in t), overlap)
+        acc.add(t, field[(slice(None), *t)], w)
+    return acc
+
+
+def test_blending_reconstructs_a_constant_field():
+    field = np.full((2, 13, 40, 29), 0.7, dtype=np.float32)
+    field[1] = -3.0
+    acc = _blend(field, (6, 16, 16), (2, 6, 5))
+    assert acc.covered.all()
+    np.testing.assert_allclose(acc.result(), field, rtol=0, atol=1e-6)
+
+
+def test_blending_reconstructs_a_smooth_field_exactly_when_tiles_agree():
+    z, y, x = np.meshgrid(np.arange(9), np.arange(30), np.arange(21), indexing="ij")
+    field = np.sin(z / 3.0 + y / 7.0)[None] * np.cos(x / 5.0)[None]
+    acc = _blend(field, (4, 12, 10), (2, 4, 3), dtype=np.float64)
+    np.testing.assert_allclose(acc.result(), field, rtol=0, atol=1e-12)
+
+
+def test_blending_averages_disagreeing_tiles_with_their_weights():
+    acc = BlendAccumulator((1, 1, 6), 1)
+    acc.add((slice(0, 1), slice(0, 1), slice(0, 4)), np.full((1, 1, 1, 4), 1.0), np.full((1, 1, 4), 3.0))
+    acc.add((slice(0, 1), slice(0, 1), slice(2, 6)), np.full((1, 1, 1, 4), 5.0))  # weight 1
+    np.testing.assert_allclose(acc.result()[0, 0, 0], [1, 1, 2, 2, 5, 5])
+
+
+def test_accumulator_region_with_origin_clips_tiles_and_fills_uncovered():
+    acc = BlendAccumulator((2, 4, 4), 2, origin=(10, 10, 10))
+    values = np.arange(2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
+    acc.add((slice(9, 13), slice(8, 12), slice(12, 16)), values)  # partly outside the region
+    acc.add((slice(0, 4), slice(0, 4), slice(0, 4)), values)  # entirely outside: ignored
+    out = acc.result(fill_value=np.nan)
+    np.testing.assert_array_equal(out[:, :, :2, 2:], values[:, 1:3, 2:4, 0:2])
+    assert np.isnan(out[:, :, 2:, :]).all() and np.isnan(out[:, :, :, :2]).all()
+    np.testing.assert_array_equal(acc.covered, ~np.isnan(out[0]))
+
+
+def test_accumulator_rejects_wrong_value_shape():
+    acc = BlendAccumulator((4, 4, 4), 3)
+    with pytest.raises(ValueError, match="shape"):
+        acc.add((slice(0, 2), slice(0, 2), slice(0, 2)), np.zeros((2, 2, 2, 2)))
+
+
+# -- ROI strings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0:10,:,5:", (slice(0, 10), slice(0, 20), slice(5, 30))),
+        (" 2 : 3 , 0:20 , :30 ", (slice(2, 3), slice(0, 20), slice(0, 30))),
+        (":,:,:", (slice(0, 10), slice(0, 20), slice(0, 30))),
+    ],
+)
+def test_parse_roi_accepts_good_strings(text, expected):
+    roi = parse_roi(text, (10, 20, 30))
+    assert roi == expected
+    assert parse_roi(roi_to_str(roi), (10, 20, 30)) == roi
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("0:10,:", "2 range"),
+        ("0:10,:,:,:", "4 range"),
+        ("", "1 range"),
+        ("0:10,a:b,:", "bad y range"),
+        ("-1:5,:,:", "bad z range"),
+        ("0:10,5,:", "bad y range"),
+        ("0:10,:,0:2:1", "bad x range"),
+        ("0:11,:,:", "past the volume"),
+        ("5:5,:,:", "empty"),
+        ("6:2,:,:", "empty"),
+    ],
+)
+def test_parse_roi_rejects_bad_strings(text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        parse_roi(text, (10, 20, 30))
+    assert isinstance(info.value, GeometryError)  # drivers show it as one line
+
+
+def test_roi_to_str_keeps_open_ends():
+    assert roi_to_str((slice(0, 10), slice(None), slice(5, None))) == "0:10,:,5:"
+
+
+def test_block_inner_for_hand_built_block():
+    b = Block(core=(slice(4, 8),) * 3, outer=(slice(2, 10),) * 3)
+    assert b.inner == (slice(2, 6),) * 3
+
+
+def test_tiling_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, napari_dinofuse.tiling; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
