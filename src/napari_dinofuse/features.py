@@ -15,8 +15,6 @@ show progress and stop it (``close()``) at a batch boundary; every finished unit
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -26,31 +24,10 @@ from .cache import PLANE_SETS, FeatureCache, FeatureEntry
 from .errors import InputError
 from .geometry import Grid, Volume, resample
 from .io import content_hash, read_region
+from .progress import Progress, run_to_end
 
 DEFAULT_TILE_SIZE = 1024
 MIN_OVERLAP_PATCHES = 2
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of a long engine operation."""
-
-    done: int
-    total: int
-    message: str = ""
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-
-def run_to_end(generator: Generator):
-    """Drive an engine generator to its end and return its value (for scripts and tests)."""
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
 
 
 def feature_grid(volume: Volume) -> Grid:
@@ -130,6 +107,57 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
 def compute_features(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, **kwargs) -> FeatureEntry:
     """:func:`extract_features` run to the end."""
     return run_to_end(extract_features(volume, backbone, cache, **kwargs))
+
+
+class FeatureSource:
+    """Features of the raw volume, and of the context resampled onto them, for any tile of the raw.
+
+    Tiles are given in raw voxels with y/x starts on the 16-pixel patch grid. The raw features are read
+    as stored; the context features are read over the smallest window that covers the tile (plus one
+    patch for interpolation) and resampled in world coordinates onto the tile's patch grid, so every raw
+    voxel gets the context feature of its own physical location.
+    """
+
+    def __init__(self, raw: Volume, raw_features: FeatureEntry, context: Volume | None = None,
+                 context_features: FeatureEntry | None = None):
+        if (context is None) != (context_features is None):
+            raise InputError("context and its features come together")
+        if context is not None:
+            context.require_covers(raw)
+        self.raw, self.raw_features = raw, raw_features
+        self.context, self.context_features = context, context_features
+        self.grid = feature_grid(raw)
+        intensity = raw_features.signature["intensity"]
+        self.low, self.high = intensity["low"], intensity["high"]
+
+    @property
+    def channels(self) -> tuple[int, int | None]:
+        ctx = self.context_features.shape[0] if self.context_features is not None else None
+        return self.raw_features.shape[0], ctx
+
+    def tile(self, region, context: bool = True, intensity: bool = False):
+        """(raw (C, z, gy, gx), context (C', z, gy, gx) or None, intensity (1, z, y, x) or None), float32."""
+        zs, ys, xs = region
+        if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
+            raise ValueError(f"tile y/x starts must lie on the {PATCH_SIZE}-pixel patch grid, got {region}")
+        patch = (zs, slice(ys.start // PATCH_SIZE, -(-ys.stop // PATCH_SIZE)),
+                 slice(xs.start // PATCH_SIZE, -(-xs.stop // PATCH_SIZE)))
+        raw = self.raw_features.read(patch).astype(np.float32)
+        ctx = self._context_on(self.grid.crop([p.start for p in patch], [p.stop for p in patch])) \
+            if context and self.context is not None else None
+        image = None
+        if intensity:
+            image = to_unit_range(read_region(self.raw.data, (zs, ys, xs)), self.low, self.high).numpy()[None]
+        return raw, ctx, image
+
+    def _context_on(self, target: Grid) -> np.ndarray:
+        src = feature_grid(self.context)
+        lo, hi = target.bounds
+        first = np.floor(src.world_to_index(lo)).astype(int) - 1
+        last = np.ceil(src.world_to_index(hi)).astype(int) + 2
+        first, last = np.maximum(first, 0), np.minimum(last, src.shape)
+        window = self.context_features.read(tuple(slice(a, b) for a, b in zip(first, last))).astype(np.float32)
+        return resample(window, src.crop(first, last), target, check_coverage=False)
 
 
 class _SliceExtractor:

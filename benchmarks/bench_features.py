@@ -1,0 +1,131 @@
+"""Feature extraction benchmarks (issue: chunked extraction + cache). Run on demand:
+
+    python benchmarks/bench_features.py [--backbone random:vits16] [--device auto] [--slices 24] [--size 512]
+
+Prints ratios measured side by side in one run:
+- pipeline throughput / bare backbone forward on the same slices and batch size (goal >= 0.9);
+- first extraction time / second extraction (cache hit, checksums verified) (goal >= 50x);
+- peak RSS for a volume 8x larger / the smaller one, each in a fresh process (goal <= 1.3x);
+- bytes on disk per voxel vs full-resolution fp32 features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def _zarr_volume(path: Path, slices: int, size: int):
+    import zarr
+
+    array = zarr.create_array(str(path), shape=(slices, size, size), chunks=(1, size, size), dtype="uint8")
+    rng = np.random.default_rng(0)
+    for z in range(slices):  # EM-like: smooth blobs plus noise, written slice by slice
+        base = rng.normal(128, 30, (size // 8, size // 8)).repeat(8, 0).repeat(8, 1)
+        array[z] = np.clip(base + rng.normal(0, 10, (size, size)), 0, 255).astype(np.uint8)
+    return array
+
+
+def _peak_rss_child(args) -> None:
+    """Run one extraction and print the peak resident memory (MiB) of this process."""
+    import resource
+
+    import zarr
+
+    from napari_dinofuse.backbone import load_backbone
+    from napari_dinofuse.cache import FeatureCache
+    from napari_dinofuse.features import compute_features
+    from napari_dinofuse.geometry import Volume
+
+    warnings.simplefilter("ignore")
+    backbone = load_backbone(args.backbone, device=args.device)
+    volume = Volume(zarr.open_array(args.child, mode="r"), voxel_size=(8.0, 4.0, 4.0))
+    compute_features(volume, backbone, FeatureCache(tempfile.mkdtemp()), batch_size=args.batch_size)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", default="random:vits16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--slices", type=int, default=24)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--memory-slices", type=int, default=8, help="small volume of the RSS test (x8 for large)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return _peak_rss_child(args)
+
+    import torch
+
+    from napari_dinofuse.backbone import load_backbone, to_unit_range
+    from napari_dinofuse.cache import FeatureCache, format_bytes
+    from napari_dinofuse.features import extract_features
+    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.geometry import Volume
+
+    warnings.simplefilter("ignore")
+    backbone = load_backbone(args.backbone, device=args.device)
+    args.batch_size = args.batch_size or (16 if backbone.device.type == "cuda" else 4)
+    print(f"{backbone.describe()}; {args.slices} slices of {args.size}^2, batch {args.batch_size}")
+    work = Path(tempfile.mkdtemp())
+    data = _zarr_volume(work / "raw.zarr", args.slices, args.size)
+    volume = Volume(data, voxel_size=(8.0, 4.0, 4.0), name="bench")
+
+    def sync():
+        if backbone.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Bare forward: slices already in memory and normalised, nothing written.
+    slices = to_unit_range(np.asarray(data[:]), 0, 255)
+    backbone.patch_features(slices[: args.batch_size])  # warm-up
+    sync()
+    start = time.perf_counter()
+    for b in range(0, args.slices, args.batch_size):
+        backbone.patch_features(slices[b:b + args.batch_size]).cpu()
+    sync()
+    bare = time.perf_counter() - start
+
+    cache = FeatureCache(work / "cache")
+    start = time.perf_counter()
+    entry = run_to_end(extract_features(volume, backbone, cache, batch_size=args.batch_size))
+    sync()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run_to_end(extract_features(volume, backbone, cache, batch_size=args.batch_size))
+    second = time.perf_counter() - start
+
+    voxels = int(np.prod(volume.shape))
+    disk = entry.nbytes_on_disk()
+    full_fp32 = voxels * backbone.embed_dim * 4
+
+    rss = {}
+    for label, n in (("small", args.memory_slices), ("large", 8 * args.memory_slices)):
+        path = work / f"mem-{label}.zarr"
+        _zarr_volume(path, n, args.size)
+        out = subprocess.run([sys.executable, __file__, "--child", str(path), "--backbone", args.backbone,
+                              "--device", args.device, "--size", str(args.size),
+                              "--batch-size", str(args.batch_size)],
+                             capture_output=True, text=True, check=True)
+        rss[label] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+    print(f"bare backbone      : {args.slices / bare:8.2f} slices/s")
+    print(f"extraction pipeline: {args.slices / first:8.2f} slices/s  -> ratio {bare / first:.2f} (goal >= 0.9)")
+    print(f"cache hit          : {second:8.3f} s vs {first:.2f} s -> {first / second:.0f}x faster (goal >= 50x)")
+    print(f"peak RSS           : {rss['small']:.0f} MiB ({args.memory_slices} slices) vs {rss['large']:.0f} MiB "
+          f"({8 * args.memory_slices} slices) -> {rss['large'] / rss['small']:.2f}x (goal <= 1.3x)")
+    print(f"disk               : {disk / voxels:.3f} B/voxel ({format_bytes(disk)}) vs full-resolution fp32 "
+          f"{backbone.embed_dim * 4} B/voxel ({format_bytes(full_fp32)}) -> {full_fp32 / disk:.0f}x smaller")
+
+
+if __name__ == "__main__":
+    main()
