@@ -16,7 +16,6 @@ from .errors import DinofuseError
 
 # Subcommands that later releases fill in; listed so `--help` shows the whole tool.
 PLANNED = {
-    "train": "fine-tune the context-fused 3D UNet on sparse painted labels",
     "predict": "segment a volume with a trained model (labels, probabilities, attention maps)",
     "demo": "the offline end-to-end demo on the bundled synthetic EM sample",
 }
@@ -79,6 +78,16 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 
 
+def _add_feature_args(parser: argparse.ArgumentParser) -> None:
+    _add_backbone_args(parser)
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="feature cache folder (default: $DINOFUSE_CACHE or the user cache directory)")
+    parser.add_argument("--planes", default="xy", choices=["xy", "ortho"],
+                        help="xy slices, or xy+xz+yz averaged for 3D consistency (3x the cost)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="slices per ViT forward pass (default 16 on CUDA, 4 otherwise)")
+
+
 def _follow(generator, label: str):
     """Drive an engine generator with a one-line progress bar on stderr; returns its value."""
     start = time.perf_counter()
@@ -126,6 +135,53 @@ def _extract(args) -> int:
     return 0
 
 
+def _sources(args, backbone):
+    """Open raw (+ context) and extract or reuse their features, with a progress bar."""
+    from .cache import FeatureCache
+    from .features import extract_sources
+
+    raw = _open(args, "raw")
+    context = _open(args, "context") if args.context else None
+    return _follow(extract_sources(raw, context, backbone, FeatureCache(args.cache), planes=args.planes,
+                                   batch_size=args.batch_size), "features")
+
+
+def _train(args) -> int:
+    from .backbone import load_backbone
+    from .checkpoint import check_backbone_compatible, load_model, read_training_log, save_model
+    from .io import open_volume
+    from .train import TrainConfig, Trainer, adapt_classes, find_painted, model_info, new_model
+
+    init = load_model(args.init) if args.init else None
+    spec = args.backbone or (init[1].backbone if init else None)
+    backbone = load_backbone(spec, device=args.device)
+    print(backbone.describe())
+    source = _sources(args, backbone)
+    labels = open_volume(args.labels, voxel_size=source.raw.voxel_size, offset=source.raw.offset, name="labels").data
+    painted = find_painted(labels, source.raw.shape)  # refuse bad labels before building anything
+    class_names, log = None, []
+    if init:
+        model, info = init
+        warning = check_backbone_compatible(info, str(backbone.spec), backbone.embed_dim)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        class_names, log = info.class_names, read_training_log(args.init)
+        model = adapt_classes(model, max(painted.num_classes, model.config.num_classes), seed=args.seed)
+    else:
+        model = new_model(source, painted.num_classes, base_channels=args.base_channels, fusion=args.fusion,
+                          intensity_stem=args.intensity_stem, seed=args.seed)
+    config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
+                         device=args.device)
+    trainer = Trainer(model, source, labels, config)
+    _follow(trainer.run(), "train")
+    info = model_info(model, source, class_names, extra={"tile_shape": list(trainer.tile_shape)})
+    save_model(args.out, model, info, log + trainer.log)
+    last = trainer.log[-1]
+    print(f"trained {len(trainer.log)} iterations in {last['seconds']:.0f} s (loss {last['smoothed']:.4f}"
+          f"{', stopped early on a flat loss' if trainer.stopped_early else ''}); model saved to {args.out}")
+    return 0
+
+
 def _cache(args) -> int:
     from .cache import FeatureCache, format_bytes
 
@@ -169,16 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(resumes an interrupted run; reuses finished work).")
     _add_volume_args(extract, "raw", required=True)
     _add_volume_args(extract, "context", required=False)
-    _add_backbone_args(extract)
-    extract.add_argument("--cache", default=None, metavar="DIR",
-                         help="feature cache folder (default: $DINOFUSE_CACHE or the user cache directory)")
-    extract.add_argument("--planes", default="xy", choices=["xy", "ortho"],
-                         help="xy slices, or xy+xz+yz averaged for 3D consistency (3x the cost)")
-    extract.add_argument("--batch-size", type=int, default=None, metavar="N",
-                         help="slices per forward pass (default 16 on CUDA, 4 otherwise)")
+    _add_feature_args(extract)
     extract.add_argument("--tile-size", type=int, default=1024, metavar="PX",
                          help="slices wider than this are tiled with overlap (default 1024)")
     extract.set_defaults(func=_extract)
+
+    train = sub.add_parser("train", help="fine-tune the context-fused 3D UNet on sparse painted labels",
+                           description="Fine-tune on sparse labels (0 = unpainted, k = class k) and save a model "
+                                       "folder (config.json + model.safetensors).")
+    _add_volume_args(train, "raw", required=True)
+    _add_volume_args(train, "context", required=False)
+    train.add_argument("--labels", required=True, metavar="PATH", help="painted labels on the raw grid")
+    train.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (atomically)")
+    train.add_argument("--init", metavar="MODEL_DIR", help="fine-tune this model instead of starting from scratch")
+    train.add_argument("--iterations", type=int, default=300)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--fusion", default="attention", choices=["attention", "concat", "none"])
+    train.add_argument("--base-channels", type=int, default=16,
+                       help="UNet width (default 16, laptop-friendly; the reference design used 128)")
+    train.add_argument("--intensity-stem", action="store_true",
+                       help="also feed raw intensities at full resolution (sharper boundaries)")
+    train.add_argument("--seed", type=int, default=0)
+    _add_feature_args(train)
+    train.set_defaults(func=_train)
 
     cache = sub.add_parser("cache", help="list or clear cached feature volumes")
     cache.add_argument("action", choices=["list", "clear"])

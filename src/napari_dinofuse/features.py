@@ -109,6 +109,17 @@ def compute_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
     return run_to_end(extract_features(volume, backbone, cache, **kwargs))
 
 
+def extract_sources(raw: Volume, context: Volume | None, backbone: Backbone, cache: FeatureCache | None = None,
+                    **kwargs) -> Generator[Progress, None, "FeatureSource"]:
+    """Extract (or reuse) the raw's and the context's features; returns the :class:`FeatureSource`."""
+    if context is not None:
+        context.require_covers(raw)  # fail before spending any time on the ViT
+    cache = cache if cache is not None else FeatureCache()
+    raw_entry = yield from extract_features(raw, backbone, cache, **kwargs)
+    context_entry = (yield from extract_features(context, backbone, cache, **kwargs)) if context is not None else None
+    return FeatureSource(raw, raw_entry, context, context_entry)
+
+
 class FeatureSource:
     """Features of the raw volume, and of the context resampled onto them, for any tile of the raw.
 
