@@ -7,7 +7,6 @@ import torch
 from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.errors import InputError
 from napari_dinofuse.features import FeatureSource, compute_features
-from napari_dinofuse.geometry import Volume
 from napari_dinofuse.progress import run_to_end
 from napari_dinofuse.train import (
     TrainConfig,

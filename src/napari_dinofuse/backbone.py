@@ -221,8 +221,11 @@ class Backbone:
         return contextlib.nullcontext()
 
 
-def load_backbone(spec: str | None = None, device: str = "auto", normalization: str | None = None) -> Backbone:
+def load_backbone(spec: str | None = None, device: str = "auto", normalization: str | None = None,
+                  offline: bool = False) -> Backbone:
     """Load a frozen DINOv3 from a hub id, a local folder, or ``random:<arch>`` (tests only).
+
+    ``offline``: take hub checkpoints only from the local download cache, never from the network.
 
     Raises :class:`BackboneError` with one actionable message when the weights cannot be had.
     """
@@ -235,7 +238,7 @@ def load_backbone(spec: str | None = None, device: str = "auto", normalization: 
         norm = normalization or "lvd1689m"
     else:
         folder = Path(parsed.value) if parsed.kind == "local" else None
-        model = _pretrained_model(parsed)
+        model = _pretrained_model(parsed, offline)
         norm = normalization or normalization_for(parsed.value, folder)
     return Backbone(model, parsed, norm, torch_device)
 
@@ -258,7 +261,7 @@ def _random_model(arch: str):
         return DINOv3ViTModel(random_config(arch))
 
 
-def _pretrained_model(spec: BackboneSpec):
+def _pretrained_model(spec: BackboneSpec, offline: bool = False):
     from transformers import DINOv3ViTModel
 
     local = spec.kind == "local"
@@ -273,7 +276,7 @@ def _pretrained_model(spec: BackboneSpec):
                                 "'dinov3_vit'); ConvNeXt DINOv3 variants are not supported")
     try:
         # safetensors only (no pickle); never trust_remote_code.
-        return DINOv3ViTModel.from_pretrained(spec.value, local_files_only=local, use_safetensors=True)
+        return DINOv3ViTModel.from_pretrained(spec.value, local_files_only=local or offline, use_safetensors=True)
     except Exception as exc:  # transformers raises OSError / hub errors / ValueError
         raise BackboneError(_explain_load_failure(spec, exc)) from None
 

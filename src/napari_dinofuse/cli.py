@@ -14,11 +14,6 @@ import warnings
 from . import __version__
 from .errors import DinofuseError
 
-# Subcommands that later releases fill in; listed so `--help` shows the whole tool.
-PLANNED = {
-    "predict": "segment a volume with a trained model (labels, probabilities, attention maps)",
-    "demo": "the offline end-to-end demo on the bundled synthetic EM sample",
-}
 
 
 def _check_backbone(args) -> int:
@@ -182,6 +177,38 @@ def _train(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .backbone import load_backbone
+    from .checkpoint import check_backbone_compatible, load_model
+    from .predict import ZarrSink, predict
+
+    model, info = load_model(args.model)
+    backbone = load_backbone(args.backbone or info.backbone, device=args.device,
+                             normalization=None if args.backbone else info.normalization)
+    print(backbone.describe())
+    warning = check_backbone_compatible(info, str(backbone.spec), backbone.embed_dim)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.planes is None:
+        args.planes = info.extra.get("planes", "xy")
+    source = _sources(args, backbone)
+    tile = tuple(info.extra.get("tile_shape", (16, 96, 96)))  # GroupNorm: infer on tiles of the training size
+    overlap = tuple(max(1, t // 4) for t in tile)
+    _follow(predict(model, source, args.roi, tile_shape=tile, overlap=overlap, attention=args.attention,
+                    device=args.device, sink=ZarrSink(args.out)), "predict")
+    print(f"wrote {args.out}: labels, probabilities, uncertainty" + (", attention/level1..4" if args.attention
+                                                                     and model.config.fusion == "attention" else ""))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, backbone=args.backbone, device=args.device, iterations=args.iterations, seed=args.seed,
+             cache=args.cache, raw_shape=tuple(int(v) for v in args.raw_shape.split(",")), follow=_follow)
+    return 0
+
+
 def _cache(args) -> int:
     from .cache import FeatureCache, format_bytes
 
@@ -196,14 +223,6 @@ def _cache(args) -> int:
         freed = cache.clear(args.keys or None)
         print(f"freed {format_bytes(freed)} in {cache.root}")
     return 0
-
-
-def _planned(name: str):
-    def run(_args) -> int:
-        print(f"dinofuse {name}: not available in version {__version__} yet", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,14 +268,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feature_args(train)
     train.set_defaults(func=_train)
 
+    pred = sub.add_parser("predict", help="segment a volume with a trained model (labels, probabilities, attention)",
+                          description="Sliding-window prediction into an OME-Zarr group (labels, probabilities, "
+                                      "uncertainty, attention/level1..4) that napari opens aligned with the raw.")
+    _add_volume_args(pred, "raw", required=True)
+    _add_volume_args(pred, "context", required=False)
+    pred.add_argument("--model", required=True, metavar="MODEL_DIR")
+    pred.add_argument("--out", required=True, metavar="OUT.zarr", help="written atomically; replaces an earlier result")
+    pred.add_argument("--roi", default=None, metavar="z0:z1,y0:y1,x0:x1",
+                      help="region of interest in raw voxels (default: the whole volume)")
+    pred.add_argument("--attention", action="store_true", help="also write the 4 per-level attention maps")
+    _add_feature_args(pred)
+    pred.set_defaults(func=_predict, planes=None)
+
+    demo = sub.add_parser("demo", help="offline end-to-end demo on the bundled synthetic EM sample",
+                          description="Render the synthetic sample, extract features, fine-tune on scribbles with "
+                                      "and without context fusion, predict, and report IoU on unpainted voxels.")
+    demo.add_argument("--out", default="dinofuse-demo", metavar="DIR", help="output folder (default ./dinofuse-demo)")
+    demo.add_argument("--backbone", default=None,
+                      help="default: DINOv3 from the local download cache if present, else random:vits16")
+    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    demo.add_argument("--iterations", type=int, default=150)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--raw-shape", default="32,256,256", metavar="Z,Y,X",
+                      help="size of the synthetic raw field in 4 nm voxels (y, x >= 128)")
+    demo.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder")
+    demo.set_defaults(func=_demo)
+
     cache = sub.add_parser("cache", help="list or clear cached feature volumes")
     cache.add_argument("action", choices=["list", "clear"])
     cache.add_argument("keys", nargs="*", help="entries to clear (default: all)")
     cache.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder")
     cache.set_defaults(func=_cache)
 
-    for name, text in PLANNED.items():
-        sub.add_parser(name, help=f"{text} (not yet available)", description=text).set_defaults(func=_planned(name))
     return parser
 
 

@@ -203,6 +203,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         best_state, best_step, smoothed = copy.deepcopy(model.state_dict()), 0, None
+        warmup = min(20, cfg.iterations // 5)
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -220,7 +221,9 @@ class Trainer:
                         total += float(loss.detach())
                     optimizer.step()
                     smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-                    if smoothed < self.best_loss * 0.99:
+                    if step <= warmup:  # the average is still mostly its first noisy samples
+                        best_step = step
+                    elif smoothed < self.best_loss * 0.99:
                         self.best_loss, best_step = smoothed, step
                         best_state = copy.deepcopy(model.state_dict())
                     elapsed = time.perf_counter() - start
@@ -231,6 +234,7 @@ class Trainer:
                         self.stopped_early = True
                         break
         finally:  # also on Cancel (generator closed): keep the best weights, ready for inference
-            model.load_state_dict(best_state)
+            if self.best_loss < math.inf:  # (still warming up: the current weights are all there is)
+                model.load_state_dict(best_state)
             model.eval()
         return self

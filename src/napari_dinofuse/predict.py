@@ -1,0 +1,407 @@
+"""Sliding-window segmentation of a volume (or an ROI of it) with a :class:`FusedUNet3D`.
+
+:func:`predict` is a generator like extraction: it yields :class:`Progress` between tiles and returns its
+sink. Memory is bounded by one *block*, never by the volume: the ROI is cut into blocks, each grown by a
+halo of ``overlap`` voxels; inside a block's grown (outer) region overlapping tiles are predicted and their
+softmax probabilities blended with a raised-cosine window, and only the block's core goes to the sink.
+
+Alignment. The ROI's y/x start is snapped *down* to the 16-pixel patch grid (the output covers the snapped
+ROI: see :func:`snap_roi`). Blocks and tiles start, relative to the ROI start, at multiples of 8 in z and
+16 in y/x, so each tile sits on the feature patch grid and on every UNet level's grid (level k pools by
+2^(k-1) <= 8): a tile's attention maps then land exactly on the ROI's level-k grid.
+
+Outputs (names in the sink), all over the snapped ROI:
+
+* ``labels`` (Z, Y, X): argmax + 1 (class index i is label value i + 1; 0 stays "unlabelled"), uint8 when
+  it fits;
+* ``probabilities`` (K, Z, Y, X) float16, blended softmax;
+* ``uncertainty`` (Z, Y, X) float16: entropy / log K, 0 = certain, 1 = uniform;
+* ``attention/level1..4`` float16, for "attention"-fusion models: the channel-mean gate of each encoder
+  level at its own resolution, on the grid ``roi_grid.coarsen(2**(k-1))``.
+
+Sinks: :class:`MemorySink` (numpy, for the GUI and tests) and :class:`ZarrSink` (an OME-Zarr folder written
+aside and swapped in only when complete, so a cancelled or crashed run never looks finished). A sink has
+``create(name, shape, dtype, grid)`` (once per output, before any write), ``set_info(**json)``,
+``write(name, region, array)`` (region: 3 slices over z, y, x relative to the ROI start; leading axes whole),
+``finish()`` after the last write and ``abort()`` on cancel or error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Generator, Sequence
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbone import PATCH_SIZE, resolve_device
+from .errors import DinofuseError, InputError
+from .features import FeatureSource
+from .geometry import Grid
+from .modeling.unet import NUM_LEVELS
+from .progress import Progress, run_to_end
+from .tiling import BlendAccumulator, blending_weights, iter_blocks, normalize_roi, parse_roi, roi_to_str
+
+__all__ = ["ALIGN", "MemorySink", "ZarrSink", "attention_names", "predict", "predict_to_memory", "snap_roi"]
+
+# Tile/block starts relative to the ROI start: z on the deepest UNet level's grid, y/x on the patch grid
+# (a multiple of that level's 8 too).
+ALIGN = (2 ** (NUM_LEVELS - 1), PATCH_SIZE, PATCH_SIZE)
+_Slices = tuple[slice, slice, slice]
+
+
+def attention_names() -> list[str]:
+    return [f"attention/level{k}" for k in range(1, NUM_LEVELS + 1)]
+
+
+def snap_roi(roi, shape) -> _Slices:
+    """Concrete ROI slices with the y/x start moved down onto the 16-pixel patch grid.
+
+    ``roi``: None (whole volume), 3 slices, or a ``"z0:z1,y0:y1,x0:x1"`` string. Features exist per patch,
+    so a tile must start on a patch; growing the ROI (rather than shifting it) keeps every asked voxel.
+    """
+    roi = parse_roi(roi, shape) if isinstance(roi, str) else normalize_roi(roi, shape)
+    z, y, x = roi
+    return (z, slice(y.start // PATCH_SIZE * PATCH_SIZE, y.stop), slice(x.start // PATCH_SIZE * PATCH_SIZE, x.stop))
+
+
+def _ints3(value, name: str, minimum: int) -> tuple[int, int, int]:
+    values = (value,) * 3 if np.ndim(value) == 0 else tuple(value)
+    if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
+                               for v in values):
+        raise InputError(f"{name} needs 1 or 3 integers >= {minimum} (z, y, x), got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def _round_up(values, multiples) -> tuple[int, int, int]:
+    return tuple(-(-v // m) * m for v, m in zip(values, multiples))
+
+
+def _aligned_tiles(length: int, tile: int, overlap: int, align: int) -> list[tuple[int, int]]:
+    """(start, stop) of tiles covering 0..length, starts multiples of ``align``, neighbours overlapping
+    by >= ``overlap``; the last tile is clipped at ``length`` (the UNet pads any size)."""
+    if length <= tile:
+        return [(0, length)]
+    step = (tile - overlap) // align * align
+    span = -(-(length - tile) // align) * align  # last start: aligned, and its tile reaches `length`
+    count = -(-span // step) + 1
+    # Evenly spread, each start floored onto the grid: consecutive starts differ by <= step.
+    starts = [(i * span // (count - 1)) // align * align for i in range(count)]
+    return [(s, min(s + tile, length)) for s in starts]
+
+
+def _label_dtype(num_classes: int) -> np.dtype:
+    return np.min_scalar_type(num_classes)  # unsigned; uint8 up to 255 classes
+
+
+# -- sinks ------------------------------------------------------------------------------------------
+
+
+class MemorySink:
+    """Outputs as numpy arrays in ``arrays`` with their world grids in ``grids`` (for the GUI and tests).
+
+    ``complete`` turns True only when a run finished; a cancelled run leaves partly filled arrays.
+    """
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+        self.grids: dict[str, Grid] = {}
+        self.info: dict = {}
+        self.complete = False
+
+    def create(self, name: str, shape, dtype, grid: Grid) -> None:
+        self.arrays[name] = np.zeros(shape, dtype)
+        self.grids[name] = grid
+
+    def set_info(self, **info) -> None:
+        self.info.update(info)
+
+    def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
+        """``region``: 3 slices over the (z, y, x) axes; leading axes (classes) are written whole."""
+        self.arrays[name][(Ellipsis, *region)] = array
+
+    def finish(self) -> None:
+        self.complete = True
+
+    def abort(self) -> None:
+        pass
+
+
+class ZarrSink:
+    """An OME-Zarr (v0.5, zarr v3) output folder: one single-level image group per output.
+
+    Layout: ``OUT.zarr/labels/0``, ``probabilities/0`` (axes c, z, y, x), ``uncertainty/0`` and
+    ``attention/level{k}/0``; each image group carries ``ome.multiscales`` with nanometre axes and its own
+    grid as scale/translation, so ``io.open_volume("OUT.zarr/labels")`` or napari places it correctly.
+
+    Everything is written into a hidden sibling ``.OUT.zarr.partial-*``; :meth:`finish` swaps it in by
+    renames (an existing output is renamed aside, the new one in, then the old deleted), :meth:`abort`
+    deletes it. If a process dies between the two renames the previous output waits at
+    ``.OUT.zarr.old-*`` and the next ZarrSink on that path puts it back. Only a previous dinofuse
+    prediction is ever replaced: any other existing path is refused up front.
+    """
+
+    KIND = "napari-dinofuse prediction"
+
+    def __init__(self, path, chunks=(64, 256, 256)):
+        self.path = Path(path).expanduser().absolute()
+        self.chunks = tuple(int(c) for c in chunks)
+        self._partial: Path | None = None
+        self._root = None
+        self._arrays: dict = {}
+        self.complete = False
+        self._recover()
+        self._check_replaceable()
+
+    def _recover(self) -> None:
+        for old in sorted(self.path.parent.glob(f".{self.path.name}.old-*")):
+            if not self.path.exists():
+                os.replace(old, self.path)
+            else:  # the swap finished but the delete did not
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _check_replaceable(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            import zarr
+
+            kind = zarr.open_group(str(self.path), mode="r").attrs.get("dinofuse", {}).get("kind")
+        except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not ours
+            kind = None
+        if kind != self.KIND:
+            raise InputError(f"{self.path} exists and is not a dinofuse prediction: refusing to replace it. "
+                             "Choose another output path or remove it yourself")
+
+    def _group(self, name: str):
+        import zarr
+
+        if self._root is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._partial = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:12]}"
+            self._root = zarr.open_group(str(self._partial), mode="w", zarr_format=3)
+            self._root.attrs["dinofuse"] = {"kind": self.KIND, "outputs": []}
+        group = self._root
+        for part in name.split("/"):  # explicit intermediate groups (attention/)
+            group = group.require_group(part)
+        return group
+
+    def create(self, name: str, shape, dtype, grid: Grid) -> None:
+        group = self._group(name)
+        shape = tuple(int(s) for s in shape)
+        lead = len(shape) - 3
+        chunks = (1,) * lead + tuple(min(c, s) for c, s in zip(self.chunks, shape[lead:]))
+        self._arrays[name] = group.create_array(
+            "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+            dimension_names=["c", "z", "y", "x"][-len(shape):])
+        axes = [{"name": "c", "type": "channel"}] * lead + [
+            {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+        transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
+                      {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [
+            {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
+        info = dict(self._root.attrs["dinofuse"])
+        info["outputs"] = [*info["outputs"], name]
+        self._root.attrs["dinofuse"] = info
+
+    def set_info(self, **info) -> None:
+        """Extra JSON metadata on the root group (e.g. the ROI), next to the ``kind`` marker."""
+        self._root.attrs["dinofuse"] = {**dict(self._root.attrs["dinofuse"]), **info}
+
+    def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
+        self._arrays[name][(Ellipsis, *region)] = array
+
+    def finish(self) -> None:
+        if self._partial is None:
+            raise DinofuseError("nothing was written: create outputs before finishing")
+        self._check_replaceable()  # something else may have appeared there during the run
+        self._root, self._arrays = None, {}
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(self.path, old)
+        os.replace(self._partial, self.path)
+        self._partial = None
+        self.complete = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        self._root, self._arrays = None, {}
+        if self._partial is not None:
+            shutil.rmtree(self._partial, ignore_errors=True)
+            self._partial = None
+
+
+# -- prediction -------------------------------------------------------------------------------------
+
+
+def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128), overlap=(8, 32, 32),
+            block_shape=(64, 512, 512), attention: bool = True, device="auto", sink=None
+            ) -> Generator[Progress, None, object]:
+    """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
+
+    The output covers :func:`snap_roi` of ``roi`` (y/x start moved down to a multiple of 16), on the grid
+    ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and ``block_shape`` are
+    rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the blocks' halo.
+    Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
+    ``model`` is moved to ``device`` and left there; its train/eval mode is restored.
+    """
+    cfg = model.config
+    raw_volume = source.raw
+    roi = snap_roi(roi, raw_volume.shape)
+    tile_shape = _round_up(_ints3(tile_shape, "tile_shape", 1), ALIGN)
+    overlap = _ints3(overlap, "overlap", 0)
+    block_shape = _round_up(_ints3(block_shape, "block_shape", 1), ALIGN)
+    for t, o, a, axis in zip(tile_shape, overlap, ALIGN, "zyx"):
+        if t - o < a:
+            raise InputError(f"overlap {o} along {axis} leaves tiles of {t} no step: the overlap must be at most "
+                             f"the tile size minus {a}")
+    use_context = cfg.fusion != "none"
+    if use_context and source.context is None:
+        raise InputError(f"this model fuses context (fusion={cfg.fusion!r}) but no context volume was given")
+    if source.channels[0] != cfg.raw_channels:
+        raise InputError(f"the features have {source.channels[0]} channels but the model expects "
+                         f"{cfg.raw_channels}: extract features with the backbone the model was trained on")
+    if use_context and source.channels[1] != cfg.context_channels:
+        raise InputError(f"the context features have {source.channels[1]} channels but the model expects "
+                         f"{cfg.context_channels}")
+    if cfg.patch_size != PATCH_SIZE:
+        raise InputError(f"the model expects {cfg.patch_size}-pixel patches, the features have {PATCH_SIZE}")
+    with_attention = attention and cfg.fusion == "attention"
+    dev = resolve_device(device)
+    sink = sink if sink is not None else MemorySink()
+
+    num_classes = cfg.num_classes
+    roi_start = np.array([s.start for s in roi])
+    roi_stop = np.array([s.stop for s in roi])
+    roi_shape = tuple(int(v) for v in roi_stop - roi_start)
+    roi_grid = raw_volume.grid.crop(roi_start, roi_stop)
+    factors = [2**k for k in range(NUM_LEVELS)] if with_attention else []
+    plan = [_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap)
+            for b in iter_blocks(raw_volume.shape, block_shape, overlap, roi)]
+    total = sum(len(tiles) for _, _, tiles in plan)
+    weights: dict = {}
+
+    def window(shape, ov):
+        key = (tuple(shape), tuple(ov))
+        if key not in weights:
+            weights[key] = blending_weights(shape, ov)
+        return weights[key]
+
+    was_training = model.training
+    done = 0
+    try:
+        yield Progress(0, total, f"predicting {total} tile(s) over {roi_to_str(roi)}")
+        model.eval().to(dev)
+        sink.create("labels", roi_shape, _label_dtype(num_classes), roi_grid)
+        sink.create("probabilities", (num_classes, *roi_shape), np.float16, roi_grid)
+        sink.create("uncertainty", roi_shape, np.float16, roi_grid)
+        for name, f in zip(attention_names(), factors):
+            sink.create(name, [-(-n // f) for n in roi_shape], np.float16, roi_grid.coarsen(f))
+        sink.set_info(roi=roi_to_str(roi), num_classes=num_classes,
+                      labels="class index i is label value i + 1; 0 = unlabelled")
+
+        for number, (core, outer, tiles) in enumerate(plan, 1):
+            outer_start = np.array([s.start for s in outer])  # z may be < 0: see _plan_block
+            outer_shape = [s.stop - s.start for s in outer]
+            real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
+            probs_acc = BlendAccumulator([s.stop - a for s, a in zip(outer, real_start)], num_classes,
+                                         origin=real_start)
+            # Level-k coordinates relative to the outer start (both lie on the level grid).
+            att_accs = [BlendAccumulator([-(-n // f) for n in outer_shape], 1) for f in factors]
+            for tile in tiles:
+                probs, maps = _run_tile(model, source, tile, dev, use_context, cfg.intensity_stem, with_attention)
+                probs_acc.add(tile, probs, window(probs.shape[1:], overlap))
+                for acc, f, att in zip(att_accs, factors, maps):
+                    lo = [(t.start - o) // f for t, o in zip(tile, outer_start)]
+                    acc.add(tuple(slice(a, a + n) for a, n in zip(lo, att.shape[1:])), att,
+                            window(att.shape[1:], [o // f for o in overlap]))
+                done += 1
+                yield Progress(done, total, f"block {number}/{len(plan)}, tile {done}/{total}")
+
+            inner = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, real_start))
+            region = tuple(slice(c.start - r, c.stop - r) for c, r in zip(core, roi_start))
+            probs = probs_acc.result()[(slice(None), *inner)]
+            probs16 = probs.astype(np.float16)
+            # Argmax of the stored fp16 values, so labels always agree with the saved probabilities.
+            sink.write("labels", region, (np.argmax(probs16, axis=0) + 1).astype(_label_dtype(num_classes)))
+            sink.write("probabilities", region, probs16)
+            sink.write("uncertainty", region, _normalised_entropy(probs).astype(np.float16))
+            for name, acc, f in zip(attention_names(), att_accs, factors):
+                rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
+                lvl = [(a // f, -(-b // f)) for a, b in rel]  # cores start on every level's grid
+                shift = [(o - r) // f for o, r in zip(outer_start, roi_start)]
+                sub = tuple(slice(a - s, b - s) for (a, b), s in zip(lvl, shift))
+                sink.write(name, tuple(slice(a, b) for a, b in lvl), acc.result()[(slice(None), *sub)][0]
+                           .astype(np.float16))
+        sink.finish()
+    except BaseException:  # GeneratorExit (cancel) included: never leave a half-written output looking done
+        sink.abort()
+        raise
+    finally:
+        model.train(was_training)
+    return sink
+
+
+def predict_to_memory(model, source: FeatureSource, roi=None, **kwargs) -> MemorySink:
+    """:func:`predict` run to the end into a :class:`MemorySink`."""
+    return run_to_end(predict(model, source, roi, sink=MemorySink(), **kwargs))
+
+
+def _plan_block(block, roi_start, shape, tile_shape, overlap):
+    """(core, aligned outer region, tiles touching the core) of one block, in volume voxels."""
+    outer, per_axis = [], []
+    for c, o, r, n, t, ov, a in zip(block.core, block.outer, roi_start, shape, tile_shape, overlap, ALIGN):
+        # Grow onto the grid. Near the volume start (an ROI starting at 0 < z < 8) that can begin before
+        # the volume: those slices are edge-padded, so the ROI's first slices keep the context they have.
+        start = r + (o.start - r) // a * a
+        stop = min(n, r + -(-(o.stop - r) // a) * a)
+        outer.append(slice(start, stop))
+        tiles = [(start + lo, start + hi) for lo, hi in _aligned_tiles(stop - start, t, ov, a)]
+        per_axis.append([slice(lo, hi) for lo, hi in tiles if lo < c.stop and hi > c.start])
+    return block.core, tuple(outer), list(product(*per_axis))
+
+
+def _run_tile(model, source: FeatureSource, tile: _Slices, dev: torch.device, use_context: bool,
+              use_intensity: bool, with_attention: bool):
+    """Softmax (K, z, y, x) and channel-mean attention maps [(1, ceil(z/f), ...)] of one tile, float32."""
+    size = tuple(s.stop - s.start for s in tile)
+    before = max(0, -tile[0].start)  # slices before the volume (z only: y/x starts are >= 0)
+    raw, ctx, image = source.tile((slice(tile[0].start + before, tile[0].stop), *tile[1:]),
+                                  context=use_context, intensity=use_intensity)
+    if before:
+        raw, ctx, image = (None if a is None else np.pad(a, [(0, 0), (before, 0), (0, 0), (0, 0)], mode="edge")
+                           for a in (raw, ctx, image))
+    # Run at whole patches: trilinear upsampling of gy patches onto exactly 16*gy pixels puts each patch
+    # feature on its own pixels; a clipped size would stretch the features. Crop the result instead.
+    full = (size[0], raw.shape[2] * PATCH_SIZE, raw.shape[3] * PATCH_SIZE)
+    if image is not None and image.shape[1:] != full:
+        image = np.pad(image, [(0, 0)] + [(0, f - s) for f, s in zip(full, image.shape[1:])], mode="edge")
+
+    def tensor(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))[None].to(dev)
+
+    with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                                                enabled=dev.type == "cuda"):
+        out = model(tensor(raw), tensor(ctx), out_shape=full, intensity=tensor(image))
+        logits = out.logits[0, :, :size[0], :size[1], :size[2]].float()
+        probs = torch.softmax(logits, dim=0).cpu().numpy()
+        maps = []
+        if with_attention:
+            for k, att in enumerate(out.attention):
+                f = 2**k
+                z, y, x = (-(-n // f) for n in size)
+                maps.append(att[0, :, :z, :y, :x].float().mean(0, keepdim=True).cpu().numpy())
+    return probs, maps
+
+
+def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """Entropy over axis 0 divided by log K: 0 for a sure voxel, 1 for a uniform one."""
+    p = np.clip(probs, 1e-12, 1.0)
+    entropy = -(probs * np.log(p)).sum(axis=0) / np.log(probs.shape[0])
+    return np.clip(entropy, 0.0, 1.0)

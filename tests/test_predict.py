@@ -1,0 +1,249 @@
+"""Blockwise sliding-window prediction (random tiny ViT + random tiny UNet: real code paths, fake weights)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import nn
+
+from napari_dinofuse.cache import FeatureCache
+from napari_dinofuse.errors import InputError
+from napari_dinofuse.features import FeatureSource, compute_features
+from napari_dinofuse.geometry import Volume
+from napari_dinofuse.io import open_volume
+from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
+from napari_dinofuse.predict import ZarrSink, predict, predict_to_memory, snap_roi
+from napari_dinofuse.progress import run_to_end
+
+SHAPE = (20, 80, 96)
+VOXEL = (4.0, 4.0, 4.0)
+OFFSET = (100.0, -40.0, 12.0)
+SMALL = {"tile_shape": (16, 48, 48), "overlap": (8, 32, 32), "block_shape": (16, 512, 64)}
+BIG = {"tile_shape": (32, 96, 96), "overlap": (8, 32, 32), "block_shape": (64, 512, 512)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many small convolutions: with 2 threads on a busy 2-core machine, OpenMP waits dominate (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_backbone):
+    rng = np.random.default_rng(0)
+    # Smooth-ish structure (blocks of 8 voxels) so features and predictions vary over space, not just noise.
+    coarse = rng.integers(0, 256, (3, 10, 12), dtype=np.uint8)
+    raw_data = np.kron(coarse, np.ones((8, 8, 8), np.uint8))[:SHAPE[0]]
+    raw_data = np.clip(raw_data.astype(int) + rng.integers(-20, 21, SHAPE), 0, 255).astype(np.uint8)
+    raw = Volume(raw_data, VOXEL, OFFSET, name="raw")
+    ctx = Volume(rng.integers(0, 256, (4, 10, 10), dtype=np.uint8), 64.0, (64.0, -96.0, -64.0), name="context")
+    cache = FeatureCache(tmp_path_factory.mktemp("cache"))
+    return FeatureSource(raw, compute_features(raw, tiny_backbone, cache),
+                         ctx, compute_features(ctx, tiny_backbone, cache))
+
+
+def _model(fusion="attention", intensity_stem=False, tile_local=False):
+    torch.manual_seed(0)
+    model = FusedUNet3D(UNetConfig(raw_channels=64, context_channels=64, num_classes=3, base_channels=4,
+                                   fusion=fusion, intensity_stem=intensity_stem))
+    if tile_local:
+        # GroupNorm normalises over each tile, so a real UNet's output depends on the tile's extent
+        # (see test_groupnorm_makes_results_depend_on_the_tile). Without it, what is left is what predict
+        # controls (placement, halos, blending), and that must not depend on tiles or blocks.
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.GroupNorm):
+                    setattr(module, name, nn.Identity())
+        with torch.no_grad():  # un-normalised activations are small: make the classes distinct again
+            model.head.weight.mul_(30.0)
+            model.head.bias.zero_()
+    return model
+
+
+class _LogitAttention(nn.Module):
+    """Level-k "attention" = 2^(k-1)-pooled probability of class 1: spatially varied and as tile-independent
+    as the logits (the random gates are nearly constant), so it shows whether maps land on the right voxels."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, raw, context=None, out_shape=None, intensity=None):
+        out = self.inner(raw, context, out_shape, intensity)
+        base = torch.softmax(out.logits, 1)[:, :1]
+        size = base.shape[2:]
+        base = F.pad(base, [p for n in reversed(size) for p in (0, -n % 8)], mode="replicate")  # as the UNet
+        maps = [F.avg_pool3d(base, 2**k) if k else base for k in range(4)]
+        return UNetOutput(out.logits, tuple(m[:, :, :-(-size[0] // 2**k), :-(-size[1] // 2**k),
+                                              :-(-size[2] // 2**k)] for k, m in enumerate(maps)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _LogitAttention(_model(tile_local=True))
+
+
+@pytest.fixture(scope="module")
+def whole(model, source):
+    return predict_to_memory(model, source, device="cpu", **BIG)
+
+
+@pytest.fixture(scope="module")
+def real(source):
+    """The real UNet (GroupNorm included) over the whole volume."""
+    return predict_to_memory(_model(), source, device="cpu", **BIG)
+
+
+def _close(a, b, labels_a, labels_b, mean=0.01, worst=0.1, agree=0.98):
+    diff = np.abs(a.astype(np.float32) - b.astype(np.float32))
+    assert diff.mean() < mean and diff.max() < worst, (diff.mean(), diff.max())
+    assert (labels_a == labels_b).mean() > agree
+
+
+def test_outputs_shapes_dtypes_and_consistency(real, source):
+    out = real
+    a = out.arrays
+    assert out.complete
+    assert a["labels"].shape == SHAPE and a["labels"].dtype == np.uint8
+    assert a["probabilities"].shape == (3, *SHAPE) and a["probabilities"].dtype == np.float16
+    assert a["uncertainty"].shape == SHAPE and a["uncertainty"].dtype == np.float16
+    labels, probs = a["labels"], a["probabilities"].astype(np.float32)
+    assert set(np.unique(labels)) <= {1, 2, 3} and len(np.unique(labels)) > 1
+    assert np.array_equal(labels, np.argmax(a["probabilities"], axis=0) + 1)
+    assert np.allclose(probs.sum(0), 1.0, atol=3e-3)
+    u = a["uncertainty"].astype(np.float32)
+    assert u.min() >= 0 and u.max() <= 1 and u.std() > 0
+    assert out.grids["labels"] == source.raw.grid
+
+
+def test_tile_and_block_size_do_not_change_the_result(model, source, whole):
+    # One whole-volume tile vs 16x48x48 tiles in 6 blocks. Not exact: the UNet's receptive field exceeds a
+    # tile, and blending only damps what each tile's borders get wrong. Measured: mean 0.002, max 0.06,
+    # 99.5% same labels; without overlap (below) mean 0.022, max 0.38, 92% same labels.
+    small = predict_to_memory(model, source, device="cpu", **SMALL)
+    _close(whole.arrays["probabilities"], small.arrays["probabilities"], whole.arrays["labels"],
+           small.arrays["labels"])
+    for k in range(1, 5):  # attention maps blend onto their level grids just as well
+        a, b = whole.arrays[f"attention/level{k}"], small.arrays[f"attention/level{k}"]
+        a, b = a.astype(np.float32), b.astype(np.float32)
+        assert a.std() > 0.05 and np.abs(a - b).mean() < 0.01 and np.abs(a - b).max() < 0.1  # measured 0.06
+    # Without overlap, tiles meet at hard seams: several times the error of blended overlaps.
+    seams = predict_to_memory(model, source, device="cpu", tile_shape=(16, 48, 48), overlap=0,
+                              block_shape=(16, 512, 64))
+    err = [np.abs(s.arrays["probabilities"].astype(np.float32) - whole.arrays["probabilities"]).mean()
+           for s in (small, seams)]
+    assert 5 * err[0] < err[1]
+
+
+def test_groupnorm_makes_results_depend_on_the_tile(real, source):
+    """The real UNet normalises per tile: tiles smaller than the volume change its output noticeably
+    (random init, 32x64x64 vs one whole-volume tile: measured mean 0.017, max 0.28, 94% same labels).
+    Documents the size of the effect; use tiles like the training crops."""
+    a = real
+    b = predict_to_memory(_model(), source, device="cpu", tile_shape=(32, 64, 64), overlap=(8, 32, 32))
+    _close(a.arrays["probabilities"], b.arrays["probabilities"], a.arrays["labels"], b.arrays["labels"],
+           mean=0.03, worst=0.5, agree=0.9)
+
+
+def test_attention_maps_live_on_their_level_grids(real, source):
+    roi_grid = source.raw.grid
+    for k in range(1, 5):
+        f = 2 ** (k - 1)
+        att = real.arrays[f"attention/level{k}"]  # the UNet's own gates, channel mean
+        grid = real.grids[f"attention/level{k}"]
+        assert att.dtype == np.float16 and att.shape == tuple(-(-n // f) for n in SHAPE) == grid.shape
+        assert 0 <= att.min() and att.max() <= 1 and att.astype(np.float32).std() > 0
+        assert grid.voxel_size == tuple(v * f for v in VOXEL)
+        if all(n % f == 0 for n in SHAPE):  # same physical extent as the ROI
+            assert np.allclose(grid.bounds[0], roi_grid.bounds[0]) and np.allclose(grid.bounds[1], roi_grid.bounds[1])
+        else:
+            assert np.allclose(grid.bounds[0], roi_grid.bounds[0])
+
+
+def test_roi_matches_the_whole_volume_crop(model, source, whole):
+    # z starts at 3: the halo before it reaches out of the volume, which must not spoil the first slices
+    # (measured mean 0.005, max 0.03; 0.1 mean on the first slice before edge padding was added).
+    roi = (slice(3, 17), slice(21, 70), slice(40, 90))
+    part = predict_to_memory(model, source, roi, device="cpu", **SMALL)
+    snapped = snap_roi(roi, SHAPE)
+    assert snapped == (slice(3, 17), slice(16, 70), slice(32, 90))  # y/x starts on the 16-pixel grid
+    assert part.arrays["labels"].shape == (14, 54, 58)
+    grid = part.grids["labels"]
+    assert grid.offset == (100.0 + 3 * 4, -40.0 + 16 * 4, 12.0 + 32 * 4) and grid.voxel_size == VOXEL
+    _close(part.arrays["probabilities"], whole.arrays["probabilities"][(slice(None), *snapped)],
+           part.arrays["labels"], whole.arrays["labels"][snapped])
+    # Level grids of an ROI are relative to the ROI: level 2 starts half a voxel further along.
+    g2 = part.grids["attention/level2"]
+    assert np.allclose(g2.offset, np.array(grid.offset) + 2.0) and part.arrays["attention/level2"].shape == (7, 27, 29)
+    # The string form does the same.
+    assert predict_to_memory(model, source, "3:17,21:70,40:90", device="cpu", **BIG).arrays["labels"].shape == \
+        (14, 54, 58)
+
+
+def test_fusion_none_needs_no_context_and_has_no_attention(source):
+    plain = FeatureSource(source.raw, source.raw_features)
+    out = predict_to_memory(_model("none"), plain, device="cpu", **BIG)
+    assert out.arrays["labels"].shape == SHAPE
+    assert not any(name.startswith("attention") for name in out.arrays)
+    with pytest.raises(InputError, match="context"):
+        predict_to_memory(_model("attention"), plain, device="cpu", **BIG)
+
+
+def test_intensity_stem_model_runs_on_clipped_tiles(source):
+    roi = (slice(0, 9), slice(0, 41), slice(0, 37))  # sizes off the patch grid: the image is padded
+    out = predict_to_memory(_model("concat", intensity_stem=True), source, roi, device="cpu", **BIG)
+    assert out.arrays["probabilities"].shape == (3, 9, 41, 37)
+    assert np.allclose(out.arrays["probabilities"].astype(np.float32).sum(0), 1.0, atol=3e-3)
+
+
+def test_zarr_output_opens_with_its_geometry(tmp_path, model, source, whole):
+    out = tmp_path / "OUT.zarr"
+    roi = (slice(2, 20), slice(16, 80), slice(0, 96))
+    run_to_end(predict(model, source, roi, device="cpu", sink=ZarrSink(out), **BIG))
+    labels = open_volume(out / "labels")
+    assert labels.shape == (18, 64, 96) and labels.voxel_size == VOXEL
+    assert labels.offset == (100.0 + 2 * 4, -40.0 + 16 * 4, 12.0)
+    assert (np.asarray(labels.data) == whole.arrays["labels"][roi]).mean() > 0.98
+    level2 = open_volume(out / "attention" / "level2")
+    assert level2.voxel_size == (8.0, 8.0, 8.0) and level2.shape == (9, 32, 48)
+    assert np.allclose(level2.offset, np.array(labels.offset) + 2.0)
+    probs = zarr.open_group(str(out / "probabilities"), mode="r")
+    image = probs.attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in image["axes"]] == ["c", "z", "y", "x"] and probs["0"].shape == (3, 18, 64, 96)
+    assert image["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, *VOXEL]
+    assert [p.name for p in tmp_path.iterdir()] == ["OUT.zarr"]  # no partial folder left
+
+    # Re-running replaces the output (here with a smaller ROI).
+    run_to_end(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
+                       sink=ZarrSink(out), **BIG))
+    assert open_volume(out / "labels").shape == (8, 32, 32)
+    assert [p.name for p in tmp_path.iterdir()] == ["OUT.zarr"]
+
+
+def test_cancel_stops_early_and_leaves_no_output(tmp_path, model, source):
+    out = tmp_path / "OUT.zarr"
+    gen = predict(model, source, device="cpu", sink=ZarrSink(out), **SMALL)
+    events = [next(gen) for _ in range(4)]
+    total = events[0].total
+    gen.close()
+    assert events[-1].done == 3 < total
+    assert list(tmp_path.iterdir()) == []  # neither OUT.zarr nor a .OUT.zarr.partial-* folder
+
+
+def test_cancel_keeps_a_previous_output_and_refuses_foreign_paths(tmp_path, model, source):
+    out = tmp_path / "OUT.zarr"
+    run_to_end(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
+                       sink=ZarrSink(out), **BIG))
+    gen = predict(model, source, device="cpu", sink=ZarrSink(out), **SMALL)
+    next(gen), next(gen)
+    gen.close()
+    assert open_volume(out / "labels").shape == (8, 32, 32)
+    assert [p.name for p in tmp_path.iterdir()] == ["OUT.zarr"]
+    foreign = tmp_path / "raw.zarr"
+    foreign.mkdir()
+    with pytest.raises(InputError, match="not a dinofuse prediction"):
+        ZarrSink(foreign)
