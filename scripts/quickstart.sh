@@ -48,8 +48,7 @@ install_python_packages
 export PATH="$PWD/$VENV/bin:$PATH"
 
 case "$what" in
-  # The headless demo lands with the training engine; until then, check the backbone.
-  demo) exec dinofuse check-backbone --backbone random:vits16 "$@" ;;
+  demo) exec dinofuse demo "$@" ;;
   test) exec python -m pytest "$@" ;;
   setup) ;;
   *) echo "usage: $0 demo|test|setup [args...]" >&2; exit 2 ;;

@@ -1,0 +1,183 @@
+"""Model benchmarks (issue: fine-tuning, inference, ablation). Run on demand:
+
+    python benchmarks/bench_model.py [projection|finetune|inference|ablation|all] [--backbone random:vits16]
+
+- projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
+- finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached);
+- inference: voxels/s of the UNet alone and end to end from the cache; peak RSS per tile size;
+- ablation: IoU (unpainted voxels) of the context-dependent classes, attention vs concat vs none, several seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+warnings.simplefilter("ignore")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def projection(args):
+    """Runs each variant in a fresh process so peak memory is its own."""
+    out = {}
+    for variant in ("before", "after"):
+        res = subprocess.run([sys.executable, __file__, "_projection_child", variant, "--channels", str(args.channels)],
+                             capture_output=True, text=True, check=True)
+        out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+    b, a = out["before"], out["after"]
+    print(f"projection ({args.channels} -> 16 channels, tile 32x256x256): before upsampling {b['seconds']:.3f} s, "
+          f"+{b['rss_delta_mib']:.0f} MiB; after {a['seconds']:.3f} s, +{a['rss_delta_mib']:.0f} MiB -> "
+          f"{a['seconds'] / b['seconds']:.0f}x faster, {a['rss_delta_mib'] / max(b['rss_delta_mib'], 1):.0f}x less "
+          f"memory; max |difference| {abs(a['checksum'] - b['checksum']):.2e} (checksum)")
+
+
+def _projection_child(variant: str, channels: int):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    feats = torch.randn(1, channels, 32, 16, 16)
+    proj = torch.nn.Conv3d(channels, 16, 1)
+    size = (32, 256, 256)
+    base = _rss_mib()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if variant == "before":
+            y = F.interpolate(proj(feats), size=size, mode="trilinear", align_corners=False)
+        else:
+            y = proj(F.interpolate(feats, size=size, mode="trilinear", align_corners=False))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "rss_delta_mib": _rss_mib() - base, "checksum": float(y.double().sum())}))
+
+
+def _setup(args, raw_shape=(32, 256, 256), seed=0):
+    from napari_dinofuse.backbone import load_backbone
+    from napari_dinofuse.cache import FeatureCache
+    from napari_dinofuse.features import extract_sources
+    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.sample_data import make_sample
+
+    sample = make_sample(seed=seed, raw_shape=raw_shape)
+    backbone = load_backbone(args.backbone, device=args.device)
+    source = run_to_end(extract_sources(sample.raw, sample.context, backbone, FeatureCache(args.cache)))
+    return sample, source
+
+
+def finetune(args):
+    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.train import TrainConfig, Trainer, new_model
+
+    sample, source = _setup(args, raw_shape=(128, 128, 128))
+    model = new_model(source, 4, base_channels=args.base_channels)
+    start = time.perf_counter()
+    trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=args.iterations, device=args.device))
+    run_to_end(trainer.run())
+    trained = time.perf_counter() - start
+    predict_to_memory(model, source, None, tile_shape=trainer.tile_shape, overlap=(8, 32, 32), device=args.device)
+    total = time.perf_counter() - start
+    print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}): {len(trainer.log) / trained:.2f} it/s; "
+          f"start -> updated prediction of 128^3 after {len(trainer.log)} iterations: {total:.1f} s "
+          f"(training {trained:.1f} s, prediction {total - trained:.1f} s)")
+
+
+def inference(args):
+    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.train import new_model
+
+    sample, source = _setup(args, raw_shape=(64, 256, 256))
+    model = new_model(source, 4, base_channels=args.base_channels).eval()
+    tile = (32, 128, 128)
+    raw, ctx, _ = source.tile((slice(0, 32), slice(0, 128), slice(0, 128)))
+    with torch.inference_mode():
+        model(torch.from_numpy(raw)[None], torch.from_numpy(ctx)[None], tile)
+        start = time.perf_counter()
+        for _ in range(3):
+            model(torch.from_numpy(raw)[None], torch.from_numpy(ctx)[None], tile)
+        unet = 3 * np.prod(tile) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    predict_to_memory(model, source, None, tile_shape=tile, overlap=(8, 32, 32), device=args.device)
+    end_to_end = np.prod(sample.raw.shape) / (time.perf_counter() - start)
+    print(f"inference (base {args.base_channels}): UNet alone {unet / 1e6:.2f} Mvoxel/s, end to end from the cache "
+          f"{end_to_end / 1e6:.2f} Mvoxel/s (tile {tile}, overlap (8, 32, 32))")
+    for t in ((16, 64, 64), (32, 128, 128), (32, 256, 256)):
+        res = subprocess.run([sys.executable, __file__, "_inference_child", ",".join(map(str, t)),
+                              "--backbone", args.backbone, "--cache", args.cache,
+                              "--base-channels", str(args.base_channels)], capture_output=True, text=True, check=True)
+        print(f"  peak RSS with tile {t}: {json.loads(res.stdout.strip().splitlines()[-1])['rss_mib']:.0f} MiB")
+
+
+def _inference_child(tile: str, args):
+    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.train import new_model
+
+    sample, source = _setup(args, raw_shape=(64, 256, 256))
+    model = new_model(source, 4, base_channels=args.base_channels).eval()
+    t = tuple(int(v) for v in tile.split(","))
+    predict_to_memory(model, source, None, tile_shape=t, overlap=(8, 32, 32), block_shape=t)
+    print(json.dumps({"rss_mib": _rss_mib()}))
+
+
+def ablation(args):
+    from napari_dinofuse.demo import iou_unpainted
+    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.sample_data import CONTEXT_DEPENDENT_CLASSES
+    from napari_dinofuse.train import TrainConfig, Trainer, new_model
+
+    scores = {m: [] for m in ("attention", "concat", "none")}
+    for seed in range(args.seeds):
+        sample, source = _setup(args, seed=seed)
+        scribbles = sample.scribbles(seed=seed)
+        for mode in scores:
+            model = new_model(source, 4, base_channels=args.base_channels, fusion=mode, intensity_stem=True, seed=seed)
+            trainer = Trainer(model, source, scribbles, TrainConfig(iterations=args.iterations, tile_shape=(16, 64, 64),
+                                                                    learning_rate=2e-3, seed=seed, device=args.device))
+            run_to_end(trainer.run())
+            labels = predict_to_memory(model, source, None, tile_shape=trainer.tile_shape, overlap=(8, 16, 16),
+                                       device=args.device).arrays["labels"]
+            iou = iou_unpainted(labels, sample.ground_truth, scribbles > 0, CONTEXT_DEPENDENT_CLASSES)
+            scores[mode].append([iou[k] for k in CONTEXT_DEPENDENT_CLASSES])
+            print(f"  seed {seed} {mode:<9}: IoU mitochondrion {iou[3]:.3f}, nuclear granule {iou[4]:.3f}", flush=True)
+    for mode, s in scores.items():
+        s = np.asarray(s)
+        print(f"ablation {mode:<9}: mean IoU of context-dependent classes {np.nanmean(s):.3f} "
+              f"(mitochondrion {np.nanmean(s[:, 0]):.3f}, nuclear granule {np.nanmean(s[:, 1]):.3f}; {len(s)} seeds)")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", nargs="?", default="all")
+    parser.add_argument("extra", nargs="?")
+    parser.add_argument("--backbone", default="random:vits16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", default=tempfile.mkdtemp())
+    parser.add_argument("--channels", type=int, default=384)
+    parser.add_argument("--base-channels", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.what == "_projection_child":
+        return _projection_child(args.extra, args.channels)
+    if args.what == "_inference_child":
+        return _inference_child(args.extra, args)
+    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference),
+                     ("ablation", ablation)):
+        if args.what in (name, "all"):
+            fn(args)
+
+
+if __name__ == "__main__":
+    main()
