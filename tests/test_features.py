@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_dinofuse.backbone import to_unit_range
-from napari_dinofuse.cache import CacheError, FeatureCache
+from napari_dinofuse.cache import CacheError, FeatureCache, FeatureEntry
 from napari_dinofuse.errors import DinofuseError
 from napari_dinofuse.features import compute_features, extract_features, feature_grid
 from napari_dinofuse.geometry import Volume
@@ -26,6 +26,14 @@ def counting_backbone(tiny_backbone, monkeypatch):
     monkeypatch.setattr(tiny_backbone, "patch_features", counted)
     tiny_backbone.calls = calls
     return tiny_backbone
+
+
+def _cancel_after(run, slices: int) -> None:
+    """What a Cancel button or Ctrl-C does: stop iterating between batches, then close the generator."""
+    for progress in run:
+        if progress.done >= slices:
+            break
+    run.close()
 
 
 def _volume(shape=(6, 50, 70), seed=0, name="raw"):
@@ -113,11 +121,7 @@ def test_changed_model_gets_a_separate_entry(tmp_path, tiny_backbone):
 def test_interrupted_run_resumes_with_the_missing_slices_only(tmp_path, counting_backbone):
     volume = _volume(shape=(12, 40, 40))
     cache = FeatureCache(tmp_path)
-    run = extract_features(volume, counting_backbone, cache, batch_size=2)
-    for progress in run:
-        if progress.done >= 4:
-            break
-    run.close()  # what a Cancel button or Ctrl-C does between batches
+    _cancel_after(extract_features(volume, counting_backbone, cache, batch_size=2), slices=4)
     done_before = counting_backbone.calls["slices"]
     assert done_before == 4
     partial = cache.entries()[0]
@@ -131,26 +135,14 @@ def test_interrupted_run_resumes_with_the_missing_slices_only(tmp_path, counting
 def test_unfinished_units_are_never_read_as_valid(tmp_path, tiny_backbone):
     volume = _volume(shape=(6, 32, 32))
     cache = FeatureCache(tmp_path)
-    run = extract_features(volume, tiny_backbone, cache, batch_size=2)
-    for progress in run:
-        if progress.done >= 2:
-            break
-    run.close()
-    entry = cache.entry(*_signature_and_shape(cache))
+    _cancel_after(extract_features(volume, tiny_backbone, cache, batch_size=2), slices=2)
+    entry = FeatureEntry(cache.entries()[0].path)
     assert entry.read((slice(0, 2),)).shape == (64, 2, 2, 2)
     with pytest.raises(CacheError, match="incomplete"):
         entry.read((slice(0, 4),))
     # A unit whose data was written but whose marker was not (process killed in between) is not done.
     entry._arrays["xy"][:, 3] = 1.0
     assert 3 not in entry.done_units("xy")
-
-
-def _signature_and_shape(cache):
-    entry = cache.entries()[0]
-    import json
-
-    record = json.loads((entry.path / "signature.json").read_text())
-    return record["signature"], record["shape"]
 
 
 def test_corrupted_chunk_is_detected_and_recomputed(tmp_path, counting_backbone):

@@ -166,7 +166,7 @@ def _train(args) -> int:
         model = new_model(source, painted.num_classes, base_channels=args.base_channels, fusion=args.fusion,
                           intensity_stem=args.intensity_stem, seed=args.seed)
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
-                         device=args.device)
+                         dice_weight=args.dice_weight, device=args.device)
     trainer = Trainer(model, source, labels, config)
     _follow(trainer.run(), "train")
     info = model_info(model, source, class_names, extra={"tile_shape": list(trainer.tile_shape)})
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="UNet width (default 16, laptop-friendly; the reference design used 128)")
     train.add_argument("--intensity-stem", action="store_true",
                        help="also feed raw intensities at full resolution (sharper boundaries)")
+    train.add_argument("--dice-weight", type=float, default=0.0,
+                       help="add soft Dice on painted voxels to the cross-entropy, with this weight (e.g. 0.5)")
     train.add_argument("--seed", type=int, default=0)
     _add_feature_args(train)
     train.set_defaults(func=_train)
