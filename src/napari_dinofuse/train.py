@@ -170,10 +170,11 @@ class Trainer:
         z, y, x = (int(v) for v in self.config.tile_shape)
         self.tile_shape = (z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE)
 
-    def sample_region(self, rng: np.random.Generator):
-        """A tile containing a painted voxel of a class chosen uniformly (class-balanced sampling)."""
+    def sample_region(self, rng: np.random.Generator, painted_class: int | None = None):
+        """A tile containing a painted voxel of ``painted_class`` (default: a class chosen uniformly)."""
         classes = list(self.painted.coords)
-        points = self.painted.coords[classes[rng.integers(len(classes))]]
+        points = self.painted.coords[painted_class if painted_class is not None else
+                                     classes[rng.integers(len(classes))]]
         voxel = points[rng.integers(len(points))]
         region = []
         for axis, (v, n, size) in enumerate(zip(voxel, self.source.raw.shape, self.tile_shape)):
@@ -204,6 +205,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         best_state, best_step, smoothed = copy.deepcopy(model.state_dict()), 0, None
         warmup = min(20, cfg.iterations // 5)
+        classes = list(self.painted.coords)
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -211,8 +213,10 @@ class Trainer:
                 for step in range(1, cfg.iterations + 1):
                     optimizer.zero_grad(set_to_none=True)
                     total = 0.0
-                    for _ in range(cfg.batch_size):
-                        region = self.sample_region(rng)
+                    for i in range(cfg.batch_size):
+                        # Class-balanced batches: each tile centred on the next class in turn, so one step
+                        # does not pull every prediction towards the single class its tile happened to show.
+                        region = self.sample_region(rng, classes[(step * cfg.batch_size + i) % len(classes)])
                         raw, ctx, image, labels = self._batch(region, device)
                         with autocast:
                             out = model(raw, ctx, out_shape=labels.shape[1:], intensity=image)
