@@ -32,6 +32,8 @@ import os
 import shutil
 import uuid
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from itertools import product
 from pathlib import Path
 
@@ -46,7 +48,8 @@ from .modeling.unet import NUM_LEVELS
 from .progress import Progress, run_to_end
 from .tiling import BlendAccumulator, blending_weights, iter_blocks, normalize_roi, parse_roi, roi_to_str
 
-__all__ = ["ALIGN", "MemorySink", "ZarrSink", "attention_names", "predict", "predict_to_memory", "snap_roi"]
+__all__ = ["ALIGN", "MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
+           "predict_block", "predict_to_memory", "snap_roi"]
 
 # Tile/block starts relative to the ROI start: z on the deepest UNet level's grid, y/x on the patch grid
 # (a multiple of that level's 8 too).
@@ -113,7 +116,7 @@ class MemorySink:
         self.info: dict = {}
         self.complete = False
 
-    def create(self, name: str, shape, dtype, grid: Grid) -> None:
+    def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
         self.arrays[name] = np.zeros(shape, dtype)
         self.grids[name] = grid
 
@@ -129,6 +132,22 @@ class MemorySink:
 
     def abort(self) -> None:
         pass
+
+
+def create_ome_image(group, name: str, shape, dtype, grid: Grid, chunks):
+    """A single-level OME-Zarr 0.5 image in ``group``: array ``0`` plus multiscales metadata placing it in nm."""
+    shape = tuple(int(v) for v in shape)
+    lead = len(shape) - 3
+    chunks = tuple(max(1, min(int(c), v)) for c, v in zip(chunks, shape))
+    array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                               dimension_names=["c", "z", "y", "x"][-len(shape):], overwrite=True)
+    axes = [{"name": "c", "type": "channel"}] * lead + [
+        {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
+                  {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [
+        {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
+    return array
 
 
 class ZarrSink:
@@ -190,20 +209,9 @@ class ZarrSink:
             group = group.require_group(part)
         return group
 
-    def create(self, name: str, shape, dtype, grid: Grid) -> None:
-        group = self._group(name)
-        shape = tuple(int(s) for s in shape)
-        lead = len(shape) - 3
-        chunks = (1,) * lead + tuple(min(c, s) for c, s in zip(self.chunks, shape[lead:]))
-        self._arrays[name] = group.create_array(
-            "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-            dimension_names=["c", "z", "y", "x"][-len(shape):])
-        axes = [{"name": "c", "type": "channel"}] * lead + [
-            {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
-        transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
-                      {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
-        group.attrs["ome"] = {"version": "0.5", "multiscales": [
-            {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
+    def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
+        chunks = chunks if chunks is not None else (1,) * (len(shape) - 3) + self.chunks
+        self._arrays[name] = create_ome_image(self._group(name), name, shape, dtype, grid, chunks)
         info = dict(self._root.attrs["dinofuse"])
         info["outputs"] = [*info["outputs"], name]
         self._root.attrs["dinofuse"] = info
@@ -240,17 +248,44 @@ class ZarrSink:
 # -- prediction -------------------------------------------------------------------------------------
 
 
-def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128), overlap=(8, 32, 32),
-            block_shape=(64, 512, 512), attention: bool = True, device="auto", sink=None
-            ) -> Generator[Progress, None, object]:
-    """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
+@dataclass(frozen=True)
+class PredictionPlan:
+    """Where everything goes: the snapped ROI, its output grids, and the blocks with their tiles.
 
-    The output covers :func:`snap_roi` of ``roi`` (y/x start moved down to a multiple of 16), on the grid
-    ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and ``block_shape`` are
-    rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the blocks' halo.
-    Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
-    ``model`` is moved to ``device`` and left there; its train/eval mode is restored.
+    Deterministic for a given model config, volume and settings, so a dask worker rebuilding it computes
+    exactly the blocks the driver planned.
     """
+
+    roi: _Slices
+    roi_grid: Grid
+    num_classes: int
+    tile_shape: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    block_shape: tuple[int, int, int]
+    factors: tuple[int, ...]  # attention levels' pooling factors; () without attention
+    blocks: tuple  # (core, outer, tiles) per block, volume voxels
+
+    @property
+    def roi_start(self) -> np.ndarray:
+        return np.array([s.start for s in self.roi])
+
+    def outputs(self) -> list[tuple[str, tuple, np.dtype, Grid, tuple]]:
+        """(name, shape, dtype, grid, chunks) of every output; chunks follow the blocks, so parallel
+        block writers never share a chunk."""
+        shape = self.roi_grid.shape
+        found = [("labels", shape, _label_dtype(self.num_classes), self.roi_grid, self.block_shape),
+                 ("probabilities", (self.num_classes, *shape), np.dtype(np.float16), self.roi_grid,
+                  (1, *self.block_shape)),
+                 ("uncertainty", shape, np.dtype(np.float16), self.roi_grid, self.block_shape)]
+        for name, f in zip(attention_names(), self.factors):
+            found.append((name, tuple(-(-n // f) for n in shape), np.dtype(np.float16), self.roi_grid.coarsen(f),
+                          tuple(b // f for b in self.block_shape)))
+        return found
+
+
+def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128), overlap=(8, 32, 32),
+                    block_shape=(64, 512, 512), attention: bool = True) -> PredictionPlan:
+    """Validate the settings against the model and the features, and cut the ROI into blocks and tiles."""
     cfg = model.config
     raw_volume = source.raw
     roi = snap_roi(roi, raw_volume.shape)
@@ -272,73 +307,100 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128)
                          f"{cfg.context_channels}")
     if cfg.patch_size != PATCH_SIZE:
         raise InputError(f"the model expects {cfg.patch_size}-pixel patches, the features have {PATCH_SIZE}")
-    with_attention = attention and cfg.fusion == "attention"
-    dev = resolve_device(device)
-    sink = sink if sink is not None else MemorySink()
-
-    num_classes = cfg.num_classes
     roi_start = np.array([s.start for s in roi])
     roi_stop = np.array([s.stop for s in roi])
-    roi_shape = tuple(int(v) for v in roi_stop - roi_start)
-    roi_grid = raw_volume.grid.crop(roi_start, roi_stop)
-    factors = [2**k for k in range(NUM_LEVELS)] if with_attention else []
-    plan = [_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap)
-            for b in iter_blocks(raw_volume.shape, block_shape, overlap, roi)]
-    total = sum(len(tiles) for _, _, tiles in plan)
-    weights: dict = {}
+    factors = tuple(2**k for k in range(NUM_LEVELS)) if attention and cfg.fusion == "attention" else ()
+    blocks = tuple(_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap)
+                   for b in iter_blocks(raw_volume.shape, block_shape, overlap, roi))
+    return PredictionPlan(roi, raw_volume.grid.crop(roi_start, roi_stop), cfg.num_classes, tile_shape, overlap,
+                          block_shape, factors, blocks)
 
-    def window(shape, ov):
-        key = (tuple(shape), tuple(ov))
-        if key not in weights:
-            weights[key] = blending_weights(shape, ov)
-        return weights[key]
 
+def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device
+                  ) -> Generator[int, None, list[tuple[str, _Slices, np.ndarray]]]:
+    """Compute block ``index`` of ``plan`` (the model already in eval mode on ``dev``).
+
+    Yields after each tile; returns ``(name, region relative to the ROI, array)`` for every output.
+    """
+    core, outer, tiles = plan.blocks[index]
+    cfg, overlap, roi_start = model.config, plan.overlap, plan.roi_start
+    with_attention = bool(plan.factors)
+    outer_start = np.array([s.start for s in outer])  # z may be < 0: see _plan_block
+    outer_shape = [s.stop - s.start for s in outer]
+    real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
+    probs_acc = BlendAccumulator([s.stop - a for s, a in zip(outer, real_start)], plan.num_classes,
+                                 origin=real_start)
+    # Level-k coordinates relative to the outer start (both lie on the level grid).
+    att_accs = [BlendAccumulator([-(-n // f) for n in outer_shape], 1) for f in plan.factors]
+    for tile in tiles:
+        probs, maps = _run_tile(model, source, tile, dev, cfg.fusion != "none", cfg.intensity_stem, with_attention)
+        probs_acc.add(tile, probs, _window(probs.shape[1:], overlap))
+        for acc, f, att in zip(att_accs, plan.factors, maps):
+            lo = [(t.start - o) // f for t, o in zip(tile, outer_start)]
+            acc.add(tuple(slice(a, a + n) for a, n in zip(lo, att.shape[1:])), att,
+                    _window(att.shape[1:], tuple(o // f for o in overlap)))
+        yield 1
+
+    inner = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, real_start))
+    region = tuple(slice(c.start - r, c.stop - r) for c, r in zip(core, roi_start))
+    probs = probs_acc.result()[(slice(None), *inner)]
+    probs16 = probs.astype(np.float16)
+    # Argmax of the stored fp16 values, so labels always agree with the saved probabilities.
+    results = [("labels", region, (np.argmax(probs16, axis=0) + 1).astype(_label_dtype(plan.num_classes))),
+               ("probabilities", region, probs16),
+               ("uncertainty", region, _normalised_entropy(probs).astype(np.float16))]
+    for name, acc, f in zip(attention_names(), att_accs, plan.factors):
+        rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
+        lvl = [(a // f, -(-b // f)) for a, b in rel]  # cores start on every level's grid
+        shift = [(o - r) // f for o, r in zip(outer_start, roi_start)]
+        sub = tuple(slice(a - s, b - s) for (a, b), s in zip(lvl, shift))
+        results.append((name, tuple(slice(a, b) for a, b in lvl),
+                        acc.result()[(slice(None), *sub)][0].astype(np.float16)))
+    return results
+
+
+@lru_cache(maxsize=32)
+def _window(shape, overlap) -> np.ndarray:
+    return blending_weights(shape, overlap)
+
+
+def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128), overlap=(8, 32, 32),
+            block_shape=(64, 512, 512), attention: bool = True, device="auto", sink=None
+            ) -> Generator[Progress, None, object]:
+    """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
+
+    The output covers :func:`snap_roi` of ``roi`` (y/x start moved down to a multiple of 16), on the grid
+    ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and ``block_shape`` are
+    rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the blocks' halo.
+    Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
+    ``model`` is moved to ``device`` and left there; its train/eval mode is restored.
+    """
+    plan = plan_prediction(model, source, roi, tile_shape=tile_shape, overlap=overlap, block_shape=block_shape,
+                           attention=attention)
+    dev = resolve_device(device)
+    sink = sink if sink is not None else MemorySink()
+    total = sum(len(tiles) for _, _, tiles in plan.blocks)
     was_training = model.training
     done = 0
     try:
-        yield Progress(0, total, f"predicting {total} tile(s) over {roi_to_str(roi)}")
+        yield Progress(0, total, f"predicting {total} tile(s) over {roi_to_str(plan.roi)}")
         model.eval().to(dev)
-        sink.create("labels", roi_shape, _label_dtype(num_classes), roi_grid)
-        sink.create("probabilities", (num_classes, *roi_shape), np.float16, roi_grid)
-        sink.create("uncertainty", roi_shape, np.float16, roi_grid)
-        for name, f in zip(attention_names(), factors):
-            sink.create(name, [-(-n // f) for n in roi_shape], np.float16, roi_grid.coarsen(f))
-        sink.set_info(roi=roi_to_str(roi), num_classes=num_classes,
+        for name, shape, dtype, grid, chunks in plan.outputs():
+            sink.create(name, shape, dtype, grid, chunks)
+        sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes,
                       labels="class index i is label value i + 1; 0 = unlabelled")
-
-        for number, (core, outer, tiles) in enumerate(plan, 1):
-            outer_start = np.array([s.start for s in outer])  # z may be < 0: see _plan_block
-            outer_shape = [s.stop - s.start for s in outer]
-            real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
-            probs_acc = BlendAccumulator([s.stop - a for s, a in zip(outer, real_start)], num_classes,
-                                         origin=real_start)
-            # Level-k coordinates relative to the outer start (both lie on the level grid).
-            att_accs = [BlendAccumulator([-(-n // f) for n in outer_shape], 1) for f in factors]
-            for tile in tiles:
-                probs, maps = _run_tile(model, source, tile, dev, use_context, cfg.intensity_stem, with_attention)
-                probs_acc.add(tile, probs, window(probs.shape[1:], overlap))
-                for acc, f, att in zip(att_accs, factors, maps):
-                    lo = [(t.start - o) // f for t, o in zip(tile, outer_start)]
-                    acc.add(tuple(slice(a, a + n) for a, n in zip(lo, att.shape[1:])), att,
-                            window(att.shape[1:], [o // f for o in overlap]))
+        for index in range(len(plan.blocks)):
+            block = predict_block(model, source, plan, index, dev)
+            while True:
+                try:
+                    next(block)
+                except StopIteration as finished:
+                    results = finished.value
+                    break
                 done += 1
-                yield Progress(done, total, f"block {number}/{len(plan)}, tile {done}/{total}")
-
-            inner = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, real_start))
-            region = tuple(slice(c.start - r, c.stop - r) for c, r in zip(core, roi_start))
-            probs = probs_acc.result()[(slice(None), *inner)]
-            probs16 = probs.astype(np.float16)
-            # Argmax of the stored fp16 values, so labels always agree with the saved probabilities.
-            sink.write("labels", region, (np.argmax(probs16, axis=0) + 1).astype(_label_dtype(num_classes)))
-            sink.write("probabilities", region, probs16)
-            sink.write("uncertainty", region, _normalised_entropy(probs).astype(np.float16))
-            for name, acc, f in zip(attention_names(), att_accs, factors):
-                rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
-                lvl = [(a // f, -(-b // f)) for a, b in rel]  # cores start on every level's grid
-                shift = [(o - r) // f for o, r in zip(outer_start, roi_start)]
-                sub = tuple(slice(a - s, b - s) for (a, b), s in zip(lvl, shift))
-                sink.write(name, tuple(slice(a, b) for a, b in lvl), acc.result()[(slice(None), *sub)][0]
-                           .astype(np.float16))
+                yield Progress(done, total, f"block {index + 1}/{len(plan.blocks)}, tile {done}/{total}")
+            for name, region, array in results:
+                sink.write(name, region, array)
         sink.finish()
     except BaseException:  # GeneratorExit (cancel) included: never leave a half-written output looking done
         sink.abort()
