@@ -69,39 +69,60 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
                      intensity: str = "auto", verify: bool = True
                      ) -> Generator[Progress, None, FeatureEntry]:
     """Extract (or resume, or reuse) the patch-grid features of ``volume``; returns the cache entry."""
+    batch_size = batch_size or (16 if backbone.device.type == "cuda" else 4)
+    yield Progress(0, 1, f"{volume.name}: identifying the data")
+    entry = open_entry(volume, backbone, cache, planes=planes, tile_size=tile_size, intensity=intensity)
+    if verify:
+        for plane in entry.planes:
+            entry.verify(plane)
+    todo = missing_units(entry)
+    total = sum(len(units) * _slices_per_unit(plane, volume.shape) for plane, units in todo.items())
+    done = 0
+    yield Progress(done, total, f"{volume.name}: {total} slices to extract" if total else
+                   f"{volume.name}: features found in the cache")
+    for plane, units in todo.items():
+        for slices in fill_units(volume, backbone, entry, plane, units, batch_size):
+            done += slices
+            yield Progress(done, total, f"{volume.name}: {plane} planes")
+    return entry
+
+
+def open_entry(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, *, planes: str = "xy",
+               tile_size: int = DEFAULT_TILE_SIZE, intensity: str = "auto") -> FeatureEntry:
+    """The cache entry for ``volume``'s features under these settings (created empty if new)."""
     if planes not in PLANE_SETS:
         raise InputError(f"unknown planes {planes!r}: use one of {', '.join(PLANE_SETS)}")
     if tile_size % PATCH_SIZE or tile_size < 2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1):
         raise InputError(f"tile size must be a multiple of {PATCH_SIZE} and at least "
                             f"{2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1)} pixels, got {tile_size}")
-    batch_size = batch_size or (16 if backbone.device.type == "cuda" else 4)
-    cache = cache if cache is not None else FeatureCache()
-
-    yield Progress(0, 1, f"{volume.name}: identifying the data")
     signature = feature_signature(volume, backbone, planes, tile_size, intensity)
-    low, high = signature["intensity"]["low"], signature["intensity"]["high"]
     z, y, x = volume.shape
     shape = (backbone.embed_dim, z, -(-y // PATCH_SIZE), -(-x // PATCH_SIZE))
-    entry = cache.entry(signature, shape, info={"source": volume.name, "offset": list(volume.offset)})
+    cache = cache if cache is not None else FeatureCache()
+    return cache.entry(signature, shape, info={"source": volume.name, "offset": list(volume.offset)})
 
-    if verify:
-        for plane in entry.planes:
-            entry.verify(plane)
-    todo = {plane: sorted(set(range(entry.unit_count(plane))) - entry.done_units(plane)) for plane in entry.planes}
-    # Work is counted in 2D slices through the ViT, so ortho progress is honest about its cost.
-    per_unit = {"xy": 1, "xz": min(PATCH_SIZE, y), "yz": min(PATCH_SIZE, x)}
-    total = sum(len(units) * per_unit[p] for p, units in todo.items())
-    done = 0
-    yield Progress(done, total, f"{volume.name}: {total} slices to extract" if total else
-                   f"{volume.name}: features found in the cache")
-    extractor = _SliceExtractor(backbone, tile_size, low, high, volume.name)
-    for plane, units in todo.items():
-        steps = _xy_units(volume, entry, units, batch_size, extractor) if plane == "xy" else \
-            _ortho_units(volume, entry, plane, units, batch_size, extractor)
-        for slices in steps:
-            done += slices
-            yield Progress(done, total, f"{volume.name}: {plane} planes")
-    return entry
+
+def missing_units(entry: FeatureEntry) -> dict[str, list[int]]:
+    return {plane: sorted(set(range(entry.unit_count(plane))) - entry.done_units(plane)) for plane in entry.planes}
+
+
+def _slices_per_unit(plane: str, shape) -> int:
+    """Work is counted in 2D slices through the ViT, so ortho progress is honest about its cost."""
+    return {"xy": 1, "xz": min(PATCH_SIZE, shape[1]), "yz": min(PATCH_SIZE, shape[2])}[plane]
+
+
+def fill_units(volume: Volume, backbone: Backbone, entry: FeatureEntry, plane: str, units, batch_size: int = 4
+               ) -> Iterable[int]:
+    """Compute and store the given units of ``entry``; yields the number of slices after each batch.
+
+    Units are independent, so any number of processes may fill different units of one entry at once.
+    """
+    signature = entry.signature
+    extractor = _SliceExtractor(backbone, signature["tile_size"], signature["intensity"]["low"],
+                                signature["intensity"]["high"], volume.name)
+    if plane == "xy":
+        return _xy_units(volume, entry, units, batch_size, extractor)
+    return _ortho_units(volume, entry, plane, units, batch_size, extractor)
 
 
 def compute_features(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, **kwargs) -> FeatureEntry:
