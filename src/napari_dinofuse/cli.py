@@ -191,13 +191,43 @@ def _predict(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if args.planes is None:
         args.planes = info.extra.get("planes", "xy")
-    source = _sources(args, backbone)
     tile = tuple(info.extra.get("tile_shape", (16, 96, 96)))  # GroupNorm: infer on tiles of the training size
     overlap = tuple(max(1, t // 4) for t in tile)
+    if args.workers or args.scheduler:
+        return _predict_on_cluster(args, backbone, tile, overlap)
+    source = _sources(args, backbone)
     _follow(predict(model, source, args.roi, tile_shape=tile, overlap=overlap, attention=args.attention,
                     device=args.device, sink=ZarrSink(args.out)), "predict")
     print(f"wrote {args.out}: labels, probabilities, uncertainty" + (", attention/level1..4" if args.attention
                                                                      and model.config.fusion == "attention" else ""))
+    return 0
+
+
+def _predict_on_cluster(args, backbone, tile, overlap) -> int:
+    from .cache import FeatureCache
+    from .distributed import VolumeRef, connect, prepare_job, require_distributed, run_blockwise
+
+    require_distributed()
+    refs = []
+    for role in ("raw", "context"):
+        if getattr(args, role):
+            volume = _open(args, role)  # resolves voxel size and offset once, with the same errors as always
+            refs.append(VolumeRef(str(getattr(args, role)), volume.voxel_size, volume.offset,
+                                  getattr(args, f"{role}_level"), role))
+        else:
+            refs.append(None)
+    job, extraction = prepare_job(refs[0], refs[1], args.model, args.out, backbone, FeatureCache(args.cache),
+                                  planes=args.planes, roi=args.roi, tile_shape=tile, overlap=overlap,
+                                  block_shape=tuple(args.block_shape), attention=args.attention, device=args.device,
+                                  batch_size=args.batch_size or 4)
+    client = connect(args.workers, args.scheduler)
+    print(f"dask dashboard: {client.dashboard_link}")
+    try:
+        stats = _follow(run_blockwise(client, job, extraction), "cluster")
+    finally:
+        client.close()
+    print(f"wrote {args.out}: {stats['computed']} blocks computed, {stats['skipped']} already done "
+          f"(of {stats['blocks']})")
     return 0
 
 
@@ -280,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--roi", default=None, metavar="z0:z1,y0:y1,x0:x1",
                       help="region of interest in raw voxels (default: the whole volume)")
     pred.add_argument("--attention", action="store_true", help="also write the 4 per-level attention maps")
+    pred.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="run blockwise on a local dask cluster of N worker processes")
+    pred.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                      help="run blockwise on an existing dask scheduler (e.g. tcp://host:8786; see docs/cluster.md)")
+    pred.add_argument("--block-shape", type=lambda t: [int(v) for v in t.split(",")], default=[64, 512, 512],
+                      metavar="Z,Y,X", help="voxels per cluster task (default 64,512,512)")
     _add_feature_args(pred)
     pred.set_defaults(func=_predict, planes=None)
 

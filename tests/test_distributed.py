@@ -1,0 +1,88 @@
+"""Blockwise prediction on a real dask.distributed LocalCluster of 2 worker processes."""
+
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_dinofuse.cache import FeatureCache
+from napari_dinofuse.checkpoint import save_model
+from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
+from napari_dinofuse.features import extract_sources
+from napari_dinofuse.predict import ZarrSink, predict
+from napari_dinofuse.progress import run_to_end
+from napari_dinofuse.train import model_info, new_model
+
+SETTINGS = dict(tile_shape=(16, 48, 48), overlap=(8, 16, 16), block_shape=(16, 64, 64))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_backbone):
+    from napari_dinofuse.sample_data import make_sample
+
+    d = tmp_path_factory.mktemp("dist")
+    sample = make_sample(seed=2, raw_shape=(32, 128, 128))
+    np.save(d / "raw.npy", np.asarray(sample.raw.data))
+    np.save(d / "context.npy", np.asarray(sample.context.data))
+    raw = VolumeRef(str(d / "raw.npy"), sample.raw.voxel_size, sample.raw.offset, name="raw")
+    context = VolumeRef(str(d / "context.npy"), sample.context.voxel_size, sample.context.offset, name="context")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = run_to_end(extract_sources(raw.open(), context.open(), tiny_backbone, FeatureCache(d / "ref-cache")))
+    model = new_model(source, 4, base_channels=4, seed=1)
+    save_model(d / "model", model, model_info(model, source))
+    # The single-process reference, with the same blocks and tiles (8 blocks of 16x64x64).
+    run_to_end(predict(model.eval(), source, sink=ZarrSink(d / "single.zarr"), device="cpu", **SETTINGS))
+    client = connect(workers=2)
+    yield d, raw, context, client
+    client.close()
+    client.cluster.close()
+
+
+def _read(path, name):
+    return zarr.open_array(str(path / name / "0"), mode="r")[:]
+
+
+def _job(setup, tiny_backbone, out, cache, **extra):
+    d, raw, context, _ = setup
+    return prepare_job(raw, context, d / "model", d / out, tiny_backbone, FeatureCache(d / cache), device="cpu",
+                       **SETTINGS, **extra)
+
+
+def test_cluster_output_equals_single_process(setup, tiny_backbone):
+    d, _, _, client = setup
+    job, extraction = _job(setup, tiny_backbone, "cluster.zarr", "shared-cache")
+    assert extraction  # features computed on the workers, into the shared cache
+    stats = run_to_end(run_blockwise(client, job, extraction))
+    assert (stats["blocks"], stats["computed"], stats["skipped"]) == (8, 8, 0) and stats["task_seconds"] > 0
+    assert np.array_equal(_read(d / "cluster.zarr", "labels"), _read(d / "single.zarr", "labels"))
+    for name in ("probabilities", "uncertainty", "attention/level2"):
+        assert np.allclose(_read(d / "cluster.zarr", name).astype(np.float32),
+                           _read(d / "single.zarr", name).astype(np.float32), atol=2e-3), name
+    assert zarr.open_group(str(d / "cluster.zarr"), mode="r").attrs["dinofuse"]["complete"]
+
+
+def test_a_killed_worker_does_not_stop_the_run(setup, tiny_backbone):
+    d, _, _, client = setup
+    job, extraction = _job(setup, tiny_backbone, "faulty.zarr", "shared-cache", fault_once=str(d / "killed-once"))
+    stats = run_to_end(run_blockwise(client, job, extraction))
+    assert (d / "killed-once").exists()  # one worker process really died mid-task
+    assert stats["computed"] == 8
+    assert np.array_equal(_read(d / "faulty.zarr", "labels"), _read(d / "single.zarr", "labels"))
+
+
+def test_a_rerun_computes_only_missing_blocks(setup, tiny_backbone):
+    d, _, _, client = setup
+    job, extraction = _job(setup, tiny_backbone, "rerun.zarr", "shared-cache")
+    run_to_end(run_blockwise(client, job, extraction))
+    # As if the run had stopped before three blocks were finished.
+    for index in (1, 4, 6):
+        (d / "rerun.zarr" / ".blocks" / f"{index:07d}").unlink()
+    root = zarr.open_group(str(d / "rerun.zarr"), mode="r+")
+    root.attrs["dinofuse"] = {**dict(root.attrs["dinofuse"]), "complete": False}
+    job, extraction = _job(setup, tiny_backbone, "rerun.zarr", "shared-cache")
+    assert extraction == []  # the features are all in the shared cache
+    stats = run_to_end(run_blockwise(client, job, extraction))
+    assert (stats["blocks"], stats["computed"], stats["skipped"]) == (8, 3, 5)
+    assert np.array_equal(_read(d / "rerun.zarr", "labels"), _read(d / "single.zarr", "labels"))
