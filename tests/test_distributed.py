@@ -86,3 +86,38 @@ def test_a_rerun_computes_only_missing_blocks(setup, tiny_backbone):
     stats = run_to_end(run_blockwise(client, job, extraction))
     assert (stats["blocks"], stats["computed"], stats["skipped"]) == (8, 3, 5)
     assert np.array_equal(_read(d / "rerun.zarr", "labels"), _read(d / "single.zarr", "labels"))
+
+
+def test_an_interrupted_run_finishes_where_it_stopped(setup, tiny_backbone):
+    d, _, _, client = setup
+    job, extraction = _job(setup, tiny_backbone, "interrupted.zarr", "shared-cache")
+    run = run_blockwise(client, job, extraction)
+    for progress in run:
+        if progress.message.startswith("blocks") and progress.done == 3:
+            break
+    run.close()  # Ctrl-C: queued blocks are cancelled, finished ones keep their records
+    finished = len(list((d / "interrupted.zarr" / ".blocks").iterdir()))
+    assert 3 <= finished < 8
+    assert not zarr.open_group(str(d / "interrupted.zarr"), mode="r").attrs["dinofuse"]["complete"]
+    job, extraction = _job(setup, tiny_backbone, "interrupted.zarr", "shared-cache")
+    stats = run_to_end(run_blockwise(client, job, extraction))
+    assert stats["skipped"] == finished and stats["computed"] == 8 - finished
+    assert np.array_equal(_read(d / "interrupted.zarr", "labels"), _read(d / "single.zarr", "labels"))
+
+
+def test_cli_runs_on_a_local_cluster(setup):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d, raw, context, _ = setup
+    flags = ["--raw", raw.path, "--raw-voxel-size", ",".join(map(str, raw.voxel_size)),
+             "--raw-offset", ",".join(map(str, raw.offset)), "--context", context.path,
+             "--context-voxel-size", ",".join(map(str, context.voxel_size)),
+             "--context-offset", ",".join(map(str, context.offset)), "--device", "cpu", "--cache", d / "cli-cache",
+             "--model", d / "model", "--out", d / "cli.zarr", "--workers", "2", "--block-shape", "16,64,64"]
+    result = subprocess.run([str(Path(sys.executable).with_name("dinofuse")), "predict", *map(str, flags)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "dask dashboard: http" in result.stdout and "8 blocks computed" in result.stdout
+    assert zarr.open_group(str(d / "cli.zarr"), mode="r").attrs["dinofuse"]["complete"]
