@@ -46,7 +46,7 @@ from .features import FeatureSource
 from .geometry import Grid
 from .modeling.unet import NUM_LEVELS
 from .progress import Progress, run_to_end
-from .tiling import BlendAccumulator, blending_weights, iter_blocks, normalize_roi, parse_roi, roi_to_str
+from .tiling import BlendAccumulator, blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str
 
 __all__ = ["ALIGN", "MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
@@ -70,14 +70,6 @@ def snap_roi(roi, shape) -> _Slices:
     roi = parse_roi(roi, shape) if isinstance(roi, str) else normalize_roi(roi, shape)
     z, y, x = roi
     return (z, slice(y.start // PATCH_SIZE * PATCH_SIZE, y.stop), slice(x.start // PATCH_SIZE * PATCH_SIZE, x.stop))
-
-
-def _ints3(value, name: str, minimum: int) -> tuple[int, int, int]:
-    values = (value,) * 3 if np.ndim(value) == 0 else tuple(value)
-    if len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum
-                               for v in values):
-        raise InputError(f"{name} needs 1 or 3 integers >= {minimum} (z, y, x), got {value!r}")
-    return tuple(int(v) for v in values)
 
 
 def _round_up(values, multiples) -> tuple[int, int, int]:
@@ -289,9 +281,9 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=(32, 1
     cfg = model.config
     raw_volume = source.raw
     roi = snap_roi(roi, raw_volume.shape)
-    tile_shape = _round_up(_ints3(tile_shape, "tile_shape", 1), ALIGN)
-    overlap = _ints3(overlap, "overlap", 0)
-    block_shape = _round_up(_ints3(block_shape, "block_shape", 1), ALIGN)
+    tile_shape = _round_up(ints3(tile_shape, "tile_shape", 1), ALIGN)
+    overlap = ints3(overlap, "overlap", 0)
+    block_shape = _round_up(ints3(block_shape, "block_shape", 1), ALIGN)
     for t, o, a, axis in zip(tile_shape, overlap, ALIGN, "zyx"):
         if t - o < a:
             raise InputError(f"overlap {o} along {axis} leaves tiles of {t} no step: the overlap must be at most "

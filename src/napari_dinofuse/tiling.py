@@ -46,22 +46,22 @@ Slices3 = tuple[slice, slice, slice]
 _AXES = ("z", "y", "x")
 
 
-def _ints3(value, name: str, minimum: int) -> tuple[int, int, int]:
-    """One int for all axes, or three (z, y, x)."""
+def ints3(value, name: str, minimum: int) -> tuple[int, int, int]:
+    """One int for all axes, or three (z, y, x); GeometryError (a ValueError) otherwise."""
     values = (value,) * 3 if np.ndim(value) == 0 else tuple(value)
     if len(values) != 3:
-        raise ValueError(f"{name} needs 1 or 3 integers (z, y, x), got {value!r}")
+        raise GeometryError(f"{name} needs 1 or 3 integers (z, y, x), got {value!r}")
     out = []
     for v in values:
         # bool is an int subclass, but a True tile size is a bug.
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < minimum:
-            raise ValueError(f"{name} must be integers >= {minimum}, got {value!r}")
+            raise GeometryError(f"{name} must be integers >= {minimum}, got {value!r}")
         out.append(int(v))
     return tuple(out)
 
 
 def _shape3(shape) -> tuple[int, int, int]:
-    return _ints3(shape, "shape", 1)
+    return ints3(shape, "shape", 1)
 
 
 def _slices_shape(slices: Sequence[slice]) -> tuple[int, ...]:
@@ -160,8 +160,8 @@ def iter_blocks(shape, block_shape, halo=0, roi: Sequence[slice] | None = None) 
     data just outside the ROI is still valid context for the voxels inside it.
     """
     shape = _shape3(shape)
-    block_shape = _ints3(block_shape, "block_shape", 1)
-    halo = _ints3(halo, "halo", 0)
+    block_shape = ints3(block_shape, "block_shape", 1)
+    halo = ints3(halo, "halo", 0)
     roi = normalize_roi(roi, shape)
     per_axis = []
     for r, b, h, n in zip(roi, block_shape, halo, shape):
@@ -201,8 +201,8 @@ def tile_grid(shape, tile_shape, overlap=0) -> list[Slices3]:
     (``min(tile_shape, shape)`` per axis) and a model sees no padding it was not trained on.
     """
     shape = _shape3(shape)
-    tile_shape = _ints3(tile_shape, "tile_shape", 1)
-    overlap = _ints3(overlap, "overlap", 0)
+    tile_shape = ints3(tile_shape, "tile_shape", 1)
+    overlap = ints3(overlap, "overlap", 0)
     per_axis = []
     for n, t, o, axis in zip(shape, tile_shape, overlap, _AXES):
         size = min(t, n)
@@ -229,8 +229,8 @@ def blending_weights(tile_shape, overlap, dtype=np.float32, eps: float = 1e-3) -
 
     Pass the actual tile shape (``tile_grid`` clips tiles to small volumes).
     """
-    tile_shape = _ints3(tile_shape, "tile_shape", 1)
-    overlap = _ints3(overlap, "overlap", 0)
+    tile_shape = ints3(tile_shape, "tile_shape", 1)
+    overlap = ints3(overlap, "overlap", 0)
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     wz, wy, wx = (_window_1d(t, o, eps) for t, o in zip(tile_shape, overlap))
@@ -248,7 +248,7 @@ class BlendAccumulator:
 
     def __init__(self, shape, channels: int, dtype=np.float32, origin=(0, 0, 0)) -> None:
         self.shape = _shape3(shape)
-        self.origin = _ints3(origin, "origin", 0)
+        self.origin = ints3(origin, "origin", 0)
         if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
             raise ValueError(f"channels must be a positive integer, got {channels!r}")
         self.channels = int(channels)
