@@ -96,6 +96,7 @@ def test_an_interrupted_run_finishes_where_it_stopped(setup, tiny_backbone):
         if progress.message.startswith("blocks") and progress.done == 3:
             break
     run.close()  # Ctrl-C: queued blocks are cancelled, finished ones keep their records
+    _wait_until_idle(client)  # blocks already running when the run stopped still finish
     finished = len(list((d / "interrupted.zarr" / ".blocks").iterdir()))
     assert 3 <= finished < 8
     assert not zarr.open_group(str(d / "interrupted.zarr"), mode="r").attrs["dinofuse"]["complete"]
@@ -103,6 +104,18 @@ def test_an_interrupted_run_finishes_where_it_stopped(setup, tiny_backbone):
     stats = run_to_end(run_blockwise(client, job, extraction))
     assert stats["skipped"] == finished and stats["computed"] == 8 - finished
     assert np.array_equal(_read(d / "interrupted.zarr", "labels"), _read(d / "single.zarr", "labels"))
+
+
+def _executing(dask_worker) -> int:
+    return len(dask_worker.state.executing)  # includes cancelled tasks that are still running
+
+
+def _wait_until_idle(client, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(client.run(_executing).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def test_cli_runs_on_a_local_cluster(setup):
