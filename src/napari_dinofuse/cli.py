@@ -15,7 +15,6 @@ from . import __version__
 from .errors import DinofuseError
 
 
-
 def _check_backbone(args) -> int:
     import torch
 
@@ -101,7 +100,7 @@ def _follow(generator, label: str):
         text = f"{label}: [{'#' * int(30 * fraction):<30}] {step.done}/{step.total} {step.message}{eta}"
         if tty:
             print("\r" + text[:150].ljust(150), end="", file=sys.stderr, flush=True)
-        elif fraction - last_shown >= 0.1 or fraction >= 1:
+        elif fraction - last_shown >= 0.1 or fraction >= 1 or fraction < last_shown:  # (a new phase restarts)
             print(text, file=sys.stderr, flush=True)
             last_shown = fraction
 
