@@ -1,0 +1,63 @@
+"""The reader and sample data as napari uses them: a real viewer (Xvfb), layers placed in the world."""
+
+import numpy as np
+import pytest
+
+from napari_dinofuse.sample_data import make_sample
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return make_sample(seed=0)
+
+
+def test_sample_data_opens_raw_and_context_aligned(make_napari_viewer, sample):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-dinofuse", "synthetic_em")
+    raw, context = viewer.layers["raw"], viewer.layers["context"]
+    assert np.allclose(raw.scale, sample.raw.voxel_size) and np.allclose(context.scale, sample.context.voxel_size)
+    assert np.allclose(raw.translate, sample.raw.offset) and np.allclose(context.translate, sample.context.offset)
+    # Both layers cover the same physical place: the raw's world extent lies inside the context's.
+    raw_lo, raw_hi = raw.extent.world
+    ctx_lo, ctx_hi = context.extent.world
+    assert np.all(raw_lo >= ctx_lo) and np.all(raw_hi <= ctx_hi)
+    assert "ground truth" not in viewer.layers  # offered separately
+    viewer.open_sample("napari-dinofuse", "synthetic_em_ground_truth")
+    truth = viewer.layers["ground truth"]
+    assert truth.data.shape == raw.data.shape and np.allclose(truth.translate, raw.translate)
+
+
+def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_path, tiny_backbone):
+    import zarr
+
+    from napari_dinofuse.cache import FeatureCache
+    from napari_dinofuse.features import extract_sources
+    from napari_dinofuse.predict import ZarrSink, predict
+    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.train import new_model
+
+    group = zarr.open_group(str(tmp_path / "raw.zarr"), mode="w")
+    group.create_array("0", data=np.asarray(sample.raw.data))
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": list(sample.raw.voxel_size)},
+            {"type": "translation", "translation": list(sample.raw.offset)}]}]}]}
+    source = run_to_end(extract_sources(sample.raw, sample.context, tiny_backbone, FeatureCache(tmp_path / "c")))
+    model = new_model(source, 4, base_channels=4)
+    roi = (slice(0, 16), slice(16, 80), slice(0, 64))
+    run_to_end(predict(model, source, roi, tile_shape=(16, 64, 64), overlap=(8, 16, 16),
+                       sink=ZarrSink(tmp_path / "result.zarr")))
+
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "raw.zarr"), plugin="napari-dinofuse")
+    viewer.open(str(tmp_path / "result.zarr"), plugin="napari-dinofuse")
+    raw, prediction = viewer.layers["raw"], viewer.layers["prediction"]
+    assert np.allclose(raw.scale, sample.raw.voxel_size) and np.allclose(raw.translate, sample.raw.offset)
+    assert prediction.data.shape == (16, 64, 64) and np.allclose(prediction.scale, raw.scale)
+    # The ROI's first voxel sits on raw voxel (0, 16, 0): same world position in both layers.
+    assert np.allclose(prediction.data_to_world((0, 0, 0)), raw.data_to_world((0, 16, 0)))
+    level3 = viewer.layers["attention level 3"]
+    assert np.allclose(level3.scale, np.asarray(raw.scale) * 4) and level3.blending == "additive"
+    # A level-3 voxel covers 4x4x4 raw voxels: its centre is 1.5 raw voxels past the first one's.
+    assert np.allclose(level3.data_to_world((0, 0, 0)), raw.data_to_world((1.5, 17.5, 1.5)))
