@@ -56,7 +56,7 @@ def checksum(block: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -108,7 +108,7 @@ class FeatureEntry:
         """Write one unit's features, then (only then) its marker."""
         block = np.ascontiguousarray(block, dtype=np.float16)
         self._arrays[plane][self._unit_region(plane, unit)] = block
-        _atomic_write_text(self._marker(plane, unit), json.dumps({"blake2b": checksum(block)}))
+        atomic_write_text(self._marker(plane, unit), json.dumps({"blake2b": checksum(block)}))
 
     def verify(self, plane: str) -> list[int]:
         """Re-read every finished unit; unmark (so they are recomputed) those that are damaged."""
@@ -206,7 +206,7 @@ class FeatureCache:
                                compressors=None, fill_value=0)
         record = {"format": FORMAT_VERSION, "signature": signature, "shape": list(shape),
                   "info": {**info, "created": time.time()}}
-        _atomic_write_text(path / "signature.json", json.dumps(record, indent=1))
+        atomic_write_text(path / "signature.json", json.dumps(record, indent=1))
         return FeatureEntry(path)
 
     def entries(self) -> list[EntrySummary]:
@@ -260,4 +260,3 @@ def format_bytes(n: int) -> str:
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"

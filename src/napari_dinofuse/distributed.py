@@ -103,6 +103,20 @@ def _backbone(spec: str, normalization: str, device: str):
     return _WORKER_CACHE[key]
 
 
+def _source_and_plan(job: Job, model):
+    """The job's features and block plan; deterministic, so driver and workers agree block for block."""
+    from .cache import FeatureEntry
+    from .features import FeatureSource
+    from .predict import plan_prediction
+
+    context = job.context.open() if job.context else None
+    source = FeatureSource(job.raw.open(), FeatureEntry(Path(job.raw_entry)), context,
+                           FeatureEntry(Path(job.context_entry)) if job.context_entry else None)
+    plan = plan_prediction(model, source, job.roi, tile_shape=job.tile_shape, overlap=job.overlap,
+                           block_shape=job.block_shape, attention=job.attention)
+    return source, plan
+
+
 def _predict_state(job: Job):
     key = ("predict", job.key)
     if key not in _WORKER_CACHE:
@@ -110,20 +124,13 @@ def _predict_state(job: Job):
         import zarr
 
         from .backbone import resolve_device
-        from .cache import FeatureEntry
         from .checkpoint import load_model
-        from .features import FeatureSource
-        from .predict import plan_prediction
 
         dev = resolve_device(job.device)
         if dev.type == "cpu":
             torch.set_num_threads(_worker_threads())  # workers share the machine's cores
         model, _ = load_model(job.model, device=dev)
-        context = job.context.open() if job.context else None
-        source = FeatureSource(job.raw.open(), FeatureEntry(Path(job.raw_entry)), context,
-                               FeatureEntry(Path(job.context_entry)) if job.context_entry else None)
-        plan = plan_prediction(model, source, job.roi, tile_shape=job.tile_shape, overlap=job.overlap,
-                               block_shape=job.block_shape, attention=job.attention)
+        source, plan = _source_and_plan(job, model)
         arrays = {name: zarr.open_array(str(Path(job.out) / name / "0"), mode="r+") for name, *_ in plan.outputs()}
         _WORKER_CACHE[key] = (model, source, plan, dev, arrays)
     return _WORKER_CACHE[key]
@@ -150,6 +157,7 @@ def predict_task(job: Job, index: int) -> float:
     """Compute block ``index`` and write it, then its completion record; returns the seconds it took."""
     import time
 
+    from .cache import atomic_write_text
     from .predict import predict_block
     from .progress import run_to_end
 
@@ -163,9 +171,7 @@ def predict_task(job: Job, index: int) -> float:
     model, source, plan, dev, arrays = _predict_state(job)
     for name, region, array in run_to_end(predict_block(model, source, plan, index, dev)):
         arrays[name][(Ellipsis, *region)] = array
-    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(job.key)
-    os.replace(tmp, record)
+    atomic_write_text(record, job.key)
     return time.perf_counter() - start
 
 
@@ -239,10 +245,7 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
     """
     from distributed import as_completed
 
-    from .cache import FeatureEntry
     from .checkpoint import load_model
-    from .features import FeatureSource
-    from .predict import plan_prediction
 
     futures = []
     try:
@@ -254,12 +257,7 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
         for done, _ in enumerate(as_completed(futures), 1):
             yield Progress(done, len(futures), "features")
 
-        model, _ = load_model(job.model)
-        context = job.context.open() if job.context else None
-        source = FeatureSource(job.raw.open(), FeatureEntry(Path(job.raw_entry)), context,
-                               FeatureEntry(Path(job.context_entry)) if job.context_entry else None)
-        plan = plan_prediction(model, source, job.roi, tile_shape=job.tile_shape, overlap=job.overlap,
-                               block_shape=job.block_shape, attention=job.attention)
+        _, plan = _source_and_plan(job, load_model(job.model)[0])
         finished = prepare_output(job, plan)
         todo = [i for i in range(len(plan.blocks)) if i not in finished]
         futures = [client.submit(predict_task, job, i, pure=False, retries=3) for i in todo]
