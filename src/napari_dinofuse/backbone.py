@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -19,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .defaults import BACKBONE_ENV, DEFAULT_BACKBONE, default_backbone_spec  # noqa: F401 - re-exported
 from .errors import BackboneError, InputError
 
-DEFAULT_BACKBONE = "facebook/dinov3-vitl16-pretrain-sat493m"
-BACKBONE_ENV = "DINOFUSE_BACKBONE"
 PATCH_SIZE = 16
 
 # Per-checkpoint pixel statistics (the checkpoints' own preprocessing): satellite vs web images.
@@ -42,10 +40,6 @@ RANDOM_ARCHS: dict[str, dict] = {
 
 class RandomBackboneWarning(UserWarning):
     """The features come from random weights, not from DINOv3."""
-
-
-def default_backbone_spec() -> str:
-    return os.environ.get(BACKBONE_ENV) or DEFAULT_BACKBONE
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

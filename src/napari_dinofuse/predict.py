@@ -100,15 +100,19 @@ class MemorySink:
     """Outputs as numpy arrays in ``arrays`` with their world grids in ``grids`` (for the GUI and tests).
 
     ``complete`` turns True only when a run finished; a cancelled run leaves partly filled arrays.
+    Outputs named in ``skip`` are not kept (the viewer shows no ``probabilities``: K times the memory).
     """
 
-    def __init__(self):
+    def __init__(self, skip=()):
+        self.skip = frozenset(skip)
         self.arrays: dict[str, np.ndarray] = {}
         self.grids: dict[str, Grid] = {}
         self.info: dict = {}
         self.complete = False
 
     def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
+        if name in self.skip:
+            return
         self.arrays[name] = np.zeros(shape, dtype)
         self.grids[name] = grid
 
@@ -117,7 +121,8 @@ class MemorySink:
 
     def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
         """``region``: 3 slices over the (z, y, x) axes; leading axes (classes) are written whole."""
-        self.arrays[name][(Ellipsis, *region)] = array
+        if name not in self.skip:
+            self.arrays[name][(Ellipsis, *region)] = array
 
     def finish(self) -> None:
         self.complete = True

@@ -1,0 +1,662 @@
+"""The DINOfuse dock widget: data, features, model, fine-tune, predict, attention, cancel.
+
+Thin driver: every action is a :class:`~napari_dinofuse.session.Session` generator run in a napari
+``GeneratorWorker`` thread; this module only reads the widgets and layers (main thread), shows progress and
+puts results into layers (main thread, in the worker's signal slots). Torch is imported by the worker, never
+when the widget is built, so napari's start-up and the Plugins menu stay fast.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..defaults import default_backbone_spec
+from ..errors import DinofuseError
+from ..session import CANCELLED, Session, SessionSettings, volume_from_layer
+from .loss_plot import LossPlot
+from .results import ATTENTION_LAYERS, ours, show_prediction
+
+NONE = "(none)"
+WHOLE, AROUND_VIEW = "whole volume", "region around the view"
+# Below this many raw voxels "Fine-tune" and "Predict" default to the whole volume, above to the view.
+WHOLE_VOLUME_DEFAULT_MAX = 256**3
+SNAPSHOT_MAX_BYTES = 2**30  # labels up to this size are copied before training (the user may paint on)
+
+
+def _xyz_text(values) -> str:
+    return ", ".join(f"{float(v):g}" for v in values)
+
+
+def _parse_xyz(text: str, what: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace(";", ",").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise DinofuseError(f"{what}: enter three numbers 'z, y, x' in nm, got {text!r}")
+    return values
+
+
+def _describe_error(exc: BaseException) -> str:
+    """A message that says what to do; unexpected errors keep their type and go to the log with a traceback."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return ("out of memory: lower the base channels or the tile size, predict a smaller region, or choose "
+                "the cpu device")
+    if isinstance(exc, (DinofuseError, ValueError, OSError)):
+        return str(exc)
+    traceback.print_exception(exc)
+    return f"unexpected {name}: {exc} (details in the terminal log)"
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _LayerCombo(QComboBox):
+    """Layers of one kind (Image or Labels) in the viewer, kept in sync with the layer list."""
+
+    def __init__(self, viewer, kind: str, allow_none: bool = False, prefer: str | None = None):
+        super().__init__()
+        self.viewer, self.kind, self.allow_none, self.prefer = viewer, kind, allow_none, prefer
+        self.refresh()
+
+    def layers(self):
+        return [layer for layer in self.viewer.layers
+                if type(layer).__name__ == self.kind and layer.metadata.get("napari-dinofuse") is None]
+
+    def refresh(self) -> None:
+        current = self.currentText()
+        names = ([NONE] if self.allow_none else []) + [layer.name for layer in self.layers()]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        for wanted in (current, self.prefer):
+            if wanted in names:
+                self.setCurrentText(wanted)
+                break
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentTextChanged.emit(self.currentText())
+
+    def layer(self):
+        name = self.currentText()
+        return self.viewer.layers[name] if name and name != NONE and name in self.viewer.layers else None
+
+
+class DinofuseWidget(QWidget):
+    """One dock widget for the whole workflow, top to bottom."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = Session()
+        self.worker = None
+        self._cancel = threading.Event()
+        self._progress = None  # napari activity-dock progress bar of the running job
+        self._job_started = 0.0
+        self.last_result = None  # what the last job returned (the sink, CANCELLED, or a _Failed)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._data_box())
+        layout.addWidget(self._features_box())
+        layout.addWidget(self._model_box())
+        layout.addWidget(self._train_box())
+        layout.addWidget(self._predict_box())
+        layout.addWidget(self._attention_box())
+        layout.addLayout(self._status_row())
+        layout.addStretch(1)
+
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.moved):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._prefill("raw")
+        self._prefill("context")
+        self._update_buttons()
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _data_box(self) -> QGroupBox:
+        box = QGroupBox("Data")
+        form = QFormLayout(box)
+        self.raw_combo = _LayerCombo(self.viewer, "Image", prefer="raw")
+        self.context_combo = _LayerCombo(self.viewer, "Image", allow_none=True, prefer="context")
+        self.raw_voxel, self.raw_offset = QLineEdit(), QLineEdit()
+        self.context_voxel, self.context_offset = QLineEdit(), QLineEdit()
+        open_button = QPushButton("Open files…")
+        open_button.setToolTip("Open .zarr / OME-Zarr, .tif or .npy volumes as layers (drag-and-drop works too)")
+        open_button.clicked.connect(self._open_files)
+        form.addRow("raw", self.raw_combo)
+        form.addRow("  voxel size (nm, z, y, x)", self.raw_voxel)
+        form.addRow("  offset (nm)", self.raw_offset)
+        form.addRow("context", self.context_combo)
+        form.addRow("  voxel size (nm, z, y, x)", self.context_voxel)
+        form.addRow("  offset (nm)", self.context_offset)
+        self.data_status = QLabel()
+        self.data_status.setWordWrap(True)
+        form.addRow(open_button)
+        form.addRow(self.data_status)
+        self.raw_combo.currentTextChanged.connect(lambda _: self._prefill("raw"))
+        self.context_combo.currentTextChanged.connect(lambda _: self._prefill("context"))
+        for edit in (self.raw_voxel, self.raw_offset, self.context_voxel, self.context_offset):
+            edit.editingFinished.connect(self._check_data)
+        return box
+
+    def _features_box(self) -> QGroupBox:
+        box = QGroupBox("Features (DINOv3)")
+        form = QFormLayout(box)
+        self.backbone_edit = QLineEdit(default_backbone_spec())
+        self.backbone_edit.setToolTip("A hub id (gated: accept the licence and log in), a local folder with "
+                                      "the weights, or random:<tiny|vits16|vitb16|vitl16> (NOT DINOv3: tests "
+                                      "and offline demos only)")
+        self.backbone_edit.textChanged.connect(self._backbone_hint)
+        self.backbone_note = QLabel()
+        self.backbone_note.setWordWrap(True)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.planes_combo = QComboBox()
+        self.planes_combo.addItems(["xy", "ortho"])
+        self.planes_combo.setToolTip("xy: one pass over the z slices; ortho: xy + xz + yz (3x the time and disk)")
+        self.cache_edit = QLineEdit()
+        self.cache_edit.setPlaceholderText("default (DINOFUSE_CACHE or your user cache folder)")
+        self.cache_edit.editingFinished.connect(self._show_cache_size)
+        self.cache_size = QLabel()
+        self.extract_button = QPushButton("Extract features")
+        self.extract_button.clicked.connect(self.extract)
+        form.addRow("backbone", self.backbone_edit)
+        form.addRow(self.backbone_note)
+        form.addRow("device", self.device_combo)
+        form.addRow("planes", self.planes_combo)
+        form.addRow("cache folder", self.cache_edit)
+        form.addRow(self.cache_size)
+        form.addRow(self.extract_button)
+        self._backbone_hint()
+        self._show_cache_size()
+        return box
+
+    def _model_box(self) -> QGroupBox:
+        box = QGroupBox("Model")
+        form = QFormLayout(box)
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        self.fusion_combo = QComboBox()
+        self.fusion_combo.addItems(["attention", "concat", "none"])
+        self.fusion_combo.setToolTip("attention: context gates the raw skips (shows attention maps); concat: "
+                                     "ablation; none: raw only")
+        self.base_spin = QSpinBox()
+        self.base_spin.setRange(2, 128)
+        self.base_spin.setValue(16)
+        self.base_spin.setToolTip("UNet width: 16 suits a laptop, 32-128 a GPU")
+        self.stem_check = QCheckBox("raw-intensity stem (sharper boundaries)")
+        self.stem_check.setChecked(True)
+        row = QHBoxLayout()
+        self.new_model_button = QPushButton("New")
+        self.new_model_button.setToolTip("Forget the current model: the next Fine-tune starts from scratch "
+                                         "with the settings above")
+        self.load_button = QPushButton("Load…")
+        self.save_button = QPushButton("Save…")
+        self.new_model_button.clicked.connect(self.new_model)
+        self.load_button.clicked.connect(lambda: self._ask_folder(self.load_model, "Load a model folder"))
+        self.save_button.clicked.connect(lambda: self._ask_folder(self.save_model, "Save the model to a folder"))
+        for button in (self.new_model_button, self.load_button, self.save_button):
+            row.addWidget(button)
+        form.addRow(self.model_label)
+        form.addRow("fusion", self.fusion_combo)
+        form.addRow("base channels", self.base_spin)
+        form.addRow(self.stem_check)
+        form.addRow(row)
+        return box
+
+    def _train_box(self) -> QGroupBox:
+        box = QGroupBox("Fine-tune")
+        form = QFormLayout(box)
+        self.labels_combo = _LayerCombo(self.viewer, "Labels", prefer="annotations")
+        self.new_labels_button = QPushButton("New annotation layer")
+        self.new_labels_button.setToolTip("An empty Labels layer 'annotations' aligned to the raw: paint 1 = "
+                                          "background, 2, 3 … = your classes")
+        self.new_labels_button.clicked.connect(self.new_annotation_layer)
+        self.iterations_spin = QSpinBox()
+        self.iterations_spin.setRange(1, 100_000)
+        self.iterations_spin.setValue(100)
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(5)
+        self.lr_spin.setRange(1e-5, 1.0)
+        self.lr_spin.setSingleStep(1e-4)
+        self.lr_spin.setValue(1e-3)
+        self.train_button = QPushButton("Fine-tune")
+        self.train_button.setToolTip("Train on the painted voxels, then update the prediction")
+        self.train_button.clicked.connect(self.fine_tune)
+        self.loss_plot = LossPlot()
+        self.eta_label = QLabel()
+        form.addRow("labels", self.labels_combo)
+        form.addRow(self.new_labels_button)
+        form.addRow("iterations", self.iterations_spin)
+        form.addRow("learning rate", self.lr_spin)
+        form.addRow(self.train_button)
+        form.addRow(self.loss_plot)
+        form.addRow(self.eta_label)
+        return box
+
+    def _predict_box(self) -> QGroupBox:
+        box = QGroupBox("Predict")
+        form = QFormLayout(box)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems([WHOLE, AROUND_VIEW])
+        self.scope_combo.setToolTip("Also used by the prediction after a Fine-tune. For volumes too large to "
+                                    "hold in memory, run `dinofuse predict`, which writes OME-Zarr to disk")
+        self.predict_button = QPushButton("Predict")
+        self.predict_button.clicked.connect(self.predict)
+        form.addRow("region", self.scope_combo)
+        form.addRow(self.predict_button)
+        return box
+
+    def _attention_box(self) -> QGroupBox:
+        box = QGroupBox("Attention maps (where the context steered)")
+        layout = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.attention_checks = []
+        for k, role in enumerate(ATTENTION_LAYERS, start=1):
+            check = QCheckBox(f"level {k}")
+            check.setToolTip(f"Show '{role}': the context gate at 1/{2 ** (k - 1)} of the raw resolution")
+            check.toggled.connect(lambda on, role=role: self._set_attention(role, visible=on))
+            self.attention_checks.append(check)
+            row.addWidget(check)
+        layout.addLayout(row)
+        opacity_row = QHBoxLayout()
+        opacity_row.addWidget(QLabel("opacity"))
+        self.attention_opacity = QSlider(Qt.Orientation.Horizontal)
+        self.attention_opacity.setRange(0, 100)
+        self.attention_opacity.setValue(50)
+        self.attention_opacity.valueChanged.connect(
+            lambda v: [self._set_attention(role, opacity=v / 100) for role in ATTENTION_LAYERS])
+        opacity_row.addWidget(self.attention_opacity)
+        layout.addLayout(opacity_row)
+        return box
+
+    def _status_row(self) -> QVBoxLayout:
+        column = QVBoxLayout()
+        self.status_label = QLabel("ready")
+        self.status_label.setWordWrap(True)
+        row = QHBoxLayout()
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop after the current batch; the cache and the last good model stay")
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.progress_bar)
+        row.addWidget(self.cancel_button)
+        column.addWidget(self.status_label)
+        column.addLayout(row)
+        return column
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def _refresh_layers(self, event=None) -> None:
+        for combo in (self.raw_combo, self.context_combo, self.labels_combo):
+            combo.refresh()
+        self._check_data()
+
+    def _prefill(self, role: str) -> None:
+        combo = self.raw_combo if role == "raw" else self.context_combo
+        voxel, offset = (self.raw_voxel, self.raw_offset) if role == "raw" else (self.context_voxel,
+                                                                                  self.context_offset)
+        layer = combo.layer()
+        voxel.setText(_xyz_text(layer.scale[-3:]) if layer is not None else "")
+        offset.setText(_xyz_text(layer.translate[-3:]) if layer is not None else "")
+        voxel.setEnabled(layer is not None)
+        offset.setEnabled(layer is not None)
+        if role == "raw" and layer is not None:
+            data = layer.data[0] if layer.multiscale else layer.data
+            big = int(np.prod(data.shape)) > WHOLE_VOLUME_DEFAULT_MAX
+            self.scope_combo.setCurrentText(AROUND_VIEW if big else WHOLE)
+        self._check_data()
+
+    def volumes(self):
+        """(raw, context or None) as Volumes over the chosen layers with the voxel sizes shown here."""
+        raw_layer, context_layer = self.raw_combo.layer(), self.context_combo.layer()
+        if raw_layer is None:
+            raise DinofuseError("choose a raw image layer (or open a volume, or File > Open Sample > DINOfuse)")
+        for layer in (raw_layer, context_layer):
+            if layer is not None and layer.ndim != 3:
+                raise DinofuseError(f"layer {layer.name!r} is {layer.ndim}D: dinofuse segments 3D volumes (z, y, x); "
+                                    "choose a 3D image layer")
+        raw = volume_from_layer(raw_layer.data, _parse_xyz(self.raw_voxel.text(), "raw voxel size"),
+                                _parse_xyz(self.raw_offset.text(), "raw offset"), raw_layer.name)
+        context = None
+        if context_layer is not None:
+            if context_layer is raw_layer:
+                raise DinofuseError("the context must be a different layer from the raw (or '(none)')")
+            context = volume_from_layer(context_layer.data,
+                                        _parse_xyz(self.context_voxel.text(), "context voxel size"),
+                                        _parse_xyz(self.context_offset.text(), "context offset"),
+                                        context_layer.name)
+            context.require_covers(raw)
+        return raw, context
+
+    def _check_data(self) -> None:
+        """Say plainly what is wrong with the data choice (or what will be segmented)."""
+        try:
+            raw, context = self.volumes()
+        except (DinofuseError, ValueError) as exc:
+            self.data_status.setText(f"⚠ {exc}")
+            self.data_status.setStyleSheet("color: #ff8c69")
+            return
+        notes = [f"raw {raw.shape}, {raw.dtype}"]
+        if tuple(raw.voxel_size) == (1.0, 1.0, 1.0):
+            notes.append("⚠ raw voxel size missing (scale 1): enter it in nm")
+        if context is None:
+            notes.append("no context: fusion falls back to 'none'")
+        else:
+            notes.append(f"context {context.shape} covers the raw")
+            if tuple(context.voxel_size) == (1.0, 1.0, 1.0):
+                notes.append("⚠ context voxel size missing (scale 1): enter it in nm")
+        self.data_status.setText("; ".join(notes))
+        self.data_status.setStyleSheet("color: #ff8c69" if any("⚠" in n for n in notes) else "")
+
+    def _open_files(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", "",
+                                                "Volumes (*.tif *.tiff *.npy);;All files (*)")
+        folder = None if paths else QFileDialog.getExistingDirectory(self, "Open a .zarr folder")
+        for path in paths or ([folder] if folder else []):
+            self.viewer.open(path, plugin="napari-dinofuse")
+
+    def _backbone_hint(self) -> None:
+        spec = self.backbone_edit.text().strip()
+        if spec.startswith("random:"):
+            self.backbone_note.setText("⚠ RANDOM WEIGHTS, NOT DINOv3: for tests and offline demos only")
+            self.backbone_note.setStyleSheet("color: #ff8c69")
+        else:
+            self.backbone_note.setText("official DINOv3 hub ids are gated: accept the licence on the hub and "
+                                       "log in (or give a local folder)")
+            self.backbone_note.setStyleSheet("")
+
+    def _show_cache_size(self) -> None:
+        from ..cache import FeatureCache, format_bytes
+
+        try:
+            cache = FeatureCache(self.cache_edit.text().strip() or None)
+            self.cache_size.setText(f"{cache.root}: {format_bytes(cache.size_bytes())} cached")
+        except (OSError, DinofuseError) as exc:
+            self.cache_size.setText(f"⚠ cache folder: {exc}")
+
+    def new_annotation_layer(self):
+        """An empty Labels layer named 'annotations' on the raw's grid, selected with the paint brush."""
+        raw_layer = self.raw_combo.layer()
+        if raw_layer is None:
+            self._notify_error("choose or open a raw image layer first")
+            return None
+        data = raw_layer.data[0] if raw_layer.multiscale else raw_layer.data
+        # np.zeros maps untouched pages lazily: a big volume costs memory only where painted.
+        layer = self.viewer.add_labels(np.zeros(data.shape, np.uint8), name="annotations",
+                                       scale=raw_layer.scale, translate=raw_layer.translate)
+        self.labels_combo.refresh()
+        self.labels_combo.setCurrentText(layer.name)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        layer.brush_size = 6
+        layer.selected_label = 1
+        return layer
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def settings(self) -> SessionSettings:
+        backbone = self.backbone_edit.text().strip()
+        if not backbone:
+            raise DinofuseError("enter a backbone: a hub id, a local folder or random:<arch>")
+        return SessionSettings(backbone=backbone, device=self.device_combo.currentText(),
+                               planes=self.planes_combo.currentText(), cache=self.cache_edit.text().strip() or None,
+                               fusion=self.fusion_combo.currentText(), base_channels=self.base_spin.value(),
+                               intensity_stem=self.stem_check.isChecked(), iterations=self.iterations_spin.value(),
+                               learning_rate=self.lr_spin.value())
+
+    def region(self, raw):
+        """The prediction region in raw voxels: None (whole volume) or slices around the current view."""
+        scope = self.scope_combo.currentText()
+        if scope == WHOLE:
+            return None
+        voxel, offset = np.array(raw.voxel_size), np.array(raw.offset)
+        z = (self.viewer.dims.point[-3] - offset[0]) / voxel[0]
+        center = (np.array(self.viewer.camera.center[-2:]) - offset[1:]) / voxel[1:]
+        canvas = np.array(getattr(self.viewer, "_canvas_size", (512, 512)), float)[-2:]
+        half = np.clip(canvas / 2 / max(self.viewer.camera.zoom, 1e-6) / voxel[1:], 32, 512)
+        lo = [z - 16, *(center - half)]
+        hi = [z + 16, *(center + half)]
+        roi = []
+        for a, b, n in zip(lo, hi, raw.shape):
+            a, b = int(np.clip(np.floor(a), 0, n - 1)), int(np.clip(np.ceil(b), 1, n))
+            roi.append(slice(a, max(b, a + 1)))
+        return tuple(roi)
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def extract(self) -> None:
+        def job(cancel):
+            raw, context = self.volumes()
+            return self.session.extract(raw, context, self._settings, cancel=cancel)
+
+        self._start("extract", job)
+
+    def fine_tune(self) -> None:
+        try:
+            layer = self.labels_combo.layer()
+            if layer is None:
+                raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
+                                    "layer' and paint (1 = background, 2, 3 … = your classes)")
+            labels = layer.data[0] if layer.multiscale else layer.data
+            if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
+                labels = labels.copy()  # the user may keep painting while this trains
+            raw, context, roi = self._inputs()
+        except (DinofuseError, ValueError) as exc:
+            self._notify_error(str(exc))
+            return
+        self.loss_plot.reset(self.iterations_spin.value())
+        self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
+                                                                       cancel=cancel))
+
+    def predict(self) -> None:
+        def job(cancel):
+            raw, context, roi = self._inputs()
+            return self.session.predict(raw, context, self._settings, roi, cancel=cancel)
+
+        self._start("predict", job)
+
+    def new_model(self) -> None:
+        self.session.reset_model()
+        self._update_buttons()
+
+    def load_model(self, folder) -> None:
+        def job(cancel):
+            yield from ()
+            backbone = self.session.load(folder)
+            return ("loaded", backbone)
+
+        self._start("load model", job)
+
+    def save_model(self, folder) -> None:
+        def job(cancel):
+            yield from ()
+            self.session.save(folder)
+            return ("saved", str(folder))
+
+        self._start("save model", job)
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self._cancel.set()
+            self.status_label.setText("cancelling after the current batch…")
+
+    def _ask_folder(self, action, title: str) -> None:
+        folder = QFileDialog.getExistingDirectory(self, title)
+        if folder:
+            action(folder)
+
+    # -- running jobs -----------------------------------------------------------------------------
+
+    def _inputs(self):
+        raw, context = self.volumes()
+        return raw, context, self.region(raw)
+
+    def _start(self, name: str, make_job) -> None:
+        """Run ``make_job(cancel)`` (a Progress generator) in a worker thread, unless one runs already."""
+        from napari.qt.threading import GeneratorWorker
+        from napari.utils import progress
+
+        if self.worker is not None:
+            self._notify_error("another task is running: wait for it or click Cancel")
+            return
+        try:
+            self._settings = self.settings()
+            job = make_job(self._cancel.is_set)
+        except (DinofuseError, ValueError) as exc:
+            self._notify_error(str(exc))
+            return
+
+        def run():
+            try:
+                return (yield from job)
+            except Exception as exc:  # noqa: BLE001 - reported on the main thread as a notification
+                return _Failed(exc)
+
+        self._cancel.clear()
+        self._job_name, self._job_started = name, time.perf_counter()
+        self.worker = GeneratorWorker(run)
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.finished.connect(self._on_finished)
+        self._progress = progress(total=0, desc=f"DINOfuse: {name}")
+        self.status_label.setText(f"{name}…")
+        self.progress_bar.setRange(0, 0)
+        self._update_buttons()
+        self.worker.start()
+
+    def _on_progress(self, p) -> None:
+        self.status_label.setText(f"{self._job_name}: {p.message}")
+        if p.message.startswith("warning: "):
+            self._notify_warning(p.message[len("warning: "):])
+        total = max(int(p.total), 1)
+        self.progress_bar.setRange(0, total)
+        self.progress_bar.setValue(int(p.done))
+        if self._progress is not None:
+            self._progress.total = total
+            self._progress.n = int(p.done)
+            self._progress.set_description(f"DINOfuse {self._job_name}: {p.message}")
+        if "loss" in p.metrics:
+            self.loss_plot.add(p.metrics["loss"], p.metrics["smoothed"])
+            seconds = p.metrics["seconds"]
+            left = seconds / max(p.done, 1) * (p.total - p.done)
+            self.eta_label.setText(f"iteration {p.done}/{p.total}, {seconds:.0f} s, about {left:.0f} s left "
+                                   "(then the prediction)")
+
+    def _on_returned(self, result) -> None:
+        self.last_result = result
+        seconds = time.perf_counter() - self._job_started
+        if isinstance(result, _Failed):
+            self.status_label.setText(f"{self._job_name} failed: {_describe_error(result.exc)}")
+            self._notify_error(f"DINOfuse {self._job_name}: {_describe_error(result.exc)}")
+        elif result is CANCELLED:
+            self.status_label.setText(f"{self._job_name} cancelled: the cache and the last good model are intact")
+        elif isinstance(result, tuple) and result and result[0] == "loaded":
+            self.backbone_edit.setText(result[1])
+            self.fusion_combo.setCurrentText(self.session.model.config.fusion)
+            self.base_spin.setValue(self.session.model.config.base_channels)
+            self.status_label.setText(f"model loaded ({self.session.describe_model()})")
+        elif isinstance(result, tuple) and result and result[0] == "saved":
+            self.status_label.setText(f"model saved to {result[1]}")
+        elif hasattr(result, "arrays"):
+            show_prediction(self.viewer, result, self.session.class_names)
+            self._sync_attention_checks()
+            self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
+        else:
+            self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
+            self._show_cache_size()
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1)
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        busy = self.worker is not None
+        for button in (self.extract_button, self.train_button, self.predict_button, self.new_model_button,
+                       self.load_button, self.new_labels_button):
+            button.setEnabled(not busy)
+        self.save_button.setEnabled(not busy and self.session.model is not None and self.session.info is not None)
+        self.predict_button.setEnabled(not busy and self.session.model is not None)
+        self.cancel_button.setEnabled(busy)
+        self.model_label.setText(self.session.describe_model())
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Process events until the running job (if any) ends; True if none is left running."""
+        from qtpy.QtWidgets import QApplication
+
+        end = time.perf_counter() + timeout
+        while self.worker is not None and time.perf_counter() < end:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return self.worker is None
+
+    def closeEvent(self, event):  # noqa: N802 - Qt API
+        self.cancel()
+        self.wait()
+        super().closeEvent(event)
+
+    # -- attention overlays -----------------------------------------------------------------------
+
+    def _set_attention(self, role: str, **props) -> None:
+        layer = ours(self.viewer, role)
+        if layer is not None:
+            for key, value in props.items():
+                setattr(layer, key, value)
+
+    def _sync_attention_checks(self) -> None:
+        for check, role in zip(self.attention_checks, ATTENTION_LAYERS):
+            layer = ours(self.viewer, role)
+            check.setEnabled(layer is not None)
+            check.blockSignals(True)
+            check.setChecked(layer is not None and layer.visible)
+            check.blockSignals(False)
+            if layer is not None:
+                layer.opacity = self.attention_opacity.value() / 100
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    def _notify_error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status_label.setText(f"⚠ {message}")
+        show_error(message)
+
+    def _notify_warning(self, message: str) -> None:
+        from napari.utils.notifications import show_warning
+
+        show_warning(message)
+

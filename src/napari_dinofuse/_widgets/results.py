@@ -1,0 +1,47 @@
+"""Prediction results as napari layers, placed in the world, updated in place on every run.
+
+Only layers this plugin created (marked in ``layer.metadata``) are ever updated; a user layer that happens to
+share a name is left alone and ours gets napari's next free name.
+"""
+
+from __future__ import annotations
+
+MARK = "napari-dinofuse"
+ATTENTION_LAYERS = [f"attention level {k}" for k in range(1, 5)]
+
+
+def _placement(grid) -> dict:
+    return {"scale": tuple(grid.voxel_size), "translate": tuple(grid.offset)}
+
+
+def ours(viewer, role: str):
+    """The layer this plugin made for ``role`` ('prediction', 'uncertainty', 'attention level k'), or None."""
+    for layer in viewer.layers:
+        if layer.metadata.get(MARK) == role:
+            return layer
+    return None
+
+
+def _show(viewer, role: str, kind: str, data, grid, **style):
+    layer = ours(viewer, role)
+    if layer is not None:
+        layer.data = data
+        layer.scale, layer.translate = grid.voxel_size, grid.offset
+        layer.refresh()
+        return layer
+    add = viewer.add_labels if kind == "labels" else viewer.add_image
+    return add(data, name=role, metadata={MARK: role}, **_placement(grid), **style)
+
+
+def show_prediction(viewer, sink, class_names=()) -> list:
+    """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink."""
+    layers = [_show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"], opacity=0.5)]
+    layers[0].metadata["class names"] = {k + 1: name for k, name in enumerate(class_names)}
+    layers.append(_show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
+                        colormap="magma", contrast_limits=(0.0, 1.0), visible=False))
+    for k, role in enumerate(ATTENTION_LAYERS, start=1):
+        name = f"attention/level{k}"
+        if name in sink.arrays:
+            layers.append(_show(viewer, role, "image", sink.arrays[name], sink.grids[name], colormap="inferno",
+                                blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), visible=k == 1))
+    return layers

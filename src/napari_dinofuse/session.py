@@ -1,0 +1,268 @@
+"""The interactive session behind the dock widget: backbone, features, model and results, without Qt.
+
+A :class:`Session` remembers what is expensive (the loaded backbone, the feature source of the current raw
+and context, the model) and offers the widget's actions as generators of
+:class:`~napari_dinofuse.progress.Progress` (:meth:`Session.extract`, :meth:`Session.fine_tune`,
+:meth:`Session.predict`), so the GUI runs them in a worker thread and cancels them between batches, the way the
+CLI and the cluster run the same engine.
+
+Guarantees the GUI relies on:
+
+* the labels passed in are only read (the widget passes a snapshot, so the user can keep painting);
+* a fine-tune that is cancelled or fails leaves the previous model untouched ("last good model");
+* the features of one raw/context pair are computed (or checked in the cache) once per session.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .geometry import Volume
+from .progress import Progress
+
+__all__ = ["CANCELLED", "Session", "SessionSettings", "memory_estimate", "volume_from_layer"]
+
+# Whole-volume predictions shown in the viewer live in memory; past this, ask for a region or the CLI.
+MAX_RESULT_BYTES = 4 * 2**30
+
+
+class _Cancelled:
+    def __repr__(self) -> str:
+        return "CANCELLED"
+
+
+CANCELLED = _Cancelled()  # what a cancelled action returns
+
+
+@dataclass
+class SessionSettings:
+    backbone: str
+    device: str = "auto"
+    planes: str = "xy"
+    cache: str | None = None  # None: the default feature cache (DINOFUSE_CACHE or the user cache folder)
+    fusion: str = "attention"
+    base_channels: int = 16
+    intensity_stem: bool = True
+    iterations: int = 100
+    learning_rate: float = 1e-3
+    tile_shape: tuple[int, int, int] = (16, 96, 96)
+    seed: int = 0
+
+
+def volume_from_layer(data, scale, translate, name: str) -> Volume:
+    """A :class:`Volume` over a napari layer's data (level 0 of a multiscale), placed by its scale/translate."""
+    if isinstance(data, (list, tuple)):  # multiscale: segment the full resolution
+        data = data[0]
+    ndim = len(getattr(data, "shape", ()))
+    if ndim != len(scale) or len(scale) != 3:
+        shape = tuple(getattr(data, "shape", ()))
+        raise InputError(f"layer {name!r} has shape {shape}: dinofuse segments 3D volumes (z, y, x). "
+                         "Choose a 3D image layer")
+    return Volume(data, voxel_size=tuple(float(s) for s in scale), offset=tuple(float(t) for t in translate),
+                  name=name)
+
+
+def memory_estimate(shape, num_classes: int) -> int:
+    """Bytes the viewer's result layers take for ``shape``: labels, uncertainty and attention maps."""
+    voxels = math.prod(int(n) for n in shape)
+    labels = np.dtype(np.min_scalar_type(num_classes)).itemsize
+    return int(voxels * (labels + 2 + 2 * sum(1 / 8 ** k for k in range(4))))
+
+
+def _cancellable(generator: Generator, cancel) -> Generator[Progress, None, object]:
+    """Drive ``generator``; when ``cancel()`` turns true, close it (its cleanup runs here) and return CANCELLED."""
+    while True:
+        if cancel():
+            generator.close()
+            return CANCELLED
+        try:
+            progress = next(generator)
+        except StopIteration as finished:
+            return finished.value
+        yield progress
+
+
+@dataclass
+class Session:
+    """State kept between the widget's actions. Not thread-safe: run one action at a time."""
+
+    backbone: object = None
+    source: object = None
+    model: object = None
+    info: object = None  # ModelInfo of a loaded model (class names, training tile shape)
+    log: list = field(default_factory=list)
+    _backbone_key: tuple | None = None
+    _source_key: tuple | None = None
+
+    # -- features ---------------------------------------------------------------------------------
+
+    def _load_backbone(self, settings: SessionSettings) -> Generator[Progress, None, object]:
+        key = (settings.backbone, settings.device)
+        if self.backbone is None or self._backbone_key != key:
+            from .backbone import load_backbone
+
+            yield Progress(0, 1, f"loading backbone {settings.backbone}")
+            self.backbone, self._backbone_key = None, None
+            self.backbone = load_backbone(settings.backbone, device=settings.device)
+            self._backbone_key = key
+            self.source, self._source_key = None, None
+        return self.backbone
+
+    def extract(self, raw: Volume, context: Volume | None, settings: SessionSettings, cancel=lambda: False
+                ) -> Generator[Progress, None, object]:
+        """Load the backbone if needed and extract (or find in the cache) the features of raw and context."""
+        return _cancellable(self._extract(raw, context, settings), cancel)
+
+    def _extract(self, raw, context, settings):
+        if context is not None:
+            context.require_covers(raw)
+        backbone = yield from self._load_backbone(settings)
+        key = (id(raw.data), raw.grid, id(context.data) if context is not None else None,
+               context.grid if context is not None else None, settings.planes, settings.cache)
+        if self.source is None or self._source_key != key:
+            from .cache import FeatureCache
+            from .features import extract_sources
+
+            self.source, self._source_key = None, None
+            self.source = yield from extract_sources(raw, context, backbone, FeatureCache(settings.cache),
+                                                     planes=settings.planes)
+            self._source_key = key
+        return self.source
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def reset_model(self) -> None:
+        self.model, self.info, self.log = None, None, []
+
+    def describe_model(self) -> str:
+        if self.model is None:
+            return "no model yet: Fine-tune creates one"
+        cfg = self.model.config
+        trained = f", {len(self.log)} iterations trained" if self.log else ", untrained"
+        return f"{cfg.num_classes} classes, base {cfg.base_channels}, fusion {cfg.fusion}{trained}"
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names) if self.info is not None else []
+
+    def training_tile_shape(self, settings: SessionSettings) -> tuple[int, int, int]:
+        """Predict on the tile size the model was trained on (GroupNorm statistics depend on it)."""
+        if self.info is not None and self.info.extra.get("tile_shape"):
+            return tuple(int(v) for v in self.info.extra["tile_shape"])
+        return tuple(settings.tile_shape)
+
+    def load(self, folder) -> str:
+        """Load a model folder (safetensors + JSON); returns a warning ('' if none) about the backbone."""
+        from .checkpoint import load_model, read_training_log
+
+        model, info = load_model(folder)
+        self.model, self.info, self.log = model, info, read_training_log(folder)
+        return info.backbone
+
+    def backbone_warning(self) -> str:
+        from .checkpoint import check_backbone_compatible
+
+        if self.info is None or self.backbone is None:
+            return ""
+        return check_backbone_compatible(self.info, str(self.backbone.spec), self.backbone.embed_dim) or ""
+
+    def save(self, folder) -> None:
+        from .checkpoint import save_model
+
+        if self.model is None or self.info is None:
+            raise InputError("there is no trained model to save yet: paint and Fine-tune first")
+        save_model(folder, self.model, self.info, self.log)
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def fine_tune(self, raw, context, labels, settings: SessionSettings, roi=None, cancel=lambda: False
+                  ) -> Generator[Progress, None, object]:
+        """Train on the painted voxels of ``labels`` (a snapshot), then predict ``roi``; returns the sink.
+
+        On cancel or error the model from before the call stays in place.
+        """
+        return _cancellable(self._fine_tune(raw, context, labels, settings, roi), cancel)
+
+    def _fine_tune(self, raw, context, labels, settings, roi):
+        from .train import find_painted
+
+        painted = find_painted(labels, raw.shape)  # refuse bad labels before any slow work
+        source = yield from self._extract(raw, context, settings)
+        yield from self._train(source, labels, painted, settings)
+        return (yield from self._predict(source, settings, roi))
+
+    def _train(self, source, labels, painted, settings):
+        from .train import TrainConfig, Trainer, adapt_classes, model_info, new_model
+
+        reuse = self.model is not None and self._fits(source)
+        if reuse:  # keep what it learnt; on cancel or error put it back exactly as it was
+            model = self.model
+            snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            old_head, old_config = model.head, model.config
+            adapt_classes(model, max(painted.num_classes, model.config.num_classes), seed=settings.seed)
+        else:
+            model = new_model(source, painted.num_classes, base_channels=settings.base_channels,
+                              fusion=settings.fusion if source.context is not None else "none",
+                              intensity_stem=settings.intensity_stem, seed=settings.seed)
+        config = TrainConfig(iterations=settings.iterations, learning_rate=settings.learning_rate,
+                             tile_shape=self.training_tile_shape(settings), seed=settings.seed,
+                             device=settings.device)
+        trainer = Trainer(model, source, labels, config)
+        finished = False
+        try:
+            yield from trainer.run()
+            finished = True
+        finally:
+            if reuse and not finished:
+                model.head, model.config = old_head, old_config
+                model.load_state_dict(snapshot)
+        names = self.class_names[:model.config.num_classes]
+        names += [f"class {k}" for k in range(len(names) + 1, model.config.num_classes + 1)]
+        self.log = [*self.log, *trainer.log] if reuse else list(trainer.log)
+        self.model = model
+        self.info = model_info(model, source, names, extra={"tile_shape": list(trainer.tile_shape)})
+        return trainer
+
+    def _fits(self, source) -> bool:
+        """Can the current model train on ``source``? (Same feature width; context present if it fuses.)"""
+        cfg = self.model.config
+        raw_channels, context_channels = source.channels
+        if cfg.raw_channels != raw_channels:
+            return False
+        return cfg.fusion == "none" or context_channels == cfg.context_channels
+
+    def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False
+                ) -> Generator[Progress, None, object]:
+        """Segment ``roi`` (None: the whole raw) with the current model; returns the sink of layer arrays."""
+        return _cancellable(self._predict_action(raw, context, settings, roi), cancel)
+
+    def _predict_action(self, raw, context, settings, roi):
+        if self.model is None:
+            raise InputError("there is no model yet: paint a few strokes of two classes and click Fine-tune, "
+                             "or load a model folder")
+        source = yield from self._extract(raw, context, settings)
+        warning = self.backbone_warning()
+        if warning:
+            yield Progress(0, 1, f"warning: {warning}")
+        return (yield from self._predict(source, settings, roi))
+
+    def _predict(self, source, settings, roi):
+        from .predict import MemorySink, predict, snap_roi
+
+        z, y, x = snap_roi(roi, source.raw.shape)
+        shape = (z.stop - z.start, y.stop - y.start, x.stop - x.start)
+        need = memory_estimate(shape, self.model.config.num_classes)
+        if need > MAX_RESULT_BYTES:
+            raise InputError(f"showing a prediction of {shape} voxels takes ~{need / 2**30:.1f} GiB of memory: "
+                             "predict the region around the view instead, or run `dinofuse predict`, which "
+                             "writes to disk")
+        tile = self.training_tile_shape(settings)
+        overlap = tuple(max(1, t // 4) for t in tile)
+        return (yield from predict(self.model, source, (z, y, x), tile_shape=tile, overlap=overlap,
+                                   device=settings.device, sink=MemorySink(skip=("probabilities",))))
+

@@ -1,0 +1,225 @@
+"""The DINOfuse dock widget in a real napari viewer (Xvfb), driven through its buttons with qtbot.
+
+Random tiny backbone (NOT DINOv3) and a small UNet: the GUI paths are what is tested, not the science.
+"""
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt, QThreadPool, QTimer
+from qtpy.QtWidgets import QApplication
+
+from napari_dinofuse._widgets import DinofuseWidget
+from napari_dinofuse.session import CANCELLED
+
+LEFT = Qt.MouseButton.LeftButton
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOFUSE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    yield seen
+    notification_manager.notification_ready.disconnect(seen.append)
+
+
+def _widget(make_napari_viewer, qtbot, iterations=60):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-dinofuse", "synthetic_em")
+    widget = DinofuseWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.backbone_edit.setText("random:tiny")
+    widget.device_combo.setCurrentText("cpu")
+    widget.base_spin.setValue(4)
+    widget.iterations_spin.setValue(iterations)
+    widget.lr_spin.setValue(3e-3)
+    return viewer, widget
+
+
+def _real_threads():
+    """Python threads, without the placeholders Python registers for Qt's pool threads (never removed)."""
+    return [t for t in threading.enumerate() if not isinstance(t, threading._DummyThread)]
+
+
+def _click_and_wait(qtbot, widget, button, timeout=300):
+    qtbot.mouseClick(button, LEFT)  # Qt.LeftButton
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout * 1000)
+    return widget.last_result
+
+
+def _paint_two_classes(viewer, widget, qtbot):
+    """A few brush strokes of background (1) and mitochondria (3) placed with labels.paint, as a user does."""
+    from napari_dinofuse.sample_data import make_sample
+
+    truth = make_sample(seed=0).ground_truth
+    qtbot.mouseClick(widget.new_labels_button, LEFT)
+    labels = viewer.layers["annotations"]
+    assert labels.data.shape == truth.shape and np.allclose(labels.scale, viewer.layers["raw"].scale)
+    labels.brush_size = 3
+    rng = np.random.default_rng(0)
+    for value in (1, 3):
+        z, y, x = np.nonzero(truth == value)
+        for i in rng.choice(len(z), 40, replace=False):
+            labels.paint((z[i], y[i], x[i]), value, refresh=False)
+    labels.data[(labels.data > 0) & (labels.data != truth)] = 0  # strokes stay inside their class
+    labels.refresh()
+    return labels
+
+
+def test_menu_and_widget_contributions(make_napari_viewer):
+    from napari._app_model import get_app_model
+
+    make_napari_viewer()
+    segment = get_app_model().menus.get_menu("napari/layers/segment")
+    assert any(getattr(item, "command", None) and item.command.id == "napari-dinofuse.make_widget"
+               for item in segment)
+
+
+def test_building_the_widget_imports_no_torch():
+    code = ("import sys; import napari_dinofuse._widgets, napari_dinofuse.session; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtbot):
+    viewer, widget = _widget(make_napari_viewer, qtbot)
+    raw = viewer.layers["raw"]
+    labels = _paint_two_classes(viewer, widget, qtbot)
+    painted_before = labels.data.copy()
+    assert widget.predict_button.isEnabled() is False  # no model yet
+
+    stalls = []
+    last = [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        stalls.append(now - last[0])
+        last[0] = now
+
+    probe = QTimer()
+    probe.timeout.connect(tick)
+    probe.start(10)
+    qtbot.mouseClick(widget.train_button, LEFT)
+    assert not widget.train_button.isEnabled() and widget.cancel_button.isEnabled()  # no conflicting clicks
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    probe.stop()
+    result = widget.last_result
+    assert hasattr(result, "arrays"), result
+    # The viewer stayed responsive: a blocking implementation would stall the event loop for seconds.
+    assert max(stalls) < 1.0, max(stalls)
+    assert len(widget.loss_plot.losses) > 10 and "left" in widget.eta_label.text()
+
+    prediction = viewer.layers["prediction"]
+    assert prediction.data.shape == raw.data.shape
+    assert np.allclose(prediction.scale, raw.scale) and np.allclose(prediction.translate, raw.translate)
+    painted = labels.data > 0
+    accuracy = (prediction.data[painted] == labels.data[painted]).mean()
+    assert accuracy > 0.8, accuracy
+    for k in range(1, 5):
+        attention = viewer.layers[f"attention level {k}"]
+        assert np.allclose(attention.scale, np.array(raw.scale) * 2 ** (k - 1))
+        # Voxel centres of level k sit at the centre of the 2^(k-1) raw voxels they pool.
+        expected = np.array(raw.translate) + (2 ** (k - 1) - 1) / 2 * np.array(raw.scale)
+        assert np.allclose(attention.translate, expected)
+    assert widget.attention_checks[0].isChecked() and not widget.attention_checks[1].isChecked()
+    widget.attention_checks[1].setChecked(True)
+    assert viewer.layers["attention level 2"].visible
+
+    layers_before = [id(layer) for layer in viewer.layers]
+    threads_before, windows_before = len(_real_threads()), len(QApplication.topLevelWidgets())
+    result = _click_and_wait(qtbot, widget, widget.predict_button)
+    assert hasattr(result, "arrays")
+    assert [id(layer) for layer in viewer.layers] == layers_before  # updated, not piled up
+    assert viewer.layers["prediction"].data is result.arrays["labels"]
+    assert np.array_equal(labels.data, painted_before)  # the user's labels are never modified
+
+    viewer.layers.remove(widget.viewer.layers["raw"])  # the widget follows the layer list
+    assert widget.raw_combo.currentText() != "raw"
+    assert QThreadPool.globalInstance().waitForDone(10_000)  # no worker left running
+    # A second run starts no new Python threads (zarr's I/O threads started with the first) and no windows.
+    assert len(_real_threads()) <= threads_before
+    assert len(QApplication.topLevelWidgets()) == windows_before
+
+
+def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=100_000)
+    widget.planes_combo.setCurrentText("ortho")  # long enough to cancel half-way
+    qtbot.mouseClick(widget.extract_button, LEFT)
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=60_000)
+    qtbot.mouseClick(widget.cancel_button, LEFT)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.last_result is CANCELLED and widget.session.source is None
+    assert _click_and_wait(qtbot, widget, widget.extract_button) is not CANCELLED  # resumes from the cache
+    assert widget.session.source is not None
+
+    labels = _paint_two_classes(viewer, widget, qtbot)
+    qtbot.mouseClick(widget.train_button, LEFT)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=120_000)
+    qtbot.mouseClick(widget.cancel_button, LEFT)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.last_result is CANCELLED
+    assert widget.session.model is None  # no half-trained model replaces the last good one (none yet)
+    assert "prediction" not in viewer.layers
+
+    widget.iterations_spin.setValue(5)
+    assert hasattr(_click_and_wait(qtbot, widget, widget.train_button), "arrays")
+    model = widget.session.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    widget.iterations_spin.setValue(100_000)
+    qtbot.mouseClick(widget.train_button, LEFT)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 3, timeout=120_000)
+    qtbot.mouseClick(widget.cancel_button, LEFT)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.last_result is CANCELLED
+    assert widget.session.model is model  # the last good model, weights as they were
+    assert all(np.array_equal(state[k].numpy(), v.numpy()) for k, v in model.state_dict().items())
+    assert labels.data.max() == 3
+
+
+def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications):
+    viewer, widget = _widget(make_napari_viewer, qtbot)
+    errors = lambda: [str(n.message) for n in notifications if n.severity == "error"]  # noqa: E731
+
+    # One painted class, then none: refused before any slow work, and the widget stays usable.
+    labels = widget.new_annotation_layer()
+    labels.paint((16, 128, 128), 1)
+    _click_and_wait(qtbot, widget, widget.train_button)
+    assert "only class 1 is painted" in errors()[-1]
+    labels.data = np.zeros_like(labels.data)
+    _click_and_wait(qtbot, widget, widget.train_button)
+    assert "no painted voxels" in errors()[-1]
+
+    # Context that does not cover the raw (wrong offset typed in).
+    widget.context_offset.setText("0, 90000, 90000")
+    widget.context_offset.editingFinished.emit()
+    assert "does not cover" in widget.data_status.text()
+    qtbot.mouseClick(widget.extract_button, LEFT)
+    assert widget.worker is None and "does not cover" in errors()[-1]
+
+    # A 2D raw.
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="slice")
+    widget.raw_combo.setCurrentText("slice")
+    qtbot.mouseClick(widget.extract_button, LEFT)
+    assert widget.worker is None and "3D" in errors()[-1]
+
+    # Predict with no model is not offered; a missing backbone name is explained.
+    assert not widget.predict_button.isEnabled()
+    widget.raw_combo.setCurrentText("raw")
+    widget.context_combo.setCurrentText("context")
+    widget.backbone_edit.setText("")
+    qtbot.mouseClick(widget.extract_button, LEFT)
+    assert "enter a backbone" in errors()[-1]
+    assert widget.extract_button.isEnabled() and widget.train_button.isEnabled()
