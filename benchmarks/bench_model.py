@@ -33,14 +33,21 @@ def projection(args):
     """Runs each variant in a fresh process so peak memory is its own."""
     out = {}
     for variant in ("before", "after"):
-        res = subprocess.run([sys.executable, __file__, "_projection_child", variant, "--channels", str(args.channels)],
-                             capture_output=True, text=True, check=True)
+        res = _run_child([sys.executable, __file__, "_projection_child", variant, "--channels", str(args.channels)])
         out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
     b, a = out["before"], out["after"]
     print(f"projection ({args.channels} -> 16 channels, tile 32x256x256): before upsampling {b['seconds']:.3f} s, "
           f"+{b['rss_delta_mib']:.0f} MiB; after {a['seconds']:.3f} s, +{a['rss_delta_mib']:.0f} MiB -> "
           f"{a['seconds'] / b['seconds']:.0f}x faster, {a['rss_delta_mib'] / max(b['rss_delta_mib'], 1):.0f}x less "
           f"memory; max |difference| {abs(a['checksum'] - b['checksum']):.2e} (checksum)")
+
+
+def _run_child(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a child benchmark process; on failure raise with its stderr (else a crash says nothing)."""
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd[1:4])} failed with exit code {res.returncode}:\n{res.stderr[-4000:]}")
+    return res
 
 
 def _projection_child(variant: str, channels: int):
@@ -92,19 +99,30 @@ def finetune(args):
           f"(training {trained:.1f} s, prediction {total - trained:.1f} s)")
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+
+
 def inference(args):
+    from napari_dinofuse.backbone import resolve_device
     from napari_dinofuse.predict import predict_to_memory
     from napari_dinofuse.train import new_model
 
     sample, source = _setup(args, raw_shape=(64, 256, 256))
-    model = new_model(source, 4, base_channels=args.base_channels).eval()
+    dev = resolve_device(args.device)
+    model = new_model(source, 4, base_channels=args.base_channels).eval().to(dev)
     tile = (32, 128, 128)
     raw, ctx, _ = source.tile((slice(0, 32), slice(0, 128), slice(0, 128)))
-    with torch.inference_mode():
-        model(torch.from_numpy(raw)[None], torch.from_numpy(ctx)[None], tile)
+    raw, ctx = (torch.from_numpy(a)[None].to(dev) for a in (raw, ctx))
+    # Same precision as predict(): bf16 autocast on CUDA, fp32 elsewhere.
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        model(raw, ctx, tile)
+        _sync(dev)
         start = time.perf_counter()
         for _ in range(3):
-            model(torch.from_numpy(raw)[None], torch.from_numpy(ctx)[None], tile)
+            model(raw, ctx, tile)
+        _sync(dev)
         unet = 3 * np.prod(tile) / (time.perf_counter() - start)
     start = time.perf_counter()
     predict_to_memory(model, source, None, tile_shape=tile, overlap=(8, 32, 32), device=args.device)
@@ -112,9 +130,9 @@ def inference(args):
     print(f"inference (base {args.base_channels}): UNet alone {unet / 1e6:.2f} Mvoxel/s, end to end from the cache "
           f"{end_to_end / 1e6:.2f} Mvoxel/s (tile {tile}, overlap (8, 32, 32))")
     for t in ((16, 64, 64), (32, 128, 128), (32, 256, 256)):
-        res = subprocess.run([sys.executable, __file__, "_inference_child", ",".join(map(str, t)),
-                              "--backbone", args.backbone, "--cache", args.cache,
-                              "--base-channels", str(args.base_channels)], capture_output=True, text=True, check=True)
+        res = _run_child([sys.executable, __file__, "_inference_child", ",".join(map(str, t)),
+                          "--backbone", args.backbone, "--device", args.device, "--cache", args.cache,
+                          "--base-channels", str(args.base_channels)])
         print(f"  peak RSS with tile {t}: {json.loads(res.stdout.strip().splitlines()[-1])['rss_mib']:.0f} MiB")
 
 
@@ -125,7 +143,7 @@ def _inference_child(tile: str, args):
     sample, source = _setup(args, raw_shape=(64, 256, 256))
     model = new_model(source, 4, base_channels=args.base_channels).eval()
     t = tuple(int(v) for v in tile.split(","))
-    predict_to_memory(model, source, None, tile_shape=t, overlap=(8, 32, 32), block_shape=t)
+    predict_to_memory(model, source, None, tile_shape=t, overlap=(8, 32, 32), block_shape=t, device=args.device)
     print(json.dumps({"rss_mib": _rss_mib()}))
 
 
