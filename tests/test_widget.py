@@ -144,7 +144,24 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     assert hasattr(result, "arrays")
     assert [id(layer) for layer in viewer.layers] == layers_before  # updated, not piled up
     assert viewer.layers["prediction"].data is result.arrays["labels"]
+    result_whole = result.arrays["labels"]
     assert np.array_equal(labels.data, painted_before)  # the user's labels are never modified
+
+    # "Region around the view": a box around the camera centre, placed where it belongs, same layer updated.
+    widget.scope_combo.setCurrentText("region around the view")
+    viewer.scene.camera.center = (0, *np.array(raw.translate[1:]) + np.array(raw.scale[1:]) * (100, 150))
+    viewer.scene.camera.zoom = viewer.canvas.size[0] / (80 * raw.scale[1])  # ~80 voxels visible
+    result = _click_and_wait(qtbot, widget, widget.predict_button)
+    region = viewer.layers["prediction"]
+    assert [id(layer) for layer in viewer.layers] == layers_before
+    assert region.data.shape[1] < raw.data.shape[1] and region.data.shape[2] < raw.data.shape[2]
+    lo, hi = region.extent.world
+    assert np.all(lo[1:] <= viewer.scene.camera.center[1:]) and np.all(hi[1:] >= viewer.scene.camera.center[1:])
+    start = np.round((np.array(region.translate) - raw.translate) / raw.scale).astype(int)
+    same = (slice(start[0], start[0] + region.data.shape[0]), slice(start[1], start[1] + region.data.shape[1]),
+            slice(start[2], start[2] + region.data.shape[2]))
+    agree = (region.data == result_whole[same]).mean()
+    assert agree > 0.9, agree  # the same model on the same place: the region matches the whole-volume run
 
     viewer.layers.remove(widget.viewer.layers["raw"])  # the widget follows the layer list
     assert widget.raw_combo.currentText() != "raw"
@@ -191,7 +208,7 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
 
 def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications):
     viewer, widget = _widget(make_napari_viewer, qtbot)
-    errors = lambda: [str(n.message) for n in notifications if n.severity == "error"]  # noqa: E731
+    errors = lambda: [str(n.message) for n in notifications if n.severity == "error"]
 
     # One painted class, then none: refused before any slow work, and the widget stays usable.
     labels = widget.new_annotation_layer()

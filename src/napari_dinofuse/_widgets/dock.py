@@ -441,9 +441,11 @@ class DinofuseWidget(QWidget):
             return None
         voxel, offset = np.array(raw.voxel_size), np.array(raw.offset)
         z = (self.viewer.dims.point[-3] - offset[0]) / voxel[0]
-        center = (np.array(self.viewer.camera.center[-2:]) - offset[1:]) / voxel[1:]
-        canvas = np.array(getattr(self.viewer, "_canvas_size", (512, 512)), float)[-2:]
-        half = np.clip(canvas / 2 / max(self.viewer.camera.zoom, 1e-6) / voxel[1:], 32, 512)
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera there
+        camera = scene.camera if scene is not None else self.viewer.camera
+        center = (np.array(camera.center[-2:]) - offset[1:]) / voxel[1:]
+        canvas = np.array(getattr(getattr(self.viewer, "canvas", None), "size", (512, 512)), float)[-2:]
+        half = np.clip(canvas / 2 / max(camera.zoom, 1e-6) / voxel[1:], 32, 512)
         lo = [z - 16, *(center - half)]
         hi = [z + 16, *(center + half)]
         roi = []
@@ -624,7 +626,7 @@ class DinofuseWidget(QWidget):
             time.sleep(0.005)
         return self.worker is None
 
-    def closeEvent(self, event):  # noqa: N802 - Qt API
+    def closeEvent(self, event):
         self.cancel()
         self.wait()
         super().closeEvent(event)

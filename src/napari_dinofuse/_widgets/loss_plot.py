@@ -27,11 +27,13 @@ class LossPlot(QWidget):
         self.smoothed.append(float(smoothed))
         self.update()
 
-    def paintEvent(self, event):  # noqa: N802 - Qt API
+    def paintEvent(self, event):
         painter = QPainter(self)
         painter.fillRect(self.rect(), QColor(38, 41, 48))
         if self.losses:
-            low, high = min(self.losses), max(self.losses)
+            # Scale to the smoothed curve (with room above it): one early spike must not flatten the rest.
+            low = min(min(self.losses), min(self.smoothed))
+            high = 1.5 * max(self.smoothed[len(self.smoothed) // 10:])
             span = (high - low) or 1.0
             w, h = self.width() - 4, self.height() - 4
 
@@ -40,7 +42,7 @@ class LossPlot(QWidget):
                 return QPolygonF([QPointF(2 + w * i / n, 2 + h * (1 - (v - low) / span)) for i, v in enumerate(values)])
 
             painter.setPen(QPen(QColor(120, 120, 140), 1))
-            painter.drawPolyline(points(self.losses))
+            painter.drawPolyline(points([min(v, high) for v in self.losses]))
             painter.setPen(QPen(QColor(255, 170, 60), 2))
             painter.drawPolyline(points(self.smoothed))
             painter.setPen(QColor(220, 220, 220))

@@ -1,0 +1,92 @@
+"""Viewer responsiveness while the dock widget works (issue: dock widgets). Run on demand, under Xvfb:
+
+    xvfb-run -a python benchmarks/bench_gui.py [--backbone random:vits16] [--base-channels 16] [--iterations 60]
+
+A QTimer probe fires every 10 ms on the main thread while the widget extracts features, fine-tunes and predicts
+on the synthetic sample (whole volume), in a real napari viewer. Prints, per phase, the longest gap between two
+probe ticks (a main-thread stall) and the 99th percentile, side by side with what one unit of that work takes
+(what a blocking implementation would freeze the viewer for, at the least).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", default="random:vits16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=60)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+
+    import napari
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_dinofuse._widgets import DinofuseWidget
+    from napari_dinofuse.sample_data import make_sample
+
+    viewer = napari.Viewer(show=True)
+    viewer.open_sample("napari-dinofuse", "synthetic_em")
+    widget = DinofuseWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.backbone_edit.setText(args.backbone)
+    widget.device_combo.setCurrentText(args.device)
+    widget.base_spin.setValue(args.base_channels)
+    widget.iterations_spin.setValue(args.iterations)
+    labels = widget.new_annotation_layer()
+    labels.data[:] = make_sample(seed=0).scribbles(seed=0)  # as if painted (the user's strokes)
+    labels.refresh()
+
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    probe = QTimer()
+    probe.timeout.connect(tick)
+    probe.start(10)
+    phases = {}
+    for name, button in (("extract features", widget.extract_button), ("fine-tune + predict", widget.train_button),
+                         ("predict again", widget.predict_button)):
+        for _ in range(20):
+            QApplication.processEvents()
+        gaps.clear()
+        last[0] = time.perf_counter()
+        start = time.perf_counter()
+        button.click()
+        while widget.worker is not None:
+            QApplication.processEvents()
+            time.sleep(0.001)
+        seconds = time.perf_counter() - start
+        phases[name] = (seconds, np.array(gaps[1:]) * 1000)
+        if not hasattr(widget.last_result, "arrays") and name != "extract features":
+            raise SystemExit(f"{name} did not finish: {widget.status_label.text()}")
+    probe.stop()
+
+    log = widget.session.log
+    per_iteration = log[-1]["seconds"] / len(log) * 1000
+    print(f"backbone {args.backbone}, base {args.base_channels}, {args.iterations} iterations, raw "
+          f"{viewer.layers['raw'].data.shape}, device {args.device}")
+    print(f"{'phase':<22}{'wall s':>8}{'longest stall ms':>18}{'p99 ms':>8}{'ticks':>7}")
+    for name, (seconds, ms) in phases.items():
+        print(f"{name:<22}{seconds:8.1f}{ms.max():18.0f}{np.percentile(ms, 99):8.0f}{len(ms):7d}")
+    worst = max(ms.max() for _, ms in phases.values())
+    print(f"one training iteration takes {per_iteration:.0f} ms: a blocking implementation would stall at least "
+          f"that long per iteration ({per_iteration / worst:.1f}x the longest stall measured), and "
+          f"{phases['fine-tune + predict'][0]:.0f} s in all")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
