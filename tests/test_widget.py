@@ -78,13 +78,17 @@ def _paint_two_classes(viewer, widget, qtbot):
     return labels
 
 
-def test_menu_and_widget_contributions(make_napari_viewer):
+def test_segment_menu_opens_the_dock_widget(make_napari_viewer):
     from napari._app_model import get_app_model
 
-    make_napari_viewer()
-    segment = get_app_model().menus.get_menu("napari/layers/segment")
+    viewer = make_napari_viewer()
+    app = get_app_model()
+    segment = app.menus.get_menu("napari/layers/segment")
     assert any(getattr(item, "command", None) and item.command.id == "napari-dinofuse.make_widget"
                for item in segment)
+    app.commands.execute_command("napari-dinofuse.make_widget").result()  # what clicking the item does
+    docked = [dock.widget() for dock in viewer.window._wrapped_dock_widgets.values()]
+    assert any(isinstance(widget, DinofuseWidget) for widget in docked)
 
 
 def test_building_the_widget_imports_no_torch():
@@ -94,7 +98,7 @@ def test_building_the_widget_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtbot):
+def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtbot, tmp_path):
     viewer, widget = _widget(make_napari_viewer, qtbot)
     raw = viewer.layers["raw"]
     labels = _paint_two_classes(viewer, widget, qtbot)
@@ -146,6 +150,18 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     assert viewer.layers["prediction"].data is result.arrays["labels"]
     result_whole = result.arrays["labels"]
     assert np.array_equal(labels.data, painted_before)  # the user's labels are never modified
+
+    # Save, forget, load: the loaded model predicts exactly what the trained one did.
+    widget.save_model(tmp_path / "model")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    qtbot.mouseClick(widget.new_model_button, LEFT)
+    assert widget.session.model is None and not widget.predict_button.isEnabled()
+    widget.load_model(tmp_path / "model")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.predict_button.isEnabled() and "class" in widget.model_label.text()
+    result = _click_and_wait(qtbot, widget, widget.predict_button)
+    assert np.array_equal(result.arrays["labels"], result_whole)
 
     # "Region around the view": a box around the camera centre, placed where it belongs, same layer updated.
     widget.scope_combo.setCurrentText("region around the view")
@@ -206,7 +222,7 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     assert labels.data.max() == 3
 
 
-def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications):
+def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications, tmp_path):
     viewer, widget = _widget(make_napari_viewer, qtbot)
     errors = lambda: [str(n.message) for n in notifications if n.severity == "error"]
 
@@ -231,6 +247,13 @@ def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notification
     widget.raw_combo.setCurrentText("slice")
     qtbot.mouseClick(widget.extract_button, LEFT)
     assert widget.worker is None and "3D" in errors()[-1]
+
+    # A backbone folder that is not there: the worker's error comes back as a notification.
+    widget.raw_combo.setCurrentText("raw")
+    widget._prefill("context")  # the context's own offset again
+    widget.backbone_edit.setText(str(tmp_path / "no-such-dinov3"))
+    _click_and_wait(qtbot, widget, widget.extract_button)
+    assert "does not exist" in errors()[-1] and widget.extract_button.isEnabled()
 
     # Predict with no model is not offered; a missing backbone name is explained.
     assert not widget.predict_button.isEnabled()

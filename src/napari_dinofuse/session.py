@@ -157,7 +157,7 @@ class Session:
         return tuple(settings.tile_shape)
 
     def load(self, folder) -> str:
-        """Load a model folder (safetensors + JSON); returns a warning ('' if none) about the backbone."""
+        """Load a model folder (safetensors + JSON); returns the backbone spec it was trained with."""
         from .checkpoint import load_model, read_training_log
 
         model, info = load_model(folder)
@@ -199,7 +199,13 @@ class Session:
     def _train(self, source, labels, painted, settings):
         from .train import TrainConfig, Trainer, adapt_classes, model_info, new_model
 
-        reuse = self.model is not None and self._fits(source)
+        reuse = self.model is not None
+        if reuse and not self._fits(source):
+            cfg = self.model.config
+            raise InputError(f"the current model expects {cfg.raw_channels}-channel features"
+                             f"{' and a context' if cfg.fusion != 'none' else ''}, which these features do "
+                             f"not match ({source.channels[0]} channels): use the backbone the model was "
+                             "trained with, or click New to start a new model")
         if reuse:  # keep what it learnt; on cancel or error put it back exactly as it was
             model = self.model
             snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
