@@ -263,3 +263,14 @@ def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notification
     qtbot.mouseClick(widget.extract_button, LEFT)
     assert "enter a backbone" in errors()[-1]
     assert widget.extract_button.isEnabled() and widget.train_button.isEnabled()
+
+
+def test_closing_the_viewer_mid_training_stops_the_worker(make_napari_viewer, qtbot):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=100_000)
+    _paint_two_classes(viewer, widget, qtbot)
+    cancel = widget._cancel
+    qtbot.mouseClick(widget.train_button, LEFT)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 2, timeout=120_000)
+    viewer.close()
+    qtbot.waitUntil(cancel.is_set, timeout=10_000)
+    assert QThreadPool.globalInstance().waitForDone(60_000)  # the worker ended instead of training on

@@ -130,6 +130,8 @@ class DinofuseWidget(QWidget):
         layout.addLayout(self._status_row())
         layout.addStretch(1)
 
+        # Closing napari mid-run: the worker stops at its next batch (the event outlives the widget).
+        self.destroyed.connect(self._cancel.set)
         events = self.viewer.layers.events
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
