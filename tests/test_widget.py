@@ -192,6 +192,9 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     widget.planes_combo.setCurrentText("ortho")  # long enough to cancel half-way
     qtbot.mouseClick(widget.extract_button, LEFT)
     qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=60_000)
+    from napari.utils import progress
+
+    assert any("DINOfuse extract" in (bar.desc or "") for bar in progress._all_instances)  # activity dock
     qtbot.mouseClick(widget.cancel_button, LEFT)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.last_result is CANCELLED and widget.session.source is None
@@ -274,3 +277,12 @@ def test_closing_the_viewer_mid_training_stops_the_worker(make_napari_viewer, qt
     viewer.close()
     qtbot.waitUntil(cancel.is_set, timeout=10_000)
     assert QThreadPool.globalInstance().waitForDone(60_000)  # the worker ended instead of training on
+
+
+def test_out_of_gpu_memory_says_what_to_do():
+    import torch
+
+    from napari_dinofuse._widgets.dock import _describe_error
+
+    message = _describe_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "base channels" in message and "cpu" in message
