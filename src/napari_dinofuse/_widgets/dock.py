@@ -149,9 +149,13 @@ class DinofuseWidget(QWidget):
         self.context_combo = _LayerCombo(self.viewer, "Image", allow_none=True, prefer="context")
         self.raw_voxel, self.raw_offset = QLineEdit(), QLineEdit()
         self.context_voxel, self.context_offset = QLineEdit(), QLineEdit()
-        open_button = QPushButton("Open files…")
-        open_button.setToolTip("Open .zarr / OME-Zarr, .tif or .npy volumes as layers (drag-and-drop works too)")
-        open_button.clicked.connect(self._open_files)
+        open_row = QHBoxLayout()
+        for text, folder in (("Open .tif / .npy…", False), ("Open .zarr…", True)):
+            button = QPushButton(text)
+            button.setToolTip("Open volumes as layers, placed by their voxel size and offset (drag-and-drop "
+                              "works too)")
+            button.clicked.connect(lambda _=False, folder=folder: self._open_files(folder))
+            open_row.addWidget(button)
         form.addRow("raw", self.raw_combo)
         form.addRow("  voxel size (nm, z, y, x)", self.raw_voxel)
         form.addRow("  offset (nm)", self.raw_offset)
@@ -160,7 +164,7 @@ class DinofuseWidget(QWidget):
         form.addRow("  offset (nm)", self.context_offset)
         self.data_status = QLabel()
         self.data_status.setWordWrap(True)
-        form.addRow(open_button)
+        form.addRow(open_row)
         form.addRow(self.data_status)
         self.raw_combo.currentTextChanged.connect(lambda _: self._prefill("raw"))
         self.context_combo.currentTextChanged.connect(lambda _: self._prefill("context"))
@@ -380,11 +384,13 @@ class DinofuseWidget(QWidget):
         self.data_status.setText("; ".join(notes))
         self.data_status.setStyleSheet("color: #ff8c69" if any("⚠" in n for n in notes) else "")
 
-    def _open_files(self) -> None:
-        paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", "",
-                                                "Volumes (*.tif *.tiff *.npy);;All files (*)")
-        folder = None if paths else QFileDialog.getExistingDirectory(self, "Open a .zarr folder")
-        for path in paths or ([folder] if folder else []):
+    def _open_files(self, folder: bool) -> None:
+        if folder:
+            chosen = QFileDialog.getExistingDirectory(self, "Open a .zarr / OME-Zarr volume")
+            paths = [chosen] if chosen else []
+        else:
+            paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", "", "Volumes (*.tif *.tiff *.npy)")
+        for path in paths:
             self.viewer.open(path, plugin="napari-dinofuse")
 
     def _backbone_hint(self) -> None:
