@@ -145,3 +145,18 @@ def test_intensity_ranges_by_dtype_and_percentile():
     data[1, 1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         intensity_range(data)
+
+
+def test_bf16_weights_keep_the_fingerprint_and_the_features(tiny_backbone):
+    # What CUDA gets by default ("auto"); on the CPU only when asked for.
+    bf16 = _load("random:tiny", precision="bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for b in bf16.model.buffers())  # RoPE frequencies stay fp32
+    assert bf16.fingerprint() == tiny_backbone.fingerprint()  # one model, one cache entry, whatever precision
+    assert tiny_backbone.precision == "fp32" and "(bf16)" in bf16.describe()
+    images = torch.rand(2, 48, 64)
+    ref, out = tiny_backbone.patch_features(images), bf16.patch_features(images)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min() > 0.99
+    with pytest.raises(BackboneError, match="precision"):
+        _load("random:tiny", precision="fp8")

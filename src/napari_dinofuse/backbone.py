@@ -142,20 +142,41 @@ class BackboneSpec:
         return f"random:{self.value}" if self.kind == "random" else self.value
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "autocast")
+
+
 class Backbone:
-    """A frozen DINOv3 ViT in eval mode that turns [0, 1] grayscale slices into patch-grid features."""
+    """A frozen DINOv3 ViT in eval mode that turns [0, 1] grayscale slices into patch-grid features.
+
+    ``precision``: ``fp32``; ``bf16`` (weights cast to bfloat16 once: no per-call weight casts, half the
+    weight memory, bf16 activations throughout); ``autocast`` (fp32 weights under bf16 autocast: fp32
+    residual stream); ``auto``: bf16 on CUDA, fp32 elsewhere.
+    """
 
     patch_size = PATCH_SIZE
 
-    def __init__(self, model, spec: BackboneSpec, normalization: str, device: torch.device):
-        self.model = model.eval().requires_grad_(False).to(device)
+    def __init__(self, model, spec: BackboneSpec, normalization: str, device: torch.device,
+                 precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise BackboneError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        self.precision = precision
+        self._fingerprint: str | None = None
+        model = model.eval().requires_grad_(False)
+        if precision == "bf16":
+            # The weights' identity is that of the checkpoint as loaded, so the hash is taken before the cast:
+            # bf16 and fp32 runs of one model share cache entries, as autocast runs always did.
+            self._fingerprint = _weights_hash(model)
+            for param in model.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32
+                param.data = param.data.to(torch.bfloat16)
+        self.model = model.to(device)
         self.spec = spec
         self.device = device
         self.normalization = normalization
         mean, std = NORMALIZATIONS[normalization]
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        self._fingerprint: str | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -169,16 +190,12 @@ class Backbone:
         cfg = self.model.config
         note = "  RANDOM WEIGHTS, NOT DINOv3" if self.is_random else ""
         return (f"{self.spec}: {cfg.hidden_size}-d, {cfg.num_hidden_layers} layers, "
-                f"normalisation {self.normalization}, device {self.device}{note}")
+                f"normalisation {self.normalization}, device {self.device} ({self.precision}){note}")
 
     def fingerprint(self) -> str:
         """A hash of the weights themselves, so caches never mix features of different models."""
         if self._fingerprint is None:
-            digest = hashlib.blake2b(digest_size=16)
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = _weights_hash(self.model)
         return self._fingerprint
 
     def preprocess(self, images01: torch.Tensor) -> torch.Tensor:
@@ -203,6 +220,8 @@ class Backbone:
         if pad_h or pad_w:
             mode = "reflect" if pad_h < h and pad_w < w else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        if self.precision == "bf16":  # also makes the RoPE tables bf16, so q, k and v share a dtype
+            x = x.to(torch.bfloat16)
         with self._autocast():
             tokens = self.model(pixel_values=x).last_hidden_state
         first_patch = 1 + self.model.config.num_register_tokens  # [CLS, registers, patches row-major]
@@ -210,16 +229,25 @@ class Backbone:
         return grid.permute(0, 3, 1, 2).float()
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
 
+def _weights_hash(model) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_backbone(spec: str | None = None, device: str = "auto", normalization: str | None = None,
-                  offline: bool = False) -> Backbone:
+                  offline: bool = False, precision: str = "auto") -> Backbone:
     """Load a frozen DINOv3 from a hub id, a local folder, or ``random:<arch>`` (tests only).
 
     ``offline``: take hub checkpoints only from the local download cache, never from the network.
+    ``precision``: see :class:`Backbone` (default: bf16 weights on CUDA, fp32 elsewhere).
 
     Raises :class:`BackboneError` with one actionable message when the weights cannot be had.
     """
@@ -234,7 +262,7 @@ def load_backbone(spec: str | None = None, device: str = "auto", normalization: 
         folder = Path(parsed.value) if parsed.kind == "local" else None
         model = _pretrained_model(parsed, offline)
         norm = normalization or normalization_for(parsed.value, folder)
-    return Backbone(model, parsed, norm, torch_device)
+    return Backbone(model, parsed, norm, torch_device, precision)
 
 
 def random_config(arch: str):
