@@ -71,3 +71,25 @@ def test_bad_input_gives_one_line_and_nonzero_exit(volumes, problem, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_extract_verify_rechecks_every_unit_and_repairs(volumes):
+    import os
+
+    from napari_dinofuse.cache import FeatureCache, FeatureEntry
+
+    cache = volumes / "cache"
+    assert _run("extract", *_flags(volumes, cache)).returncode == 0
+    entry = next(FeatureEntry(e.path) for e in FeatureCache(cache).entries() if e.source == "raw")
+    good = entry.read()
+    (victim,) = entry._chunk_files("xy", 1)
+    st = victim.stat()
+    raw = bytearray(victim.read_bytes())
+    raw[10] ^= 0xFF  # bit rot that leaves size and mtime alone: only a full check (or a read) sees it
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _run("extract", *_flags(volumes, cache)).returncode == 0
+    assert 1 in entry.done_units("xy") and entry.path.exists()  # not seen by the stat check ...
+    again = _run("extract", *_flags(volumes, cache), "--verify")  # ... but by the full one, and recomputed
+    assert again.returncode == 0, again.stderr
+    assert np.allclose(FeatureEntry(entry.path).read(), good, atol=1e-2)  # batch of 1 vs 4: BLAS rounding

@@ -1,5 +1,6 @@
 """Chunked feature extraction into the resumable zarr cache (random tiny ViT: real code paths, fake weights)."""
 
+import os
 import tracemalloc
 
 import dask.array as da
@@ -202,3 +203,152 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_backbone):
         compute_features(_volume(), tiny_backbone, FeatureCache(tmp_path), planes="xz")
     with pytest.raises(DinofuseError, match="multiple of 16"):
         compute_features(_volume(), tiny_backbone, FeatureCache(tmp_path), tile_size=100)
+
+
+def _set_mtime(path, mtime_ns):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, mtime_ns))
+
+
+def _counting_checksums(monkeypatch):
+    import napari_dinofuse.cache as cache_module
+
+    counted = {"n": 0}
+    original = cache_module.checksum
+
+    def counting(block, kind="crc32"):
+        counted["n"] += 1
+        return original(block, kind)
+
+    monkeypatch.setattr(cache_module, "checksum", counting)
+    return counted
+
+
+def test_reuse_rechecks_only_units_whose_files_changed(tmp_path, tiny_backbone, monkeypatch):
+    volume = _volume(shape=(4, 32, 32))
+    cache = FeatureCache(tmp_path)
+    entry = compute_features(volume, tiny_backbone, cache)
+    # Markers written clearly after their data (as on any file system with fine timestamps) ...
+    for unit in range(4):
+        (chunk,) = entry._chunk_files("xy", unit)
+        _set_mtime(entry._marker("xy", unit), chunk.stat().st_mtime_ns + 10**9)
+    # ... except unit 2's, in the same clock tick as its chunk: a rewrite in that tick would keep the
+    # mtime, so its stats prove nothing ("racily clean") and it is checksummed.
+    (chunk2,) = entry._chunk_files("xy", 2)
+    _set_mtime(entry._marker("xy", 2), chunk2.stat().st_mtime_ns)
+    checksums = _counting_checksums(monkeypatch)
+    compute_features(volume, tiny_backbone, cache)
+    assert checksums["n"] == 1  # unit 2 only: the others were trusted on two stat calls, not read
+    checksums["n"] = 0
+    compute_features(volume, tiny_backbone, cache, verify="all")
+    assert checksums["n"] == 4
+    with pytest.raises(DinofuseError, match="verify"):
+        compute_features(volume, tiny_backbone, cache, verify="sometimes")
+
+
+def test_damage_that_keeps_size_and_mtime_is_refused_on_read_then_recomputed(tmp_path, counting_backbone):
+    volume = _volume(shape=(4, 32, 48))
+    cache = FeatureCache(tmp_path)
+    good = compute_features(volume, counting_backbone, cache).read()
+    entry = FeatureEntry(cache.entries()[0].path)
+    (victim,) = entry._chunk_files("xy", 1)
+    st = victim.stat()
+    raw = bytearray(victim.read_bytes())
+    raw[64:72] = bytes(b ^ 0x55 for b in raw[64:72])  # silent bit rot: same size, same mtime
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert np.array_equal(entry.read((slice(0, 1),)), good[:, :1])  # other units still read
+    with pytest.raises(CacheError, match="damaged"):
+        entry.read()  # the chunk's CRC32C fails: never returned as features
+    assert entry.done_units("xy") == {0, 2, 3}  # and the unit is unmarked ...
+    calls = counting_backbone.calls["slices"]
+    repaired = compute_features(volume, counting_backbone, cache)  # ... so the next run recomputes it
+    assert counting_backbone.calls["slices"] - calls == 1
+    assert np.allclose(repaired.read(), good, atol=1e-2)
+
+
+def test_markers_of_the_first_format_are_still_trusted_after_a_check(tmp_path, counting_backbone):
+    import json
+
+    from napari_dinofuse.cache import checksum
+
+    volume = _volume(shape=(3, 32, 32))
+    cache = FeatureCache(tmp_path)
+    entry = compute_features(volume, counting_backbone, cache)
+    for unit in range(3):  # format 1: a BLAKE2b of the bytes, no file stats; unit 2's is wrong
+        block = entry.read((slice(unit, unit + 1),))[:, 0]
+        digest = checksum(block, "blake2b") if unit < 2 else "0" * 32
+        entry._marker("xy", unit).write_text(json.dumps({"blake2b": digest}))
+    calls = counting_backbone.calls["slices"]
+    compute_features(volume, counting_backbone, cache)
+    assert counting_backbone.calls["slices"] - calls == 1  # unit 2 only
+    record = json.loads(entry._marker("xy", 0).read_text())
+    assert set(record) == {"crc32", "chunks"}  # checked once, then upgraded
+
+
+def test_cancel_while_the_writer_is_behind_keeps_exactly_the_computed_slices(tmp_path, counting_backbone,
+                                                                             monkeypatch):
+    import time
+
+    volume = _volume(shape=(12, 40, 40))
+    cache = FeatureCache(tmp_path)
+    original = FeatureEntry.write_units
+
+    def slow(self, *args):  # a slow disk: the ViT runs ahead of the writer thread
+        time.sleep(0.2)
+        return original(self, *args)
+
+    monkeypatch.setattr(FeatureEntry, "write_units", slow)
+    _cancel_after(extract_features(volume, counting_backbone, cache, batch_size=2), slices=6)
+    assert counting_backbone.calls["slices"] == 6
+    entry = FeatureEntry(cache.entries()[0].path)
+    assert entry.done_units("xy") == set(range(6))  # closing waited for the writer: nothing computed is lost
+    monkeypatch.setattr(FeatureEntry, "write_units", original)
+    finished = compute_features(volume, counting_backbone, cache, batch_size=2)
+    assert counting_backbone.calls["slices"] == 12
+    reference = compute_features(volume, counting_backbone, FeatureCache(tmp_path / "fresh"), batch_size=2)
+    assert np.array_equal(finished.read(), reference.read())
+
+
+def test_a_failed_write_surfaces_and_leaves_no_marker_without_data(tmp_path, counting_backbone, monkeypatch):
+    volume = _volume(shape=(10, 32, 32))
+    cache = FeatureCache(tmp_path)
+    original = FeatureEntry.write_units
+    batches = []
+
+    def failing(self, plane, units, blocks):
+        batches.append(list(units))
+        if len(batches) == 2:  # the first unit's data goes out, then the disk is full
+            self._arrays[plane][self._unit_region(plane, units[0])] = blocks[0]
+            raise OSError(28, "No space left on device")
+        return original(self, plane, units, blocks)
+
+    monkeypatch.setattr(FeatureEntry, "write_units", failing)
+    with pytest.raises(OSError, match="No space"):
+        compute_features(volume, counting_backbone, cache, batch_size=2)
+    assert batches[:2] == [[0, 1], [2, 3]] and len(batches) == 2  # nothing written after the error
+    entry = FeatureEntry(cache.entries()[0].path)
+    assert entry.done_units("xy") == {0, 1}  # unit 2's data is on disk but unmarked
+    monkeypatch.setattr(FeatureEntry, "write_units", original)
+    finished = compute_features(volume, counting_backbone, cache, batch_size=2)
+    reference = compute_features(volume, counting_backbone, FeatureCache(tmp_path / "fresh"), batch_size=2)
+    assert np.array_equal(finished.read(), reference.read())
+
+
+def test_an_error_mid_volume_keeps_the_batches_before_it(tmp_path, tiny_backbone, monkeypatch):
+    volume = _volume(shape=(6, 32, 32))
+    cache = FeatureCache(tmp_path)
+    original = tiny_backbone.patch_features
+    calls = []
+
+    def out_of_memory_on_the_third_batch(images):
+        calls.append(images.shape[0])
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory")
+        return original(images)
+
+    monkeypatch.setattr(tiny_backbone, "patch_features", out_of_memory_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compute_features(volume, tiny_backbone, cache, batch_size=2)
+    entry = FeatureEntry(cache.entries()[0].path)
+    assert entry.done_units("xy") == {0, 1, 2, 3}  # the batches handed to the writer were written

@@ -5,21 +5,30 @@ Layout of an entry ``<root>/<key>/``::
     signature.json      what the features were computed from (written last: no file, no entry)
     features.zarr/      one float16 array per plane family: xy (and xz, yz for ortho),
                         each (C, Z, ceil(Y/16), ceil(X/16)) at patch resolution
-    done/<plane>-<unit>.json   one marker per finished unit of work, with a checksum of its bytes
+    done/<plane>-<unit>.json   one marker per finished unit of work: a checksum of its bytes and the size
+                               and modification time of its chunk files when they were written
 
 A unit (an xy slice, or a 16-plane block of xz / yz planes) counts as present only when its marker
 exists, and the marker is written after its data. A run killed mid-write therefore leaves that unit
-unmarked and it is recomputed; a chunk damaged later fails its checksum on verification and is
-recomputed too. Readers never take unmarked data as valid.
+unmarked and it is recomputed. Readers never take unmarked data as valid.
+
+Damage is caught at three depths. Every chunk carries a CRC32C (zarr codec) that every read checks, so a
+damaged or truncated chunk is never returned as features: the read fails and unmarks the damaged units.
+Each extraction re-checksums the units whose chunk files changed size or modification time since their
+marker was written (a few stat calls per unit, not a re-read of the features); ``verify(full=True)``
+re-checksums every unit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +36,7 @@ import numpy as np
 
 from .errors import DinofuseError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CRC32C per chunk, CRC-32 + file stats in markers (1 still reads)
 CACHE_ENV = "DINOFUSE_CACHE"
 PLANE_SETS = {"xy": ("xy",), "ortho": ("xy", "xz", "yz")}
 # Axis of the (C, Z, GY, GX) array that one unit of each plane family fills: one index along it.
@@ -52,17 +61,30 @@ def signature_key(signature: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def checksum(block: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(block).tobytes(), digest_size=16).hexdigest()
+def checksum(block: np.ndarray, kind: str = "crc32") -> str:
+    """A checksum of an array's bytes: CRC-32 (several GB/s; markers of format 1 used BLAKE2b)."""
+    data = np.ascontiguousarray(block)
+    if kind == "blake2b":
+        return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
+    return f"{zlib.crc32(data):08x}"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _file_stat(path: Path) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # zarr deletes a chunk that equals the fill value
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _folder_bytes(path: Path) -> int:
@@ -104,23 +126,64 @@ class FeatureEntry:
         prefix = f"{plane}-"
         return {int(p.stem[len(prefix):]) for p in (self.path / "done").glob(f"{prefix}*.json")}
 
+    def _chunk_files(self, plane: str, unit: int) -> list[Path]:
+        """The chunk files that hold one unit (one along its axis, usually one in all)."""
+        array = self._arrays[plane]
+        axis = _UNIT_AXIS[plane]
+        ranges = [range(n) for n in array.cdata_shape]
+        ranges[axis] = range(unit, unit + 1)  # chunks are one unit thick along the unit axis
+        root = self.path / "features.zarr" / plane
+        return [root / array.metadata.encode_chunk_key(coords) for coords in itertools.product(*ranges)]
+
+    def _write_marker(self, plane: str, unit: int, digest: str) -> None:
+        # No fsync: a marker lost in a crash only means a recomputation; a chunk lost or cut short in one no
+        # longer matches the size recorded here and is rechecked (or fails its CRC32C when read).
+        record = {"crc32": digest, "chunks": [_file_stat(p) for p in self._chunk_files(plane, unit)]}
+        atomic_write_text(self._marker(plane, unit), json.dumps(record), fsync=False)
+
     def write_unit(self, plane: str, unit: int, block: np.ndarray) -> None:
         """Write one unit's features, then (only then) its marker."""
-        block = np.ascontiguousarray(block, dtype=np.float16)
-        self._arrays[plane][self._unit_region(plane, unit)] = block
-        atomic_write_text(self._marker(plane, unit), json.dumps({"blake2b": checksum(block)}))
+        self.write_units(plane, [unit], [block])
 
-    def verify(self, plane: str) -> list[int]:
-        """Re-read every finished unit; unmark (so they are recomputed) those that are damaged."""
+    def write_units(self, plane: str, units, blocks) -> None:
+        """Write several units' features, then (only then) their markers."""
+        blocks = [np.ascontiguousarray(b, dtype=np.float16) for b in blocks]
+        array = self._arrays[plane]
+        for unit, block in zip(units, blocks):
+            array[self._unit_region(plane, unit)] = block
+        for unit, block in zip(units, blocks):
+            self._write_marker(plane, unit, checksum(block))
+
+    def _unchanged(self, plane: str, unit: int, record: dict, marker: Path) -> bool:
+        """Whether the unit's chunk files are exactly as when its marker was written (stat calls only).
+
+        A recorded modification time as new as the marker's own is not trusted: on file systems with coarse
+        timestamps a rewrite in the same tick would keep it (git's "racily clean" files).
+        """
+        recorded = record.get("chunks")
+        if not recorded or recorded != [_file_stat(p) for p in self._chunk_files(plane, unit)]:
+            return False
+        written = marker.stat().st_mtime_ns
+        return all(stat is not None and stat[1] < written for stat in recorded)
+
+    def verify(self, plane: str, full: bool = False) -> list[int]:
+        """Re-checksum the finished units whose chunk files changed since they were marked (every unit when
+        ``full``); unmark (so they are recomputed) those that are damaged. Returns the damaged units."""
         bad = []
         for unit in sorted(self.done_units(plane)):
             marker = self._marker(plane, unit)
             try:
-                expected = json.loads(marker.read_text())["blake2b"]
-                ok = checksum(np.asarray(self._arrays[plane][self._unit_region(plane, unit)])) == expected
-            except Exception:  # unreadable marker or chunk: same remedy
+                record = json.loads(marker.read_text())
+                if not full and self._unchanged(plane, unit, record, marker):
+                    continue
+                kind = "crc32" if "crc32" in record else "blake2b"  # format 1 markers: BLAKE2b
+                block = np.asarray(self._arrays[plane][self._unit_region(plane, unit)])
+                ok = checksum(block, kind) == record[kind]
+            except Exception:  # unreadable marker or chunk (a failed CRC32C, a truncated file): same remedy
                 ok = False
-            if not ok:
+            if ok:  # intact: record the files as they are now, so the next run trusts them without reading
+                self._write_marker(plane, unit, record[kind] if kind == "crc32" else checksum(block))
+            else:
                 marker.unlink(missing_ok=True)
                 bad.append(unit)
         return bad
@@ -151,10 +214,29 @@ class FeatureEntry:
                                  f"({len(missing)} {plane} units missing): run the extraction again to finish them")
         self._known_complete = self._known_complete or self.complete
         full = (slice(None), *region)
-        if len(self.planes) == 1:
-            return np.asarray(self._arrays[self.planes[0]][full])
-        total = sum(np.asarray(self._arrays[p][full], dtype=np.float32) for p in self.planes)
-        return (total / len(self.planes)).astype(np.float16)
+        try:
+            if len(self.planes) == 1:
+                return np.asarray(self._arrays[self.planes[0]][full])
+            total = sum(np.asarray(self._arrays[p][full], dtype=np.float32) for p in self.planes)
+            return (total / len(self.planes)).astype(np.float16)
+        except Exception as exc:  # a chunk failed its CRC32C or is cut short: unmark what is damaged
+            bad = self._unmark_damaged(region)
+            self._known_complete = False
+            raise CacheError(f"features of {self.info.get('source', 'this volume')} are damaged on disk "
+                             f"({len(bad)} units; {type(exc).__name__}: {exc}): run the extraction again to "
+                             "recompute them") from None
+
+    def _unmark_damaged(self, region) -> list[tuple[str, int]]:
+        bad = []
+        for plane in self.planes:
+            axis = _UNIT_AXIS[plane]
+            for unit in range(self.shape[axis])[region[axis - 1]]:
+                try:
+                    np.asarray(self._arrays[plane][self._unit_region(plane, unit)])
+                except Exception:
+                    self._marker(plane, unit).unlink(missing_ok=True)
+                    bad.append((plane, unit))
+        return bad
 
     def nbytes_on_disk(self) -> int:
         return _folder_bytes(self.path)
@@ -192,6 +274,7 @@ class FeatureCache:
 
     def _create(self, path: Path, signature: dict, shape, info: dict) -> FeatureEntry:
         import zarr
+        from zarr.codecs import Crc32cCodec
 
         if path.exists():  # a creation that died before signature.json: start it over
             shutil.rmtree(path)
@@ -202,8 +285,9 @@ class FeatureCache:
                              "folder (--cache DIR or $DINOFUSE_CACHE)") from None
         group = zarr.open_group(str(path / "features.zarr"), mode="w")
         for plane in PLANE_SETS[signature["planes"]]:
+            # fp16 features do not compress usefully; the CRC32C codec makes every read check its chunk.
             group.create_array(plane, shape=shape, chunks=_chunks(plane, shape), dtype="float16",
-                               compressors=None, fill_value=0)
+                               compressors=[Crc32cCodec()], fill_value=0)
         record = {"format": FORMAT_VERSION, "signature": signature, "shape": list(shape),
                   "info": {**info, "created": time.time()}}
         atomic_write_text(path / "signature.json", json.dumps(record, indent=1))

@@ -122,7 +122,8 @@ def _extract(args) -> int:
     for volume in volumes:
         start = time.perf_counter()
         entry = _follow(extract_features(volume, backbone, cache, planes=args.planes, tile_size=args.tile_size,
-                                         batch_size=args.batch_size), volume.name)
+                                         batch_size=args.batch_size, verify="all" if args.verify else "changed"),
+                        volume.name)
         print(f"{volume.name}: features {entry.shape} in {entry.path} ({format_bytes(entry.nbytes_on_disk())}, "
               f"{time.perf_counter() - start:.1f} s)")
     print(f"cache {cache.root}: {format_bytes(cache.size_bytes())} in all")
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_feature_args(extract)
     extract.add_argument("--tile-size", type=int, default=1024, metavar="PX",
                          help="slices wider than this are tiled with overlap (default 1024)")
+    extract.add_argument("--verify", action="store_true",
+                         help="re-read and re-checksum every finished unit first (default: only those whose "
+                              "files changed since they were written)")
     extract.set_defaults(func=_extract)
 
     train = sub.add_parser("train", help="fine-tune the context-fused 3D UNet on sparse painted labels",

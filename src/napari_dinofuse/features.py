@@ -10,11 +10,17 @@ block and linearly interpolated along z onto the same grid, and a read averages 
 
 :func:`extract_features` is a generator: it yields :class:`Progress` between batches, so any driver can
 show progress and stop it (``close()``) at a batch boundary; every finished unit stays in the cache.
+
+xy batches are written by one background thread (:class:`_Writer`) while the next batch runs through the
+ViT: the device never waits for the disk, and at most two batches of features wait in host memory.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Generator, Iterable
+
 import numpy as np
 import torch
 
@@ -66,15 +72,23 @@ def feature_signature(volume: Volume, backbone: Backbone, planes: str, tile_size
 
 def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, *,
                      planes: str = "xy", tile_size: int = DEFAULT_TILE_SIZE, batch_size: int | None = None,
-                     intensity: str = "auto", verify: bool = True
+                     intensity: str = "auto", verify: str | bool = "changed"
                      ) -> Generator[Progress, None, FeatureEntry]:
-    """Extract (or resume, or reuse) the patch-grid features of ``volume``; returns the cache entry."""
+    """Extract (or resume, or reuse) the patch-grid features of ``volume``; returns the cache entry.
+
+    ``verify``: which finished units are re-checksummed (and recomputed if damaged) first: ``"changed"``
+    those whose chunk files changed since they were marked (stat calls only), ``"all"`` (or True) every
+    one (reads all the features), ``"none"`` (or False) none.
+    """
+    verify = {True: "all", False: "none"}.get(verify, verify)
+    if verify not in ("changed", "all", "none"):
+        raise InputError(f"unknown verify mode {verify!r}: use changed, all or none")
     batch_size = batch_size or (16 if backbone.device.type == "cuda" else 4)
     yield Progress(0, 1, f"{volume.name}: identifying the data")
     entry = open_entry(volume, backbone, cache, planes=planes, tile_size=tile_size, intensity=intensity)
-    if verify:
+    if verify != "none":
         for plane in entry.planes:
-            entry.verify(plane)
+            entry.verify(plane, full=verify == "all")
     todo = missing_units(entry)
     total = sum(len(units) * _slices_per_unit(plane, volume.shape) for plane, units in todo.items())
     done = 0
@@ -193,29 +207,110 @@ class FeatureSource:
 
 
 class _SliceExtractor:
-    """2D grayscale slices (B, H, W) of the raw dtype -> patch features (B, C, gh, gw) float32."""
+    """2D grayscale slices (B, H, W) of the raw dtype -> patch features (B, C, gh, gw).
+
+    The raw slices go to the device as they are (uint8: a quarter of float32's bytes) and are normalised
+    there; tiles are stitched there and the features leave it once, already in the dtype asked for.
+    """
+
+    # dtypes that torch converts to float exactly as numpy does; others are converted on the host first
+    _DEVICE_DTYPES = (np.uint8, np.int8, np.int16, np.int32, np.float16, np.float32)
 
     def __init__(self, backbone: Backbone, tile_size: int, low: float, high: float, name: str):
         self.backbone, self.tile_size, self.low, self.high, self.name = backbone, tile_size, low, high, name
 
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        images = torch.from_numpy(np.ascontiguousarray(slices).astype(np.float32, copy=False))
-        if not torch.isfinite(images).all():
+    def __call__(self, slices: np.ndarray, dtype=torch.float32) -> np.ndarray:
+        return self.start(slices, dtype).result()
+
+    @torch.inference_mode()
+    def start(self, slices: np.ndarray, dtype=torch.float16) -> _Pending:
+        """Launch the features of ``slices``; on CUDA this returns before the device has finished."""
+        array = np.ascontiguousarray(slices)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"{self.name} contains NaN or infinite values: fill or mask them first")
-        images = to_unit_range(images, self.low, self.high)
+        if array.dtype not in self._DEVICE_DTYPES:
+            array = array.astype(np.float32)
+        elif not array.flags.writeable:  # torch wants writable memory (read-only memory maps)
+            array = array.copy()
+        images = torch.from_numpy(array)
+        device = self.backbone.device
+        if device.type == "cuda":
+            images = images.pin_memory().to(device, non_blocking=True)
+        images = to_unit_range(images.to(device), self.low, self.high)
         h, w = images.shape[1:]
         ys, xs = _axis_tiles(h, self.tile_size), _axis_tiles(w, self.tile_size)
         if len(ys) == 1 and len(xs) == 1:
-            return self.backbone.patch_features(images).cpu().numpy()
-        out = np.empty((images.shape[0], self.backbone.embed_dim, ys[-1][3], xs[-1][3]), np.float32)
+            return _Pending(self.backbone.patch_features(images).to(dtype))
+        out = torch.empty((images.shape[0], self.backbone.embed_dim, ys[-1][3], xs[-1][3]), dtype=dtype,
+                          device=device)
         for ty in ys:
             for tx in xs:
                 tile = images[:, ty[0] * PATCH_SIZE:min(ty[1] * PATCH_SIZE, h),
                               tx[0] * PATCH_SIZE:min(tx[1] * PATCH_SIZE, w)]
-                feats = self.backbone.patch_features(tile).cpu().numpy()
+                feats = self.backbone.patch_features(tile)
                 out[:, :, ty[2]:ty[3], tx[2]:tx[3]] = feats[:, :, ty[2] - ty[0]:ty[3] - ty[0],
                                                             tx[2] - tx[0]:tx[3] - tx[0]]
-        return out
+        return _Pending(out)
+
+
+class _Pending:
+    """Features on their way to the host: a CUDA copy into pinned memory that ``result()`` waits for."""
+
+    def __init__(self, features: torch.Tensor):
+        features = features.contiguous()
+        self._event = None
+        if features.device.type == "cuda":
+            self._host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            self._host.copy_(features, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = features.cpu()
+
+    def result(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+class _Writer:
+    """Writes batches of finished units on one background thread (data first, then markers).
+
+    ``put`` blocks while ``depth`` batches already wait, so host memory stays bounded. ``close`` writes what
+    was handed over (a Cancel keeps every slice computed so far) and then re-raises a write error; after an
+    error nothing more is written, so no marker ever stands for data that was not written.
+    """
+
+    def __init__(self, entry: FeatureEntry, plane: str, depth: int = 1):
+        self.entry, self.plane = entry, plane
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dinofuse-feature-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                units, pending = item
+                try:
+                    features = pending.result()
+                    self.entry.write_units(self.plane, units, [features[i] for i in range(len(units))])
+                except BaseException as exc:  # reported by the next put() or by close()
+                    self._error = exc
+
+    def put(self, units: list[int], pending: _Pending) -> None:
+        self._check()
+        self._queue.put((units, pending))
+
+    def close(self, check: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if check:
+            self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _axis_tiles(n_pixels: int, tile_size: int) -> list[tuple[int, int, int, int]]:
@@ -250,11 +345,16 @@ def _runs(units: list[int], batch_size: int) -> Iterable[tuple[int, int]]:
 
 
 def _xy_units(volume, entry, units, batch_size, extractor) -> Iterable[int]:
-    for z0, z1 in _runs(units, batch_size):
-        feats = extractor(read_region(volume.data, slice(z0, z1))).astype(np.float16)
-        for i, z in enumerate(range(z0, z1)):
-            entry.write_unit("xy", z, feats[i])
-        yield z1 - z0
+    """Batch k+1 is read and runs on the device while the writer thread stores batch k."""
+    writer = _Writer(entry, "xy")
+    try:
+        for z0, z1 in _runs(units, batch_size):
+            writer.put(list(range(z0, z1)), extractor.start(read_region(volume.data, slice(z0, z1))))
+            yield z1 - z0
+    except BaseException:  # an error, or close() (Cancel): store what was computed, keep the first error
+        writer.close(check=False)
+        raise
+    writer.close()
 
 
 def _ortho_units(volume, entry, plane, units, batch_size, extractor) -> Iterable[int]:
