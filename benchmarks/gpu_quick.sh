@@ -27,10 +27,10 @@ main() {
     fi
     export PYTHONUNBUFFERED=1
     echo "=== bench_features $BB (t=${SECONDS}s)"
-    timeout -k 5 80 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
+    timeout -k 5 70 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
     echo "=== bench_features: rc=$? at t=${SECONDS}s"
     echo "=== check_cuda_backbone $BB (t=${SECONDS}s)"
-    timeout -k 5 60 $PY benchmarks/check_cuda_backbone.py --backbone "$BB" --device "$DEV" "${CHECK[@]}"
+    timeout -k 5 55 $PY benchmarks/check_cuda_backbone.py --backbone "$BB" --device "$DEV" "${CHECK[@]}"
     echo "=== check_cuda_backbone: rc=$? at t=${SECONDS}s"
 }
 
