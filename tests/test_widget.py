@@ -229,6 +229,12 @@ def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notification
     viewer, widget = _widget(make_napari_viewer, qtbot)
     errors = lambda: [str(n.message) for n in notifications if n.severity == "error"]
 
+    # Renaming the chosen layer keeps it chosen.
+    viewer.layers["context"].name = "wide view"
+    assert widget.context_combo.currentText() == "wide view"
+    assert widget.context_combo.layer() is viewer.layers["wide view"]
+    viewer.layers["wide view"].name = "context"
+
     # One painted class, then none: refused before any slow work, and the widget stays usable.
     labels = widget.new_annotation_layer()
     labels.paint((16, 128, 128), 1)

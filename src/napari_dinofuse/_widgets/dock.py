@@ -36,7 +36,7 @@ from ..defaults import default_backbone_spec
 from ..errors import DinofuseError
 from ..session import CANCELLED, Session, SessionSettings, volume_from_layer
 from .loss_plot import LossPlot
-from .results import ATTENTION_LAYERS, ours, show_prediction
+from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
 
 NONE = "(none)"
 WHOLE, AROUND_VIEW = "whole volume", "region around the view"
@@ -77,7 +77,10 @@ class _Failed:
 
 
 class _LayerCombo(QComboBox):
-    """Layers of one kind (Image or Labels) in the viewer, kept in sync with the layer list."""
+    """Layers of one kind (Image or Labels) in the viewer, kept in sync with the layer list.
+
+    The choice follows the layer itself (item data = its id), so renaming the chosen layer keeps it chosen.
+    """
 
     def __init__(self, viewer, kind: str, allow_none: bool = False, prefer: str | None = None):
         super().__init__()
@@ -86,25 +89,27 @@ class _LayerCombo(QComboBox):
 
     def layers(self):
         return [layer for layer in self.viewer.layers
-                if type(layer).__name__ == self.kind and layer.metadata.get("napari-dinofuse") is None]
+                if type(layer).__name__ == self.kind and layer.metadata.get(MARK) is None]
 
     def refresh(self) -> None:
-        current = self.currentText()
-        names = ([NONE] if self.allow_none else []) + [layer.name for layer in self.layers()]
+        chosen, text = self.currentData(), self.currentText()
         self.blockSignals(True)
         self.clear()
-        self.addItems(names)
-        for wanted in (current, self.prefer):
-            if wanted in names:
-                self.setCurrentText(wanted)
-                break
+        if self.allow_none:
+            self.addItem(NONE, None)
+        for layer in self.layers():
+            self.addItem(layer.name, id(layer))
+        index = self.findData(chosen) if chosen is not None else -1
+        if index < 0 and self.prefer is not None:
+            index = self.findText(self.prefer)
+        self.setCurrentIndex(max(index, 0))
         self.blockSignals(False)
-        if self.currentText() != current:
+        if self.currentText() != text:
             self.currentTextChanged.emit(self.currentText())
 
     def layer(self):
-        name = self.currentText()
-        return self.viewer.layers[name] if name and name != NONE and name in self.viewer.layers else None
+        wanted = self.currentData()
+        return next((layer for layer in self.layers() if id(layer) == wanted), None)
 
 
 class DinofuseWidget(QWidget):
@@ -135,6 +140,9 @@ class DinofuseWidget(QWidget):
         events = self.viewer.layers.events
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
+        events.inserted.connect(lambda event: event.value.events.name.connect(self._refresh_layers))
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
         self._refresh_layers()
         self._prefill("raw")
         self._prefill("context")
