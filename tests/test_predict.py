@@ -247,3 +247,74 @@ def test_cancel_keeps_a_previous_output_and_refuses_foreign_paths(tmp_path, mode
     foreign.mkdir()
     with pytest.raises(InputError, match="not a dinofuse prediction"):
         ZarrSink(foreign)
+
+
+def _per_tile_reference(source, tile, full_yx, intensity):
+    """What predict read per tile before block reads: FeatureSource.tile on the real slices, then edge padding."""
+    before = max(0, -tile[0].start)
+    raw, ctx, image = source.tile((slice(tile[0].start + before, tile[0].stop), *tile[1:]), intensity=intensity)
+    raw, ctx, image = (None if a is None else np.pad(a, [(0, 0), (before, 0), (0, 0), (0, 0)], mode="edge")
+                       for a in (raw, ctx, image))
+    if image is not None:
+        image = np.pad(image, [(0, 0), (0, 0)] + [(0, f - s) for f, s in zip(full_yx, image.shape[2:])],
+                       mode="edge")
+    return raw, ctx, image
+
+
+@pytest.mark.parametrize("roi", [None, (slice(3, 17), slice(20, 71), slice(5, 90))])
+def test_block_reads_equal_the_per_tile_reads(source, roi):
+    """Features read once per block and sliced per tile equal FeatureSource.tile, tile by tile (incl. slices
+    before the volume, edge-padded, and intensity tiles padded to whole patches)."""
+    from napari_dinofuse.predict import plan_prediction
+
+    plan = plan_prediction(_model("concat", intensity_stem=True), source, roi, **SMALL)
+    assert any(outer[0].start < 0 for _, outer, _ in plan.blocks) == (roi is not None)
+    for _, outer, tiles in plan.blocks:
+        block = source.block(outer, "cpu", context=True, intensity=True)
+        for tile in tiles:
+            full_yx = tuple(-(-(s.stop - s.start) // 16) * 16 for s in tile[1:])
+            got = block.tile(tile, full_yx=full_yx)
+            for g, want in zip(got, _per_tile_reference(source, tile, full_yx, True)):
+                assert g.dtype == torch.float32 and tuple(g.shape) == want.shape
+                np.testing.assert_allclose(g.numpy(), want, rtol=0, atol=1e-6)
+
+
+def test_device_blending_equals_the_numpy_accumulator():
+    from napari_dinofuse.predict import _DeviceBlend
+    from napari_dinofuse.tiling import BlendAccumulator, blending_weights
+
+    rng = np.random.default_rng(1)
+    shape, origin = (12, 40, 36), (4, 0, 16)
+    ref, dev = BlendAccumulator(shape, 3, origin=origin), _DeviceBlend(shape, 3, torch.device("cpu"), origin=origin)
+    window = blending_weights((8, 24, 24), (4, 8, 8))
+    for start in [(0, 0, 16), (2, 10, 30), (10, 24, 40), (-4, 30, 8), (14, 0, 16), (60, 0, 0)]:
+        tile = tuple(slice(s, s + n) for s, n in zip(start, window.shape))
+        values = rng.random((3, *window.shape), dtype=np.float32)
+        ref.add(tile, values, window)
+        dev.add(tile, torch.from_numpy(values), window)
+    region = (slice(1, 11), slice(0, 40), slice(3, 30))
+    np.testing.assert_array_equal(dev.result(region), ref.result()[(slice(None), *region)])
+
+
+def test_predictions_equal_the_per_tile_path(source, monkeypatch):
+    """predict with block reads gives what per-tile reads (the previous path) give."""
+
+    class PerTile:
+        def __init__(self, src, region, device, context, intensity):
+            self.device, self.context, self.intensity = torch.device(device), context, intensity
+
+        def tile(self, region, full_yx=None):
+            raw, ctx, image = _per_tile_reference(source, region, full_yx, self.intensity)
+            return tuple(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in
+                         (raw, ctx if self.context else None, image))
+
+    model = _model("attention", intensity_stem=True)
+    roi = (slice(3, 20), slice(0, 80), slice(20, 96))
+    new = predict_to_memory(model, source, roi, device="cpu", **SMALL).arrays
+    monkeypatch.setattr(FeatureSource, "block", lambda self, region, device="cpu", context=True,
+                        intensity=False: PerTile(self, region, device, context, intensity))
+    old = predict_to_memory(model, source, roi, device="cpu", **SMALL).arrays
+    assert new.keys() == old.keys()
+    for name in new:
+        np.testing.assert_allclose(new[name].astype(np.float32), old[name].astype(np.float32), rtol=0, atol=1e-3)
+    assert np.array_equal(new["labels"], old["labels"])

@@ -197,13 +197,96 @@ class FeatureSource:
         return raw, ctx, image
 
     def _context_on(self, target: Grid) -> np.ndarray:
+        first, last = self._context_window(target)
+        window = self.context_features.read(tuple(slice(a, b) for a, b in zip(first, last))).astype(np.float32)
+        return resample(window, feature_grid(self.context).crop(first, last), target, check_coverage=False)
+
+    def _context_window(self, target: Grid) -> tuple[np.ndarray, np.ndarray]:
+        """The context patches [first, last) that :meth:`_context_on` reads for ``target``."""
         src = feature_grid(self.context)
         lo, hi = target.bounds
         first = np.floor(src.world_to_index(lo)).astype(int) - 1
         last = np.ceil(src.world_to_index(hi)).astype(int) + 2
-        first, last = np.maximum(first, 0), np.minimum(last, src.shape)
-        window = self.context_features.read(tuple(slice(a, b) for a, b in zip(first, last))).astype(np.float32)
-        return resample(window, src.crop(first, last), target, check_coverage=False)
+        return np.maximum(first, 0), np.minimum(last, src.shape)
+
+    def block(self, region, device="cpu", context: bool = True, intensity: bool = False) -> BlockFeatures:
+        """Everything :meth:`tile` would read for the tiles inside ``region``, read once (see :class:`BlockFeatures`)."""
+        return BlockFeatures(self, region, torch.device(device), context, intensity)
+
+
+class BlockFeatures:
+    """The features of one block (e.g. a prediction block's outer region), read once, tiles sliced from them.
+
+    ``region``: raw voxels with y/x starts on the patch grid; the z start may be negative (slices before the
+    volume, edge-padded like ``np.pad(mode="edge")``). The block's raw features (as stored, fp16) and the
+    context feature window covering it are read once and kept on ``device``; :meth:`tile` slices a tile's
+    raw features from them and resamples its context there (torch), reading the same context window that
+    :meth:`FeatureSource.tile` would, so values match it to float rounding. Memory: one block of features.
+    """
+
+    def __init__(self, source: FeatureSource, region, device: torch.device, context: bool, intensity: bool):
+        zs, ys, xs = region
+        if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
+            raise ValueError(f"block y/x starts must lie on the {PATCH_SIZE}-pixel patch grid, got {region}")
+        self.source, self.device = source, device
+        self.z0 = max(0, zs.start)  # first real slice
+        self.patch_start = np.array([self.z0, ys.start // PATCH_SIZE, xs.start // PATCH_SIZE])
+        patch_stop = np.array([zs.stop, -(-ys.stop // PATCH_SIZE), -(-xs.stop // PATCH_SIZE)])
+        region_patches = tuple(slice(int(a), int(b)) for a, b in zip(self.patch_start, patch_stop))
+        self.raw = torch.from_numpy(np.ascontiguousarray(source.raw_features.read(region_patches))).to(device)
+        self.context = None
+        if context and source.context is not None:
+            target = source.grid.crop(self.patch_start, patch_stop)
+            self.ctx_first, ctx_last = source._context_window(target)
+            window = source.context_features.read(tuple(slice(a, b) for a, b in zip(self.ctx_first, ctx_last)))
+            self.context = torch.from_numpy(np.ascontiguousarray(window)).to(device)
+        self.image = None
+        if intensity:
+            self.image_start = np.array([self.z0, ys.start, xs.start])
+            self.image = read_region(source.raw.data, (slice(self.z0, zs.stop), ys, xs))
+
+    def tile(self, region, full_yx=None):
+        """(raw (C, z, gy, gx), context (C', z, gy, gx) or None, intensity (1, z, y, x) or None), float32 on
+        the block's device, for ``region`` (raw voxels, inside the block; z may start before the volume).
+
+        ``full_yx``: pad the intensity tile (edge) to this y/x size (e.g. whole patches).
+        """
+        zs, ys, xs = region
+        if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
+            raise ValueError(f"tile y/x starts must lie on the {PATCH_SIZE}-pixel patch grid, got {region}")
+        src = self.source
+        before = max(0, -zs.start)
+        real = np.array([zs.start + before, ys.start // PATCH_SIZE, xs.start // PATCH_SIZE])
+        stop = np.array([zs.stop, -(-ys.stop // PATCH_SIZE), -(-xs.stop // PATCH_SIZE)])
+        a, b = real - self.patch_start, stop - self.patch_start
+        raw = self.raw[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]].float()
+        ctx = None
+        if self.context is not None:
+            target = src.grid.crop(real, stop)
+            first, last = src._context_window(target)
+            lo, hi = first - self.ctx_first, last - self.ctx_first
+            window = self.context[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            window_grid = feature_grid(src.context).crop(first, last)
+            if self.device.type == "cpu":  # numpy's take is faster than torch's index_select on a CPU
+                ctx = torch.from_numpy(resample(window.numpy().astype(np.float32), window_grid, target,
+                                                check_coverage=False))
+            else:
+                ctx = resample(window.float(), window_grid, target, check_coverage=False)
+        image = None
+        if self.image is not None:
+            i0 = np.array([zs.start + before, ys.start, xs.start]) - self.image_start
+            i1 = np.array([zs.stop, ys.stop, xs.stop]) - self.image_start
+            image = to_unit_range(self.image[i0[0]:i1[0], i0[1]:i1[1], i0[2]:i1[2]], src.low, src.high).numpy()[None]
+            pad = [(0, 0), (before, 0)]
+            pad += [(0, 0)] * 2 if full_yx is None else [(0, f - s) for f, s in zip(full_yx, image.shape[2:])]
+            if any(p for _, p in pad[2:]) or before:
+                image = np.pad(image, pad, mode="edge")
+            image = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        if before:  # slices before the volume repeat the first one (np.pad "edge")
+            index = torch.clamp(torch.arange(-before, zs.stop - zs.start - before, device=self.device), min=0)
+            raw = raw.index_select(1, index)
+            ctx = None if ctx is None else ctx.index_select(1, index)
+        return raw, ctx, image
 
 
 class _SliceExtractor:

@@ -42,11 +42,11 @@ import torch
 
 from .backbone import PATCH_SIZE, resolve_device
 from .errors import DinofuseError, InputError
-from .features import FeatureSource
+from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
 from .modeling.unet import NUM_LEVELS
 from .progress import Progress, run_to_end
-from .tiling import BlendAccumulator, blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str
+from .tiling import blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str
 
 __all__ = ["ALIGN", "MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
@@ -325,22 +325,25 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     outer_start = np.array([s.start for s in outer])  # z may be < 0: see _plan_block
     outer_shape = [s.stop - s.start for s in outer]
     real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
-    probs_acc = BlendAccumulator([s.stop - a for s, a in zip(outer, real_start)], plan.num_classes,
-                                 origin=real_start)
+    # Blending happens on the device: a tile's probabilities never leave it, only the block's result does.
+    probs_acc = _DeviceBlend([s.stop - a for s, a in zip(outer, real_start)], plan.num_classes, dev,
+                             origin=real_start)
     # Level-k coordinates relative to the outer start (both lie on the level grid).
-    att_accs = [BlendAccumulator([-(-n // f) for n in outer_shape], 1) for f in plan.factors]
+    att_accs = [_DeviceBlend([-(-n // f) for n in outer_shape], 1, dev) for f in plan.factors]
+    # The block's features are read once (and kept on the device); tiles are sliced from them.
+    features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem)
     for tile in tiles:
-        probs, maps = _run_tile(model, source, tile, dev, cfg.fusion != "none", cfg.intensity_stem, with_attention)
-        probs_acc.add(tile, probs, _window(probs.shape[1:], overlap))
+        probs, maps = _run_tile(model, features, tile, with_attention)
+        probs_acc.add(tile, probs, _window(tuple(probs.shape[1:]), overlap))
         for acc, f, att in zip(att_accs, plan.factors, maps):
             lo = [(t.start - o) // f for t, o in zip(tile, outer_start)]
             acc.add(tuple(slice(a, a + n) for a, n in zip(lo, att.shape[1:])), att,
-                    _window(att.shape[1:], tuple(o // f for o in overlap)))
+                    _window(tuple(att.shape[1:]), tuple(o // f for o in overlap)))
         yield 1
 
     inner = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, real_start))
     region = tuple(slice(c.start - r, c.stop - r) for c, r in zip(core, roi_start))
-    probs = probs_acc.result()[(slice(None), *inner)]
+    probs = probs_acc.result(inner)
     probs16 = probs.astype(np.float16)
     # Argmax of the stored fp16 values, so labels always agree with the saved probabilities.
     results = [("labels", region, (np.argmax(probs16, axis=0) + 1).astype(_label_dtype(plan.num_classes))),
@@ -352,7 +355,7 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
         shift = [(o - r) // f for o, r in zip(outer_start, roi_start)]
         sub = tuple(slice(a - s, b - s) for (a, b), s in zip(lvl, shift))
         results.append((name, tuple(slice(a, b) for a, b in lvl),
-                        acc.result()[(slice(None), *sub)][0].astype(np.float16)))
+                        acc.result(sub)[0].astype(np.float16)))
     return results
 
 
@@ -426,36 +429,63 @@ def _plan_block(block, roi_start, shape, tile_shape, overlap):
     return block.core, tuple(outer), list(product(*per_axis))
 
 
-def _run_tile(model, source: FeatureSource, tile: _Slices, dev: torch.device, use_context: bool,
-              use_intensity: bool, with_attention: bool):
-    """Softmax (K, z, y, x) and channel-mean attention maps [(1, ceil(z/f), ...)] of one tile, float32."""
+class _DeviceBlend:
+    """:class:`~napari_dinofuse.tiling.BlendAccumulator`'s weighted average, held in torch on ``device``.
+
+    Same float32 arithmetic in the same order (``sum += values * w``, ``weight += w``, ``sum / weight``),
+    so it gives the same result; tiles' outputs need not be copied to the host.
+    """
+
+    def __init__(self, shape, channels: int, device: torch.device, origin=(0, 0, 0)):
+        self.shape, self.origin = tuple(int(n) for n in shape), tuple(int(o) for o in origin)
+        self._sum = torch.zeros((channels, *self.shape), dtype=torch.float32, device=device)
+        self._weight = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        self._windows: dict = {}
+
+    def add(self, tile_slices, values: torch.Tensor, weights: np.ndarray) -> None:
+        src, dst = [], []
+        for s, o, n in zip(tile_slices, self.origin, self.shape):
+            lo, hi = s.start - o, s.stop - o
+            a, b = max(lo, 0), min(hi, n)
+            if a >= b:
+                return  # tile lies outside this region
+            dst.append(slice(a, b))
+            src.append(slice(a - lo, b - lo))
+        key = id(weights)  # _window's arrays are cached, so one upload per window shape
+        if key not in self._windows:
+            self._windows[key] = (weights, torch.from_numpy(weights).to(self._sum.device))
+        w = self._windows[key][1][tuple(src)]
+        self._sum[(slice(None), *dst)] += values[(slice(None), *src)] * w
+        self._weight[tuple(dst)] += w
+
+    def result(self, region) -> np.ndarray:
+        """``sum(w * values) / sum(w)`` (0 where nothing was added) over ``region``, as numpy float32."""
+        s, w = self._sum[(slice(None), *region)], self._weight[tuple(region)]
+        return torch.where(w > 0, s / w, torch.zeros((), dtype=s.dtype, device=s.device)).cpu().numpy()
+
+
+def _run_tile(model, features: BlockFeatures, tile: _Slices, with_attention: bool):
+    """Softmax (K, z, y, x) and channel-mean attention maps [(1, ceil(z/f), ...)] of one tile, float32
+    tensors on the block's device."""
     size = tuple(s.stop - s.start for s in tile)
-    before = max(0, -tile[0].start)  # slices before the volume (z only: y/x starts are >= 0)
-    raw, ctx, image = source.tile((slice(tile[0].start + before, tile[0].stop), *tile[1:]),
-                                  context=use_context, intensity=use_intensity)
-    if before:
-        raw, ctx, image = (None if a is None else np.pad(a, [(0, 0), (before, 0), (0, 0), (0, 0)], mode="edge")
-                           for a in (raw, ctx, image))
+    dev = features.device
     # Run at whole patches: trilinear upsampling of gy patches onto exactly 16*gy pixels puts each patch
     # feature on its own pixels; a clipped size would stretch the features. Crop the result instead.
-    full = (size[0], raw.shape[2] * PATCH_SIZE, raw.shape[3] * PATCH_SIZE)
-    if image is not None and image.shape[1:] != full:
-        image = np.pad(image, [(0, 0)] + [(0, f - s) for f, s in zip(full, image.shape[1:])], mode="edge")
-
-    def tensor(a):
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))[None].to(dev)
-
+    gy, gx = (-(-n // PATCH_SIZE) for n in size[1:])
+    full = (size[0], gy * PATCH_SIZE, gx * PATCH_SIZE)
+    raw, ctx, image = features.tile(tile, full_yx=full[1:])  # z before the volume: edge-padded
     with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
                                                 enabled=dev.type == "cuda"):
-        out = model(tensor(raw), tensor(ctx), out_shape=full, intensity=tensor(image))
+        out = model(raw[None], None if ctx is None else ctx[None], out_shape=full,
+                    intensity=None if image is None else image[None])
         logits = out.logits[0, :, :size[0], :size[1], :size[2]].float()
-        probs = torch.softmax(logits, dim=0).cpu().numpy()
+        probs = torch.softmax(logits, dim=0)
         maps = []
         if with_attention:
             for k, att in enumerate(out.attention):
                 f = 2**k
                 z, y, x = (-(-n // f) for n in size)
-                maps.append(att[0, :, :z, :y, :x].float().mean(0, keepdim=True).cpu().numpy())
+                maps.append(att[0, :, :z, :y, :x].float().mean(0, keepdim=True))
     return probs, maps
 
 
