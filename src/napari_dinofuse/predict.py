@@ -47,7 +47,7 @@ from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
 from .modeling.unet import NUM_LEVELS
 from .progress import Progress, run_to_end
-from .tiling import blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str
+from .tiling import blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str, tile_overlap
 
 __all__ = ["ALIGN", "MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
@@ -450,20 +450,16 @@ class _DeviceBlend:
         self._windows: dict = {}
 
     def add(self, tile_slices, values: torch.Tensor, weights: np.ndarray) -> None:
-        src, dst = [], []
-        for s, o, n in zip(tile_slices, self.origin, self.shape):
-            lo, hi = s.start - o, s.stop - o
-            a, b = max(lo, 0), min(hi, n)
-            if a >= b:
-                return  # tile lies outside this region
-            dst.append(slice(a, b))
-            src.append(slice(a - lo, b - lo))
+        overlap = tile_overlap(tile_slices, self.origin, self.shape)
+        if overlap is None:
+            return  # tile lies outside this region
+        src, dst = overlap
         key = id(weights)  # _window's arrays are cached, so one upload per window shape
         if key not in self._windows:
             self._windows[key] = (weights, torch.from_numpy(weights).to(self._sum.device))
-        w = self._windows[key][1][tuple(src)]
+        w = self._windows[key][1][src]
         self._sum[(slice(None), *dst)] += values[(slice(None), *src)] * w
-        self._weight[tuple(dst)] += w
+        self._weight[dst] += w
 
     def result(self, region) -> torch.Tensor:
         """``sum(w * values) / sum(w)`` (0 where nothing was added) over ``region``, float32 on the device."""

@@ -40,6 +40,7 @@ __all__ = [
     "parse_roi",
     "roi_to_str",
     "tile_grid",
+    "tile_overlap",
 ]
 
 Slices3 = tuple[slice, slice, slice]
@@ -237,6 +238,20 @@ def blending_weights(tile_shape, overlap, dtype=np.float32, eps: float = 1e-3) -
     return (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).astype(dtype)
 
 
+def tile_overlap(tile_slices, origin, shape):
+    """Where a tile (volume slices) meets a region (``origin``, ``shape``): (slices in the tile, slices in the
+    region), or None when they do not meet."""
+    src, dst = [], []
+    for s, o, n in zip(tile_slices, origin, shape):
+        lo, hi = s.start - o, s.stop - o
+        a, b = max(lo, 0), min(hi, n)
+        if a >= b:
+            return None
+        dst.append(slice(a, b))
+        src.append(slice(a - lo, b - lo))
+    return tuple(src), tuple(dst)
+
+
 class BlendAccumulator:
     """Weighted average of overlapping tile predictions over one region.
 
@@ -271,15 +286,10 @@ class BlendAccumulator:
             raise ValueError(f"values must have shape {(self.channels, *tile_shape)}, got {values.shape}")
         weights = np.broadcast_to(np.ones((), self.dtype) if weights is None else np.asarray(weights), tile_shape)
 
-        src, dst = [], []
-        for s, o, n in zip(tile_slices, self.origin, self.shape):
-            lo, hi = s.start - o, s.stop - o
-            a, b = max(lo, 0), min(hi, n)
-            if a >= b:
-                return  # tile lies outside this region
-            dst.append(slice(a, b))
-            src.append(slice(a - lo, b - lo))
-        src, dst = tuple(src), tuple(dst)
+        overlap = tile_overlap(tile_slices, self.origin, self.shape)
+        if overlap is None:
+            return  # tile lies outside this region
+        src, dst = overlap
         w = weights[src].astype(self.dtype, copy=False)
         self._sum[(slice(None), *dst)] += np.multiply(values[(slice(None), *src)], w, dtype=self.dtype)
         self._weight[dst] += w
