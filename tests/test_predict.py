@@ -250,11 +250,15 @@ def test_cancel_keeps_a_previous_output_and_refuses_foreign_paths(tmp_path, mode
 
 
 def _per_tile_reference(source, tile, full_yx, intensity):
-    """What predict read per tile before block reads: FeatureSource.tile on the real slices, then edge padding."""
+    """What predict read per tile before block reads: a one-tile read (what FeatureSource.tile does, called
+    directly so tests may replace FeatureSource.block) on the real slices, then edge padding."""
+    from napari_dinofuse.features import BlockFeatures
+
     before = max(0, -tile[0].start)
-    raw, ctx, image = source.tile((slice(tile[0].start + before, tile[0].stop), *tile[1:]), intensity=intensity)
-    raw, ctx, image = (None if a is None else np.pad(a, [(0, 0), (before, 0), (0, 0), (0, 0)], mode="edge")
-                       for a in (raw, ctx, image))
+    region = (slice(tile[0].start + before, tile[0].stop), *tile[1:])
+    read = BlockFeatures(source, region, torch.device("cpu"), context=True, intensity=intensity).tile(region)
+    raw, ctx, image = (None if a is None else np.pad(a.numpy(), [(0, 0), (before, 0), (0, 0), (0, 0)], mode="edge")
+                       for a in read)
     if image is not None:
         image = np.pad(image, [(0, 0), (0, 0)] + [(0, f - s) for f, s in zip(full_yx, image.shape[2:])],
                        mode="edge")

@@ -182,27 +182,13 @@ class FeatureSource:
         return self.raw_features.shape[0], ctx
 
     def tile(self, region, context: bool = True, intensity: bool = False):
-        """(raw (C, z, gy, gx), context (C', z, gy, gx) or None, intensity (1, z, y, x) or None), float32."""
-        zs, ys, xs = region
-        if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
-            raise ValueError(f"tile y/x starts must lie on the {PATCH_SIZE}-pixel patch grid, got {region}")
-        patch = (zs, slice(ys.start // PATCH_SIZE, -(-ys.stop // PATCH_SIZE)),
-                 slice(xs.start // PATCH_SIZE, -(-xs.stop // PATCH_SIZE)))
-        raw = self.raw_features.read(patch).astype(np.float32)
-        ctx = self._context_on(self.grid.crop([p.start for p in patch], [p.stop for p in patch])) \
-            if context and self.context is not None else None
-        image = None
-        if intensity:
-            image = to_unit_range(read_region(self.raw.data, (zs, ys, xs)), self.low, self.high).numpy()[None]
-        return raw, ctx, image
-
-    def _context_on(self, target: Grid) -> np.ndarray:
-        first, last = self._context_window(target)
-        window = self.context_features.read(tuple(slice(a, b) for a, b in zip(first, last))).astype(np.float32)
-        return resample(window, feature_grid(self.context).crop(first, last), target, check_coverage=False)
+        """(raw (C, z, gy, gx), context (C', z, gy, gx) or None, intensity (1, z, y, x) or None), float32 numpy:
+        a one-tile :meth:`block`, read on the CPU."""
+        features = self.block(region, "cpu", context=context, intensity=intensity).tile(region)
+        return tuple(None if a is None else a.numpy() for a in features)
 
     def _context_window(self, target: Grid) -> tuple[np.ndarray, np.ndarray]:
-        """The context patches [first, last) that :meth:`_context_on` reads for ``target``."""
+        """The context patches [first, last) that cover ``target``, plus one patch for interpolation."""
         src = feature_grid(self.context)
         lo, hi = target.bounds
         first = np.floor(src.world_to_index(lo)).astype(int) - 1
@@ -210,7 +196,7 @@ class FeatureSource:
         return np.maximum(first, 0), np.minimum(last, src.shape)
 
     def block(self, region, device="cpu", context: bool = True, intensity: bool = False) -> BlockFeatures:
-        """Everything :meth:`tile` would read for the tiles inside ``region``, read once (see :class:`BlockFeatures`)."""
+        """The features of all tiles inside ``region``, read once (see :class:`BlockFeatures`)."""
         return BlockFeatures(self, region, torch.device(device), context, intensity)
 
 
@@ -220,8 +206,8 @@ class BlockFeatures:
     ``region``: raw voxels with y/x starts on the patch grid; the z start may be negative (slices before the
     volume, edge-padded like ``np.pad(mode="edge")``). The block's raw features (as stored, fp16) and the
     context feature window covering it are read once and kept on ``device``; :meth:`tile` slices a tile's
-    raw features from them and resamples its context there (torch), reading the same context window that
-    :meth:`FeatureSource.tile` would, so values match it to float rounding. Memory: one block of features.
+    raw features from them and resamples its context there (torch on a GPU), from the window a one-tile block
+    would read, so values do not depend on the block. Memory: one block of features.
     """
 
     def __init__(self, source: FeatureSource, region, device: torch.device, context: bool, intensity: bool):

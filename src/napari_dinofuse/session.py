@@ -25,7 +25,7 @@ from .errors import InputError
 from .geometry import Volume
 from .progress import Progress
 
-__all__ = ["CANCELLED", "Session", "SessionSettings", "memory_estimate", "volume_from_layer"]
+__all__ = ["CANCELLED", "Session", "SessionSettings", "memory_estimate"]
 
 # Whole-volume predictions shown in the viewer live in memory; past this, ask for a region or the CLI.
 MAX_RESULT_BYTES = 4 * 2**30
@@ -52,19 +52,6 @@ class SessionSettings:
     learning_rate: float = 1e-3
     tile_shape: tuple[int, int, int] = (16, 96, 96)
     seed: int = 0
-
-
-def volume_from_layer(data, scale, translate, name: str) -> Volume:
-    """A :class:`Volume` over a napari layer's data (level 0 of a multiscale), placed by its scale/translate."""
-    if isinstance(data, (list, tuple)):  # multiscale: segment the full resolution
-        data = data[0]
-    ndim = len(getattr(data, "shape", ()))
-    if ndim != len(scale) or len(scale) != 3:
-        shape = tuple(getattr(data, "shape", ()))
-        raise InputError(f"layer {name!r} has shape {shape}: dinofuse segments 3D volumes (z, y, x). "
-                         "Choose a 3D image layer")
-    return Volume(data, voxel_size=tuple(float(s) for s in scale), offset=tuple(float(t) for t in translate),
-                  name=name)
 
 
 def memory_estimate(shape, num_classes: int) -> int:

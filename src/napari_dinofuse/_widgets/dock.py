@@ -34,7 +34,8 @@ from qtpy.QtWidgets import (
 
 from ..defaults import default_backbone_spec
 from ..errors import DinofuseError
-from ..session import CANCELLED, Session, SessionSettings, volume_from_layer
+from ..geometry import Volume
+from ..session import CANCELLED, Session, SessionSettings
 from .loss_plot import LossPlot
 from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
 
@@ -69,6 +70,11 @@ def _describe_error(exc: BaseException) -> str:
         return str(exc)
     traceback.print_exception(exc)
     return f"unexpected {name}: {exc} (details in the terminal log)"
+
+
+def _level0(layer):
+    """The full-resolution array of a layer (level 0 of a multiscale one)."""
+    return layer.data[0] if layer.multiscale else layer.data
 
 
 class _Failed:
@@ -345,8 +351,7 @@ class DinofuseWidget(QWidget):
         voxel.setEnabled(layer is not None)
         offset.setEnabled(layer is not None)
         if role == "raw" and layer is not None:
-            data = layer.data[0] if layer.multiscale else layer.data
-            big = int(np.prod(data.shape)) > WHOLE_VOLUME_DEFAULT_MAX
+            big = int(np.prod(_level0(layer).shape)) > WHOLE_VOLUME_DEFAULT_MAX
             self.scope_combo.setCurrentText(AROUND_VIEW if big else WHOLE)
         self._check_data()
 
@@ -359,16 +364,14 @@ class DinofuseWidget(QWidget):
             if layer is not None and layer.ndim != 3:
                 raise DinofuseError(f"layer {layer.name!r} is {layer.ndim}D: dinofuse segments 3D volumes (z, y, x); "
                                     "choose a 3D image layer")
-        raw = volume_from_layer(raw_layer.data, _parse_xyz(self.raw_voxel.text(), "raw voxel size"),
-                                _parse_xyz(self.raw_offset.text(), "raw offset"), raw_layer.name)
+        raw = Volume(_level0(raw_layer), _parse_xyz(self.raw_voxel.text(), "raw voxel size"),
+                     _parse_xyz(self.raw_offset.text(), "raw offset"), raw_layer.name)
         context = None
         if context_layer is not None:
             if context_layer is raw_layer:
                 raise DinofuseError("the context must be a different layer from the raw (or '(none)')")
-            context = volume_from_layer(context_layer.data,
-                                        _parse_xyz(self.context_voxel.text(), "context voxel size"),
-                                        _parse_xyz(self.context_offset.text(), "context offset"),
-                                        context_layer.name)
+            context = Volume(_level0(context_layer), _parse_xyz(self.context_voxel.text(), "context voxel size"),
+                             _parse_xyz(self.context_offset.text(), "context offset"), context_layer.name)
             context.require_covers(raw)
         return raw, context
 
@@ -426,9 +429,8 @@ class DinofuseWidget(QWidget):
         if raw_layer is None:
             self._notify_error("choose or open a raw image layer first")
             return None
-        data = raw_layer.data[0] if raw_layer.multiscale else raw_layer.data
         # np.zeros maps untouched pages lazily: a big volume costs memory only where painted.
-        layer = self.viewer.add_labels(np.zeros(data.shape, np.uint8), name="annotations",
+        layer = self.viewer.add_labels(np.zeros(_level0(raw_layer).shape, np.uint8), name="annotations",
                                        scale=raw_layer.scale, translate=raw_layer.translate)
         self.labels_combo.refresh()
         self.labels_combo.setCurrentText(layer.name)
@@ -485,7 +487,7 @@ class DinofuseWidget(QWidget):
             if layer is None:
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
-            labels = layer.data[0] if layer.multiscale else layer.data
+            labels = _level0(layer)
             if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
                 labels = labels.copy()  # the user may keep painting while this trains
             raw, context, roi = self._inputs()

@@ -46,6 +46,7 @@ class LossPlot(QWidget):
             painter.setPen(QPen(QColor(255, 170, 60), 2))
             painter.drawPolyline(points(self.smoothed))
             painter.setPen(QColor(220, 220, 220))
-            painter.drawText(self.rect().adjusted(4, 2, -4, -2), Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop,
+            corner = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop
+            painter.drawText(self.rect().adjusted(4, 2, -4, -2), corner,
                              f"loss {self.smoothed[-1]:.3f}")
         painter.end()
