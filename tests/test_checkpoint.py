@@ -19,7 +19,9 @@ from napari_dinofuse.checkpoint import (
     save_model,
 )
 from napari_dinofuse.errors import DinofuseError
+from napari_dinofuse.geometry import Grid
 from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
+from napari_dinofuse.modeling.unet import ContextWindow
 
 OUT_SHAPE = (2, 8, 8)
 
@@ -47,9 +49,11 @@ def make_info(model, **overrides):
 def logits(model):
     g = torch.Generator().manual_seed(1)
     raw = torch.randn(1, 8, 2, 1, 1, generator=g)
-    ctx = torch.randn(1, 8, 2, 1, 1, generator=g)
+    window = ContextWindow(torch.randn(1, 8, 2, 1, 1, generator=g), torch.rand(1, 1, 2, 16, 16, generator=g),
+                           Grid((2, 16, 16), 8.0), Grid(OUT_SHAPE, 4.0, (2.0, 10.0, 10.0)))
+    intensity = torch.rand(1, 1, *OUT_SHAPE, generator=g)
     with torch.no_grad():
-        return model(raw, ctx, out_shape=OUT_SHAPE).logits
+        return model(raw, window, out_shape=OUT_SHAPE, intensity=intensity).logits
 
 
 def entries(path):
@@ -230,8 +234,17 @@ def _edit_config(folder, **changes):
 def test_newer_format_says_who_wrote_it_and_what_to_do(saved):
     folder, _ = saved
     _edit_config(folder, format_version=FORMAT_VERSION + 1, package_version="9.3.0")
-    with pytest.raises(CheckpointError, match=r"napari-dinofuse 9\.3\.0 .*format 2.*upgrade napari-dinofuse"):
+    with pytest.raises(CheckpointError, match=rf"napari-dinofuse 9\.3\.0 .*format {FORMAT_VERSION + 1}.*upgrade"):
         load_model(folder)
+
+
+def test_a_groupnorm_model_folder_is_refused_with_what_to_do(saved):
+    """Format 1 held GroupNorm UNets, whose predictions depended on the tiling: refused, never misread."""
+    folder, _ = saved
+    _edit_config(folder, format_version=1, package_version="0.1.0")
+    with pytest.raises(CheckpointError, match=r"format 1: a GroupNorm UNet.*fine-tune a new model") as info:
+        load_model(folder)
+    assert "\n" not in str(info.value)
 
 
 def test_older_unsupported_format(saved):
@@ -255,7 +268,7 @@ def test_other_package_version_with_same_format_loads(saved):
         ("{not json", "corrupt config.json"),
         ("[1, 2]", "corrupt config.json.*not a JSON object"),
         ('{"format_version": "1"}', "corrupt config.json.*format_version"),
-        ('{"format_version": 1, "unet": {}}', "invalid config.json.*missing keys"),
+        ('{"format_version": 2, "unet": {}}', "invalid config.json.*missing keys"),
     ],
 )
 def test_corrupt_config(saved, content, message):
@@ -309,7 +322,7 @@ def test_weights_missing_and_unexpected_keys(saved):
 def test_weights_unexpected_keys_from_other_fusion(saved):
     folder, _ = saved
     _edit_config(folder, unet={"fusion": "none"})
-    with pytest.raises(CheckpointError, match=r"unexpected context_proj\.bias, .*more\)"):
+    with pytest.raises(CheckpointError, match=r"unexpected context_encoder\.coarse\.0\.weight, .*more\)"):
         load_model(folder)
 
 

@@ -1,28 +1,43 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_dinofuse.geometry import Grid
 from napari_dinofuse.modeling import ContextAttentionFusion, FusedUNet3D, UNetConfig, UNetOutput
+from napari_dinofuse.modeling.filters import FilterBank, scale_sigmas
+from napari_dinofuse.modeling.unet import ContextWindow, anisotropic_pooling
 
 RAW_C, CTX_C, BASE = 12, 6, 4
 FEAT_SHAPE = (5, 3, 2)  # patch grid (Z, Y/16, X/16)
 OUT_SHAPE = (5, 40, 27)  # deliberately not multiples of 16
+RAW_VOXEL = 4.0
+TILE = Grid(OUT_SHAPE, RAW_VOXEL, (0.0, 0.0, 0.0))
+# A context window at 16 nm reaching ~80 nm beyond the tile on every side: 6 x 4 x 3 patches of 16 voxels.
+WINDOW = Grid((6, 64, 48), 16.0, (-40.0, -100.0, -120.0))
 
 
-def make_model(fusion="attention", intensity_stem=False, num_classes=3):
+def make_model(fusion="attention", intensity_stem=False, num_classes=3, **kwargs):
     torch.manual_seed(0)
-    cfg = UNetConfig(RAW_C, CTX_C, num_classes, base_channels=BASE, fusion=fusion, intensity_stem=intensity_stem)
+    cfg = UNetConfig(RAW_C, CTX_C, num_classes, base_channels=BASE, fusion=fusion, intensity_stem=intensity_stem,
+                     **kwargs)
     return FusedUNet3D(cfg)
+
+
+def make_window(batch=1, seed=2, image=None):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, CTX_C, WINDOW.shape[0], 4, 3, generator=g)
+    if image is None:
+        image = torch.rand(batch, 1, *WINDOW.shape, generator=g)
+    return ContextWindow(feats, image, WINDOW, TILE)
 
 
 def make_feats(batch=1, seed=1):
     g = torch.Generator().manual_seed(seed)
-    raw = torch.randn(batch, RAW_C, *FEAT_SHAPE, generator=g)
-    ctx = torch.randn(batch, CTX_C, *FEAT_SHAPE, generator=g)
-    return raw, ctx
+    return torch.randn(batch, RAW_C, *FEAT_SHAPE, generator=g), make_window(batch, seed + 1)
 
 
 def ceil_div(a, b):
@@ -34,7 +49,7 @@ def ceil_div(a, b):
 
 def test_fusion_is_residual_gate():
     torch.manual_seed(0)
-    fusion = ContextAttentionFusion(8)
+    fusion = ContextAttentionFusion(8).eval()
     raw, ctx = torch.randn(2, 8, 3, 4, 5), torch.randn(2, 8, 3, 4, 5)
     fused, att = fusion(raw, ctx)
     assert att.shape == raw.shape
@@ -44,15 +59,56 @@ def test_fusion_is_residual_gate():
     assert torch.count_nonzero(fused0) == 0
 
 
+# -- pooling follows the voxel size ----------------------------------------------------------
+
+
+def test_anisotropic_pooling_never_pools_thick_z_early():
+    assert anisotropic_pooling((4, 4, 4)) == ((2, 2, 2),) * 4
+    # 40 nm sections, 5 nm pixels: y/x pool alone until they reach 40 nm, then all axes.
+    assert anisotropic_pooling((40, 5, 5)) == ((1, 2, 2), (1, 2, 2), (1, 2, 2), (2, 2, 2))
+    assert anisotropic_pooling((8, 4, 4)) == ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    cfg = UNetConfig(RAW_C, CTX_C, 3, pooling=anisotropic_pooling((40, 5, 5)))
+    assert cfg.level_factors == ((1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8))
+    assert cfg.size_multiple == (2, 16, 16)
+
+
+def test_anisotropic_model_keeps_every_slice_at_every_level():
+    model = make_model(pooling=anisotropic_pooling((40, 5, 5))).eval()
+    raw, window = make_feats()
+    with torch.no_grad():
+        out = model(raw, window, OUT_SHAPE)
+    assert out.logits.shape == (1, 3, *OUT_SHAPE)
+    for att, f in zip(out.attention, ((1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8))):
+        assert att.shape[2:] == tuple(ceil_div(s, k) for s, k in zip(OUT_SHAPE, f))
+        assert att.shape[2] == OUT_SHAPE[0]  # z never pooled below one slice per level
+
+
+def test_filter_bank_responses_depend_only_on_the_neighbourhood():
+    """Given its halo of real data, a tile's filter responses equal the whole image's over that tile."""
+    bank = FilterBank(scale_sigmas((8, 4, 4)))
+    assert bank.halo == (7, 13, 13) and bank.channels == 10  # z: half the sigmas in voxels
+    image = torch.rand(1, 1, 40, 60, 50)
+    whole = bank(image)  # the inner part of the image: its shape minus the halo on both sides
+    h = bank.halo
+    tile = image[:, :, 5:5 + 20 + 2 * h[0], 3:3 + 24 + 2 * h[1], 7:7 + 16 + 2 * h[2]]
+    torch.testing.assert_close(bank(tile), whole[:, :, 5:25, 3:27, 7:23])
+    # Smooth intensities: a bright slab gives a positive gradient magnitude at its faces, none inside.
+    slab = torch.zeros(1, 1, 30, 40, 40)
+    slab[..., 20:, :] = 1.0
+    out = bank(slab)
+    assert out[0, 3, :, 6, 5] .abs().max() > 0.05  # gradient magnitude near the face (y = 6 + 13 = 19)
+    assert out[0, 3, :, 0, 5].abs().max() < 1e-3  # far from it
+
+
 # -- shapes ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fusion", ["attention", "concat", "none"])
 def test_logits_and_attention_shapes_for_odd_sizes(fusion):
     model = make_model(fusion).eval()
-    raw, ctx = make_feats()
+    raw, window = make_feats()
     with torch.no_grad():
-        out = model(raw, ctx if fusion != "none" else None, out_shape=OUT_SHAPE)
+        out = model(raw, window if fusion != "none" else None, out_shape=OUT_SHAPE)
     assert isinstance(out, UNetOutput)
     assert out.logits.shape == (1, 3, *OUT_SHAPE)
     assert torch.isfinite(out.logits).all()
@@ -79,26 +135,69 @@ def test_default_out_shape_is_patch_upsampled():
 
 def test_project_then_upsample_equals_upsample_then_project():
     model = make_model("attention")
-    raw, ctx = make_feats()
+    raw, window = make_feats()
     with torch.no_grad():
-        for feats, proj in ((raw, model.raw_proj), (ctx, model.context_proj)):
+        for feats, proj in ((raw, model.raw_proj), (window.features, model.context_encoder.proj)):
             fast = model.project_and_upsample(feats, proj, OUT_SHAPE)
             slow = proj(F.interpolate(feats, size=OUT_SHAPE, mode="trilinear", align_corners=False))
-            assert fast.shape == (1, BASE, *OUT_SHAPE)
+            assert fast.shape == (1, proj.out_channels, *OUT_SHAPE)
             torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+# -- the context branch ----------------------------------------------------------------------
+
+
+def test_context_beyond_the_tile_steers_the_gates():
+    """Context voxels outside the tile's own extent change its attention: the branch sees past the tile."""
+    model = make_model().eval()
+    raw, window = make_feats()
+    image = window.image.clone()
+    # Window voxels 3-5 (y) lie at -100 + 16 * [3..5] = -52..-20 nm: entirely before the tile (y >= -2 nm).
+    image[:, :, :, 3:6, :] = 1 - image[:, :, :, 3:6, :]
+    with torch.no_grad():
+        a = model(raw, window, OUT_SHAPE)
+        b = model(raw, window._replace(image=image), OUT_SHAPE)
+    # (Not every level: a random 4-channel level has a single hidden gate unit, which may be a dead ReLU.)
+    assert max(float((x - y).abs().max()) for x, y in zip(a.attention, b.attention)) > 0  # bitwise equal if unread
+    assert not torch.equal(a.logits, b.logits)
+
+
+def test_gates_follow_world_coordinates_not_window_extent():
+    """The same context, read through a window cropped far from the tile (on the pooling lattice), gives the
+    tile the same gates; the gates move with the world position of the window."""
+    model = make_model().eval()
+    raw, window = make_feats()
+    big = ContextWindow(window.features, window.image, WINDOW, TILE)
+    # Drop the last 2 patches (32 voxels) of y: within the encoder's reach (~17 window voxels) of the tile's
+    # last rows, far beyond it for the first rows.
+    cropped_grid = Grid((6, 32, 48), 16.0, WINDOW.offset)
+    cropped = ContextWindow(window.features[:, :, :, :2], window.image[:, :, :, :32], cropped_grid, TILE)
+    with torch.no_grad():
+        a = model(raw, big, OUT_SHAPE).attention
+        b = model(raw, cropped, OUT_SHAPE).attention
+    # Rows y < 12 raw voxels (48 nm) sit at window voxels < 9.5: > 17 voxels from the cropped edge (32).
+    for k, (x, y) in enumerate(zip(a, b)):
+        rows = 12 // 2**k
+        torch.testing.assert_close(x[..., :rows, :], y[..., :rows, :], atol=1e-5, rtol=1e-5)
+    # Shift the whole window (data and grid) by one window voxel: the gates change (world coordinates matter).
+    moved = ContextWindow(window.features, window.image,
+                          Grid(WINDOW.shape, 16.0, np.add(WINDOW.offset, (0, 16.0, 0))), TILE)
+    with torch.no_grad():
+        c = model(raw, moved, OUT_SHAPE).attention
+    assert max(float((x - y).abs().max()) for x, y in zip(a, c)) > 1e-4  # a random model: small gates
 
 
 # -- training ----------------------------------------------------------------------------
 
 
-def test_backward_reaches_projection_fusion_and_head():
+def test_backward_reaches_projection_context_branch_fusion_and_head():
     model = make_model("attention")
-    raw, ctx = make_feats()
+    raw, window = make_feats()
     target = torch.randint(0, 3, (1, *OUT_SHAPE))
-    F.cross_entropy(model(raw, ctx, out_shape=OUT_SHAPE).logits, target).backward()
+    F.cross_entropy(model(raw, window, out_shape=OUT_SHAPE).logits, target).backward()
     checked = {
         "raw_proj": model.raw_proj,
-        "context_proj": model.context_proj,
+        "context_encoder": model.context_encoder,
         "head": model.head,
         **{f"fusions.{k}": m for k, m in enumerate(model.fusions)},
     }
@@ -113,14 +212,15 @@ def test_backward_reaches_projection_fusion_and_head():
 
 
 def test_context_changes_logits_only_when_fused():
-    raw, ctx = make_feats()
-    ctx2 = torch.randn_like(ctx)
+    raw, window = make_feats()
+    other = make_window(seed=9)
     with torch.no_grad():
-        att = make_model("attention").eval()
-        assert not torch.allclose(att(raw, ctx, OUT_SHAPE).logits, att(raw, ctx2, OUT_SHAPE).logits)
+        for fusion in ("attention", "concat"):
+            fused = make_model(fusion).eval()
+            assert not torch.equal(fused(raw, window, OUT_SHAPE).logits, fused(raw, other, OUT_SHAPE).logits)
         none = make_model("none").eval()
-        torch.testing.assert_close(none(raw, ctx, OUT_SHAPE).logits, none(raw, ctx2, OUT_SHAPE).logits)
-        torch.testing.assert_close(none(raw, None, OUT_SHAPE).logits, none(raw, ctx, OUT_SHAPE).logits)
+        torch.testing.assert_close(none(raw, window, OUT_SHAPE).logits, none(raw, other, OUT_SHAPE).logits)
+        torch.testing.assert_close(none(raw, None, OUT_SHAPE).logits, none(raw, window, OUT_SHAPE).logits)
 
 
 @pytest.mark.parametrize("fusion", ["attention", "concat"])
@@ -130,24 +230,31 @@ def test_missing_context_raises(fusion):
         make_model(fusion)(raw, None, OUT_SHAPE)
 
 
-def test_batch_size_free():
+def test_inference_does_not_depend_on_the_batch():
+    """Fixed (running) normalisation statistics at inference: a tile's output does not depend on what else is in
+    the batch, and (see test_predict / test_train) not on the tile's extent."""
     model = make_model("attention").eval()
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    raw, ctx = make_feats(batch=2)
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(isinstance(m, (nn.GroupNorm, nn.InstanceNorm3d)) for m in model.modules())
+    raw, window = make_feats(batch=2)
     with torch.no_grad():
-        both = model(raw, ctx, OUT_SHAPE)
+        both = model(raw, window, OUT_SHAPE)
         for i in range(2):
-            single = model(raw[i : i + 1], ctx[i : i + 1], OUT_SHAPE)
-            torch.testing.assert_close(both.logits[i : i + 1], single.logits, atol=1e-5, rtol=1e-4)
+            one = window._replace(features=window.features[i:i + 1], image=window.image[i:i + 1])
+            single = model(raw[i:i + 1], one, OUT_SHAPE)
+            torch.testing.assert_close(both.logits[i:i + 1], single.logits, atol=1e-5, rtol=1e-4)
             for a_both, a_single in zip(both.attention, single.attention):
-                torch.testing.assert_close(a_both[i : i + 1], a_single, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(a_both[i:i + 1], a_single, atol=1e-5, rtol=1e-4)
 
 
 def test_intensity_stem():
     model = make_model("none", intensity_stem=True).eval()
     raw, _ = make_feats()
     g = torch.Generator().manual_seed(3)
-    i1, i2 = torch.rand(1, 1, *OUT_SHAPE, generator=g), torch.rand(1, 1, *OUT_SHAPE, generator=g)
+    halo = model.intensity_halo
+    assert halo == (13, 13, 13)  # the filter bank's widest Gaussian (sigma 4: radius 12) and a difference
+    with_halo = tuple(n + 2 * h for n, h in zip(OUT_SHAPE, halo))
+    i1, i2 = torch.rand(1, 1, *with_halo, generator=g), torch.rand(1, 1, *with_halo, generator=g)
     with torch.no_grad():
         out1 = model(raw, out_shape=OUT_SHAPE, intensity=i1).logits
         out2 = model(raw, out_shape=OUT_SHAPE, intensity=i2).logits
@@ -155,13 +262,16 @@ def test_intensity_stem():
     assert not torch.allclose(out1, out2)
     with pytest.raises(ValueError, match="intensity"):
         model(raw, out_shape=OUT_SHAPE)
+    with pytest.raises(ValueError, match="halo"):
+        model(raw, out_shape=OUT_SHAPE, intensity=torch.rand(1, 1, *OUT_SHAPE))
 
 
 # -- config ------------------------------------------------------------------------------
 
 
 def test_config_json_round_trip_and_validation():
-    cfg = UNetConfig(1024, 384, 4, base_channels=32, fusion="concat", intensity_stem=True)
+    cfg = UNetConfig(1024, 384, 4, base_channels=32, fusion="concat", intensity_stem=True,
+                     pooling=anisotropic_pooling((40, 5, 5)), context_margin_nm=2048.0)
     restored = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert restored == cfg
     assert FusedUNet3D(UNetConfig(RAW_C, CTX_C, 2, base_channels=BASE)).config.fusion == "attention"
@@ -175,3 +285,7 @@ def test_config_json_round_trip_and_validation():
         UNetConfig(RAW_C, CTX_C, 1)
     with pytest.raises(ValueError, match="base_channels"):
         UNetConfig(RAW_C, CTX_C, 2, base_channels=0)
+    with pytest.raises(ValueError, match="pooling"):
+        UNetConfig(RAW_C, CTX_C, 2, pooling=((3, 2, 2),) * 4)
+    with pytest.raises(ValueError, match="context_margin_nm"):
+        UNetConfig(RAW_C, CTX_C, 2, context_margin_nm=-1.0)

@@ -52,9 +52,10 @@ __all__ = [
 
 # Bump FORMAT_VERSION whenever a reader of the old format would misread the new one (renamed or
 # removed keys, new weight layout). New optional keys do not need a bump: readers ignore unknown keys.
-FORMAT_VERSION = 1
+# 2: BatchNorm instead of GroupNorm, a context branch at the context's resolution, anisotropic pooling.
+FORMAT_VERSION = 2
 # Oldest format this version still reads.
-MIN_FORMAT_VERSION = 1
+MIN_FORMAT_VERSION = 2
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -342,6 +343,12 @@ def _check_format(config: Mapping[str, Any], folder: Path) -> None:
         raise CheckpointError(
             f"model {folder} was written by napari-dinofuse {writer} in model format {version}; "
             f"napari-dinofuse {__version__} reads formats up to {FORMAT_VERSION}: {_UPGRADE_HINT}"
+        )
+    if version == 1:
+        raise CheckpointError(
+            f"model {folder} was written by napari-dinofuse {writer} in model format 1: a GroupNorm UNet whose "
+            "predictions depended on the tiling and whose context stopped at the tile's edge. This version cannot "
+            "use its weights: fine-tune a new model on the same painted labels (they are all it needs)"
         )
     if version < MIN_FORMAT_VERSION:
         raise CheckpointError(

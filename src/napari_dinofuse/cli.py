@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 
-from . import __version__
+from . import __version__, defaults
 from .errors import DinofuseError
 
 
@@ -164,16 +164,17 @@ def _train(args) -> int:
         model = adapt_classes(model, max(painted.num_classes, model.config.num_classes), seed=args.seed)
     else:
         model = new_model(source, painted.num_classes, base_channels=args.base_channels, fusion=args.fusion,
-                          intensity_stem=args.intensity_stem, seed=args.seed)
+                          intensity_stem=args.intensity_stem, seed=args.seed, context_margin_nm=args.context_margin)
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
-                         dice_weight=args.dice_weight, device=args.device)
+                         dice_weight=args.dice_weight, validation_share=args.validation_share, device=args.device)
     trainer = Trainer(model, source, labels, config)
     _follow(trainer.run(), "train")
-    info = model_info(model, source, class_names, extra={"tile_shape": list(trainer.tile_shape)})
-    save_model(args.out, model, info, log + trainer.log)
+    save_model(args.out, model, model_info(model, source, class_names), log + trainer.log)
     last = trainer.log[-1]
-    print(f"trained {len(trainer.log)} iterations in {last['seconds']:.0f} s (loss {last['smoothed']:.4f}"
-          f"{', stopped early on a flat loss' if trainer.stopped_early else ''}); model saved to {args.out}")
+    score = ("no held-out strokes to validate on (paint 3 or more strokes per class for a score)"
+             if trainer.best_score is None else f"held-out strokes mIoU {trainer.best_score:.3f}")
+    print(f"trained {len(trainer.log)} iterations in {last['seconds']:.0f} s (loss {last['smoothed']:.4f}, {score}"
+          f"{', stopped early' if trainer.stopped_early else ''}); model saved to {args.out}")
     return 0
 
 
@@ -191,8 +192,7 @@ def _predict(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if args.planes is None:
         args.planes = info.extra.get("planes", "xy")
-    tile = tuple(info.extra.get("tile_shape", (16, 96, 96)))  # GroupNorm: infer on tiles of the training size
-    overlap = tuple(max(1, t // 4) for t in tile)
+    tile, overlap = defaults.PREDICT_TILE, defaults.PREDICT_OVERLAP
     if args.workers or args.scheduler:
         return _predict_on_cluster(args, backbone, tile, overlap)
     source = _sources(args, backbone)
@@ -234,7 +234,8 @@ def _predict_on_cluster(args, backbone, tile, overlap) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, backbone=args.backbone, device=args.device, iterations=args.iterations, seed=args.seed,
+    run_demo(args.out, backbone=args.backbone, device=args.device, seed=args.seed,
+             **({"iterations": args.iterations} if args.iterations else {}),
              cache=args.cache, raw_shape=tuple(int(v) for v in args.raw_shape.split(",")), follow=_follow)
     return 0
 
@@ -290,13 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels", required=True, metavar="PATH", help="painted labels on the raw grid")
     train.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (atomically)")
     train.add_argument("--init", metavar="MODEL_DIR", help="fine-tune this model instead of starting from scratch")
-    train.add_argument("--iterations", type=int, default=300)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--iterations", type=int, default=defaults.ITERATIONS,
+                       help=f"at most (default {defaults.ITERATIONS}); training stops early when the held-out "
+                            "strokes stop improving")
+    train.add_argument("--learning-rate", type=float, default=defaults.LEARNING_RATE)
     train.add_argument("--fusion", default="attention", choices=["attention", "concat", "none"])
-    train.add_argument("--base-channels", type=int, default=16,
-                       help="UNet width (default 16, laptop-friendly; the reference design used 128)")
-    train.add_argument("--intensity-stem", action="store_true",
-                       help="also feed raw intensities at full resolution (sharper boundaries)")
+    train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS,
+                       help=f"UNet width (default {defaults.BASE_CHANNELS}, laptop-friendly; 32-64 on a GPU)")
+    train.add_argument("--no-intensity-stem", dest="intensity_stem", action="store_false",
+                       help="do not feed raw intensities at full resolution (boundaries become 16-voxel blocky)")
+    train.add_argument("--context-margin", type=float, default=defaults.CONTEXT_MARGIN_NM, metavar="NM",
+                       help=f"how far beyond each tile the context branch reads (default {defaults.CONTEXT_MARGIN_NM:g} "
+                            "nm; at least the context encoder's reach, ~17 context voxels)")
+    train.add_argument("--validation-share", type=float, default=defaults.VALIDATION_SHARE,
+                       help="share of each class's strokes held out to validate and stop early (0: none)")
     train.add_argument("--dice-weight", type=float, default=0.0,
                        help="add soft Dice on painted voxels to the cross-entropy, with this weight (e.g. 0.5)")
     train.add_argument("--seed", type=int, default=0)
@@ -329,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backbone", default=None,
                       help="default: DINOv3 from the local download cache if present, else random:vits16")
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    demo.add_argument("--iterations", type=int, default=150)
+    demo.add_argument("--iterations", type=int, default=None,
+                      help="training iterations per model (default 150: a few minutes on a laptop CPU)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--raw-shape", default="32,256,256", metavar="Z,Y,X",
                       help="size of the synthetic raw field in 4 nm voxels (y, x >= 128)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .backbone import default_backbone_spec, load_backbone
 from .cache import FeatureCache
 from .checkpoint import save_model
@@ -27,6 +28,7 @@ from .sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
 from .train import TrainConfig, Trainer, model_info, new_model
 
 FALLBACK_BACKBONE = "random:vits16"
+DEMO_ITERATIONS = 150  # two models and a forest in a few minutes on a 2-core CPU; the recipe's own cap is higher
 # Colours per label value (0 unused): background grey, membrane yellow, mitochondrion cyan, granule magenta.
 PALETTE = np.array([[0, 0, 0], [60, 60, 60], [255, 220, 0], [0, 200, 255], [255, 60, 180]], np.uint8)
 
@@ -56,8 +58,8 @@ def iou_unpainted(prediction: np.ndarray, truth: np.ndarray, painted: np.ndarray
     return scores
 
 
-def run_demo(out, backbone: str | None = None, device: str = "auto", iterations: int = 150, seed: int = 0,
-             base_channels: int = 8, cache=None, raw_shape=(32, 256, 256), say: Callable[[str], None] = print,
+def run_demo(out, backbone: str | None = None, device: str = "auto", iterations: int = DEMO_ITERATIONS,
+             seed: int = 0, base_channels: int = defaults.BASE_CHANNELS, cache=None, raw_shape=(32, 256, 256), say: Callable[[str], None] = print,
              follow: Callable = lambda generator, label: run_to_end(generator)) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,32 +73,41 @@ def run_demo(out, backbone: str | None = None, device: str = "auto", iterations:
     painted = scribbles > 0
     say(f"scribbles: {np.count_nonzero(painted)} painted voxels ({100 * painted.mean():.2f}% of the raw)")
     classes = range(1, len(CLASS_NAMES))
-    config = TrainConfig(iterations=iterations, tile_shape=(16, 64, 64), learning_rate=3e-3, seed=seed,
-                         device=device)
+    config = TrainConfig(iterations=iterations, seed=seed, device=device)  # the one recipe
     results = {}
     for fusion in ("attention", "none"):
-        model = new_model(source, len(CLASS_NAMES) - 1, base_channels=base_channels, fusion=fusion,
-                          intensity_stem=True, seed=seed)
+        model = new_model(source, len(CLASS_NAMES) - 1, base_channels=base_channels, fusion=fusion, seed=seed)
         trainer = Trainer(model, source, scribbles, config)
         follow(trainer.run(), f"train ({fusion})")
-        info = model_info(model, source, CLASS_NAMES[1:], extra={"tile_shape": list(trainer.tile_shape)})
-        save_model(out / f"model-{fusion}", model, info, trainer.log)
-        sink = follow(predict(model, source, tile_shape=trainer.tile_shape, overlap=(4, 16, 16),
-                              device=device, sink=ZarrSink(out / f"prediction-{fusion}.zarr")),
+        say(f"{fusion}: {len(trainer.log)} iterations, held-out strokes mIoU {trainer.best_score:.3f}"
+            if trainer.best_score is not None else f"{fusion}: {len(trainer.log)} iterations")
+        save_model(out / f"model-{fusion}", model, model_info(model, source, CLASS_NAMES[1:]), trainer.log)
+        sink = follow(predict(model, source, device=device, sink=ZarrSink(out / f"prediction-{fusion}.zarr")),
                       f"predict ({fusion})")
         labels = _read(sink.path, "labels")
         results[fusion] = {"iou": iou_unpainted(labels, sample.ground_truth, painted, classes),
                            "labels": labels, "sink": sink}
+    columns = {"attention": results["attention"]["iou"], "none": results["none"]["iou"]}
+    try:
+        from .baseline import forest_rows
 
-    say("\nIoU on unpainted voxels        attention   none")
+        forests = forest_rows(sample, scribbles, seed=seed)
+        columns["forest raw"] = iou_unpainted(forests["random forest, raw filters"]["labels"],
+                                              sample.ground_truth, painted, classes)
+        columns["forest raw+ctx"] = iou_unpainted(forests["random forest, raw + context filters"]["labels"],
+                                                  sample.ground_truth, painted, classes)
+    except ImportError:
+        say("(pip install scikit-learn to compare with an ilastik-style random forest trained on the same strokes)")
+
+    say("\nIoU on unpainted voxels   " + "".join(f"{name:>16}" for name in columns))
     for k in classes:
         mark = "  <- context-dependent" if k in CONTEXT_DEPENDENT_CLASSES else ""
-        say(f"  {CLASS_NAMES[k]:<28}{results['attention']['iou'][k]:9.3f}{results['none']['iou'][k]:7.3f}{mark}")
+        say(f"  {CLASS_NAMES[k]:<24}" + "".join(f"{c[k]:16.3f}" for c in columns.values()) + mark)
     figure = out / "demo.png"
     write_png(figure, _figure(sample, results))
     say(f"\nwrote {out}/prediction-attention.zarr, prediction-none.zarr, model-attention/, model-none/ and "
         f"{figure.name} (top: raw, ground truth, prediction with context, without; bottom: attention levels 1-4)")
-    summary = {f: {CLASS_NAMES[k]: v for k, v in r["iou"].items()} for f, r in results.items()}
+    summary = {name: {CLASS_NAMES[k]: v for k, v in c.items()} for name, c in columns.items()}
     (out / "iou.json").write_text(json.dumps({"backbone": str(bb.spec), "iou_unpainted": summary}, indent=1))
     return summary
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Generator, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,9 +31,11 @@ from .cache import PLANE_SETS, FeatureCache, FeatureEntry
 from .errors import InputError
 from .geometry import Grid, Volume, resample
 from .io import content_hash, read_region
+from .modeling.unet import ContextWindow
 from .progress import Progress, run_to_end
 
 DEFAULT_TILE_SIZE = 1024
+CONTEXT_POOLING = 4  # the context encoder pools by at most 2 x 2 per axis
 MIN_OVERLAP_PATCHES = 2
 
 
@@ -155,13 +158,21 @@ def extract_sources(raw: Volume, context: Volume | None, backbone: Backbone, cac
     return FeatureSource(raw, raw_entry, context, context_entry)
 
 
-class FeatureSource:
-    """Features of the raw volume, and of the context resampled onto them, for any tile of the raw.
+class TileInputs(NamedTuple):
+    """What the UNet reads for one tile, batch dimension 1, on the block's device."""
 
-    Tiles are given in raw voxels with y/x starts on the 16-pixel patch grid. The raw features are read
-    as stored; the context features are read over the smallest window that covers the tile (plus one
-    patch for interpolation) and resampled in world coordinates onto the tile's patch grid, so every raw
-    voxel gets the context feature of its own physical location.
+    raw: torch.Tensor  # (1, C, z, gy, gx) float32 raw features on the tile's patch grid
+    context: ContextWindow | None  # the context window around the tile (see ContextWindow)
+    intensity: torch.Tensor | None  # (1, 1, z, y, x) raw intensities in [0, 1]
+
+
+class FeatureSource:
+    """Features of the raw volume and a window of context around any tile of it.
+
+    Tiles are given in raw voxels with y/x starts on the 16-pixel patch grid. The raw features are read as
+    stored; the context (features and intensities) is read on its own grid over a window reaching
+    ``margin_nm`` beyond the tile on every side (None: the context's whole field), so the model's context
+    branch sees what lies around the tile and samples its result onto the tile in world coordinates.
     """
 
     def __init__(self, raw: Volume, raw_features: FeatureEntry, context: Volume | None = None,
@@ -181,36 +192,50 @@ class FeatureSource:
         ctx = self.context_features.shape[0] if self.context_features is not None else None
         return self.raw_features.shape[0], ctx
 
-    def tile(self, region, context: bool = True, intensity: bool = False):
-        """(raw (C, z, gy, gx), context (C', z, gy, gx) or None, intensity (1, z, y, x) or None), float32 numpy:
-        a one-tile :meth:`block`, read on the CPU."""
-        features = self.block(region, "cpu", context=context, intensity=intensity).tile(region)
-        return tuple(None if a is None else a.numpy() for a in features)
+    def tile(self, region, context: bool = True, intensity: bool = False, margin_nm: float | None = 1024.0,
+             device="cpu", full_yx=None, halo=(0, 0, 0)) -> TileInputs:
+        """The inputs of one tile: a one-tile :meth:`block` (``full_yx``, ``halo``: see :class:`BlockFeatures`)."""
+        block = self.block(region, device, context=context, intensity=intensity, margin_nm=margin_nm, halo=halo)
+        return block.tile(region, full_yx=full_yx)
 
-    def _context_window(self, target: Grid) -> tuple[np.ndarray, np.ndarray]:
-        """The context patches [first, last) that cover ``target``, plus one patch for interpolation."""
-        src = feature_grid(self.context)
+    def context_window(self, target: Grid, margin_nm: float | None) -> tuple[slice, slice, slice]:
+        """Context voxels reaching ``margin_nm`` beyond ``target`` on every side (None: all of them), clipped
+        to the context, with y/x on the context's patch grid."""
+        grid = self.context.grid
+        if margin_nm is None:
+            return tuple(slice(0, n) for n in grid.shape)
+        if not margin_nm >= 0:
+            raise InputError(f"the context margin must be >= 0 nm (or None for the whole field), got {margin_nm}")
         lo, hi = target.bounds
-        first = np.floor(src.world_to_index(lo)).astype(int) - 1
-        last = np.ceil(src.world_to_index(hi)).astype(int) + 2
-        return np.maximum(first, 0), np.minimum(last, src.shape)
+        first = np.floor(grid.world_to_index(lo - margin_nm) + 0.5).astype(int)
+        last = np.floor(grid.world_to_index(hi + margin_nm) + 0.5).astype(int) + 1
+        # Starts on a fixed lattice (z: the context encoder's pooling, y/x: the patch grid, a multiple of it), so
+        # every window pools the same voxels together: windows of neighbouring blocks agree where they overlap.
+        align = np.array([CONTEXT_POOLING, PATCH_SIZE, PATCH_SIZE])
+        first = first // align * align
+        last[1:] = -(-last[1:] // PATCH_SIZE) * PATCH_SIZE
+        first, last = np.maximum(first, 0), np.minimum(last, grid.shape)
+        return tuple(slice(int(a), int(b)) for a, b in zip(first, last))
 
-    def block(self, region, device="cpu", context: bool = True, intensity: bool = False) -> BlockFeatures:
-        """The features of all tiles inside ``region``, read once (see :class:`BlockFeatures`)."""
-        return BlockFeatures(self, region, torch.device(device), context, intensity)
+    def block(self, region, device="cpu", context: bool = True, intensity: bool = False,
+              margin_nm: float | None = 1024.0, halo=(0, 0, 0)) -> BlockFeatures:
+        """The inputs of all tiles inside ``region``, read once (see :class:`BlockFeatures`)."""
+        return BlockFeatures(self, region, torch.device(device), context, intensity, margin_nm, halo)
 
 
 class BlockFeatures:
-    """The features of one block (e.g. a prediction block's outer region), read once, tiles sliced from them.
+    """The inputs of one block (e.g. a prediction block's outer region), read once, tiles sliced from them.
 
     ``region``: raw voxels with y/x starts on the patch grid; the z start may be negative (slices before the
-    volume, edge-padded like ``np.pad(mode="edge")``). The block's raw features (as stored, fp16) and the
-    context feature window covering it are read once and kept on ``device``; :meth:`tile` slices a tile's
-    raw features from them and resamples its context there (torch on a GPU), from the window a one-tile block
-    would read, so values do not depend on the block. Memory: one block of features.
+    volume, edge-padded like ``np.pad(mode="edge")``). The block's raw features (as stored, fp16), its
+    intensities and one context window around the whole block are read once and kept on ``device``; every
+    tile of the block shares that window, so a voxel's context does not depend on the tile it falls in.
+    Intensities come with ``halo`` voxels of real neighbouring data around every tile (for the model's filter
+    bank), edge-padded beyond the volume.
     """
 
-    def __init__(self, source: FeatureSource, region, device: torch.device, context: bool, intensity: bool):
+    def __init__(self, source: FeatureSource, region, device: torch.device, context: bool, intensity: bool,
+                 margin_nm: float | None = 1024.0, halo=(0, 0, 0)):
         zs, ys, xs = region
         if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
             raise ValueError(f"block y/x starts must lie on the {PATCH_SIZE}-pixel patch grid, got {region}")
@@ -222,20 +247,29 @@ class BlockFeatures:
         self.raw = torch.from_numpy(np.ascontiguousarray(source.raw_features.read(region_patches))).to(device)
         self.context = None
         if context and source.context is not None:
-            target = source.grid.crop(self.patch_start, patch_stop)
-            self.ctx_first, ctx_last = source._context_window(target)
-            window = source.context_features.read(tuple(slice(a, b) for a, b in zip(self.ctx_first, ctx_last)))
-            self.context = torch.from_numpy(np.ascontiguousarray(window)).to(device)
+            target = source.raw.grid.crop((self.z0, ys.start, xs.start), (zs.stop, ys.stop, xs.stop))
+            window = source.context_window(target, margin_nm)
+            patches = tuple(slice(s.start // f, -(-s.stop // f)) for s, f in zip(window, (1, PATCH_SIZE, PATCH_SIZE)))
+            feats = source.context_features.read(patches)
+            low, high = (source.context_features.signature["intensity"][k] for k in ("low", "high"))
+            image = to_unit_range(read_region(source.context.data, window), low, high)[None, None].to(device)
+            self.context = (torch.from_numpy(np.ascontiguousarray(feats))[None].to(device), image,
+                            source.context.grid.crop([s.start for s in window], [s.stop for s in window]))
         self.image = None
         if intensity:
-            self.image_start = np.array([self.z0, ys.start, xs.start])
-            self.image = read_region(source.raw.data, (slice(self.z0, zs.stop), ys, xs))
+            self.halo = np.array(halo, int)
+            # Up to whole patches (tiles run at whole patches), plus the halo.
+            stop = np.array([zs.stop, ys.start + (patch_stop[1] - self.patch_start[1]) * PATCH_SIZE,
+                             xs.start + (patch_stop[2] - self.patch_start[2]) * PATCH_SIZE])
+            self.image_start = np.array([zs.start, ys.start, xs.start]) - self.halo
+            self.image = to_unit_range(_read_padded(source.raw.data, self.image_start, stop + self.halo),
+                                       source.low, source.high).to(device)
 
-    def tile(self, region, full_yx=None):
-        """(raw (C, z, gy, gx), context (C', z, gy, gx) or None, intensity (1, z, y, x) or None), float32 on
-        the block's device, for ``region`` (raw voxels, inside the block; z may start before the volume).
+    def tile(self, region, full_yx=None) -> TileInputs:
+        """The inputs of ``region`` (raw voxels, inside the block; z may start before the volume), float32.
 
-        ``full_yx``: pad the intensity tile (edge) to this y/x size (e.g. whole patches).
+        ``full_yx``: the y/x size to run the tile at (e.g. whole patches, at most the block's): the intensities
+        (plus the halo) and the context's target grid cover it.
         """
         zs, ys, xs = region
         if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
@@ -246,33 +280,31 @@ class BlockFeatures:
         stop = np.array([zs.stop, -(-ys.stop // PATCH_SIZE), -(-xs.stop // PATCH_SIZE)])
         a, b = real - self.patch_start, stop - self.patch_start
         raw = self.raw[:, a[0]:b[0], a[1]:b[1], a[2]:b[2]].float()
-        ctx = None
+        size_yx = full_yx if full_yx is not None else (ys.stop - ys.start, xs.stop - xs.start)
+        context = None
         if self.context is not None:
-            target = src.grid.crop(real, stop)
-            first, last = src._context_window(target)
-            lo, hi = first - self.ctx_first, last - self.ctx_first
-            window = self.context[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            window_grid = feature_grid(src.context).crop(first, last)
-            if self.device.type == "cpu":  # numpy's take is faster than torch's index_select on a CPU
-                ctx = torch.from_numpy(resample(window.numpy().astype(np.float32), window_grid, target,
-                                                check_coverage=False))
-            else:
-                ctx = resample(window.float(), window_grid, target, check_coverage=False)
+            feats, image, grid = self.context
+            start = (zs.start, ys.start, xs.start)
+            target = src.raw.grid.crop(start, np.add(start, (zs.stop - zs.start, *size_yx)))
+            context = ContextWindow(feats.float(), image, grid, target)
         image = None
         if self.image is not None:
-            i0 = np.array([zs.start + before, ys.start, xs.start]) - self.image_start
-            i1 = np.array([zs.stop, ys.stop, xs.stop]) - self.image_start
-            image = to_unit_range(self.image[i0[0]:i1[0], i0[1]:i1[1], i0[2]:i1[2]], src.low, src.high).numpy()[None]
-            pad = [(0, 0), (before, 0)]
-            pad += [(0, 0)] * 2 if full_yx is None else [(0, f - s) for f, s in zip(full_yx, image.shape[2:])]
-            if any(p for _, p in pad[2:]) or before:
-                image = np.pad(image, pad, mode="edge")
-            image = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            i0 = np.array([zs.start, ys.start, xs.start]) - self.halo - self.image_start
+            i1 = np.array([zs.stop, ys.start + size_yx[0], xs.start + size_yx[1]]) + self.halo - self.image_start
+            image = self.image[i0[0]:i1[0], i0[1]:i1[1], i0[2]:i1[2]][None, None]
         if before:  # slices before the volume repeat the first one (np.pad "edge")
             index = torch.clamp(torch.arange(-before, zs.stop - zs.start - before, device=self.device), min=0)
             raw = raw.index_select(1, index)
-            ctx = None if ctx is None else ctx.index_select(1, index)
-        return raw, ctx, image
+        return TileInputs(raw[None], context, image)
+
+
+def _read_padded(data, start, stop) -> np.ndarray:
+    """``data[start:stop]`` (3D); voxels outside the volume repeat its nearest edge (``np.pad(mode="edge")``)."""
+    shape = np.array(data.shape)
+    index = [np.clip(np.arange(a, b), 0, n - 1) for a, b, n in zip(start, stop, shape)]
+    lo, hi = [int(i.min()) for i in index], [int(i.max()) + 1 for i in index]
+    block = read_region(data, tuple(slice(a, b) for a, b in zip(lo, hi)))
+    return block[np.ix_(*(i - a for i, a in zip(index, lo)))]
 
 
 class _SliceExtractor:

@@ -45,17 +45,20 @@ from .backbone import PATCH_SIZE, resolve_device
 from .errors import DinofuseError, InputError
 from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
-from .modeling.unet import NUM_LEVELS
+from .modeling.unet import NUM_LEVELS, UNetConfig
 from .progress import Progress, run_to_end
 from .tiling import blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str, tile_overlap
 
-__all__ = ["ALIGN", "MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
+__all__ = ["MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
 
-# Tile/block starts relative to the ROI start: z on the deepest UNet level's grid, y/x on the patch grid
-# (a multiple of that level's 8 too).
-ALIGN = (2 ** (NUM_LEVELS - 1), PATCH_SIZE, PATCH_SIZE)
 _Slices = tuple[slice, slice, slice]
+
+
+def alignment(config: UNetConfig) -> tuple[int, int, int]:
+    """Tile/block starts relative to the ROI start: on the deepest UNet level's grid, and y/x on the patch grid."""
+    deepest = config.level_factors[-1]
+    return deepest[0], math.lcm(PATCH_SIZE, deepest[1]), math.lcm(PATCH_SIZE, deepest[2])
 
 
 def attention_names() -> list[str]:
@@ -260,8 +263,9 @@ class PredictionPlan:
     tile_shape: tuple[int, int, int]
     overlap: tuple[int, int, int]
     block_shape: tuple[int, int, int]
-    factors: tuple[int, ...]  # attention levels' pooling factors; () without attention
+    factors: tuple[tuple[int, int, int], ...]  # attention levels' voxel sizes in raw voxels; () without attention
     blocks: tuple  # (core, outer, tiles) per block, volume voxels
+    align: tuple[int, int, int] = (8, PATCH_SIZE, PATCH_SIZE)  # see alignment()
 
     @property
     def roi_start(self) -> np.ndarray:
@@ -276,8 +280,8 @@ class PredictionPlan:
                   (1, *self.block_shape)),
                  ("uncertainty", shape, np.dtype(np.float16), self.roi_grid, self.block_shape)]
         for name, f in zip(attention_names(), self.factors):
-            found.append((name, tuple(-(-n // f) for n in shape), np.dtype(np.float16), self.roi_grid.coarsen(f),
-                          tuple(b // f for b in self.block_shape)))
+            found.append((name, tuple(-(-n // k) for n, k in zip(shape, f)), np.dtype(np.float16),
+                          self.roi_grid.coarsen(f), tuple(b // k for b, k in zip(self.block_shape, f))))
         return found
 
 
@@ -287,10 +291,11 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=(32, 1
     cfg = model.config
     raw_volume = source.raw
     roi = snap_roi(roi, raw_volume.shape)
-    tile_shape = _round_up(ints3(tile_shape, "tile_shape", 1), ALIGN)
+    align = alignment(cfg)
+    tile_shape = _round_up(ints3(tile_shape, "tile_shape", 1), align)
     overlap = ints3(overlap, "overlap", 0)
-    block_shape = _round_up(ints3(block_shape, "block_shape", 1), ALIGN)
-    for t, o, a, axis in zip(tile_shape, overlap, ALIGN, "zyx"):
+    block_shape = _round_up(ints3(block_shape, "block_shape", 1), align)
+    for t, o, a, axis in zip(tile_shape, overlap, align, "zyx"):
         if t - o < a:
             raise InputError(f"overlap {o} along {axis} leaves tiles of {t} no step: the overlap must be at most "
                              f"the tile size minus {a}")
@@ -307,11 +312,11 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=(32, 1
         raise InputError(f"the model expects {cfg.patch_size}-pixel patches, the features have {PATCH_SIZE}")
     roi_start = np.array([s.start for s in roi])
     roi_stop = np.array([s.stop for s in roi])
-    factors = tuple(2**k for k in range(NUM_LEVELS)) if attention and cfg.fusion == "attention" else ()
-    blocks = tuple(_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap)
+    factors = cfg.level_factors if attention and cfg.fusion == "attention" else ()
+    blocks = tuple(_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap, align)
                    for b in iter_blocks(raw_volume.shape, block_shape, overlap, roi))
     return PredictionPlan(roi, raw_volume.grid.crop(roi_start, roi_stop), cfg.num_classes, tile_shape, overlap,
-                          block_shape, factors, blocks)
+                          block_shape, factors, blocks, align)
 
 
 def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device
@@ -330,16 +335,18 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     probs_acc = _DeviceBlend([s.stop - a for s, a in zip(outer, real_start)], plan.num_classes, dev,
                              origin=real_start)
     # Level-k coordinates relative to the outer start (both lie on the level grid).
-    att_accs = [_DeviceBlend([-(-n // f) for n in outer_shape], 1, dev) for f in plan.factors]
-    # The block's features are read once (and kept on the device); tiles are sliced from them.
-    features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem)
+    att_accs = [_DeviceBlend([-(-n // k) for n, k in zip(outer_shape, f)], 1, dev) for f in plan.factors]
+    # The block's features (and one context window around it) are read once and kept on the device; tiles
+    # are sliced from them.
+    features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
+                            margin_nm=cfg.context_margin_nm, halo=_halo(model))
     for tile in tiles:
         probs, maps = _run_tile(model, features, tile, with_attention)
         probs_acc.add(tile, probs, _window(tuple(probs.shape[1:]), overlap))
         for acc, f, att in zip(att_accs, plan.factors, maps):
-            lo = [(t.start - o) // f for t, o in zip(tile, outer_start)]
+            lo = [(t.start - o) // k for t, o, k in zip(tile, outer_start, f)]
             acc.add(tuple(slice(a, a + n) for a, n in zip(lo, att.shape[1:])), att,
-                    _window(tuple(att.shape[1:]), tuple(o // f for o in overlap)))
+                    _window(tuple(att.shape[1:]), tuple(o // k for o, k in zip(overlap, f))))
         yield 1
 
     inner = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, real_start))
@@ -358,8 +365,8 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
                ("uncertainty", region, _host(_normalised_entropy(probs).half()))]
     for name, acc, f in zip(attention_names(), att_accs, plan.factors):
         rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
-        lvl = [(a // f, -(-b // f)) for a, b in rel]  # cores start on every level's grid
-        shift = [(o - r) // f for o, r in zip(outer_start, roi_start)]
+        lvl = [(a // k, -(-b // k)) for (a, b), k in zip(rel, f)]  # cores start on every level's grid
+        shift = [(o - r) // k for o, r, k in zip(outer_start, roi_start, f)]
         sub = tuple(slice(a - s, b - s) for (a, b), s in zip(lvl, shift))
         results.append((name, tuple(slice(a, b) for a, b in lvl),
                         _host(acc.result(sub)[0].half())))
@@ -422,10 +429,10 @@ def predict_to_memory(model, source: FeatureSource, roi=None, **kwargs) -> Memor
     return run_to_end(predict(model, source, roi, sink=MemorySink(), **kwargs))
 
 
-def _plan_block(block, roi_start, shape, tile_shape, overlap):
+def _plan_block(block, roi_start, shape, tile_shape, overlap, align):
     """(core, aligned outer region, tiles touching the core) of one block, in volume voxels."""
     outer, per_axis = [], []
-    for c, o, r, n, t, ov, a in zip(block.core, block.outer, roi_start, shape, tile_shape, overlap, ALIGN):
+    for c, o, r, n, t, ov, a in zip(block.core, block.outer, roi_start, shape, tile_shape, overlap, align):
         # Grow onto the grid. Near the volume start (an ROI starting at 0 < z < 8) that can begin before
         # the volume: those slices are edge-padded, so the ROI's first slices keep the context they have.
         start = r + (o.start - r) // a * a
@@ -467,6 +474,10 @@ class _DeviceBlend:
         return torch.where(w > 0, s / w, torch.zeros((), dtype=s.dtype, device=s.device))
 
 
+def _halo(model) -> tuple[int, int, int]:
+    return tuple(getattr(model, "intensity_halo", (0, 0, 0)))
+
+
 def _host(tensor: torch.Tensor) -> np.ndarray:
     return tensor.cpu().numpy()
 
@@ -480,18 +491,16 @@ def _run_tile(model, features: BlockFeatures, tile: _Slices, with_attention: boo
     # feature on its own pixels; a clipped size would stretch the features. Crop the result instead.
     gy, gx = (-(-n // PATCH_SIZE) for n in size[1:])
     full = (size[0], gy * PATCH_SIZE, gx * PATCH_SIZE)
-    raw, ctx, image = features.tile(tile, full_yx=full[1:])  # z before the volume: edge-padded
+    inputs = features.tile(tile, full_yx=full[1:])  # z before the volume: edge-padded
     with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
                                                 enabled=dev.type == "cuda"):
-        out = model(raw[None], None if ctx is None else ctx[None], out_shape=full,
-                    intensity=None if image is None else image[None])
+        out = model(inputs.raw, inputs.context, out_shape=full, intensity=inputs.intensity)
         logits = out.logits[0, :, :size[0], :size[1], :size[2]].float()
         probs = torch.softmax(logits, dim=0)
         maps = []
         if with_attention:
-            for k, att in enumerate(out.attention):
-                f = 2**k
-                z, y, x = (-(-n // f) for n in size)
+            for att, f in zip(out.attention, model.config.level_factors):
+                z, y, x = (-(-n // k) for n, k in zip(size, f))
                 maps.append(att[0, :, :z, :y, :x].float().mean(0, keepdim=True))
     return probs, maps
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import defaults
 from .errors import InputError
 from .geometry import Volume
 from .progress import Progress
@@ -46,11 +47,10 @@ class SessionSettings:
     planes: str = "xy"
     cache: str | None = None  # None: the default feature cache (DINOFUSE_CACHE or the user cache folder)
     fusion: str = "attention"
-    base_channels: int = 16
+    base_channels: int = defaults.BASE_CHANNELS
     intensity_stem: bool = True
-    iterations: int = 100
-    learning_rate: float = 1e-3
-    tile_shape: tuple[int, int, int] = (16, 96, 96)
+    iterations: int = defaults.ITERATIONS
+    learning_rate: float = defaults.LEARNING_RATE
     seed: int = 0
 
 
@@ -81,7 +81,8 @@ class Session:
     backbone: object = None
     source: object = None
     model: object = None
-    info: object = None  # ModelInfo of a loaded model (class names, training tile shape)
+    info: object = None  # ModelInfo of a loaded or trained model (class names, backbone)
+    validation: float | None = None  # the last fine-tune's best mIoU on held-out strokes
     log: list = field(default_factory=list)
     _backbone_key: tuple | None = None
     _source_key: tuple | None = None
@@ -124,24 +125,19 @@ class Session:
     # -- model ------------------------------------------------------------------------------------
 
     def reset_model(self) -> None:
-        self.model, self.info, self.log = None, None, []
+        self.model, self.info, self.log, self.validation = None, None, [], None
 
     def describe_model(self) -> str:
         if self.model is None:
             return "no model yet: Fine-tune creates one"
         cfg = self.model.config
         trained = f", {len(self.log)} iterations trained" if self.log else ", untrained"
-        return f"{cfg.num_classes} classes, base {cfg.base_channels}, fusion {cfg.fusion}{trained}"
+        scored = (f", held-out strokes mIoU {self.validation:.2f}" if self.validation is not None else "")
+        return f"{cfg.num_classes} classes, base {cfg.base_channels}, fusion {cfg.fusion}{trained}{scored}"
 
     @property
     def class_names(self) -> list[str]:
         return list(self.info.class_names) if self.info is not None else []
-
-    def training_tile_shape(self, settings: SessionSettings) -> tuple[int, int, int]:
-        """Predict on the tile size the model was trained on (GroupNorm statistics depend on it)."""
-        if self.info is not None and self.info.extra.get("tile_shape"):
-            return tuple(int(v) for v in self.info.extra["tile_shape"])
-        return tuple(settings.tile_shape)
 
     def load(self, folder) -> str:
         """Load a model folder (safetensors + JSON); returns the backbone spec it was trained with."""
@@ -203,8 +199,7 @@ class Session:
                               fusion=settings.fusion if source.context is not None else "none",
                               intensity_stem=settings.intensity_stem, seed=settings.seed)
         config = TrainConfig(iterations=settings.iterations, learning_rate=settings.learning_rate,
-                             tile_shape=self.training_tile_shape(settings), seed=settings.seed,
-                             device=settings.device)
+                             seed=settings.seed, device=settings.device)
         trainer = Trainer(model, source, labels, config)
         finished = False
         try:
@@ -218,7 +213,8 @@ class Session:
         names += [f"class {k}" for k in range(len(names) + 1, model.config.num_classes + 1)]
         self.log = [*self.log, *trainer.log] if reuse else list(trainer.log)
         self.model = model
-        self.info = model_info(model, source, names, extra={"tile_shape": list(trainer.tile_shape)})
+        self.info = model_info(model, source, names)
+        self.validation = trainer.best_score
         return trainer
 
     def _fits(self, source) -> bool:
@@ -254,8 +250,7 @@ class Session:
             raise InputError(f"showing a prediction of {shape} voxels takes ~{need / 2**30:.1f} GiB of memory: "
                              "predict the region around the view instead, or run `dinofuse predict`, which "
                              "writes to disk")
-        tile = self.training_tile_shape(settings)
-        overlap = tuple(max(1, t // 4) for t in tile)
-        return (yield from predict(self.model, source, (z, y, x), tile_shape=tile, overlap=overlap,
+        return (yield from predict(self.model, source, (z, y, x), tile_shape=defaults.PREDICT_TILE,
+                                   overlap=defaults.PREDICT_OVERLAP,
                                    device=settings.device, sink=MemorySink(skip=("probabilities",))))
 

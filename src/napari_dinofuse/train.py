@@ -22,26 +22,58 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import PATCH_SIZE, resolve_device
-from . import __version__
+from . import __version__, defaults
 from .checkpoint import ModelInfo
 from .errors import InputError
-from .features import FeatureSource
-from .modeling.unet import FusedUNet3D, UNetConfig
+from .features import FeatureSource, TileInputs
+from .geometry import Grid
+from .modeling.filters import scale_sigmas
+from .modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling
 from .progress import Progress
+from .tiling import ints3
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 300
-    learning_rate: float = 1e-3
+    """The one fine-tuning recipe (the GUI, the CLI and the demo use these defaults); validated on creation."""
+
+    iterations: int = defaults.ITERATIONS  # at most: early stopping on held-out strokes often ends sooner
+    learning_rate: float = defaults.LEARNING_RATE  # peak, after a linear warm-up; cosine decay to 5 % of it
     weight_decay: float = 1e-4
-    tile_shape: tuple[int, int, int] = (16, 96, 96)  # voxels; y/x are rounded up to the patch grid
+    tile_shape: tuple[int, int, int] = defaults.TRAIN_TILE  # voxels; y/x are rounded up to the patch grid
     batch_size: int = 1  # tiles per step (accumulated gradients: tiles may differ in size at edges)
     dice_weight: float = 0.0  # add soft Dice on painted voxels
+    augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
+    validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
+    validate_every: int = 25  # steps
+    patience: int = 6  # validations without improvement before stopping
+    min_iterations: int = 100
     seed: int = 0
-    patience: int = 60  # stop when the smoothed loss has not improved by 1% for this many steps
-    min_iterations: int = 40
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(name, what):
+            raise InputError(f"training setting {name} = {getattr(self, name)!r}: {what}")
+
+        for name in ("iterations", "batch_size", "validate_every", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "expected a whole number >= 1")
+        if isinstance(self.min_iterations, bool) or not isinstance(self.min_iterations, int) or self.min_iterations < 0:
+            bad("min_iterations", "expected a whole number >= 0")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1):
+            bad("learning_rate", "expected a number in (0, 1], e.g. 0.002")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
+            bad("weight_decay", "expected a number in [0, 1)")
+        if not (isinstance(self.dice_weight, (int, float)) and 0 <= self.dice_weight < math.inf):
+            bad("dice_weight", "expected a number >= 0")
+        if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
+            bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
+                "too few strokes to train on")
+        try:
+            self.tile_shape = ints3(self.tile_shape, "tile_shape", 1)
+        except ValueError as exc:
+            raise InputError(f"training setting {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -112,17 +144,45 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
     return loss
 
 
-def new_model(source: FeatureSource, num_classes: int, base_channels: int = 16, fusion: str = "attention",
-              intensity_stem: bool = False, seed: int = 0) -> FusedUNet3D:
+def new_model(source: FeatureSource, num_classes: int, base_channels: int = defaults.BASE_CHANNELS,
+              fusion: str = "attention", intensity_stem: bool = True, seed: int = 0,
+              context_margin_nm: float | None = defaults.CONTEXT_MARGIN_NM,
+              tile_shape=defaults.TRAIN_TILE) -> FusedUNet3D:
+    """A new UNet for ``source``'s features, pooling as the voxel sizes and the training ``tile_shape`` allow
+    (see :func:`~napari_dinofuse.modeling.unet.anisotropic_pooling`)."""
     raw_channels, context_channels = source.channels
     if fusion != "none" and context_channels is None:
         raise InputError(f"fusion {fusion!r} needs a context volume: give one, or use fusion 'none'")
-    config = UNetConfig(raw_channels=raw_channels, context_channels=context_channels or raw_channels,
-                        num_classes=num_classes, base_channels=base_channels, fusion=fusion,
-                        intensity_stem=intensity_stem)
+    context = source.context if source.context is not None else source.raw
+    if context_margin_nm is not None and source.context is not None:
+        smallest = min(source.context.voxel_size)
+        if context_margin_nm < smallest:
+            raise InputError(f"a context margin of {context_margin_nm:g} nm is less than one context voxel "
+                             f"({smallest:g} nm): the context branch would see nothing beyond the tile. Use "
+                             "at least its receptive field (~17 context voxels), e.g. the default 1024 nm")
+    try:
+        config = UNetConfig(raw_channels=raw_channels, context_channels=context_channels or raw_channels,
+                            num_classes=num_classes, base_channels=base_channels, fusion=fusion,
+                            intensity_stem=intensity_stem, context_margin_nm=context_margin_nm,
+                            stem_sigmas=scale_sigmas(source.raw.voxel_size),
+                            context_stem_sigmas=scale_sigmas(context.voxel_size),
+                            pooling=anisotropic_pooling(source.raw.voxel_size, tile_shape=tile_shape),
+                            context_pooling=anisotropic_pooling(context.voxel_size, 2,
+                                                                tile_shape=_window_shape(source, tile_shape,
+                                                                                         context_margin_nm)))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return FusedUNet3D(config)
+
+
+def _window_shape(source: FeatureSource, tile_shape, margin_nm) -> tuple[int, int, int]:
+    """About how many context voxels a training tile's context window holds per axis."""
+    if source.context is None:
+        return tuple(tile_shape)
+    extent = np.array(tile_shape) * source.raw.voxel_size + 2 * (margin_nm if margin_nm is not None else np.inf)
+    return tuple(int(min(n, e)) for n, e in zip(source.context.shape, extent / np.array(source.context.voxel_size)))
 
 
 def adapt_classes(model: FusedUNet3D, num_classes: int, seed: int = 0) -> FusedUNet3D:
@@ -152,8 +212,124 @@ def model_info(model: FusedUNet3D, source: FeatureSource, class_names=None, extr
                             "intensity_mode": signature["intensity"]["mode"], **(extra or {})})
 
 
+# -- held-out strokes ---------------------------------------------------------------------------------------
+
+
+def strokes(points: np.ndarray) -> list[np.ndarray]:
+    """The 26-connected components ("strokes") of a set of voxels (n, 3), largest first."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    if len(points) == 0:
+        return []
+    pairs = cKDTree(points).query_pairs(r=1.75, output_type="ndarray")  # sqrt(3) < 1.75 < 2
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(points),) * 2)
+    _, which = connected_components(graph, directed=False)
+    parts = [points[which == c] for c in np.unique(which)]
+    return sorted(parts, key=len, reverse=True)
+
+
+def split_strokes(painted: PaintedLabels, share: float, seed: int = 0) -> tuple[PaintedLabels, dict[int, np.ndarray]]:
+    """Hold out whole strokes of each class, about ``share`` of its voxels (at most twice that), for validation.
+
+    Whole strokes, not scattered voxels: a voxel next to a training voxel says nothing about generalisation.
+    Every class keeps at least one stroke for training; a class painted in a single stroke has no held-out
+    voxels. Returns (the training part, held-out voxels per class).
+    """
+    rng = np.random.default_rng(seed)
+    train, held = {}, {}
+    for k, points in painted.coords.items():
+        parts = strokes(points) if share > 0 else [points]
+        budget, kept, out = share * len(points), [], []
+        for i, j in enumerate(rng.permutation(len(parts))):
+            taken = sum(len(p) for p in out)
+            left = len(parts) - i - 1 + len(kept)  # strokes that would still train
+            if taken < budget and left >= 1 and taken + len(parts[j]) <= 2 * budget:
+                out.append(parts[j])
+            else:
+                kept.append(parts[j])
+        train[k] = np.concatenate(kept)
+        if out:
+            held[k] = np.concatenate(out)
+    return PaintedLabels(train, painted.num_classes), held
+
+
+# -- augmentation -------------------------------------------------------------------------------------------
+
+
+def transform_grid(grid: Grid, centre, transpose: bool, flips) -> Grid:
+    """``grid`` after transposing y/x and then mirroring ``flips`` axes about the world point ``centre``: what
+    happens in the world when the arrays on it are transposed/flipped the same way."""
+    shape, vs, off = list(grid.shape), list(grid.voxel_size), list(grid.offset)
+    if transpose:
+        shape[1], shape[2] = shape[2], shape[1]
+        vs[1], vs[2] = vs[2], vs[1]
+        off[1], off[2] = centre[1] + off[2] - centre[2], centre[2] + off[1] - centre[1]
+    for a in flips:
+        off[a] = 2 * centre[a] - (off[a] + (shape[a] - 1) * vs[a])
+    return Grid(tuple(shape), tuple(vs), tuple(off))
+
+
+def augment(inputs: TileInputs, labels: torch.Tensor, rng: np.random.Generator) -> tuple[TileInputs, torch.Tensor]:
+    """Random flips, y/x transposition (with flips: the 90-degree in-plane rotations) and intensity jitter.
+
+    Geometry stays consistent: the context window is flipped/transposed with the tile, about the tile's
+    centre in the world, so every voxel still gets the context of its (mirrored) location. Transposition
+    only where the raw and the context have square voxels in y/x (anisotropy is respected); a y/x flip only
+    where tile and window are whole patches along that axis (a partial last patch must stay last).
+    """
+    ctx = inputs.context
+    target = ctx.target if ctx is not None else None
+    shape = labels.shape[1:]
+
+    def whole(n):
+        return n % PATCH_SIZE == 0
+
+    square = ctx is None or ctx.grid.voxel_size[1] == ctx.grid.voxel_size[2]
+    square = square and (target is None or target.voxel_size[1] == target.voxel_size[2])
+    transpose = bool(square and rng.random() < 0.5)
+    flips = [a for a in range(3) if rng.random() < 0.5 and
+             (a == 0 or (whole(shape[a]) and (ctx is None or whole(ctx.grid.shape[a]))))]
+
+    def apply(t, first_spatial):  # t: a tensor whose last 3 axes are (z, y, x)
+        if t is None:
+            return None
+        if transpose:
+            t = t.transpose(-1, -2)
+        return t.flip([first_spatial + a for a in flips]) if flips else t
+
+    labels = apply(labels, 1)
+    raw = apply(inputs.raw, 2)
+    intensity = inputs.intensity
+    if intensity is not None:  # brightness and contrast of the stems' input; the features stay as computed
+        intensity = apply(intensity, 2) * float(rng.uniform(0.8, 1.2)) + float(rng.uniform(-0.1, 0.1))
+    if ctx is not None:
+        centre = target.offset + (np.array(target.shape) - 1) / 2 * np.array(target.voxel_size)
+        image = apply(ctx.image, 2)
+        if image is not None:
+            image = image * float(rng.uniform(0.8, 1.2)) + float(rng.uniform(-0.1, 0.1))
+        ctx = ContextWindow(apply(ctx.features, 2), image, transform_grid(ctx.grid, centre, transpose, flips),
+                            transform_grid(target, centre, transpose, flips))
+    return TileInputs(raw, ctx, intensity), labels
+
+
+# -- training -----------------------------------------------------------------------------------------------
+
+
+def _whole_patches(region) -> tuple[int, int, int]:
+    z, y, x = (s.stop - s.start for s in region)
+    return z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE
+
+
 class Trainer:
-    """Fine-tunes ``model`` in place on the painted voxels of ``labels``."""
+    """Fine-tunes ``model`` in place on the painted voxels of ``labels``; validates on held-out strokes.
+
+    When :meth:`run` ends (or the driver closes it: Cancel), ``model`` holds the weights that scored best on
+    the held-out strokes (without validation: the last weights), in eval mode.
+    """
+
+    MAX_VALIDATION_TILES = 8
 
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
         self.config = config or TrainConfig()
@@ -165,16 +341,20 @@ class Trainer:
                              f"{model.config.num_classes} classes: adapt it first (adapt_classes)")
         self.model = model
         self.log: list[dict] = []
-        self.best_loss = math.inf
         self.stopped_early = False
-        z, y, x = (int(v) for v in self.config.tile_shape)
+        self.best_score: float | None = None  # mean IoU on the held-out strokes
+        self.train_painted, self.held_out = split_strokes(self.painted, self.config.validation_share,
+                                                          self.config.seed)
+        z, y, x = self.config.tile_shape
         self.tile_shape = (z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE)
+        self.validation_tiles = self._validation_tiles()
 
-    def sample_region(self, rng: np.random.Generator, painted_class: int | None = None):
-        """A tile containing a painted voxel of ``painted_class`` (default: a class chosen uniformly)."""
-        classes = list(self.painted.coords)
-        points = self.painted.coords[painted_class if painted_class is not None else
-                                     classes[rng.integers(len(classes))]]
+    def sample_region(self, rng: np.random.Generator, painted_class: int | None = None, points=None):
+        """A tile containing a training voxel of ``painted_class`` (default: a class chosen uniformly)."""
+        coords = self.train_painted.coords
+        classes = list(coords)
+        if points is None:
+            points = coords[painted_class if painted_class is not None else classes[rng.integers(len(classes))]]
         voxel = points[rng.integers(len(points))]
         region = []
         for axis, (v, n, size) in enumerate(zip(voxel, self.source.raw.shape, self.tile_shape)):
@@ -185,27 +365,86 @@ class Trainer:
             region.append(slice(start, min(start + size, n)))
         return tuple(region)
 
-    def _batch(self, region, device):
+    def _validation_tiles(self) -> list[tuple[tuple, np.ndarray, np.ndarray]]:
+        """(region, held-out voxels inside it, their classes) for up to MAX_VALIDATION_TILES tiles."""
+        if not self.held_out:
+            return []
+        points = np.concatenate(list(self.held_out.values()))
+        classes = np.concatenate([np.full(len(v), k) for k, v in self.held_out.items()])
+        rng = np.random.default_rng(self.config.seed + 1)
+        tiles = []
+        while len(points) and len(tiles) < self.MAX_VALIDATION_TILES:
+            region = self.sample_region(rng, points=points)
+            inside = np.all([(points[:, a] >= s.start) & (points[:, a] < s.stop) for a, s in enumerate(region)], 0)
+            tiles.append((region, points[inside], classes[inside]))
+            points, classes = points[~inside], classes[~inside]
+        return tiles
+
+    def _inputs(self, region, device) -> TileInputs:
         cfg = self.model.config
-        raw, ctx, image = self.source.tile(region, context=cfg.fusion != "none", intensity=cfg.intensity_stem)
-        to = lambda a: None if a is None else torch.from_numpy(a)[None].to(device)  # noqa: E731
+        return self.source.tile(region, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
+                                margin_nm=cfg.context_margin_nm, device=device, full_yx=_whole_patches(region)[1:],
+                                halo=self.model.intensity_halo)
+
+    def _batch(self, region, device, rng):
+        """A training tile at whole patches: inputs and labels (held-out strokes and padding unpainted)."""
+        inputs = self._inputs(region, device)
         block = self.labels[region]
         labels = np.asarray(block.compute() if hasattr(block, "compute") else block).astype(np.int64)
-        return to(raw), to(ctx), to(image), torch.from_numpy(labels)[None].to(device)
+        start = np.array([s.start for s in region])
+        for points in self.held_out.values():
+            local = points - start
+            keep = np.all((local >= 0) & (local < labels.shape), axis=1)
+            labels[tuple(local[keep].T)] = 0
+        full = _whole_patches(region)
+        labels = np.pad(labels, [(0, f - n) for f, n in zip(full, labels.shape)])
+        labels = torch.from_numpy(labels)[None].to(device)
+        if self.config.augment:
+            inputs, labels = augment(inputs, labels, rng)
+        return inputs, labels
+
+    @torch.no_grad()
+    def validate(self, device=None) -> float | None:
+        """Mean IoU over the classes of the held-out strokes (None without any); the model is left in eval mode."""
+        if not self.validation_tiles:
+            return None
+        model = self.model.eval()
+        device = device or next(model.parameters()).device
+        k = self.painted.num_classes
+        confusion = np.zeros((k, k), np.int64)
+        for region, points, classes in self.validation_tiles:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                inputs = self._inputs(region, device)
+                out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
+            local = points - np.array([s.start for s in region])
+            predicted = out.logits[0].float().argmax(0).cpu().numpy()[tuple(local.T)] + 1
+            np.add.at(confusion, (classes - 1, np.minimum(predicted, k) - 1), 1)
+        present = confusion.sum(1) > 0
+        inter = np.diag(confusion)
+        union = confusion.sum(0) + confusion.sum(1) - inter
+        return float(np.mean(inter[present] / union[present]))
 
     def run(self) -> Generator[Progress, None, "Trainer"]:
         cfg = self.config
         device = resolve_device(cfg.device)
         model = self.model.to(device).train()
-        weights = class_weights(self.painted)
+        weights = class_weights(self.train_painted)
         if weights.numel() < model.config.num_classes:
             weights = F.pad(weights, (0, model.config.num_classes - weights.numel()))
         rng = np.random.default_rng(cfg.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = max(1, min(25, cfg.iterations // 10))
+
+        def schedule(step):  # linear warm-up, then cosine decay to 5 %
+            if step < warmup:
+                return (step + 1) / warmup
+            t = (step - warmup) / max(1, cfg.iterations - warmup)
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        best_state, best_step, smoothed = copy.deepcopy(model.state_dict()), 0, None
-        warmup = min(20, cfg.iterations // 5)
-        classes = list(self.painted.coords)
+        best_state, best_step, smoothed = None, 0, None
+        classes = list(self.train_painted.coords)
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -214,31 +453,40 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     total = 0.0
                     for i in range(cfg.batch_size):
-                        # Class-balanced batches: each tile centred on the next class in turn, so one step
-                        # does not pull every prediction towards the single class its tile happened to show.
+                        # Class-balanced: each tile centred on the next class in turn, so one step does not pull
+                        # every prediction towards the single class its tile happened to show.
                         region = self.sample_region(rng, classes[(step * cfg.batch_size + i) % len(classes)])
-                        raw, ctx, image, labels = self._batch(region, device)
+                        inputs, labels = self._batch(region, device, rng)
                         with autocast:
-                            out = model(raw, ctx, out_shape=labels.shape[1:], intensity=image)
+                            out = model(inputs.raw, inputs.context, out_shape=labels.shape[1:],
+                                        intensity=inputs.intensity)
                         loss = masked_loss(out.logits, labels, weights, cfg.dice_weight) / cfg.batch_size
                         loss.backward()
                         total += float(loss.detach())
                     optimizer.step()
+                    scheduler.step()
                     smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-                    if step <= warmup:  # the average is still mostly its first noisy samples
-                        best_step = step
-                    elif smoothed < self.best_loss * 0.99:
-                        self.best_loss, best_step = smoothed, step
-                        best_state = copy.deepcopy(model.state_dict())
-                    elapsed = time.perf_counter() - start
-                    self.log.append({"iteration": step, "loss": total, "smoothed": smoothed, "seconds": elapsed})
-                    yield Progress(step, cfg.iterations, f"loss {smoothed:.4f}",
-                                   {"loss": total, "smoothed": smoothed, "seconds": elapsed})
-                    if step >= cfg.min_iterations and step - best_step >= cfg.patience:
+                    entry = {"iteration": step, "loss": total, "smoothed": smoothed}
+                    message = f"loss {smoothed:.4f}"
+                    if self.validation_tiles and (step % cfg.validate_every == 0 or step == cfg.iterations):
+                        score = self.validate(device)
+                        model.train()
+                        entry["validation"] = score
+                        if self.best_score is None or score > self.best_score:
+                            self.best_score, best_step = score, step
+                            best_state = copy.deepcopy(model.state_dict())
+                    if self.best_score is not None:
+                        message += f", held-out strokes mIoU {self.best_score:.3f} (best)"
+                        entry["best_validation"] = self.best_score
+                    entry["seconds"] = time.perf_counter() - start
+                    self.log.append(entry)
+                    yield Progress(step, cfg.iterations, message, dict(entry))
+                    if (best_state is not None and step >= cfg.min_iterations
+                            and step - best_step >= cfg.patience * cfg.validate_every):
                         self.stopped_early = True
                         break
         finally:  # also on Cancel (generator closed): keep the best weights, ready for inference
-            if self.best_loss < math.inf:  # (still warming up: the current weights are all there is)
+            if best_state is not None:
                 model.load_state_dict(best_state)
             model.eval()
         return self

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .. import defaults
 from ..defaults import default_backbone_spec
 from ..errors import DinofuseError
 from ..geometry import Volume
@@ -229,7 +230,7 @@ class DinofuseWidget(QWidget):
                                      "ablation; none: raw only")
         self.base_spin = QSpinBox()
         self.base_spin.setRange(2, 128)
-        self.base_spin.setValue(16)
+        self.base_spin.setValue(defaults.BASE_CHANNELS)
         self.base_spin.setToolTip("UNet width: 16 suits a laptop, 32-128 a GPU")
         self.stem_check = QCheckBox("raw-intensity stem (sharper boundaries)")
         self.stem_check.setChecked(True)
@@ -261,12 +262,14 @@ class DinofuseWidget(QWidget):
         self.new_labels_button.clicked.connect(self.new_annotation_layer)
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 100_000)
-        self.iterations_spin.setValue(100)
+        self.iterations_spin.setValue(defaults.ITERATIONS)
+        self.iterations_spin.setToolTip("Training steps at most: training stops sooner once the held-out share "
+                                        "of your strokes stops improving")
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(5)
         self.lr_spin.setRange(1e-5, 1.0)
         self.lr_spin.setSingleStep(1e-4)
-        self.lr_spin.setValue(1e-3)
+        self.lr_spin.setValue(defaults.LEARNING_RATE)
         self.train_button = QPushButton("Fine-tune")
         self.train_button.setToolTip("Train on the painted voxels, then update the prediction")
         self.train_button.clicked.connect(self.fine_tune)
@@ -589,8 +592,10 @@ class DinofuseWidget(QWidget):
             self.loss_plot.add(p.metrics["loss"], p.metrics["smoothed"])
             seconds = p.metrics["seconds"]
             left = seconds / max(p.done, 1) * (p.total - p.done)
-            self.eta_label.setText(f"iteration {p.done}/{p.total}, {seconds:.0f} s, about {left:.0f} s left "
-                                   "(then the prediction)")
+            best = p.metrics.get("best_validation")
+            scored = f"; held-out strokes mIoU {best:.2f} (best so far)" if best is not None else ""
+            self.eta_label.setText(f"iteration {p.done}/{p.total}, {seconds:.0f} s, at most {left:.0f} s left "
+                                   f"(then the prediction){scored}")
 
     def _on_returned(self, result) -> None:
         self.last_result = result

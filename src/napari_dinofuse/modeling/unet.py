@@ -1,13 +1,19 @@
-"""3D UNet segmenting at voxel resolution from patch-resolution DINOv3 features.
+"""3D UNet segmenting at voxel resolution from patch-resolution DINOv3 features, steered by a wide context.
 
-Inputs are raw features ``(B, C_raw, Z, Y/p, X/p)`` and context features already
-resampled onto the same patch grid ``(B, C_ctx, Z, Y/p, X/p)``; the output is logits
-``(B, K, Z, Y, X)`` at full resolution.
+Inputs: raw features ``(B, C_raw, Z, Y/p, X/p)`` of one tile (plus, optionally, its intensities at full
+resolution) and a :class:`ContextWindow`: the context's features and intensities over a window much wider than
+the tile, on the context's own grid, with both grids placed in the world. The context branch works at the
+context's resolution over the whole window (so it sees what lies beyond the tile), and only its result is
+sampled, in world coordinates, onto each encoder level's grid of the tile. Output: logits ``(B, K, Z, Y, X)``.
+
+Every normalisation is a BatchNorm: at inference its statistics are fixed, so predictions do not depend on
+the tiling. Pooling follows the voxel size (see :func:`anisotropic_pooling`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -16,14 +22,52 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fusion import ContextAttentionFusion, group_count
+from ..geometry import Grid, resample
+from .filters import FilterBank, scale_sigmas
+from .fusion import ContextAttentionFusion, norm
 
-__all__ = ["FUSION_MODES", "FusedUNet3D", "UNetConfig", "UNetOutput", "count_parameters"]
+__all__ = ["FUSION_MODES", "NUM_LEVELS", "ContextWindow", "FusedUNet3D", "UNetConfig", "UNetOutput",
+           "anisotropic_pooling", "count_parameters"]
 
 FUSION_MODES = ("attention", "concat", "none")
 NUM_LEVELS = 4
-# Levels 2-4 and the bottleneck each pool by 2: inputs must divide by 2**4.
-_SIZE_MULTIPLE = 2**NUM_LEVELS
+ISOTROPIC = ((2, 2, 2),) * NUM_LEVELS
+_Triple = tuple[int, int, int]
+
+
+def anisotropic_pooling(voxel_size, steps: int = NUM_LEVELS, tile_shape=None, min_size: int = 4
+                        ) -> tuple[_Triple, ...]:
+    """Per pooling step, the factor (1 or 2) per axis (z, y, x) for data of ``voxel_size`` (nm).
+
+    The rules nnU-Net uses: an axis is pooled only while its current spacing is less than twice the finest
+    current spacing (5 x 5 x 40 nm data pools y and x alone until they reach 40 nm, so 40 nm steps are never
+    treated as 5 nm ones), and, given the training ``tile_shape``, only while it keeps >= ``min_size`` voxels
+    (a 16-slice tile is not pooled down to one slice, where every voxel would see the tile's padded faces).
+    """
+    spacing = [float(v) for v in voxel_size]
+    if len(spacing) != 3 or not all(v > 0 for v in spacing):
+        raise ValueError(f"voxel_size needs 3 positive values (z, y, x), got {voxel_size!r}")
+    size = [math.inf] * 3 if tile_shape is None else [int(n) for n in tile_shape]
+    out = []
+    for _ in range(steps):
+        room = [n / 2 >= min_size for n in size]
+        finest = min((s for s, r in zip(spacing, room) if r), default=0.0)
+        factors = tuple(2 if r and s < 2 * finest else 1 for s, r in zip(spacing, room))
+        spacing = [s * f for s, f in zip(spacing, factors)]
+        size = [n / f for n, f in zip(size, factors)]
+        out.append(factors)
+    return tuple(out)
+
+
+def _check_pooling(name: str, value, steps: int) -> tuple[_Triple, ...]:
+    try:
+        pooling = tuple(tuple(int(f) for f in step) for step in value)
+    except TypeError:
+        pooling = ()
+    if len(pooling) != steps or any(len(s) != 3 or any(f not in (1, 2) for f in s) for s in pooling):
+        raise ValueError(f"UNetConfig.{name} must be {steps} steps of 3 factors (z, y, x), each 1 or 2; "
+                         f"got {value!r}")
+    return pooling
 
 
 @dataclass
@@ -31,10 +75,19 @@ class UNetConfig:
     raw_channels: int
     context_channels: int
     num_classes: int
-    base_channels: int = 128
+    base_channels: int = 16
     fusion: str = "attention"
     patch_size: int = 16
-    intensity_stem: bool = False
+    intensity_stem: bool = True  # raw intensities at full resolution: sharp boundaries
+    context_stem: bool = True  # context intensities at the context's resolution
+    pooling: tuple[_Triple, ...] = ISOTROPIC  # raw UNet: 3 steps between the 4 levels + 1 into the bottleneck
+    context_pooling: tuple[_Triple, ...] = ISOTROPIC[:2]  # context encoder's 2 steps
+    # How far beyond a tile the context branch reads (nm; None: the context's whole field). At least the
+    # context encoder's receptive field (~17 context voxels), or tiles see the zero padding of their window.
+    context_margin_nm: float | None = 1024.0
+    # Scales (per sigma: z, y, x in voxels) of the fixed filter banks feeding the intensity stems.
+    stem_sigmas: tuple[tuple[float, float, float], ...] = scale_sigmas((1, 1, 1))
+    context_stem_sigmas: tuple[tuple[float, float, float], ...] = scale_sigmas((1, 1, 1))
 
     def __post_init__(self) -> None:
         for name in ("raw_channels", "context_channels", "num_classes", "base_channels", "patch_size"):
@@ -46,8 +99,38 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"UNetConfig.fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
-        if not isinstance(self.intensity_stem, bool):
-            raise ValueError(f"UNetConfig.intensity_stem must be a bool, got {self.intensity_stem!r}")
+        for name in ("intensity_stem", "context_stem"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        self.pooling = _check_pooling("pooling", self.pooling, NUM_LEVELS)
+        for name in ("stem_sigmas", "context_stem_sigmas"):
+            try:
+                value = tuple(tuple(float(v) for v in axes) for axes in getattr(self, name))
+            except (TypeError, ValueError):
+                value = ()
+            if not value or any(len(a) != 3 or not all(0 <= v <= 16 for v in a) for a in value):
+                raise ValueError(f"UNetConfig.{name} must be sigmas of 3 values (z, y, x) in [0, 16] voxels, got "
+                                 f"{getattr(self, name)!r}")
+            setattr(self, name, value)
+        margin = self.context_margin_nm
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not 0 <= margin < math.inf):
+            raise ValueError(f"UNetConfig.context_margin_nm must be a number of nm >= 0 (or None for the whole "
+                             f"context), got {margin!r}")
+        self.context_pooling = _check_pooling("context_pooling", self.context_pooling, 2)
+
+    @property
+    def level_factors(self) -> tuple[_Triple, ...]:
+        """Level k's voxel is ``level_factors[k]`` raw voxels (z, y, x); level 0 is the raw grid."""
+        factors = [(1, 1, 1)]
+        for step in self.pooling[:NUM_LEVELS - 1]:
+            factors.append(tuple(a * b for a, b in zip(factors[-1], step)))
+        return tuple(factors)
+
+    @property
+    def size_multiple(self) -> _Triple:
+        """Inputs are padded to multiples of this (all four poolings divide evenly)."""
+        return tuple(math.prod(step[axis] for step in self.pooling) for axis in range(3))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,6 +148,21 @@ class UNetConfig:
         return cls(**dict(data))
 
 
+class ContextWindow(NamedTuple):
+    """The context around one tile, and where both lie in the world.
+
+    ``features`` (B, C, Z, gy, gx): context features on the patch grid of the window (y/x start on a patch);
+    ``image`` (B, 1, Z, Y, X) or None: context intensities in [0, 1] on ``grid``, the window's voxel grid;
+    ``target``: the tile's (level-0, raw) voxel grid. The window should reach well beyond the tile (the
+    context encoder's receptive field, ~1 um at 64 nm): voxels near a window edge see zero padding.
+    """
+
+    features: torch.Tensor
+    image: torch.Tensor | None
+    grid: Grid
+    target: Grid
+
+
 class UNetOutput(NamedTuple):
     logits: torch.Tensor
     # One gate per encoder level in "attention" mode, () otherwise.
@@ -76,11 +174,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 def _norm_relu(channels: int) -> list[nn.Module]:
-    return [nn.GroupNorm(group_count(channels), channels), nn.ReLU(inplace=True)]
+    return [norm(channels), nn.ReLU(inplace=True)]
 
 
 class ConvBlock(nn.Sequential):
-    """(conv3x3x3 -> GroupNorm -> ReLU) x 2."""
+    """(conv3x3x3 -> BatchNorm -> ReLU) x 2."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
@@ -92,7 +190,7 @@ class ConvBlock(nn.Sequential):
 
 
 class UpBlock(nn.Module):
-    """x2 trilinear upsampling + 1x1x1 conv, concat skip, ConvBlock."""
+    """Upsampling + 1x1x1 conv, concat skip, ConvBlock."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -100,8 +198,7 @@ class UpBlock(nn.Module):
         self.block = ConvBlock(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        # The 1x1x1 conv commutes with linear interpolation, so applying it first gives
-        # the same result at 1/8 of the cost.
+        # The 1x1x1 conv commutes with linear interpolation, so applying it first gives the same result cheaper.
         x = _upsample(self.reduce(x), skip.shape[2:])
         return self.block(torch.cat([x, skip], dim=1))
 
@@ -113,10 +210,67 @@ def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
 
+def _patches_to_voxels(feats: torch.Tensor, proj: nn.Module, shape: Sequence[int], patch: int) -> torch.Tensor:
+    """Patch-grid features -> ``proj`` at patch resolution -> upsampled onto whole patches -> cropped to ``shape``.
+
+    Upsampling ``g`` patches onto exactly ``g * patch`` voxels puts each patch feature on its own voxels; the
+    1x1x1 ``proj`` commutes with the interpolation, so running it first is equal and ~patch^2 times cheaper.
+    """
+    z, gy, gx = feats.shape[2:]
+    up = _upsample(proj(feats), (int(shape[0]), gy * patch, gx * patch))
+    return up[:, :, :, :int(shape[1]), :int(shape[2])]
+
+
 def _check_5d(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.ndim != 5:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a 5D tensor (B, C, Z, Y, X), got {shape}")
+
+
+def _stem(sigmas, width: int) -> nn.Sequential:
+    """Intensities (with the bank's halo) -> fixed filter bank -> 1x1x1 conv -> BatchNorm -> ReLU."""
+    bank = FilterBank(sigmas)
+    return nn.Sequential(bank, nn.Conv3d(bank.channels, width, kernel_size=1, bias=False), *_norm_relu(width))
+
+
+class ContextEncoder(nn.Module):
+    """The context branch, at the context's own resolution over the whole window.
+
+    Features (projected at patch resolution, then upsampled) plus intensities through a small stem, then three
+    scales (1, 1/2, 1/4 of the context's voxel size, pooling per :func:`anisotropic_pooling`) summed back at
+    full context resolution: receptive field ~17 context voxels in-plane (~1.1 um at 64 nm).
+    """
+
+    def __init__(self, feature_channels: int, width: int, intensity: bool, pooling, patch_size: int,
+                 sigmas) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.pooling = pooling
+        self.proj = nn.Conv3d(feature_channels, width, kernel_size=1)
+        self.stem = _stem(sigmas, width) if intensity else None
+        self.fine = ConvBlock(width, width)
+        self.mid = ConvBlock(width, 2 * width)
+        self.coarse = ConvBlock(2 * width, 2 * width)
+        self.from_mid = nn.Conv3d(2 * width, width, kernel_size=1)
+        self.from_coarse = nn.Conv3d(2 * width, width, kernel_size=1)
+
+    def forward(self, window: ContextWindow) -> torch.Tensor:
+        shape = window.grid.shape
+        x = _patches_to_voxels(window.features, self.proj, shape, self.patch_size)
+        if self.stem is not None:
+            if window.image is None:
+                raise ValueError("config.context_stem is enabled but the context window has no image")
+            expected = (window.features.shape[0], 1, *shape)
+            if tuple(window.image.shape) != expected:
+                raise ValueError(f"context image must have shape {expected}, got {tuple(window.image.shape)}")
+            halo = self.stem[0].halo  # the window's far edges: replicate (they are beyond the encoder's reach)
+            image = F.pad(window.image.to(x.dtype), [h for h in reversed(halo) for _ in range(2)], mode="replicate")
+            x = x + self.stem(image)
+        fine = self.fine(x)
+        mid = self.mid(F.max_pool3d(fine, self.pooling[0], ceil_mode=True))
+        coarse = self.coarse(F.max_pool3d(mid, self.pooling[1], ceil_mode=True))
+        size = fine.shape[2:]
+        return torch.relu(fine + _upsample(self.from_mid(mid), size) + _upsample(self.from_coarse(coarse), size))
 
 
 class FusedUNet3D(nn.Module):
@@ -124,8 +278,8 @@ class FusedUNet3D(nn.Module):
 
     Fusion modes:
       * ``"none"``: context ignored.
-      * ``"concat"``: raw and context concatenated at the encoder input.
-      * ``"attention"``: a context pyramid gates every encoder skip connection through
+      * ``"concat"``: the context branch's map, sampled onto the tile, concatenated at the encoder input.
+      * ``"attention"``: the context branch gates every encoder skip connection through
         :class:`ContextAttentionFusion`; the gates are returned in ``UNetOutput.attention``.
     """
 
@@ -138,25 +292,24 @@ class FusedUNet3D(nn.Module):
         self.level_channels = tuple(base * 2**k for k in range(NUM_LEVELS))
 
         self.raw_proj = nn.Conv3d(config.raw_channels, base, kernel_size=1)
-        self.context_proj = (
-            nn.Conv3d(config.context_channels, base, kernel_size=1) if config.fusion != "none" else None
-        )
-        self.intensity_stem = (
-            nn.Sequential(nn.Conv3d(1, base, 3, padding=1, bias=False), *_norm_relu(base))
-            if config.intensity_stem
-            else None
-        )
+        self.intensity_stem = _stem(config.stem_sigmas, base) if config.intensity_stem else None
 
-        if config.fusion == "attention":
-            # Light pyramid: one 1x1x1 conv per level keeps context cheap relative to the encoder.
-            self.context_pyramid = nn.ModuleList(
-                nn.Sequential(nn.Conv3d(base, c, kernel_size=1, bias=False), *_norm_relu(c))
-                for c in self.level_channels
-            )
-            self.fusions = nn.ModuleList(ContextAttentionFusion(c) for c in self.level_channels)
-        else:
-            self.context_pyramid = None
-            self.fusions = None
+        self.context_encoder = self.context_pyramid = self.fusions = self.context_to_input = None
+        if config.fusion != "none":
+            width = max(16, base)
+            self.context_encoder = ContextEncoder(config.context_channels, width, config.context_stem,
+                                                  config.context_pooling, config.patch_size,
+                                                  config.context_stem_sigmas)
+            if config.fusion == "attention":
+                # Per level: the context map -> that level's width, then the gate; all pointwise, so run at the
+                # context's resolution and only the gate logits are sampled onto the level's grid.
+                self.context_pyramid = nn.ModuleList(
+                    nn.Sequential(nn.Conv3d(width, c, kernel_size=1, bias=False), *_norm_relu(c))
+                    for c in self.level_channels
+                )
+                self.fusions = nn.ModuleList(ContextAttentionFusion(c) for c in self.level_channels)
+            else:
+                self.context_to_input = nn.Conv3d(width, base, kernel_size=1)
 
         in_channels = 2 * base if config.fusion == "concat" else base
         encoders = []
@@ -164,7 +317,7 @@ class FusedUNet3D(nn.Module):
             encoders.append(ConvBlock(in_channels, c))
             in_channels = c
         self.encoders = nn.ModuleList(encoders)
-        self.pool = nn.MaxPool3d(2)
+        self.pools = nn.ModuleList(nn.MaxPool3d(step, step) for step in config.pooling)
         self.bottleneck = ConvBlock(self.level_channels[-1], 16 * base)
         decoders = []
         in_channels = 16 * base
@@ -176,6 +329,11 @@ class FusedUNet3D(nn.Module):
 
     # -- geometry -----------------------------------------------------------------------
 
+    @property
+    def intensity_halo(self) -> tuple[int, int, int]:
+        """Voxels of real neighbouring intensities the stem needs on each side of a tile (0 without a stem)."""
+        return self.intensity_stem[0].halo if self.intensity_stem is not None else (0, 0, 0)
+
     def default_out_shape(self, raw_feats: torch.Tensor) -> tuple[int, int, int]:
         """Full-resolution shape for patch features: Z is per-slice, Y and X are patched."""
         z, y, x = raw_feats.shape[2:]
@@ -183,25 +341,31 @@ class FusedUNet3D(nn.Module):
         return int(z), int(y) * p, int(x) * p
 
     @staticmethod
-    def project_and_upsample(
-        feats: torch.Tensor, proj: nn.Module, out_shape: Sequence[int]
-    ) -> torch.Tensor:
+    def project_and_upsample(feats: torch.Tensor, proj: nn.Module, out_shape: Sequence[int]) -> torch.Tensor:
         """Apply a 1x1x1 ``proj`` at patch resolution, then upsample trilinearly.
 
-        Equal to upsample-then-project (interpolation weights sum to 1, so even the bias
-        passes through), but the conv runs on ~patch_size**2 fewer voxels.
+        Equal to upsample-then-project (interpolation weights sum to 1, so even the bias passes through), but
+        the conv runs on ~patch_size**2 fewer voxels.
         """
         return _upsample(proj(feats), out_shape)
 
     # -- forward ------------------------------------------------------------------------
 
-    def forward(
-        self,
-        raw_feats: torch.Tensor,
-        context_feats: torch.Tensor | None = None,
-        out_shape: Sequence[int] | None = None,
-        intensity: torch.Tensor | None = None,
-    ) -> UNetOutput:
+    def _check_context(self, raw_feats: torch.Tensor, context) -> None:
+        cfg = self.config
+        if context is None:
+            raise ValueError(f"fusion={cfg.fusion!r} needs a context window, got None")
+        if not isinstance(context, ContextWindow):
+            raise ValueError(f"context must be a ContextWindow, got {type(context).__name__}")
+        _check_5d("context features", context.features)
+        if context.features.shape[1] != cfg.context_channels:
+            raise ValueError(f"context features have {context.features.shape[1]} channels, config expects "
+                             f"{cfg.context_channels}")
+        if context.features.shape[0] != raw_feats.shape[0]:
+            raise ValueError("context and raw features must have the same batch size")
+
+    def forward(self, raw_feats: torch.Tensor, context: ContextWindow | None = None,
+                out_shape: Sequence[int] | None = None, intensity: torch.Tensor | None = None) -> UNetOutput:
         cfg = self.config
         _check_5d("raw_feats", raw_feats)
         if raw_feats.shape[1] != cfg.raw_channels:
@@ -211,67 +375,65 @@ class FusedUNet3D(nn.Module):
         out_shape = tuple(int(s) for s in out_shape)
         if len(out_shape) != 3 or min(out_shape) < 1:
             raise ValueError(f"out_shape must be three positive ints (Z, Y, X), got {out_shape}")
-
         use_context = cfg.fusion != "none"
         if use_context:
-            if context_feats is None:
-                raise ValueError(f"fusion={cfg.fusion!r} needs context_feats, got None")
-            _check_5d("context_feats", context_feats)
-            if context_feats.shape[1] != cfg.context_channels:
-                raise ValueError(
-                    f"context_feats has {context_feats.shape[1]} channels, config expects {cfg.context_channels}"
-                )
-            if context_feats.shape[0] != raw_feats.shape[0] or context_feats.shape[2:] != raw_feats.shape[2:]:
-                raise ValueError(
-                    "context_feats must share batch size and patch grid with raw_feats, got "
-                    f"{tuple(context_feats.shape)} vs {tuple(raw_feats.shape)}"
-                )
+            self._check_context(raw_feats, context)
 
         x = self.project_and_upsample(raw_feats, self.raw_proj, out_shape)
         if self.intensity_stem is not None:
             if intensity is None:
                 raise ValueError("config.intensity_stem is enabled but no intensity was given")
             _check_5d("intensity", intensity)
-            expected = (raw_feats.shape[0], 1, *out_shape)
+            expected = (raw_feats.shape[0], 1, *(n + 2 * h for n, h in zip(out_shape, self.intensity_halo)))
             if tuple(intensity.shape) != expected:
-                raise ValueError(f"intensity must have shape {expected}, got {tuple(intensity.shape)}")
+                raise ValueError(f"intensity must have shape {expected} (the tile and a halo of "
+                                 f"{self.intensity_halo}), got {tuple(intensity.shape)}")
             # Full-resolution detail: patch features alone give 16-voxel blocky boundaries.
             x = x + self.intensity_stem(intensity.to(x.dtype))
 
-        ctx = self.project_and_upsample(context_feats, self.context_proj, out_shape) if use_context else None
-        if cfg.fusion == "concat":
-            x = torch.cat([x, ctx], dim=1)
-
-        # Pad at the end of each axis so all four poolings divide evenly; replicate (not
-        # zeros) so the padding does not look like a dark boundary to the convs.
-        pads = [(-s) % _SIZE_MULTIPLE for s in out_shape]
-        if any(pads):
-            spec = (0, pads[2], 0, pads[1], 0, pads[0])
+        # Pad at the end of each axis so all poolings divide evenly; replicate (not zeros) so the padding does
+        # not look like a dark boundary to the convs.
+        padded = tuple(-(-s // m) * m for s, m in zip(out_shape, cfg.size_multiple))
+        if padded != out_shape:
+            spec = (0, padded[2] - out_shape[2], 0, padded[1] - out_shape[1], 0, padded[0] - out_shape[0])
             x = F.pad(x, spec, mode="replicate")
-            if ctx is not None:
-                ctx = F.pad(ctx, spec, mode="replicate")
 
-        skips = []
-        attention = []
+        gates = []
+        if use_context:
+            context_map = self.context_encoder(context)
+            # The tile's padded voxel grid in the world; level k's grid coarsens it.
+            tile = Grid(padded, context.target.voxel_size, context.target.offset)
+            if cfg.fusion == "concat":
+                x = torch.cat([x, self._sample(self.context_to_input(context_map), context.grid, tile)], dim=1)
+            else:
+                for k, f in enumerate(cfg.level_factors):
+                    logits = self.fusions[k].gate(self.context_pyramid[k](context_map))
+                    gates.append(self._sample(logits, context.grid, tile.coarsen(f)))
+
+        skips, attention = [], []
         for k, encoder in enumerate(self.encoders):
             if k > 0:
-                x = self.pool(x)
+                x = self.pools[k - 1](x)
             x = encoder(x)
             skip = x
-            if cfg.fusion == "attention":
-                ctx_k = F.avg_pool3d(ctx, 2**k) if k > 0 else ctx
-                skip, att = self.fusions[k](skip, self.context_pyramid[k](ctx_k))
-                attention.append(self._crop(att, out_shape, k))
+            if gates:
+                skip, att = self.fusions[k].fuse(skip, gates[k])
+                attention.append(self._crop(att, out_shape, cfg.level_factors[k]))
             skips.append(skip)
 
-        x = self.bottleneck(self.pool(x))
+        x = self.bottleneck(self.pools[-1](x))
         for decoder, skip in zip(self.decoders, reversed(skips)):
             x = decoder(x, skip)
-        logits = self._crop(self.head(x), out_shape, 0)
+        logits = self._crop(self.head(x), out_shape, (1, 1, 1))
         return UNetOutput(logits=logits, attention=tuple(attention))
 
     @staticmethod
-    def _crop(t: torch.Tensor, out_shape: Sequence[int], level: int) -> torch.Tensor:
-        f = 2**level
-        z, y, x = (-(-s // f) for s in out_shape)  # ceil division
+    def _sample(values: torch.Tensor, grid: Grid, target: Grid) -> torch.Tensor:
+        """``values`` on the context window's ``grid`` -> the value at each ``target`` voxel's world position
+        (linear; beyond the window's last centre, its edge value)."""
+        return resample(values, grid, target, check_coverage=False).contiguous()
+
+    @staticmethod
+    def _crop(t: torch.Tensor, out_shape: Sequence[int], factors: Sequence[int]) -> torch.Tensor:
+        z, y, x = (-(-s // f) for s, f in zip(out_shape, factors))  # ceil division
         return t[:, :, :z, :y, :x]

@@ -1,0 +1,110 @@
+"""Segmentation quality: the fused UNet (attention, concat, none) against a random forest on the same strokes.
+
+    python benchmarks/bench_quality.py [--seeds 0 1] [--iterations N] [--backbone random:vits16] [--json out.json]
+
+For each seed: the synthetic sample (4 nm raw field straddling a nuclear envelope, 64 nm context), its own
+scribbles, DINOv3-shaped features (default ``random:vits16``: RANDOM weights, not DINOv3), then the UNet trained
+with the one recipe (``TrainConfig()``; early stopping on held-out *painted* strokes, never on the scored
+voxels) in each fusion mode, and the ilastik-style forest on raw filters and on raw + context filters. Prints
+per-class IoU on the unpainted voxels with training seconds, and the half-tile-shift label agreement of the
+attention model. Needs scikit-learn (``pip install -e .[benchmark]``). CPU: about 5-10 min per UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import numpy as np
+
+from napari_dinofuse.backbone import load_backbone
+from napari_dinofuse.baseline import forest_rows
+from napari_dinofuse.cache import FeatureCache
+from napari_dinofuse.demo import iou_unpainted
+from napari_dinofuse.features import extract_sources
+from napari_dinofuse.predict import predict_to_memory
+from napari_dinofuse.progress import run_to_end
+from napari_dinofuse.sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
+from napari_dinofuse.train import TrainConfig, Trainer, new_model
+
+CLASSES = range(1, len(CLASS_NAMES))
+
+
+def shift_agreement(model, source, tile=(16, 64, 64)) -> float:
+    """Share of labels unchanged when the tile grid moves by half a tile (and tiles change size)."""
+    a = predict_to_memory(model, source, tile_shape=tile, overlap=(4, 16, 16)).arrays["labels"]
+    half = tuple(t // 2 for t in tile)
+    roi = tuple(slice(h, n) for h, n in zip(half, source.raw.shape))
+    b = predict_to_memory(model, source, roi, tile_shape=(32, 96, 96), overlap=(8, 32, 32)).arrays["labels"]
+    return float(np.mean(a[roi] == b))
+
+
+def run_seed(seed: int, backbone, cache, modes, iterations: int | None, say=print) -> dict:
+    sample = make_sample(seed=seed)
+    scribbles = sample.scribbles(seed=seed)
+    painted = scribbles > 0
+    source = run_to_end(extract_sources(sample.raw, sample.context, backbone, cache))
+    rows = {}
+    for fusion in modes:
+        config = TrainConfig(seed=seed, **({"iterations": iterations} if iterations else {}))
+        model = new_model(source, len(CLASSES), fusion=fusion, seed=seed)
+        trainer = Trainer(model, source, scribbles, config)
+        start = time.perf_counter()
+        run_to_end(trainer.run())
+        seconds = time.perf_counter() - start
+        labels = predict_to_memory(model, source).arrays["labels"]
+        rows[f"fused UNet, {fusion}"] = {
+            "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
+            "iterations": len(trainer.log), "held_out_miou": trainer.best_score,
+            **({"shift_agreement": shift_agreement(model, source)} if fusion == "attention" else {})}
+        say(f"  seed {seed} {fusion}: {len(trainer.log)} iterations in {seconds:.0f} s, held-out mIoU "
+            f"{trainer.best_score}")
+    for name, row in forest_rows(sample, scribbles, seed=seed).items():
+        rows[name] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
+                      "seconds": row["seconds"]}
+    return rows
+
+
+def table(results: dict) -> str:
+    names = [CLASS_NAMES[k] + ("*" if k in CONTEXT_DEPENDENT_CLASSES else "") for k in CLASSES]
+    lines = [f"| seed | model | {' | '.join(names)} | train s |", "|---" * (len(names) + 3) + "|"]
+    for seed, rows in results.items():
+        for name, row in rows.items():
+            scores = " | ".join(f"{row['iou'][k]:.2f}" for k in CLASSES)
+            lines.append(f"| {seed} | {name} | {scores} | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--modes", nargs="+", default=["attention", "concat", "none"])
+    parser.add_argument("--iterations", type=int, default=None, help="cap (default: the recipe's)")
+    parser.add_argument("--backbone", default="random:vits16")
+    parser.add_argument("--cache", default=None, help="feature cache folder (default: the user cache)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone(args.backbone, device="cpu")
+    print(backbone.describe())
+    cache = FeatureCache(args.cache)
+    results = {seed: run_seed(seed, backbone, cache, args.modes, args.iterations) for seed in args.seeds}
+    print("\nIoU on unpainted voxels (* = context-dependent class); train s = training time (forest: filters + fit "
+          "+ predict)\n")
+    print(table(results))
+    for seed, rows in results.items():
+        att = rows.get("fused UNet, attention")
+        if att:
+            print(f"seed {seed}: attention, half-tile shift + other tile size: {100 * att['shift_agreement']:.2f} % "
+                  f"of labels unchanged; held-out-stroke mIoU {att['held_out_miou']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({str(s): {n: {**r, "iou": {CLASS_NAMES[k]: v for k, v in r["iou"].items()}}
+                                for n, r in rows.items()} for s, rows in results.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
