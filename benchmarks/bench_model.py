@@ -1,11 +1,11 @@
-"""Model benchmarks (issue: fine-tuning, inference, ablation). Run on demand:
+"""Model benchmarks (fine-tuning, inference). Run on demand:
 
-    python benchmarks/bench_model.py [projection|finetune|inference|ablation|all] [--backbone random:vits16]
+    python benchmarks/bench_model.py [projection|finetune|inference|all] [--backbone random:vits16]
 
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached);
 - inference: voxels/s of the UNet alone and end to end from the cache; peak RSS per tile size;
-- ablation: IoU (unpainted voxels) of the context-dependent classes, attention vs concat vs none, several seeds.
+(Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def finetune(args):
     trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=args.iterations, device=args.device))
     run_to_end(trainer.run())
     trained = time.perf_counter() - start
-    predict_to_memory(model, source, None, tile_shape=trainer.tile_shape, overlap=(8, 32, 32), device=args.device)
+    predict_to_memory(model, source, None, device=args.device)
     total = time.perf_counter() - start
     print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}): {len(trainer.log) / trained:.2f} it/s; "
           f"start -> updated prediction of 128^3 after {len(trainer.log)} iterations: {total:.1f} s "
@@ -113,15 +113,15 @@ def inference(args):
     dev = resolve_device(args.device)
     model = new_model(source, 4, base_channels=args.base_channels).eval().to(dev)
     tile = (32, 128, 128)
-    raw, ctx, _ = source.tile((slice(0, 32), slice(0, 128), slice(0, 128)))
-    raw, ctx = (torch.from_numpy(a)[None].to(dev) for a in (raw, ctx))
+    inputs = source.tile((slice(0, 32), slice(0, 128), slice(0, 128)), intensity=True, device=dev,
+                         halo=model.intensity_halo)
     # Same precision as predict(): bf16 autocast on CUDA, fp32 elsewhere.
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        model(raw, ctx, tile)
+        model(inputs.raw, inputs.context, tile, inputs.intensity)
         _sync(dev)
         start = time.perf_counter()
         for _ in range(3):
-            model(raw, ctx, tile)
+            model(inputs.raw, inputs.context, tile, inputs.intensity)
         _sync(dev)
         unet = 3 * np.prod(tile) / (time.perf_counter() - start)
     start = time.perf_counter()
@@ -147,33 +147,6 @@ def _inference_child(tile: str, args):
     print(json.dumps({"rss_mib": _rss_mib()}))
 
 
-def ablation(args):
-    from napari_dinofuse.demo import iou_unpainted
-    from napari_dinofuse.predict import predict_to_memory
-    from napari_dinofuse.progress import run_to_end
-    from napari_dinofuse.sample_data import CONTEXT_DEPENDENT_CLASSES
-    from napari_dinofuse.train import TrainConfig, Trainer, new_model
-
-    scores = {m: [] for m in ("attention", "concat", "none")}
-    for seed in range(args.seeds):
-        sample, source = _setup(args, seed=seed)
-        scribbles = sample.scribbles(seed=seed)
-        for mode in scores:
-            model = new_model(source, 4, base_channels=args.base_channels, fusion=mode, intensity_stem=True, seed=seed)
-            trainer = Trainer(model, source, scribbles, TrainConfig(iterations=args.iterations, tile_shape=(16, 64, 64),
-                                                                    learning_rate=2e-3, seed=seed, device=args.device))
-            run_to_end(trainer.run())
-            labels = predict_to_memory(model, source, None, tile_shape=trainer.tile_shape, overlap=(8, 16, 16),
-                                       device=args.device).arrays["labels"]
-            iou = iou_unpainted(labels, sample.ground_truth, scribbles > 0, CONTEXT_DEPENDENT_CLASSES)
-            scores[mode].append([iou[k] for k in CONTEXT_DEPENDENT_CLASSES])
-            print(f"  seed {seed} {mode:<9}: IoU mitochondrion {iou[3]:.3f}, nuclear granule {iou[4]:.3f}", flush=True)
-    for mode, s in scores.items():
-        s = np.asarray(s)
-        print(f"ablation {mode:<9}: mean IoU of context-dependent classes {np.nanmean(s):.3f} "
-              f"(mitochondrion {np.nanmean(s[:, 0]):.3f}, nuclear granule {np.nanmean(s[:, 1]):.3f}; {len(s)} seeds)")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("what", nargs="?", default="all")
@@ -184,15 +157,13 @@ def main():
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "_projection_child":
         return _projection_child(args.extra, args.channels)
     if args.what == "_inference_child":
         return _inference_child(args.extra, args)
-    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference),
-                     ("ablation", ablation)):
+    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference)):
         if args.what in (name, "all"):
             fn(args)
 

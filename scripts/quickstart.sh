@@ -3,7 +3,7 @@
 #   bash scripts/quickstart.sh demo   # set everything up, run the headless demo
 #   bash scripts/quickstart.sh test   # set everything up, run the whole test suite
 # Sets up (idempotently): Debian packages napari needs off-screen (Xvfb, Mesa, xcb), a virtual
-# environment in .venv, a CPU build of torch, and this package with its testing extra.
+# environment in .venv, a CPU build of torch, and this package with its testing and benchmark extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-demo}"; shift || true
@@ -39,8 +39,8 @@ install_python_packages() {
       --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
       || "${pip[@]}" "torch==2.13.0"
   fi
-  echo ">> installing napari-dinofuse[testing]"
-  "${pip[@]}" -e ".[testing]"
+  echo ">> installing napari-dinofuse[testing,benchmark]"
+  "${pip[@]}" -e ".[testing,benchmark]"
 }
 
 install_system_packages

@@ -51,7 +51,7 @@ def logits(model):
     raw = torch.randn(1, 8, 2, 1, 1, generator=g)
     window = ContextWindow(torch.randn(1, 8, 2, 1, 1, generator=g), torch.rand(1, 1, 2, 16, 16, generator=g),
                            Grid((2, 16, 16), 8.0), Grid(OUT_SHAPE, 4.0, (2.0, 10.0, 10.0)))
-    intensity = torch.rand(1, 1, *OUT_SHAPE, generator=g)
+    intensity = torch.rand(1, 1, *(n + 2 * h for n, h in zip(OUT_SHAPE, model.intensity_halo)), generator=g)
     with torch.no_grad():
         return model(raw, window, out_shape=OUT_SHAPE, intensity=intensity).logits
 

@@ -6,9 +6,10 @@ halo of ``overlap`` voxels; inside a block's grown (outer) region overlapping ti
 softmax probabilities blended with a raised-cosine window, and only the block's core goes to the sink.
 
 Alignment. The ROI's y/x start is snapped *down* to the 16-pixel patch grid (the output covers the snapped
-ROI: see :func:`snap_roi`). Blocks and tiles start, relative to the ROI start, at multiples of 8 in z and
-16 in y/x, so each tile sits on the feature patch grid and on every UNet level's grid (level k pools by
-2^(k-1) <= 8): a tile's attention maps then land exactly on the ROI's level-k grid.
+ROI: see :func:`snap_roi`). Blocks and tiles start, relative to the ROI start, on :func:`alignment` (the
+deepest UNet level's grid in z, the patch grid in y/x), so each tile sits on the feature patch grid and on
+every UNet level's grid: a tile's attention maps then land exactly on the ROI's level-k grid. Tiles may have
+any size: the model's normalisation statistics are fixed, and each block's tiles share one context window.
 
 Outputs (names in the sink), all over the snapped ROI:
 
@@ -17,7 +18,7 @@ Outputs (names in the sink), all over the snapped ROI:
 * ``probabilities`` (K, Z, Y, X) float16, blended softmax;
 * ``uncertainty`` (Z, Y, X) float16: entropy / log K, 0 = certain, 1 = uniform;
 * ``attention/level1..4`` float16, for "attention"-fusion models: the channel-mean gate of each encoder
-  level at its own resolution, on the grid ``roi_grid.coarsen(2**(k-1))``.
+  level at its own resolution, on the grid ``roi_grid.coarsen(config.level_factors[k - 1])``.
 
 Sinks: :class:`MemorySink` (numpy, for the GUI and tests) and :class:`ZarrSink` (an OME-Zarr folder written
 aside and swapped in only when complete, so a cancelled or crashed run never looks finished). A sink has

@@ -1,9 +1,10 @@
-"""Fine-tuning the fused UNet on sparse painted labels.
+"""Fine-tuning the fused UNet on sparse painted labels: the one recipe (:class:`TrainConfig`).
 
 Labels live on the raw grid: 0 = not painted (never enters the loss), k >= 1 = class k (logit k - 1).
-Training tiles are drawn around painted voxels (most of a volume is unpainted), class-balanced; their
-features come from the cache (the backbone is never called here) with the context resampled onto each
-tile in world coordinates by :class:`~napari_dinofuse.features.FeatureSource`.
+Training tiles are drawn around painted voxels (most of a volume is unpainted), class-balanced, augmented
+(:func:`augment`); their inputs come from the cache (the backbone is never called here), with a context window
+around each tile (:class:`~napari_dinofuse.features.FeatureSource`). Whole strokes are held out
+(:func:`split_strokes`) to score the model and stop early; the test voxels of a benchmark are never seen.
 
 :class:`Trainer` runs as a generator of :class:`~napari_dinofuse.progress.Progress`; when the driver
 closes it (Cancel) or it ends, ``trainer.model`` holds the best weights seen so far.
@@ -41,7 +42,7 @@ class TrainConfig:
     learning_rate: float = defaults.LEARNING_RATE  # peak, after a linear warm-up; cosine decay to 5 % of it
     weight_decay: float = 1e-4
     tile_shape: tuple[int, int, int] = defaults.TRAIN_TILE  # voxels; y/x are rounded up to the patch grid
-    batch_size: int = 1  # tiles per step (accumulated gradients: tiles may differ in size at edges)
+    tiles_per_step: int = 1  # tiles per step, one batch, centred on painted classes in rotation
     dice_weight: float = 0.0  # add soft Dice on painted voxels
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
@@ -55,7 +56,7 @@ class TrainConfig:
         def bad(name, what):
             raise InputError(f"training setting {name} = {getattr(self, name)!r}: {what}")
 
-        for name in ("iterations", "batch_size", "validate_every", "patience"):
+        for name in ("iterations", "tiles_per_step", "validate_every", "patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(name, "expected a whole number >= 1")
@@ -288,7 +289,7 @@ def augment(inputs: TileInputs, labels: torch.Tensor, rng: np.random.Generator) 
 
     square = ctx is None or ctx.grid.voxel_size[1] == ctx.grid.voxel_size[2]
     square = square and (target is None or target.voxel_size[1] == target.voxel_size[2])
-    transpose = bool(square and rng.random() < 0.5)
+    transpose = bool(square and shape[1] == shape[2] and rng.random() < 0.5)  # square tiles keep their shape
     flips = [a for a in range(3) if rng.random() < 0.5 and
              (a == 0 or (whole(shape[a]) and (ctx is None or whole(ctx.grid.shape[a]))))]
 
@@ -330,6 +331,7 @@ class Trainer:
     """
 
     MAX_VALIDATION_TILES = 8
+    MIN_IMPROVEMENT = 0.005  # of the held-out mIoU: smaller gains are noise, not a reason to train on
 
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
         self.config = config or TrainConfig()
@@ -348,9 +350,15 @@ class Trainer:
         z, y, x = self.config.tile_shape
         self.tile_shape = (z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE)
         self.validation_tiles = self._validation_tiles()
+        self.calibration_regions = self._calibration_regions()
 
     def sample_region(self, rng: np.random.Generator, painted_class: int | None = None, points=None):
-        """A tile containing a training voxel of ``painted_class`` (default: a class chosen uniformly)."""
+        """A tile of ``tile_shape`` (clipped to the volume) containing a training voxel of ``painted_class``
+        (default: a class chosen uniformly), or one of ``points``.
+
+        Tiles keep their full size (shifted inside the volume rather than cut at its faces; y/x may run into
+        the last patch's padding), so the tiles of a step can form one batch.
+        """
         coords = self.train_painted.coords
         classes = list(coords)
         if points is None:
@@ -359,8 +367,10 @@ class Trainer:
         region = []
         for axis, (v, n, size) in enumerate(zip(voxel, self.source.raw.shape, self.tile_shape)):
             step = PATCH_SIZE if axis else 1  # y/x starts on the patch grid
+            room = -(-n // step) * step  # y/x: the volume rounded up to whole patches
+            size = min(size, room)
             lowest = max(0, -(-(v - size + 1) // step))
-            highest = min(v // step, max(0, n - 1) // step)
+            highest = min(v // step, (room - size) // step)
             start = step * int(rng.integers(lowest, highest + 1))
             region.append(slice(start, min(start + size, n)))
         return tuple(region)
@@ -402,6 +412,33 @@ class Trainer:
         if self.config.augment:
             inputs, labels = augment(inputs, labels, rng)
         return inputs, labels
+
+    def _calibration_regions(self, count: int = 8) -> list[tuple]:
+        """Tiles spread over the whole raw (inference covers all of it, not only the painted parts)."""
+        rng = np.random.default_rng(self.config.seed + 2)
+        shape = self.source.raw.shape
+        points = np.stack([rng.integers(0, n, count) for n in shape], axis=1)
+        return [self.sample_region(rng, points=p[None]) for p in points]
+
+    @torch.no_grad()
+    def recalibrate(self, device) -> None:
+        """Re-estimate every BatchNorm's running statistics for the current weights, over tiles spread across
+        the volume. The running averages kept during training mix statistics of earlier weights; with the few,
+        fast-moving steps of a fine-tune they lag (eval-mode predictions then disagree with train mode)."""
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration tiles
+        self.model.train()
+        try:
+            for region in self.calibration_regions:
+                inputs = self._inputs(region, device)
+                self.model(inputs.raw, inputs.context, _whole_patches(region), inputs.intensity)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            self.model.eval()
 
     @torch.no_grad()
     def validate(self, device=None) -> float | None:
@@ -451,30 +488,37 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 for step in range(1, cfg.iterations + 1):
                     optimizer.zero_grad(set_to_none=True)
-                    total = 0.0
-                    for i in range(cfg.batch_size):
-                        # Class-balanced: each tile centred on the next class in turn, so one step does not pull
-                        # every prediction towards the single class its tile happened to show.
-                        region = self.sample_region(rng, classes[(step * cfg.batch_size + i) % len(classes)])
-                        inputs, labels = self._batch(region, device, rng)
-                        with autocast:
-                            out = model(inputs.raw, inputs.context, out_shape=labels.shape[1:],
-                                        intensity=inputs.intensity)
-                        loss = masked_loss(out.logits, labels, weights, cfg.dice_weight) / cfg.batch_size
-                        loss.backward()
-                        total += float(loss.detach())
+                    # One batch per step, its tiles centred on different classes: a step does not pull every
+                    # prediction towards the single class one tile happened to show, and BatchNorm sees them all.
+                    first = (step - 1) * cfg.tiles_per_step
+                    tiles = [self._batch(self.sample_region(rng, classes[(first + i) % len(classes)]), device, rng)
+                             for i in range(cfg.tiles_per_step)]
+                    labels = torch.cat([t[1] for t in tiles])
+                    inputs = tiles[0][0]
+                    with autocast:
+                        out = model(torch.cat([t[0].raw for t in tiles]),
+                                    None if inputs.context is None else [t[0].context for t in tiles],
+                                    out_shape=labels.shape[1:],
+                                    intensity=None if inputs.intensity is None else
+                                    torch.cat([t[0].intensity for t in tiles]))
+                    loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
+                    loss.backward()
+                    total = float(loss.detach())
                     optimizer.step()
                     scheduler.step()
                     smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
                     entry = {"iteration": step, "loss": total, "smoothed": smoothed}
                     message = f"loss {smoothed:.4f}"
                     if self.validation_tiles and (step % cfg.validate_every == 0 or step == cfg.iterations):
+                        running = copy.deepcopy(model.state_dict())  # training goes on with its own averages
+                        self.recalibrate(device)
                         score = self.validate(device)
+                        calibrated = copy.deepcopy(model.state_dict())
+                        model.load_state_dict(running)
                         model.train()
                         entry["validation"] = score
-                        if self.best_score is None or score > self.best_score:
-                            self.best_score, best_step = score, step
-                            best_state = copy.deepcopy(model.state_dict())
+                        if self.best_score is None or score > self.best_score + self.MIN_IMPROVEMENT:
+                            self.best_score, best_step, best_state = score, step, calibrated
                     if self.best_score is not None:
                         message += f", held-out strokes mIoU {self.best_score:.3f} (best)"
                         entry["best_validation"] = self.best_score
@@ -488,5 +532,7 @@ class Trainer:
         finally:  # also on Cancel (generator closed): keep the best weights, ready for inference
             if best_state is not None:
                 model.load_state_dict(best_state)
+            elif self.log:  # no validation: the last weights, with statistics that match them
+                self.recalibrate(device)
             model.eval()
         return self

@@ -351,20 +351,25 @@ class FusedUNet3D(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
 
-    def _check_context(self, raw_feats: torch.Tensor, context) -> None:
+    def _check_context(self, raw_feats: torch.Tensor, context) -> list[ContextWindow]:
+        """The context as a list of windows, each with its batch of tiles (one window for the whole batch, or
+        one per tile: tiles of one batch may lie in different places)."""
         cfg = self.config
         if context is None:
             raise ValueError(f"fusion={cfg.fusion!r} needs a context window, got None")
-        if not isinstance(context, ContextWindow):
-            raise ValueError(f"context must be a ContextWindow, got {type(context).__name__}")
-        _check_5d("context features", context.features)
-        if context.features.shape[1] != cfg.context_channels:
-            raise ValueError(f"context features have {context.features.shape[1]} channels, config expects "
-                             f"{cfg.context_channels}")
-        if context.features.shape[0] != raw_feats.shape[0]:
+        windows = [context] if isinstance(context, ContextWindow) else list(context)
+        if not windows or not all(isinstance(w, ContextWindow) for w in windows):
+            raise ValueError(f"context must be a ContextWindow or a list of them, got {type(context).__name__}")
+        for w in windows:
+            _check_5d("context features", w.features)
+            if w.features.shape[1] != cfg.context_channels:
+                raise ValueError(f"context features have {w.features.shape[1]} channels, config expects "
+                                 f"{cfg.context_channels}")
+        if sum(w.features.shape[0] for w in windows) != raw_feats.shape[0]:
             raise ValueError("context and raw features must have the same batch size")
+        return windows
 
-    def forward(self, raw_feats: torch.Tensor, context: ContextWindow | None = None,
+    def forward(self, raw_feats: torch.Tensor, context: ContextWindow | Sequence[ContextWindow] | None = None,
                 out_shape: Sequence[int] | None = None, intensity: torch.Tensor | None = None) -> UNetOutput:
         cfg = self.config
         _check_5d("raw_feats", raw_feats)
@@ -377,7 +382,7 @@ class FusedUNet3D(nn.Module):
             raise ValueError(f"out_shape must be three positive ints (Z, Y, X), got {out_shape}")
         use_context = cfg.fusion != "none"
         if use_context:
-            self._check_context(raw_feats, context)
+            windows = self._check_context(raw_feats, context)
 
         x = self.project_and_upsample(raw_feats, self.raw_proj, out_shape)
         if self.intensity_stem is not None:
@@ -400,15 +405,12 @@ class FusedUNet3D(nn.Module):
 
         gates = []
         if use_context:
-            context_map = self.context_encoder(context)
-            # The tile's padded voxel grid in the world; level k's grid coarsens it.
-            tile = Grid(padded, context.target.voxel_size, context.target.offset)
+            per_window = [self._context(w, padded) for w in windows]
+            parts = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in zip(*per_window)]
             if cfg.fusion == "concat":
-                x = torch.cat([x, self._sample(self.context_to_input(context_map), context.grid, tile)], dim=1)
+                x = torch.cat([x, parts[0]], dim=1)
             else:
-                for k, f in enumerate(cfg.level_factors):
-                    logits = self.fusions[k].gate(self.context_pyramid[k](context_map))
-                    gates.append(self._sample(logits, context.grid, tile.coarsen(f)))
+                gates = parts
 
         skips, attention = [], []
         for k, encoder in enumerate(self.encoders):
@@ -426,6 +428,17 @@ class FusedUNet3D(nn.Module):
             x = decoder(x, skip)
         logits = self._crop(self.head(x), out_shape, (1, 1, 1))
         return UNetOutput(logits=logits, attention=tuple(attention))
+
+    def _context(self, window: ContextWindow, padded) -> list[torch.Tensor]:
+        """The context branch for one window: [its map on the tile's grid] ("concat") or the gate logits on
+        each level's grid of the tile ("attention")."""
+        context_map = self.context_encoder(window)
+        # The tile's padded voxel grid in the world; level k's grid coarsens it.
+        tile = Grid(padded, window.target.voxel_size, window.target.offset)
+        if self.config.fusion == "concat":
+            return [self._sample(self.context_to_input(context_map), window.grid, tile)]
+        return [self._sample(self.fusions[k].gate(self.context_pyramid[k](context_map)), window.grid, tile.coarsen(f))
+                for k, f in enumerate(self.config.level_factors)]
 
     @staticmethod
     def _sample(values: torch.Tensor, grid: Grid, target: Grid) -> torch.Tensor:
