@@ -41,20 +41,20 @@ def shift_agreement(model, source, tile=(16, 64, 64)) -> float:
     return float(np.mean(a[roi] == b))
 
 
-def run_seed(seed: int, backbone, cache, modes, iterations: int | None, say=print) -> dict:
+def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print) -> dict:
     sample = make_sample(seed=seed)
     scribbles = sample.scribbles(seed=seed)
     painted = scribbles > 0
     source = run_to_end(extract_sources(sample.raw, sample.context, backbone, cache))
     rows = {}
     for fusion in modes:
-        config = TrainConfig(seed=seed, **({"iterations": iterations} if iterations else {}))
+        config = TrainConfig(seed=seed, device=device, **({"iterations": iterations} if iterations else {}))
         model = new_model(source, len(CLASSES), fusion=fusion, seed=seed)
         trainer = Trainer(model, source, scribbles, config)
         start = time.perf_counter()
         run_to_end(trainer.run())
         seconds = time.perf_counter() - start
-        labels = predict_to_memory(model, source).arrays["labels"]
+        labels = predict_to_memory(model, source, device=device).arrays["labels"]
         rows[f"fused UNet, {fusion}"] = {
             "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
             "iterations": len(trainer.log), "held_out_miou": trainer.best_score,
@@ -83,15 +83,16 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["attention", "concat", "none"])
     parser.add_argument("--iterations", type=int, default=None, help="cap (default: the recipe's)")
     parser.add_argument("--backbone", default="random:vits16")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the user cache)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        backbone = load_backbone(args.backbone, device="cpu")
+        backbone = load_backbone(args.backbone, device=args.device)
     print(backbone.describe())
     cache = FeatureCache(args.cache)
-    results = {seed: run_seed(seed, backbone, cache, args.modes, args.iterations) for seed in args.seeds}
+    results = {seed: run_seed(seed, backbone, cache, args.modes, args.iterations, args.device) for seed in args.seeds}
     print("\nIoU on unpainted voxels (* = context-dependent class); train s = training time (forest: filters + fit "
           "+ predict)\n")
     print(table(results))

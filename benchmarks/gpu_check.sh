@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the engine (H200 device machine): backbone bf16-vs-fp32 agreement, feature extraction,
-# fine-tuning, inference and the context ablation, each under its own timeout inside one overall budget, so a
+# fine-tuning, inference and the quality benchmark (fusion modes vs a random forest), each under its own timeout inside one overall budget, so a
 # failing or slow step never stops the others. Run from the repo root:
 #
 #     bash benchmarks/gpu_check.sh
@@ -93,7 +93,7 @@ EOF
         step "bench_model inference" 210 $PY benchmarks/bench_model.py inference --backbone "$BB_L" --device "$DEV" \
             "${TUNE[@]}"
     fi
-    # c. context ablation, in what is left of the budget but 60 s (kept for the last check). The asked-for size
+    # c. quality benchmark, in what is left of the budget but 60 s (kept for the last check). The asked-for size
     # (3 seeds x 1000 iterations) when the fine-tune's it/s says it fits, else the largest smaller one that does;
     # per-seed lines print as they finish, so a run cut short still compares the modes on its finished seeds.
     local keep=60 left
@@ -110,29 +110,11 @@ fits = [(s, i) for s, i in ((3, 1000), (2, 1000), (3, 500), (2, 500), (2, 300), 
 print(*(fits[0] if fits else (1, 300)))
 EOF3
         )
-        [ "$seeds $iters" != "3 1000" ] && echo "(ablation reduced to $seeds seeds x $iters iterations to fit ${left}s)"
-        ABL=(--iterations "$iters" --base-channels 32 --seeds "$seeds")
+        [ "$seeds $iters" != "3 1000" ] && echo "(quality benchmark reduced to $seeds seeds x $iters iterations to fit ${left}s)"
+        ABL=(--iterations "$iters" --seeds $(seq 0 $((seeds - 1))))
     fi
-    step "bench_model ablation" "$left" $PY benchmarks/bench_model.py ablation --backbone "$BB_L" --device "$DEV" \
-        "${ABL[@]}"
-    if ! grep -q "^ablation attention" "$LOG" 2>/dev/null; then
-        echo "(no ablation summary line: means over the seeds that finished)"
-        $PY - "$LOG" <<'EOF2'
-import re, sys
-from collections import defaultdict
-found = defaultdict(list)
-for line in open(sys.argv[1]):
-    m = re.match(r"  seed \d+ (\w+)\s*: IoU mitochondrion (\S+), nuclear granule (\S+)", line)
-    if m:
-        found[m[1]].append((float(m[2]), float(m[3])))
-def nanmean(values):  # NaN: the class is absent from that seed's unpainted voxels
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")
-for mode, v in found.items():
-    a, b = (nanmean(x) for x in zip(*v))
-    print(f"ablation {mode:<9}: mitochondrion {a:.3f}, nuclear granule {b:.3f}, mean {(a + b) / 2:.3f} ({len(v)} seeds)")
-EOF2
-    fi
+    # The fusion modes against the random-forest anchor (needs scikit-learn: the benchmark extra).
+    step "bench_quality" "$left" $PY benchmarks/bench_quality.py --backbone "$BB_L" --device "$DEV" "${ABL[@]}"
     # d (ViT-L, the default backbone's size): last, in what is left.
     step "backbone check $BB_L" 90 $PY benchmarks/check_cuda_backbone.py --backbone "$BB_L" --device "$DEV" \
         --slices 2 --sizes 512 ${CHECK[@]+"${CHECK[@]}"}
