@@ -304,7 +304,8 @@ class DinofuseWidget(QWidget):
         self.attention_checks = []
         for k, role in enumerate(ATTENTION_LAYERS, start=1):
             check = QCheckBox(f"level {k}")
-            check.setToolTip(f"Show '{role}': the context gate at 1/{2 ** (k - 1)} of the raw resolution")
+            check.setToolTip(f"Show '{role}': the context gate at the k-th encoder level (coarser than the raw by "
+                             "that level's pooling)")
             check.toggled.connect(lambda on, role=role: self._set_attention(role, visible=on))
             self.attention_checks.append(check)
             row.addWidget(check)
