@@ -43,7 +43,7 @@ def main() -> None:
     start = time.perf_counter()
     trainer = Trainer(model, source, labels, TrainConfig(iterations=60, device=args.device, patience=1000))
     run_to_end(trainer.run())
-    sink = predict_to_memory(model, source, tile_shape=trainer.tile_shape, device=args.device)
+    sink = predict_to_memory(model, source, device=args.device)
     painted = labels > 0
     accuracy = (sink.arrays["labels"][painted] == labels[painted]).mean()
     print(f"fine-tune 60 it + whole-sample prediction on {args.device}: {time.perf_counter() - start:.1f} s, "

@@ -71,7 +71,7 @@ class _LogitAttention(nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.config = inner, inner.config
+        self.inner, self.config, self.intensity_halo = inner, inner.config, inner.intensity_halo
 
     def forward(self, raw, context=None, out_shape=None, intensity=None):
         out = self.inner(raw, context, out_shape, intensity)
@@ -87,9 +87,12 @@ class _Pointwise(nn.Module):
     """Stands in for the UNet where predict's placement, halos and blending are under test: a voxel's logits
     come from its own (interpolated) features alone, so nothing but predict itself can depend on the tiling."""
 
+    intensity_halo = (0, 0, 0)  # reads no intensities
+
     def __init__(self):
         super().__init__()
-        self.config = UNetConfig(raw_channels=64, context_channels=64, num_classes=3, base_channels=4)
+        self.config = UNetConfig(raw_channels=64, context_channels=64, num_classes=3, base_channels=4,
+                                 intensity_stem=False)
         torch.manual_seed(0)
         self.proj = nn.Conv3d(64, 3, kernel_size=1)
         with torch.no_grad():

@@ -340,7 +340,7 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     # The block's features (and one context window around it) are read once and kept on the device; tiles
     # are sliced from them.
     features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
-                            margin_nm=cfg.context_margin_nm, halo=_halo(model))
+                            margin_nm=cfg.context_margin_nm, halo=model.intensity_halo)
     for tile in tiles:
         probs, maps = _run_tile(model, features, tile, with_attention)
         probs_acc.add(tile, probs, _window(tuple(probs.shape[1:]), overlap))
@@ -473,10 +473,6 @@ class _DeviceBlend:
         """``sum(w * values) / sum(w)`` (0 where nothing was added) over ``region``, float32 on the device."""
         s, w = self._sum[(slice(None), *region)], self._weight[tuple(region)]
         return torch.where(w > 0, s / w, torch.zeros((), dtype=s.dtype, device=s.device))
-
-
-def _halo(model) -> tuple[int, int, int]:
-    return tuple(getattr(model, "intensity_halo", (0, 0, 0)))
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
