@@ -238,11 +238,12 @@ def test_newer_format_says_who_wrote_it_and_what_to_do(saved):
         load_model(folder)
 
 
-def test_a_groupnorm_model_folder_is_refused_with_what_to_do(saved):
-    """Format 1 held GroupNorm UNets, whose predictions depended on the tiling: refused, never misread."""
+@pytest.mark.parametrize("version, what", [(1, "a GroupNorm UNet"), (2, "a BatchNorm UNet")])
+def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what):
+    """Formats 1 (GroupNorm: tile-dependent) and 2 (BatchNorm) hold other layers: refused, never misread."""
     folder, _ = saved
-    _edit_config(folder, format_version=1, package_version="0.1.0")
-    with pytest.raises(CheckpointError, match=r"format 1: a GroupNorm UNet.*fine-tune a new model") as info:
+    _edit_config(folder, format_version=version, package_version="0.1.0")
+    with pytest.raises(CheckpointError, match=rf"format {version}: {what}.*fine-tune a new model") as info:
         load_model(folder)
     assert "\n" not in str(info.value)
 
@@ -268,7 +269,7 @@ def test_other_package_version_with_same_format_loads(saved):
         ("{not json", "corrupt config.json"),
         ("[1, 2]", "corrupt config.json.*not a JSON object"),
         ('{"format_version": "1"}', "corrupt config.json.*format_version"),
-        ('{"format_version": 2, "unet": {}}', "invalid config.json.*missing keys"),
+        (f'{{"format_version": {FORMAT_VERSION}, "unet": {{}}}}', "invalid config.json.*missing keys"),
     ],
 )
 def test_corrupt_config(saved, content, message):

@@ -9,6 +9,7 @@ from torch import nn
 from napari_dinofuse.geometry import Grid
 from napari_dinofuse.modeling import ContextAttentionFusion, FusedUNet3D, UNetConfig, UNetOutput
 from napari_dinofuse.modeling.filters import FilterBank, scale_sigmas
+from napari_dinofuse.modeling.fusion import ChannelNorm
 from napari_dinofuse.modeling.unet import ContextWindow, anisotropic_pooling
 
 RAW_C, CTX_C, BASE = 12, 6, 4
@@ -164,20 +165,21 @@ def test_context_beyond_the_tile_steers_the_gates():
 
 def test_gates_follow_world_coordinates_not_window_extent():
     """The same context, read through a window cropped far from the tile (on the pooling lattice), gives the
-    tile the same gates; the gates move with the world position of the window."""
-    model = make_model().eval()
+    tile the same gates; the gates move with the world position of the window. Without the context stem, whose
+    filter halo (13 voxels at sigma 4) would add to the encoder's reach (21 window voxels, +1 for sampling)."""
+    model = make_model(context_stem=False).eval()
     raw, window = make_feats()
     big = ContextWindow(window.features, window.image, WINDOW, TILE)
-    # Drop the last 2 patches (32 voxels) of y: within the encoder's reach (~17 window voxels) of the tile's
-    # last rows, far beyond it for the first rows.
-    cropped_grid = Grid((6, 32, 48), 16.0, WINDOW.offset)
-    cropped = ContextWindow(window.features[:, :, :, :2], window.image[:, :, :, :32], cropped_grid, TILE)
+    # Drop the last patch (16 voxels) of y: the features' interpolation changes from window voxel 40 (half a
+    # patch before the cut), and the encoder reaches ~22 voxels (+1 for sampling onto the tile).
+    cropped_grid = Grid((6, 48, 48), 16.0, WINDOW.offset)
+    cropped = ContextWindow(window.features[:, :, :, :3], window.image[:, :, :, :48], cropped_grid, TILE)
     with torch.no_grad():
         a = model(raw, big, OUT_SHAPE).attention
         b = model(raw, cropped, OUT_SHAPE).attention
-    # Rows y < 12 raw voxels (48 nm) sit at window voxels < 9.5: > 17 voxels from the cropped edge (32).
+    # Rows y < 32 raw voxels (128 nm) sit at window voxels < 14.3: > 25 voxels before 40.
     for k, (x, y) in enumerate(zip(a, b)):
-        rows = 12 // 2**k
+        rows = 32 // 2**k
         torch.testing.assert_close(x[..., :rows, :], y[..., :rows, :], atol=1e-5, rtol=1e-5)
     # Shift the whole window (data and grid) by one window voxel: the gates change (world coordinates matter).
     moved = ContextWindow(window.features, window.image,
@@ -230,12 +232,13 @@ def test_missing_context_raises(fusion):
         make_model(fusion)(raw, None, OUT_SHAPE)
 
 
-def test_inference_does_not_depend_on_the_batch():
-    """Fixed (running) normalisation statistics at inference: a tile's output does not depend on what else is in
-    the batch, and (see test_predict / test_train) not on the tile's extent."""
+def test_output_does_not_depend_on_the_batch_or_the_mode():
+    """Per-voxel normalisation: a tile's output does not depend on what else is in the batch, nor (see
+    test_predict / test_train) on the tile's extent, and training computes exactly what inference does."""
     model = make_model("attention").eval()
-    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert not any(isinstance(m, (nn.GroupNorm, nn.InstanceNorm3d)) for m in model.modules())
+    assert any(isinstance(m, ChannelNorm) for m in model.modules())
+    assert not any(isinstance(m, (nn.GroupNorm, nn.InstanceNorm3d, nn.modules.batchnorm._BatchNorm))
+                   for m in model.modules())
     raw, window = make_feats(batch=2)
     with torch.no_grad():
         both = model(raw, window, OUT_SHAPE)
@@ -245,6 +248,7 @@ def test_inference_does_not_depend_on_the_batch():
             torch.testing.assert_close(both.logits[i:i + 1], single.logits, atol=1e-5, rtol=1e-4)
             for a_both, a_single in zip(both.attention, single.attention):
                 torch.testing.assert_close(a_both[i:i + 1], a_single, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.train()(raw, window, OUT_SHAPE).logits, both.logits)
 
 
 def test_intensity_stem():

@@ -53,9 +53,16 @@ __all__ = [
 # Bump FORMAT_VERSION whenever a reader of the old format would misread the new one (renamed or
 # removed keys, new weight layout). New optional keys do not need a bump: readers ignore unknown keys.
 # 2: BatchNorm instead of GroupNorm, a context branch at the context's resolution, anisotropic pooling.
-FORMAT_VERSION = 2
+# 3: per-voxel ChannelNorm instead of BatchNorm, a per-voxel head on the first level.
+FORMAT_VERSION = 3
 # Oldest format this version still reads.
-MIN_FORMAT_VERSION = 2
+MIN_FORMAT_VERSION = 3
+
+# Formats whose models this version replaced, and why (a newer model is a re-training away).
+_RETIRED = {
+    1: "a GroupNorm UNet whose predictions depended on the tiling and whose context stopped at the tile's edge",
+    2: "a BatchNorm UNet whose inference statistics did not match what its few training tiles showed",
+}
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -344,11 +351,11 @@ def _check_format(config: Mapping[str, Any], folder: Path) -> None:
             f"model {folder} was written by napari-dinofuse {writer} in model format {version}; "
             f"napari-dinofuse {__version__} reads formats up to {FORMAT_VERSION}: {_UPGRADE_HINT}"
         )
-    if version == 1:
+    if version in _RETIRED:
         raise CheckpointError(
-            f"model {folder} was written by napari-dinofuse {writer} in model format 1: a GroupNorm UNet whose "
-            "predictions depended on the tiling and whose context stopped at the tile's edge. This version cannot "
-            "use its weights: fine-tune a new model on the same painted labels (they are all it needs)"
+            f"model {folder} was written by napari-dinofuse {writer} in model format {version}: {_RETIRED[version]}. "
+            "This version cannot use its weights: fine-tune a new model on the same painted labels (they are all "
+            "it needs)"
         )
     if version < MIN_FORMAT_VERSION:
         raise CheckpointError(

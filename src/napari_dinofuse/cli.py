@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not feed raw intensities at full resolution (boundaries become 16-voxel blocky)")
     train.add_argument("--context-margin", type=float, default=defaults.CONTEXT_MARGIN_NM, metavar="NM",
                        help=f"how far beyond each tile the context branch reads (default {defaults.CONTEXT_MARGIN_NM:g} "
-                            "nm; at least the context encoder's reach, ~17 context voxels)")
+                            "nm; at least the context encoder's reach: ~21 context voxels, most of its weight "
+                            "within ~16)")
     train.add_argument("--validation-share", type=float, default=defaults.VALIDATION_SHARE,
                        help="share of each class's strokes held out to validate and stop early (0: none)")
     train.add_argument("--dice-weight", type=float, default=0.0,

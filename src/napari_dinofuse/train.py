@@ -42,7 +42,7 @@ class TrainConfig:
     learning_rate: float = defaults.LEARNING_RATE  # peak, after a linear warm-up; cosine decay to 5 % of it
     weight_decay: float = 1e-4
     tile_shape: tuple[int, int, int] = defaults.TRAIN_TILE  # voxels; y/x are rounded up to the patch grid
-    tiles_per_step: int = 1  # tiles per step, one batch, centred on painted classes in rotation
+    tiles_per_step: int = defaults.TILES_PER_STEP  # one batch, its tiles centred on painted classes in rotation
     dice_weight: float = 0.0  # add soft Dice on painted voxels
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
@@ -160,7 +160,8 @@ def new_model(source: FeatureSource, num_classes: int, base_channels: int = defa
         if context_margin_nm < smallest:
             raise InputError(f"a context margin of {context_margin_nm:g} nm is less than one context voxel "
                              f"({smallest:g} nm): the context branch would see nothing beyond the tile. Use "
-                             "at least its receptive field (~17 context voxels), e.g. the default 1024 nm")
+                             "at least the encoder's reach (~21 context voxels, most of its weight within ~16), "
+                             "e.g. the default 1024 nm")
     try:
         config = UNetConfig(raw_channels=raw_channels, context_channels=context_channels or raw_channels,
                             num_classes=num_classes, base_channels=base_channels, fusion=fusion,
@@ -187,13 +188,15 @@ def _window_shape(source: FeatureSource, tile_shape, margin_nm) -> tuple[int, in
 
 
 def adapt_classes(model: FusedUNet3D, num_classes: int, seed: int = 0) -> FusedUNet3D:
-    """Keep everything a saved model learnt; replace only the output head when the class count differs."""
+    """Keep everything a saved model learnt; replace only the output heads when the class count differs."""
     if model.config.num_classes == num_classes:
         return model
+    device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = torch.nn.Conv3d(model.head.in_channels, num_classes, kernel_size=1)
-    model.head = head.to(next(model.parameters()).device)
+        model.head = torch.nn.Conv3d(model.head.in_channels, num_classes, kernel_size=1).to(device)
+        model.local_head = torch.nn.Conv3d(model.local_head.in_channels, num_classes, kernel_size=1,
+                                           bias=False).to(device)
     model.config = UNetConfig.from_dict({**model.config.to_dict(), "num_classes": num_classes})
     return model
 
@@ -350,7 +353,6 @@ class Trainer:
         z, y, x = self.config.tile_shape
         self.tile_shape = (z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE)
         self.validation_tiles = self._validation_tiles()
-        self.calibration_regions = self._calibration_regions()
 
     def sample_region(self, rng: np.random.Generator, painted_class: int | None = None, points=None):
         """A tile of ``tile_shape`` (clipped to the volume) containing a training voxel of ``painted_class``
@@ -413,33 +415,6 @@ class Trainer:
             inputs, labels = augment(inputs, labels, rng)
         return inputs, labels
 
-    def _calibration_regions(self, count: int = 8) -> list[tuple]:
-        """Tiles spread over the whole raw (inference covers all of it, not only the painted parts)."""
-        rng = np.random.default_rng(self.config.seed + 2)
-        shape = self.source.raw.shape
-        points = np.stack([rng.integers(0, n, count) for n in shape], axis=1)
-        return [self.sample_region(rng, points=p[None]) for p in points]
-
-    @torch.no_grad()
-    def recalibrate(self, device) -> None:
-        """Re-estimate every BatchNorm's running statistics for the current weights, over tiles spread across
-        the volume. The running averages kept during training mix statistics of earlier weights; with the few,
-        fast-moving steps of a fine-tune they lag (eval-mode predictions then disagree with train mode)."""
-        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the calibration tiles
-        self.model.train()
-        try:
-            for region in self.calibration_regions:
-                inputs = self._inputs(region, device)
-                self.model(inputs.raw, inputs.context, _whole_patches(region), inputs.intensity)
-        finally:
-            for m, momentum in zip(norms, momenta):
-                m.momentum = momentum
-            self.model.eval()
-
     @torch.no_grad()
     def validate(self, device=None) -> float | None:
         """Mean IoU over the classes of the held-out strokes (None without any); the model is left in eval mode."""
@@ -489,7 +464,7 @@ class Trainer:
                 for step in range(1, cfg.iterations + 1):
                     optimizer.zero_grad(set_to_none=True)
                     # One batch per step, its tiles centred on different classes: a step does not pull every
-                    # prediction towards the single class one tile happened to show, and BatchNorm sees them all.
+                    # prediction towards the single class one tile happened to show.
                     first = (step - 1) * cfg.tiles_per_step
                     tiles = [self._batch(self.sample_region(rng, classes[(first + i) % len(classes)]), device, rng)
                              for i in range(cfg.tiles_per_step)]
@@ -510,15 +485,12 @@ class Trainer:
                     entry = {"iteration": step, "loss": total, "smoothed": smoothed}
                     message = f"loss {smoothed:.4f}"
                     if self.validation_tiles and (step % cfg.validate_every == 0 or step == cfg.iterations):
-                        running = copy.deepcopy(model.state_dict())  # training goes on with its own averages
-                        self.recalibrate(device)
                         score = self.validate(device)
-                        calibrated = copy.deepcopy(model.state_dict())
-                        model.load_state_dict(running)
                         model.train()
                         entry["validation"] = score
                         if self.best_score is None or score > self.best_score + self.MIN_IMPROVEMENT:
-                            self.best_score, best_step, best_state = score, step, calibrated
+                            self.best_score, best_step = score, step
+                            best_state = copy.deepcopy(model.state_dict())
                     if self.best_score is not None:
                         message += f", held-out strokes mIoU {self.best_score:.3f} (best)"
                         entry["best_validation"] = self.best_score
@@ -532,7 +504,5 @@ class Trainer:
         finally:  # also on Cancel (generator closed): keep the best weights, ready for inference
             if best_state is not None:
                 model.load_state_dict(best_state)
-            elif self.log:  # no validation: the last weights, with statistics that match them
-                self.recalibrate(device)
             model.eval()
         return self

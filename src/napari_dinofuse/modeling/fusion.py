@@ -5,19 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ContextAttentionFusion", "norm"]
+__all__ = ["ChannelNorm", "ContextAttentionFusion", "norm"]
 
 
 def norm(channels: int) -> nn.Module:
-    """The one normalisation layer of every model here: BatchNorm with running statistics.
-
-    At inference its statistics are fixed, so a voxel's prediction does not depend on which tile it falls in
-    (GroupNorm/InstanceNorm normalise each tile by itself: a checkerboard of tiles in the prediction). A
-    BatchNorm's training statistics pool over all voxels of a tile, so batches of 1-2 tiles are not a problem.
-    """
+    """The one normalisation layer of every model here: :class:`ChannelNorm`."""
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
-    return nn.BatchNorm3d(channels)
+    return ChannelNorm(channels)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each voxel (with a learned scale and shift per channel).
+
+    Its statistics never pool over voxels, tiles or batches, so a voxel's output depends on its receptive
+    field only: predictions do not change with the tiling (GroupNorm/InstanceNorm normalise each tile by
+    itself: a checkerboard of tiles), and training and inference compute the same thing (BatchNorm's
+    per-batch statistics of a few class-centred tiles are not the whole volume's: its running statistics
+    then disagree with what the weights were fitted to, and eval predictions collapse onto one class).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
 class ContextAttentionFusion(nn.Module):
@@ -34,7 +51,7 @@ class ContextAttentionFusion(nn.Module):
         if channels < 1 or reduction < 1:
             raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
         self.channels = channels
-        hidden = max(1, channels // reduction)
+        hidden = max(4, channels // reduction)  # a norm over one channel would zero it
         # No bias before the norm: it subtracts the mean anyway.
         self.reduce = nn.Conv3d(channels, hidden, kernel_size=1, bias=False)
         self.norm = norm(hidden)
