@@ -41,6 +41,17 @@ def shift_agreement(model, source, tile=(16, 64, 64)) -> float:
     return float(np.mean(a[roi] == b))
 
 
+def gate_spread(arrays) -> list[float]:
+    """Per level, the 5th-95th percentile range of the attention map (channel mean): ~0 if the gates ignore
+    the context, as the first models' gates did (stuck near 0.5)."""
+    out = []
+    for k in range(1, 5):
+        values = arrays[f"attention/level{k}"].astype(np.float32)
+        low, high = np.percentile(values, [5, 95])
+        out.append(round(float(high - low), 3))
+    return out
+
+
 def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print) -> dict:
     sample = make_sample(seed=seed)
     scribbles = sample.scribbles(seed=seed)
@@ -54,11 +65,13 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
         start = time.perf_counter()
         run_to_end(trainer.run())
         seconds = time.perf_counter() - start
-        labels = predict_to_memory(model, source, device=device).arrays["labels"]
+        arrays = predict_to_memory(model, source, device=device).arrays
+        labels = arrays["labels"]
         rows[f"fused UNet, {fusion}"] = {
             "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
             "iterations": len(trainer.log), "held_out_miou": trainer.best_score,
-            **({"shift_agreement": shift_agreement(model, source)} if fusion == "attention" else {})}
+            **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
+               if fusion == "attention" else {})}
         say(f"  seed {seed} {fusion}: {len(trainer.log)} iterations in {seconds:.0f} s, held-out mIoU "
             f"{trainer.best_score}")
     for name, row in forest_rows(sample, scribbles, seed=seed).items():
@@ -100,7 +113,8 @@ def main() -> None:
         att = rows.get("fused UNet, attention")
         if att:
             print(f"seed {seed}: attention, half-tile shift + other tile size: {100 * att['shift_agreement']:.2f} % "
-                  f"of labels unchanged; held-out-stroke mIoU {att['held_out_miou']}")
+                  f"of labels unchanged; held-out-stroke mIoU {att['held_out_miou']}; gate 5-95 % range per "
+                  f"level {att['gate_spread']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({str(s): {n: {**r, "iou": {CLASS_NAMES[k]: v for k, v in r["iou"].items()}}

@@ -211,10 +211,10 @@ def test_a_context_margin_below_one_context_voxel_is_refused(source):
 
 
 def test_a_trained_model_does_not_depend_on_the_tiling(sample, source):
-    """Half a tile's shift of the tile grid and another tile size. The attention maps agree to 0.02 (fixed
-    normalisation statistics, one context window per block). The labels agree on 93 % of voxels here, short of
-    the 99.5 % goal: what is left is the raw UNet's zero padding at tile faces, which its receptive field (all of
-    a 16-slice tile in z) carries to every voxel of this 16-slice volume (see docs/benchmarks.md)."""
+    """Half a tile's shift of the tile grid and another tile size. The attention maps agree to 0.02 (per-voxel
+    normalisation, one context window per block; measured: identical). The labels agree on 98 % of voxels here,
+    short of the 99.5 % goal: what is left is the raw UNet's zero padding at tile faces, which its receptive
+    field (all of a 16-slice tile in z) carries to every voxel of this 16-slice volume (see docs/benchmarks.md)."""
     model = new_model(source, 4, base_channels=4)
     run_to_end(Trainer(model, source, sample.scribbles(seed=0), TrainConfig(iterations=40)).run())
     a = predict_to_memory(model, source, tile_shape=(16, 64, 64), overlap=(4, 16, 16), block_shape=(16, 64, 64))
@@ -225,7 +225,7 @@ def test_a_trained_model_does_not_depend_on_the_tiling(sample, source):
         crop = tuple(slice(s.start // f, -(-s.stop // f)) for s in roi)
         diff = np.abs(a.arrays[f"attention/level{k}"][crop].astype(np.float32) - b.arrays[f"attention/level{k}"])
         assert diff.max() <= 0.02, (k, diff.max())
-    assert (a.arrays["labels"][roi] == b.arrays["labels"]).mean() >= 0.9  # measured 0.93
+    assert (a.arrays["labels"][roi] == b.arrays["labels"]).mean() >= 0.97  # measured 0.981 (BatchNorm: 0.93)
 
 
 def test_new_classes_replace_only_the_head(source):
