@@ -293,3 +293,18 @@ def test_config_json_round_trip_and_validation():
         UNetConfig(RAW_C, CTX_C, 2, pooling=((3, 2, 2),) * 4)
     with pytest.raises(ValueError, match="context_margin_nm"):
         UNetConfig(RAW_C, CTX_C, 2, context_margin_nm=-1.0)
+
+
+def test_channel_norm_normalises_each_voxel_over_its_channels_only():
+    """LayerNorm over channels at every voxel: a voxel's output ignores every other voxel; statistics in fp32."""
+    layer = ChannelNorm(8)
+    x = torch.randn(2, 8, 3, 4, 5) * 3 + 1
+    with torch.no_grad():
+        expected = F.layer_norm(x.movedim(1, -1), (8,)).movedim(-1, 1)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        changed = x.clone()
+        changed[:, :, 0] += 100  # other voxels, other scale
+        torch.testing.assert_close(layer(changed)[:, :, 1:], layer(x)[:, :, 1:])
+        half = layer(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=0.05, rtol=0.02)

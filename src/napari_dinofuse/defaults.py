@@ -14,7 +14,7 @@ def default_backbone_spec() -> str:
 
 # -- the one recipe: the GUI, the CLI, the demo and the benchmarks start from these ---------------------------
 BASE_CHANNELS = 16  # UNet width of a new model: 16 trains in minutes on a laptop CPU; 32-64 suit a GPU
-CONTEXT_MARGIN_NM = 1024.0  # the context branch reads this far beyond a tile (>= its receptive field, ~1 um)
+CONTEXT_MARGIN_NM = 1024.0  # the context branch reads this far beyond a tile (its weight lies within ~1 um)
 ITERATIONS = 300  # at most: early stopping on held-out strokes often ends sooner
 LEARNING_RATE = 3e-3  # peak, after a linear warm-up; cosine decay to 5 % of it
 # Small tiles, several per step (each centred on a painted class in turn): one step sees every class, at the

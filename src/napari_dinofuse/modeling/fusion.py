@@ -32,9 +32,11 @@ class ChannelNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        y = x.float()  # statistics in fp32 under bf16 autocast too (as autocast does for LayerNorm)
+        var, mean = torch.var_mean(y, dim=1, keepdim=True, correction=0)
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        y = (y - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
 
 
 class ContextAttentionFusion(nn.Module):
