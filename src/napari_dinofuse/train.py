@@ -194,9 +194,8 @@ def adapt_classes(model: FusedUNet3D, num_classes: int, seed: int = 0) -> FusedU
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.head = torch.nn.Conv3d(model.head.in_channels, num_classes, kernel_size=1).to(device)
-        model.local_head = torch.nn.Conv3d(model.local_head.in_channels, num_classes, kernel_size=1,
-                                           bias=False).to(device)
+        model.replace_heads(num_classes)
+    model.to(device)
     model.config = UNetConfig.from_dict({**model.config.to_dict(), "num_classes": num_classes})
     return model
 

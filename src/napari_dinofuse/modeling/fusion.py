@@ -54,7 +54,7 @@ class ContextAttentionFusion(nn.Module):
             raise ValueError(f"channels and reduction must be >= 1, got {channels}, {reduction}")
         self.channels = channels
         hidden = max(4, channels // reduction)  # a norm over one channel would zero it
-        # No bias before the norm: it subtracts the mean anyway.
+        # No bias before the norm: the norm's own per-channel shift follows.
         self.reduce = nn.Conv3d(channels, hidden, kernel_size=1, bias=False)
         self.norm = norm(hidden)
         self.act = nn.ReLU(inplace=True)

@@ -330,9 +330,14 @@ class FusedUNet3D(nn.Module):
             decoders.append(UpBlock(in_channels, c))
             in_channels = c
         self.decoders = nn.ModuleList(decoders)  # deepest level first
-        self.head = nn.Conv3d(base, config.num_classes, kernel_size=1)
-        # The short path: level 0's fused skip straight to the logits (see the module docstring).
-        self.local_head = nn.Conv3d(self.level_channels[0], config.num_classes, kernel_size=1, bias=False)
+        self.replace_heads(config.num_classes)
+
+    def replace_heads(self, num_classes: int) -> None:
+        """New output layers for ``num_classes``: the decoder's head and the short path from level 0's fused
+        skip straight to the logits (see the module docstring). Everything else is kept."""
+        base = self.level_channels[0]
+        self.head = nn.Conv3d(base, num_classes, kernel_size=1)
+        self.local_head = nn.Conv3d(base, num_classes, kernel_size=1, bias=False)
 
     # -- geometry -----------------------------------------------------------------------
 
