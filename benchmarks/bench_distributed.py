@@ -35,7 +35,7 @@ def main() -> None:
     from napari_dinofuse.checkpoint import save_model
     from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
     from napari_dinofuse.features import extract_sources
-    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.progress import drive
     from napari_dinofuse.sample_data import make_sample
     from napari_dinofuse.train import model_info, new_model
 
@@ -47,7 +47,7 @@ def main() -> None:
     context = VolumeRef(str(work / "context.npy"), sample.context.voxel_size, sample.context.offset, name="context")
     backbone = load_backbone(args.backbone, device="cpu")
     cache = FeatureCache(work / "cache")
-    source = run_to_end(extract_sources(raw.open(), context.open(), backbone, cache))
+    source = drive(extract_sources(raw.open(), context.open(), backbone, cache))
     model = new_model(source, 4, base_channels=args.base_channels)
     save_model(work / "model", model, model_info(model, source))
     voxels = int(np.prod(shape))
@@ -57,11 +57,11 @@ def main() -> None:
         client = connect(workers=workers)
         job, extraction = prepare_job(raw, context, work / "model", work / f"out-{workers}.zarr", backbone, cache,
                                       tile_shape=(16, 64, 64), overlap=(8, 16, 16), block_shape=block, device="cpu")
-        run_to_end(run_blockwise(client, job, extraction))  # warm-up: workers import torch, load the model
+        drive(run_blockwise(client, job, extraction))  # warm-up: workers import torch, load the model
         job, extraction = prepare_job(raw, context, work / "model", work / f"timed-{workers}.zarr", backbone, cache,
                                       tile_shape=(16, 64, 64), overlap=(8, 16, 16), block_shape=block, device="cpu")
         start = time.perf_counter()
-        stats = run_to_end(run_blockwise(client, job, extraction))
+        stats = drive(run_blockwise(client, job, extraction))
         wall = time.perf_counter() - start
         client.close()
         client.cluster.close()

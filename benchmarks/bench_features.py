@@ -74,8 +74,8 @@ def main() -> None:
     from napari_dinofuse.backbone import load_backbone, to_unit_range
     from napari_dinofuse.cache import FeatureCache, format_bytes
     from napari_dinofuse.features import extract_features
-    from napari_dinofuse.progress import run_to_end
     from napari_dinofuse.geometry import Volume
+    from napari_dinofuse.progress import drive
 
     warnings.simplefilter("ignore")
     start = time.perf_counter()
@@ -121,15 +121,15 @@ def main() -> None:
     FeatureEntry.write_units = timed_write_units
     cache = FeatureCache(work / "cache")
     start = time.perf_counter()
-    entry = run_to_end(extract_features(volume, backbone, cache, batch_size=args.batch_size))
+    entry = drive(extract_features(volume, backbone, cache, batch_size=args.batch_size))
     sync()
     first = time.perf_counter() - start
     FeatureEntry.write_units = write_units
     start = time.perf_counter()
-    run_to_end(extract_features(volume, backbone, cache, batch_size=args.batch_size))
+    drive(extract_features(volume, backbone, cache, batch_size=args.batch_size))
     second = time.perf_counter() - start
     start = time.perf_counter()
-    run_to_end(extract_features(volume, backbone, cache, batch_size=args.batch_size, verify="all"))
+    drive(extract_features(volume, backbone, cache, batch_size=args.batch_size, verify="all"))
     third = time.perf_counter() - start
 
     voxels = int(np.prod(volume.shape))

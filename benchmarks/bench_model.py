@@ -72,25 +72,25 @@ def _setup(args, raw_shape=(32, 256, 256), seed=0):
     from napari_dinofuse.backbone import load_backbone
     from napari_dinofuse.cache import FeatureCache
     from napari_dinofuse.features import extract_sources
-    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.progress import drive
     from napari_dinofuse.sample_data import make_sample
 
     sample = make_sample(seed=seed, raw_shape=raw_shape)
     backbone = load_backbone(args.backbone, device=args.device)
-    source = run_to_end(extract_sources(sample.raw, sample.context, backbone, FeatureCache(args.cache)))
+    source = drive(extract_sources(sample.raw, sample.context, backbone, FeatureCache(args.cache)))
     return sample, source
 
 
 def finetune(args):
     from napari_dinofuse.predict import predict_to_memory
-    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.progress import drive
     from napari_dinofuse.train import TrainConfig, Trainer, new_model
 
     sample, source = _setup(args, raw_shape=(128, 128, 128))
     model = new_model(source, 4, base_channels=args.base_channels)
     start = time.perf_counter()
     trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=args.iterations, device=args.device))
-    run_to_end(trainer.run())
+    drive(trainer.run())
     trained = time.perf_counter() - start
     predict_to_memory(model, source, None, device=args.device)
     total = time.perf_counter() - start

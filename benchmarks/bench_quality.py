@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 
 import numpy as np
@@ -24,10 +23,11 @@ from napari_dinofuse.baseline import forest_rows
 from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.demo import iou_unpainted
 from napari_dinofuse.features import extract_sources
+from napari_dinofuse.finetune import NewModel, fine_tune
 from napari_dinofuse.predict import predict_to_memory
-from napari_dinofuse.progress import run_to_end
+from napari_dinofuse.progress import drive
 from napari_dinofuse.sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
-from napari_dinofuse.train import TrainConfig, Trainer, new_model
+from napari_dinofuse.train import TrainConfig
 
 CLASSES = range(1, len(CLASS_NAMES))
 
@@ -56,24 +56,20 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
     sample = make_sample(seed=seed)
     scribbles = sample.scribbles(seed=seed)
     painted = scribbles > 0
-    source = run_to_end(extract_sources(sample.raw, sample.context, backbone, cache))
+    source = drive(extract_sources(sample.raw, sample.context, backbone, cache))
     rows = {}
     for fusion in modes:
         config = TrainConfig(seed=seed, device=device, **({"iterations": iterations} if iterations else {}))
-        model = new_model(source, len(CLASSES), fusion=fusion, seed=seed)
-        trainer = Trainer(model, source, scribbles, config)
-        start = time.perf_counter()
-        run_to_end(trainer.run())
-        seconds = time.perf_counter() - start
+        result = drive(fine_tune(source, scribbles, config, NewModel(fusion)))
+        model, seconds = result.model, result.seconds
         arrays = predict_to_memory(model, source, device=device).arrays
         labels = arrays["labels"]
         rows[f"fused UNet, {fusion}"] = {
             "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
-            "iterations": len(trainer.log), "held_out_miou": trainer.best_score,
+            "iterations": result.iterations, "held_out_miou": result.validation,
             **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
                if fusion == "attention" else {})}
-        say(f"  seed {seed} {fusion}: {len(trainer.log)} iterations in {seconds:.0f} s, held-out mIoU "
-            f"{trainer.best_score}")
+        say(f"  seed {seed} {fusion}: {result.summary()}")
     for name, row in forest_rows(sample, scribbles, seed=seed).items():
         rows[name] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
                       "seconds": row["seconds"]}

@@ -21,7 +21,7 @@ def main() -> None:
     from napari_dinofuse.cache import FeatureCache
     from napari_dinofuse.features import compute_features, extract_sources
     from napari_dinofuse.predict import predict_to_memory
-    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.progress import drive
     from napari_dinofuse.sample_data import make_sample
     from napari_dinofuse.train import TrainConfig, Trainer, new_model
 
@@ -37,12 +37,12 @@ def main() -> None:
           f"mean {cos.mean():.5f} -> {'ok' if cos.min() > 0.99 else 'FAILED'}")
 
     backbone = load_backbone(args.backbone, device=args.device)
-    source = run_to_end(extract_sources(sample.raw, sample.context, backbone, FeatureCache(tempfile.mkdtemp())))
+    source = drive(extract_sources(sample.raw, sample.context, backbone, FeatureCache(tempfile.mkdtemp())))
     labels = sample.scribbles(seed=0)
     model = new_model(source, int(labels.max()), base_channels=16, intensity_stem=True)
     start = time.perf_counter()
     trainer = Trainer(model, source, labels, TrainConfig(iterations=60, device=args.device, patience=1000))
-    run_to_end(trainer.run())
+    drive(trainer.run())
     sink = predict_to_memory(model, source, device=args.device)
     painted = labels > 0
     accuracy = (sink.arrays["labels"][painted] == labels[painted]).mean()

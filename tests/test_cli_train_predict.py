@@ -65,7 +65,7 @@ def test_predict_from_a_saved_model_is_bitwise_reproducible(files):
     from napari_dinofuse.checkpoint import load_model, save_model
     from napari_dinofuse.features import extract_sources
     from napari_dinofuse.predict import predict_to_memory
-    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.progress import drive
     from napari_dinofuse.train import model_info, new_model
 
     d, sample, _ = files
@@ -74,7 +74,7 @@ def test_predict_from_a_saved_model_is_bitwise_reproducible(files):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone("random:tiny", device="cpu")
-    source = run_to_end(extract_sources(sample.raw, sample.context, backbone, FeatureCache(d / "cache")))
+    source = drive(extract_sources(sample.raw, sample.context, backbone, FeatureCache(d / "cache")))
     model = new_model(source, 4, base_channels=4, seed=5)
     save_model(d / "roundtrip", model, model_info(model, source))
     loaded, info = load_model(d / "roundtrip")

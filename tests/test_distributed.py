@@ -11,7 +11,7 @@ from napari_dinofuse.checkpoint import save_model
 from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
 from napari_dinofuse.features import extract_sources
 from napari_dinofuse.predict import ZarrSink, predict
-from napari_dinofuse.progress import run_to_end
+from napari_dinofuse.progress import drive
 from napari_dinofuse.train import model_info, new_model
 
 SETTINGS = dict(tile_shape=(16, 48, 48), overlap=(8, 16, 16), block_shape=(16, 64, 64))
@@ -29,11 +29,11 @@ def setup(tmp_path_factory, tiny_backbone):
     context = VolumeRef(str(d / "context.npy"), sample.context.voxel_size, sample.context.offset, name="context")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        source = run_to_end(extract_sources(raw.open(), context.open(), tiny_backbone, FeatureCache(d / "ref-cache")))
+        source = drive(extract_sources(raw.open(), context.open(), tiny_backbone, FeatureCache(d / "ref-cache")))
     model = new_model(source, 4, base_channels=4, seed=1)
     save_model(d / "model", model, model_info(model, source))
     # The single-process reference, with the same blocks and tiles (8 blocks of 16x64x64).
-    run_to_end(predict(model.eval(), source, sink=ZarrSink(d / "single.zarr"), device="cpu", **SETTINGS))
+    drive(predict(model.eval(), source, sink=ZarrSink(d / "single.zarr"), device="cpu", **SETTINGS))
     client = connect(workers=2)
     yield d, raw, context, client
     client.close()
@@ -54,7 +54,7 @@ def test_cluster_output_equals_single_process(setup, tiny_backbone):
     d, _, _, client = setup
     job, extraction = _job(setup, tiny_backbone, "cluster.zarr", "shared-cache")
     assert extraction  # features computed on the workers, into the shared cache
-    stats = run_to_end(run_blockwise(client, job, extraction))
+    stats = drive(run_blockwise(client, job, extraction))
     assert (stats["blocks"], stats["computed"], stats["skipped"]) == (8, 8, 0) and stats["task_seconds"] > 0
     assert np.array_equal(_read(d / "cluster.zarr", "labels"), _read(d / "single.zarr", "labels"))
     for name in ("probabilities", "uncertainty", "attention/level2"):
@@ -66,7 +66,7 @@ def test_cluster_output_equals_single_process(setup, tiny_backbone):
 def test_a_killed_worker_does_not_stop_the_run(setup, tiny_backbone):
     d, _, _, client = setup
     job, extraction = _job(setup, tiny_backbone, "faulty.zarr", "shared-cache", fault_once=str(d / "killed-once"))
-    stats = run_to_end(run_blockwise(client, job, extraction))
+    stats = drive(run_blockwise(client, job, extraction))
     assert (d / "killed-once").exists()  # one worker process really died mid-task
     assert stats["computed"] == 8
     assert np.array_equal(_read(d / "faulty.zarr", "labels"), _read(d / "single.zarr", "labels"))
@@ -75,7 +75,7 @@ def test_a_killed_worker_does_not_stop_the_run(setup, tiny_backbone):
 def test_a_rerun_computes_only_missing_blocks(setup, tiny_backbone):
     d, _, _, client = setup
     job, extraction = _job(setup, tiny_backbone, "rerun.zarr", "shared-cache")
-    run_to_end(run_blockwise(client, job, extraction))
+    drive(run_blockwise(client, job, extraction))
     # As if the run had stopped before three blocks were finished.
     for index in (1, 4, 6):
         (d / "rerun.zarr" / ".blocks" / f"{index:07d}").unlink()
@@ -83,7 +83,7 @@ def test_a_rerun_computes_only_missing_blocks(setup, tiny_backbone):
     root.attrs["dinofuse"] = {**dict(root.attrs["dinofuse"]), "complete": False}
     job, extraction = _job(setup, tiny_backbone, "rerun.zarr", "shared-cache")
     assert extraction == []  # the features are all in the shared cache
-    stats = run_to_end(run_blockwise(client, job, extraction))
+    stats = drive(run_blockwise(client, job, extraction))
     assert (stats["blocks"], stats["computed"], stats["skipped"]) == (8, 3, 5)
     assert np.array_equal(_read(d / "rerun.zarr", "labels"), _read(d / "single.zarr", "labels"))
 
@@ -101,7 +101,7 @@ def test_an_interrupted_run_finishes_where_it_stopped(setup, tiny_backbone):
     assert 3 <= finished < 8
     assert not zarr.open_group(str(d / "interrupted.zarr"), mode="r").attrs["dinofuse"]["complete"]
     job, extraction = _job(setup, tiny_backbone, "interrupted.zarr", "shared-cache")
-    stats = run_to_end(run_blockwise(client, job, extraction))
+    stats = drive(run_blockwise(client, job, extraction))
     assert stats["skipped"] == finished and stats["computed"] == 8 - finished
     assert np.array_equal(_read(d / "interrupted.zarr", "labels"), _read(d / "single.zarr", "labels"))
 

@@ -33,7 +33,7 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
     from napari_dinofuse.cache import FeatureCache
     from napari_dinofuse.features import extract_sources
     from napari_dinofuse.predict import ZarrSink, predict
-    from napari_dinofuse.progress import run_to_end
+    from napari_dinofuse.progress import drive
     from napari_dinofuse.train import new_model
 
     group = zarr.open_group(str(tmp_path / "raw.zarr"), mode="w")
@@ -43,10 +43,10 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
         "datasets": [{"path": "0", "coordinateTransformations": [
             {"type": "scale", "scale": list(sample.raw.voxel_size)},
             {"type": "translation", "translation": list(sample.raw.offset)}]}]}]}
-    source = run_to_end(extract_sources(sample.raw, sample.context, tiny_backbone, FeatureCache(tmp_path / "c")))
+    source = drive(extract_sources(sample.raw, sample.context, tiny_backbone, FeatureCache(tmp_path / "c")))
     model = new_model(source, 4, base_channels=4)
     roi = (slice(0, 16), slice(16, 80), slice(0, 64))
-    run_to_end(predict(model, source, roi, tile_shape=(16, 64, 64), overlap=(8, 16, 16),
+    drive(predict(model, source, roi, tile_shape=(16, 64, 64), overlap=(8, 16, 16),
                        sink=ZarrSink(tmp_path / "result.zarr")))
 
     viewer = make_napari_viewer()

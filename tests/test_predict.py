@@ -14,7 +14,7 @@ from napari_dinofuse.geometry import Volume
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
 from napari_dinofuse.predict import ZarrSink, predict, predict_to_memory, snap_roi
-from napari_dinofuse.progress import run_to_end
+from napari_dinofuse.progress import drive
 
 SHAPE = (20, 80, 96)
 VOXEL = (4.0, 4.0, 4.0)
@@ -216,7 +216,7 @@ def test_intensity_stem_model_runs_on_clipped_tiles(source):
 def test_zarr_output_opens_with_its_geometry(tmp_path, model, source, whole):
     out = tmp_path / "OUT.zarr"
     roi = (slice(2, 20), slice(16, 80), slice(0, 96))
-    run_to_end(predict(model, source, roi, device="cpu", sink=ZarrSink(out), **BIG))
+    drive(predict(model, source, roi, device="cpu", sink=ZarrSink(out), **BIG))
     labels = open_volume(out / "labels")
     assert labels.shape == (18, 64, 96) and labels.voxel_size == VOXEL
     assert labels.offset == (100.0 + 2 * 4, -40.0 + 16 * 4, 12.0)
@@ -231,7 +231,7 @@ def test_zarr_output_opens_with_its_geometry(tmp_path, model, source, whole):
     assert [p.name for p in tmp_path.iterdir()] == ["OUT.zarr"]  # no partial folder left
 
     # Re-running replaces the output (here with a smaller ROI).
-    run_to_end(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
+    drive(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
                        sink=ZarrSink(out), **BIG))
     assert open_volume(out / "labels").shape == (8, 32, 32)
     assert [p.name for p in tmp_path.iterdir()] == ["OUT.zarr"]
@@ -249,7 +249,7 @@ def test_cancel_stops_early_and_leaves_no_output(tmp_path, model, source):
 
 def test_cancel_keeps_a_previous_output_and_refuses_foreign_paths(tmp_path, model, source):
     out = tmp_path / "OUT.zarr"
-    run_to_end(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
+    drive(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
                        sink=ZarrSink(out), **BIG))
     gen = predict(model, source, device="cpu", sink=ZarrSink(out), **SMALL)
     next(gen), next(gen)

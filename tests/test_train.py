@@ -8,9 +8,9 @@ from scipy.spatial import cKDTree
 from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.errors import InputError
 from napari_dinofuse.features import FeatureSource, compute_features
-from napari_dinofuse.progress import run_to_end
 from napari_dinofuse.geometry import resample
 from napari_dinofuse.predict import predict_to_memory
+from napari_dinofuse.progress import drive
 from napari_dinofuse.train import (
     TrainConfig,
     Trainer,
@@ -91,7 +91,7 @@ def test_small_model_fits_the_painted_voxels(sample, source):
     model = new_model(source, num_classes=4, base_channels=8, fusion="attention")
     trainer = Trainer(model, source, labels, TrainConfig(iterations=120, learning_rate=3e-3, validation_share=0,
                                                          augment=False))
-    run_to_end(trainer.run())
+    drive(trainer.run())
     assert trainer.log[-1]["smoothed"] < trainer.log[0]["smoothed"] / 2  # measured 0.36
     region = (slice(0, 16), slice(0, 128), slice(0, 128))
     inputs = source.tile(region, intensity=True, halo=model.intensity_halo)
@@ -109,7 +109,7 @@ def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, sour
     logs = []
     for _ in range(2):
         trainer = Trainer(new_model(source, 4, base_channels=4), source, labels, config)
-        run_to_end(trainer.run())
+        drive(trainer.run())
         logs.append([entry["loss"] for entry in trainer.log])
     assert logs[0] == logs[1]
 
@@ -216,7 +216,7 @@ def test_a_trained_model_does_not_depend_on_the_tiling(sample, source):
     short of the 99.5 % goal: what is left is the raw UNet's zero padding at tile faces, which its receptive
     field (all of a 16-slice tile in z) carries to every voxel of this 16-slice volume (see docs/benchmarks.md)."""
     model = new_model(source, 4, base_channels=4)
-    run_to_end(Trainer(model, source, sample.scribbles(seed=0), TrainConfig(iterations=40)).run())
+    drive(Trainer(model, source, sample.scribbles(seed=0), TrainConfig(iterations=40)).run())
     a = predict_to_memory(model, source, tile_shape=(16, 64, 64), overlap=(4, 16, 16), block_shape=(16, 64, 64))
     roi = (slice(8, 16), slice(32, 128), slice(32, 128))
     b = predict_to_memory(model, source, roi, tile_shape=(16, 96, 96), overlap=(4, 32, 32))

@@ -14,7 +14,7 @@ from qtpy.QtCore import Qt, QThreadPool, QTimer
 from qtpy.QtWidgets import QApplication
 
 from napari_dinofuse._widgets import DinofuseWidget
-from napari_dinofuse.session import CANCELLED
+from napari_dinofuse.progress import CANCELLED
 
 LEFT = Qt.MouseButton.LeftButton
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

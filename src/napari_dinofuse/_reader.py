@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")
+from .defaults import NUM_LEVELS, PREDICTION_KIND, VOLUME_SUFFIXES, attention_array, attention_layer
 
 
 def get_reader(path):
     if isinstance(path, list):
         return None
-    return read if str(path).rstrip("/").lower().endswith(SUFFIXES) else None
+    return read if str(path).rstrip("/").lower().endswith(VOLUME_SUFFIXES) else None
 
 
 def read(path) -> list[tuple]:
@@ -53,7 +53,7 @@ def _prediction_outputs(path: Path):
         attrs = dict(zarr.open_group(str(path), mode="r").attrs.get("dinofuse", {}))
     except Exception:  # noqa: BLE001 - not a zarr group: not ours
         return None
-    if attrs.get("kind") != "napari-dinofuse prediction":
+    if attrs.get("kind") != PREDICTION_KIND:
         return None
     layers = []
     labels = _open(path / "labels", name="prediction")
@@ -61,10 +61,10 @@ def _prediction_outputs(path: Path):
     uncertainty = _open(path / "uncertainty", name="uncertainty")
     layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", colormap="magma",
                                                  contrast_limits=(0.0, 1.0), visible=False), "image"))
-    for k in range(1, 5):
-        if (path / "attention" / f"level{k}").is_dir():
-            level = _open(path / "attention" / f"level{k}", name=f"attention level {k}")
-            layers.append((level.data, _placement(level, name=f"attention level {k}", colormap="inferno",
+    for k in range(1, NUM_LEVELS + 1):
+        if (path / attention_array(k)).is_dir():
+            level = _open(path / attention_array(k), name=attention_layer(k))
+            layers.append((level.data, _placement(level, name=attention_layer(k), colormap="inferno",
                                                    blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0),
                                                    visible=k == 1), "image"))
     return layers

@@ -13,6 +13,7 @@ import warnings
 
 from . import __version__, defaults
 from .errors import DinofuseError
+from .progress import drive
 
 
 def _check_backbone(args) -> int:
@@ -83,17 +84,20 @@ def _add_feature_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _follow(generator, label: str):
-    """Drive an engine generator with a one-line progress bar on stderr; returns its value."""
+    """Drive an engine generator with a one-line progress bar on stderr; returns its value.
+
+    Not tqdm: in a log (CI, a cluster's batch job) this prints one readable line per tenth of each phase, with
+    the step's message, where tqdm's carriage-return updates pile up into one unreadable line.
+    """
     start = time.perf_counter()
     tty = sys.stderr.isatty()
     last_shown = -1.0
-    while True:
-        try:
-            step = next(generator)
-        except StopIteration as stop:
-            if tty:
-                print(file=sys.stderr)
-            return stop.value
+
+    def show(step):
+        nonlocal last_shown
+        if step.message.startswith("warning:"):  # on a line of its own, not overwritten by the bar
+            print(("\n" if tty else "") + step.message, file=sys.stderr, flush=True)
+            return
         elapsed = time.perf_counter() - start
         fraction = step.fraction
         eta = f", {elapsed / fraction - elapsed:.0f} s left" if 0 < fraction < 1 and elapsed > 2 else ""
@@ -103,6 +107,11 @@ def _follow(generator, label: str):
         elif fraction - last_shown >= 0.1 or fraction >= 1 or fraction < last_shown:  # (a new phase restarts)
             print(text, file=sys.stderr, flush=True)
             last_shown = fraction
+
+    value = drive(generator, show)
+    if tty:
+        print(file=sys.stderr)
+    return value
 
 
 def _extract(args) -> int:
@@ -143,44 +152,31 @@ def _sources(args, backbone):
 
 def _train(args) -> int:
     from .backbone import load_backbone
-    from .checkpoint import check_backbone_compatible, load_model, read_training_log, save_model
+    from .checkpoint import load_model, read_training_log, save_model
+    from .finetune import NewModel, StartModel, fine_tune
     from .io import open_volume
-    from .train import TrainConfig, Trainer, adapt_classes, find_painted, model_info, new_model
+    from .train import TrainConfig, find_painted
 
-    init = load_model(args.init) if args.init else None
-    spec = args.backbone or (init[1].backbone if init else None)
-    backbone = load_backbone(spec, device=args.device)
+    start = StartModel(*load_model(args.init), read_training_log(args.init)) if args.init else None
+    backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device)
     print(backbone.describe())
     source = _sources(args, backbone)
     labels = open_volume(args.labels, voxel_size=source.raw.voxel_size, offset=source.raw.offset, name="labels").data
-    painted = find_painted(labels, source.raw.shape)  # refuse bad labels before building anything
-    class_names, log = None, []
-    if init:
-        model, info = init
-        warning = check_backbone_compatible(info, str(backbone.spec), backbone.embed_dim)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-        class_names, log = info.class_names, read_training_log(args.init)
-        model = adapt_classes(model, max(painted.num_classes, model.config.num_classes), seed=args.seed)
-    else:
-        model = new_model(source, painted.num_classes, base_channels=args.base_channels, fusion=args.fusion,
-                          intensity_stem=args.intensity_stem, seed=args.seed, context_margin_nm=args.context_margin)
+    find_painted(labels, source.raw.shape)  # refuse bad labels before any slow work
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
                          dice_weight=args.dice_weight, validation_share=args.validation_share, device=args.device)
-    trainer = Trainer(model, source, labels, config)
-    _follow(trainer.run(), "train")
-    save_model(args.out, model, model_info(model, source, class_names), log + trainer.log)
-    last = trainer.log[-1]
-    score = ("no held-out strokes to validate on (paint 3 or more strokes per class for a score)"
-             if trainer.best_score is None else f"held-out strokes mIoU {trainer.best_score:.3f}")
-    print(f"trained {len(trainer.log)} iterations in {last['seconds']:.0f} s (loss {last['smoothed']:.4f}, {score}"
-          f"{', stopped early' if trainer.stopped_early else ''}); model saved to {args.out}")
+    new = NewModel(fusion=args.fusion, base_channels=args.base_channels, intensity_stem=args.intensity_stem,
+                   context_margin_nm=args.context_margin)
+    result = _follow(fine_tune(source, labels, config, new, start, backbone=backbone), "train")
+    save_model(args.out, result.model, result.info, result.log)
+    print(f"{result.summary()}; model saved to {args.out}")
     return 0
 
 
 def _predict(args) -> int:
     from .backbone import load_backbone
     from .checkpoint import check_backbone_compatible, load_model
+    from .finetune import inference_settings
     from .predict import ZarrSink, predict
 
     model, info = load_model(args.model)
@@ -190,9 +186,10 @@ def _predict(args) -> int:
     warning = check_backbone_compatible(info, str(backbone.spec), backbone.embed_dim)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    settings = inference_settings(info)
     if args.planes is None:
-        args.planes = info.extra.get("planes", "xy")
-    tile, overlap = defaults.PREDICT_TILE, defaults.PREDICT_OVERLAP
+        args.planes = settings.planes
+    tile, overlap = settings.tile_shape, settings.overlap
     if args.workers or args.scheduler:
         return _predict_on_cluster(args, backbone, tile, overlap)
     source = _sources(args, backbone)
@@ -284,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(func=_extract)
 
     train = sub.add_parser("train", help="fine-tune the context-fused 3D UNet on sparse painted labels",
-                           description="Fine-tune on sparse labels (0 = unpainted, k = class k) and save a model "
+                           description=f"Fine-tune on sparse labels ({defaults.LABEL_CONVENTION}) and save a model "
                                        "folder (config.json + model.safetensors).")
     _add_volume_args(train, "raw", required=True)
     _add_volume_args(train, "context", required=False)

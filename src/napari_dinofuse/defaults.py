@@ -1,4 +1,7 @@
-"""Defaults shared by the engine and the widgets, importable without torch (napari start-up stays fast)."""
+"""The one place for defaults, sizes and names shared by the engine, the CLI, the reader and the widgets.
+
+Importable without torch (napari start-up and the reader stay fast).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,23 @@ BACKBONE_ENV = "DINOFUSE_BACKBONE"
 
 def default_backbone_spec() -> str:
     return os.environ.get(BACKBONE_ENV) or DEFAULT_BACKBONE
+
+
+# -- names and sizes ----------------------------------------------------------------------------------------
+NUM_LEVELS = 4  # UNet encoder levels: one context gate (and one attention map) each
+VOLUME_SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")  # what `open_volume` and the napari reader read
+PREDICTION_KIND = "napari-dinofuse prediction"  # the `dinofuse.kind` attribute that marks a prediction store
+LABEL_CONVENTION = "0 = unpainted, k = class k"  # painted labels, on the raw grid
+
+
+def attention_array(k: int) -> str:
+    """The array of attention level ``k`` (1..NUM_LEVELS) in a prediction store."""
+    return f"attention/level{k}"
+
+
+def attention_layer(k: int) -> str:
+    """The napari layer showing attention level ``k``."""
+    return f"attention level {k}"
 
 
 # -- the one recipe: the GUI, the CLI, the demo and the benchmarks start from these ---------------------------

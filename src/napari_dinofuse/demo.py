@@ -22,10 +22,11 @@ from .cache import FeatureCache
 from .checkpoint import save_model
 from .errors import BackboneError
 from .features import extract_sources
+from .finetune import NewModel, fine_tune
 from .predict import ZarrSink, predict
-from .progress import run_to_end
+from .progress import drive
 from .sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
-from .train import TrainConfig, Trainer, model_info, new_model
+from .train import TrainConfig
 
 FALLBACK_BACKBONE = "random:vits16"
 DEMO_ITERATIONS = 150  # two models and a forest in a few minutes on a 2-core CPU; the recipe's own cap is higher
@@ -60,7 +61,7 @@ def iou_unpainted(prediction: np.ndarray, truth: np.ndarray, painted: np.ndarray
 
 def run_demo(out, backbone: str | None = None, device: str = "auto", iterations: int = DEMO_ITERATIONS,
              seed: int = 0, base_channels: int = defaults.BASE_CHANNELS, cache=None, raw_shape=(32, 256, 256), say: Callable[[str], None] = print,
-             follow: Callable = lambda generator, label: run_to_end(generator)) -> dict:
+             follow: Callable = lambda generator, label: drive(generator)) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bb = demo_backbone(backbone, device, say)
@@ -76,12 +77,12 @@ def run_demo(out, backbone: str | None = None, device: str = "auto", iterations:
     config = TrainConfig(iterations=iterations, seed=seed, device=device)  # the one recipe
     results = {}
     for fusion in ("attention", "none"):
-        model = new_model(source, len(CLASS_NAMES) - 1, base_channels=base_channels, fusion=fusion, seed=seed)
-        trainer = Trainer(model, source, scribbles, config)
-        follow(trainer.run(), f"train ({fusion})")
-        say(f"{fusion}: {len(trainer.log)} iterations, held-out strokes mIoU {trainer.best_score:.3f}"
-            if trainer.best_score is not None else f"{fusion}: {len(trainer.log)} iterations")
-        save_model(out / f"model-{fusion}", model, model_info(model, source, CLASS_NAMES[1:]), trainer.log)
+        result = follow(fine_tune(source, scribbles, config, NewModel(fusion, base_channels,
+                                                                        class_names=CLASS_NAMES[1:])),
+                        f"train ({fusion})")
+        say(f"{fusion}: {result.summary()}")
+        model = result.model
+        save_model(out / f"model-{fusion}", model, result.info, result.log)
         sink = follow(predict(model, source, device=device, sink=ZarrSink(out / f"prediction-{fusion}.zarr")),
                       f"predict ({fusion})")
         labels = _read(sink.path, "labels")
@@ -118,8 +119,8 @@ def _figure(sample, results) -> np.ndarray:
     panels = [np.repeat(raw[..., None], 3, -1), PALETTE[sample.ground_truth[z]],
               PALETTE[results["attention"]["labels"][z]], PALETTE[results["none"]["labels"][z]]]
     path = results["attention"]["sink"].path
-    for level in range(1, 5):
-        att = _read(path, f"attention/level{level}").astype(np.float32)
+    for level in range(1, defaults.NUM_LEVELS + 1):
+        att = _read(path, defaults.attention_array(level)).astype(np.float32)
         f = 2 ** (level - 1)
         plane = att[min(z // f, att.shape[0] - 1)].repeat(f, 0).repeat(f, 1)[: raw.shape[0], : raw.shape[1]]
         lo, hi = float(plane.min()), float(plane.max())

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .progress import Progress
+from .progress import Progress, drive
 
 # Per worker process: opened volumes, entries, models and plans, keyed by job (loaded once, not per task).
 _WORKER_CACHE: dict = {}
@@ -147,9 +147,7 @@ def extract_task(volume: VolumeRef, entry_path: str, plane: str, units: list[int
         _WORKER_CACHE[key] = volume.open()
     entry = FeatureEntry(Path(entry_path))
     todo = sorted(set(units) - entry.done_units(plane))
-    for _ in fill_units(_WORKER_CACHE[key], _backbone(backbone, normalization, device), entry, plane, todo,
-                        batch_size):
-        pass
+    drive(fill_units(_WORKER_CACHE[key], _backbone(backbone, normalization, device), entry, plane, todo, batch_size))
     return len(todo)
 
 
@@ -159,7 +157,6 @@ def predict_task(job: Job, index: int) -> float:
 
     from .cache import atomic_write_text
     from .predict import predict_block
-    from .progress import run_to_end
 
     record = Path(job.out) / ".blocks" / f"{index:07d}"
     if record.exists():  # finished by an earlier attempt
@@ -169,7 +166,7 @@ def predict_task(job: Job, index: int) -> float:
         Path(job.fault_once).write_text("killed")
         os._exit(1)  # a worker dying mid-task (fault injection in tests)
     model, source, plan, dev, arrays = _predict_state(job)
-    for name, region, array in run_to_end(predict_block(model, source, plan, index, dev)):
+    for name, region, array in drive(predict_block(model, source, plan, index, dev)):
         arrays[name][(Ellipsis, *region)] = array
     atomic_write_text(record, job.key)
     return time.perf_counter() - start

@@ -32,7 +32,7 @@ from .errors import InputError
 from .geometry import Grid, Volume, resample
 from .io import content_hash, read_region
 from .modeling.unet import ContextWindow
-from .progress import Progress, run_to_end
+from .progress import Progress, drive, within
 
 DEFAULT_TILE_SIZE = 1024
 CONTEXT_POOLING = 4  # the context encoder pools by at most 2 x 2 per axis
@@ -98,9 +98,8 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
     yield Progress(done, total, f"{volume.name}: {total} slices to extract" if total else
                    f"{volume.name}: features found in the cache")
     for plane, units in todo.items():
-        for slices in fill_units(volume, backbone, entry, plane, units, batch_size):
-            done += slices
-            yield Progress(done, total, f"{volume.name}: {plane} planes")
+        yield from within(fill_units(volume, backbone, entry, plane, units, batch_size), done, total)
+        done += len(units) * _slices_per_unit(plane, volume.shape)
     return entry
 
 
@@ -129,22 +128,28 @@ def _slices_per_unit(plane: str, shape) -> int:
 
 
 def fill_units(volume: Volume, backbone: Backbone, entry: FeatureEntry, plane: str, units, batch_size: int = 4
-               ) -> Iterable[int]:
-    """Compute and store the given units of ``entry``; yields the number of slices after each batch.
+               ) -> Generator[Progress, None, None]:
+    """Compute and store the given units of ``entry``, yielding progress in slices after each batch.
 
     Units are independent, so any number of processes may fill different units of one entry at once.
     """
     signature = entry.signature
     extractor = _SliceExtractor(backbone, signature["tile_size"], signature["intensity"]["low"],
                                 signature["intensity"]["high"], volume.name)
-    if plane == "xy":
-        return _xy_units(volume, entry, units, batch_size, extractor)
-    return _ortho_units(volume, entry, plane, units, batch_size, extractor)
+    batches = (_xy_units(volume, entry, units, batch_size, extractor) if plane == "xy" else
+               _ortho_units(volume, entry, plane, units, batch_size, extractor))
+    total, done = len(units) * _slices_per_unit(plane, volume.shape), 0
+    try:
+        for slices in batches:
+            done += slices
+            yield Progress(done, total, f"{volume.name}: {plane} planes")
+    finally:
+        batches.close()  # on Cancel: the writer stores what was computed
 
 
 def compute_features(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, **kwargs) -> FeatureEntry:
     """:func:`extract_features` run to the end."""
-    return run_to_end(extract_features(volume, backbone, cache, **kwargs))
+    return drive(extract_features(volume, backbone, cache, **kwargs))
 
 
 def extract_sources(raw: Volume, context: Volume | None, backbone: Backbone, cache: FeatureCache | None = None,

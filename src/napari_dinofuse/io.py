@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .defaults import VOLUME_SUFFIXES
 from .errors import DinofuseError, GeometryError
 from .geometry import Volume
 
-SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")
 _UNIT_TO_NM = {"nanometer": 1.0, "nm": 1.0, "micrometer": 1e3, "micron": 1e3, "um": 1e3, "µm": 1e3,
                "\\u00B5m": 1e3, "millimeter": 1e6, "mm": 1e6, "angstrom": 0.1, "picometer": 1e-3}
 
@@ -44,7 +44,7 @@ def open_volume(path, voxel_size=None, offset=None, name: str | None = None, lev
         elif suffix == ".npy":
             data, meta_vs, meta_off = np.load(path, mmap_mode="r", allow_pickle=False), None, None
         else:
-            raise VolumeReadError(f"{path}: unsupported format {suffix or '(none)'}; use one of {', '.join(SUFFIXES)}")
+            raise VolumeReadError(f"{path}: unsupported format {suffix or '(none)'}; use one of {', '.join(VOLUME_SUFFIXES)}")
     except DinofuseError:
         raise
     except Exception as exc:  # corrupt files surface as many exception types

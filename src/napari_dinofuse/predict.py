@@ -43,11 +43,12 @@ import numpy as np
 import torch
 
 from .backbone import PATCH_SIZE, resolve_device
+from .defaults import NUM_LEVELS, PREDICTION_KIND, attention_array
 from .errors import DinofuseError, InputError
 from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
-from .modeling.unet import NUM_LEVELS, UNetConfig
-from .progress import Progress, run_to_end
+from .modeling.unet import UNetConfig
+from .progress import Progress, drive, within
 from .tiling import blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str, tile_overlap
 
 __all__ = ["MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
@@ -63,7 +64,7 @@ def alignment(config: UNetConfig) -> tuple[int, int, int]:
 
 
 def attention_names() -> list[str]:
-    return [f"attention/level{k}" for k in range(1, NUM_LEVELS + 1)]
+    return [attention_array(k) for k in range(1, NUM_LEVELS + 1)]
 
 
 def snap_roi(roi, shape) -> _Slices:
@@ -166,7 +167,7 @@ class ZarrSink:
     prediction is ever replaced: any other existing path is refused up front.
     """
 
-    KIND = "napari-dinofuse prediction"
+    KIND = PREDICTION_KIND
 
     def __init__(self, path, chunks=(64, 256, 256)):
         self.path = Path(path).expanduser().absolute()
@@ -321,10 +322,10 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=(32, 1
 
 
 def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device
-                  ) -> Generator[int, None, list[tuple[str, _Slices, np.ndarray]]]:
+                  ) -> Generator[Progress, None, list[tuple[str, _Slices, np.ndarray]]]:
     """Compute block ``index`` of ``plan`` (the model already in eval mode on ``dev``).
 
-    Yields after each tile; returns ``(name, region relative to the ROI, array)`` for every output.
+    Yields progress after each tile; returns ``(name, region relative to the ROI, array)`` for every output.
     """
     core, outer, tiles = plan.blocks[index]
     cfg, overlap, roi_start = model.config, plan.overlap, plan.roi_start
@@ -341,14 +342,14 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     # are sliced from them.
     features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
                             margin_nm=cfg.context_margin_nm, halo=model.intensity_halo)
-    for tile in tiles:
+    for i, tile in enumerate(tiles):
         probs, maps = _run_tile(model, features, tile, with_attention)
         probs_acc.add(tile, probs, _window(tuple(probs.shape[1:]), overlap))
         for acc, f, att in zip(att_accs, plan.factors, maps):
             lo = [(t.start - o) // k for t, o, k in zip(tile, outer_start, f)]
             acc.add(tuple(slice(a, a + n) for a, n in zip(lo, att.shape[1:])), att,
                     _window(tuple(att.shape[1:]), tuple(o // k for o, k in zip(overlap, f))))
-        yield 1
+        yield Progress(i + 1, len(tiles), "tiles")
 
     inner = tuple(slice(c.start - o, c.stop - o) for c, o in zip(core, real_start))
     region = tuple(slice(c.start - r, c.stop - r) for c, r in zip(core, roi_start))
@@ -404,16 +405,10 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128)
             sink.create(name, shape, dtype, grid, chunks)
         sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes,
                       labels="class index i is label value i + 1; 0 = unlabelled")
-        for index in range(len(plan.blocks)):
-            block = predict_block(model, source, plan, index, dev)
-            while True:
-                try:
-                    next(block)
-                except StopIteration as finished:
-                    results = finished.value
-                    break
-                done += 1
-                yield Progress(done, total, f"block {index + 1}/{len(plan.blocks)}, tile {done}/{total}")
+        for index, (_, _, tiles) in enumerate(plan.blocks):
+            results = yield from within(predict_block(model, source, plan, index, dev), done, total,
+                                        f"block {index + 1}/{len(plan.blocks)}")
+            done += len(tiles)
             for name, region, array in results:
                 sink.write(name, region, array)
         sink.finish()
@@ -427,7 +422,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128)
 
 def predict_to_memory(model, source: FeatureSource, roi=None, **kwargs) -> MemorySink:
     """:func:`predict` run to the end into a :class:`MemorySink`."""
-    return run_to_end(predict(model, source, roi, sink=MemorySink(), **kwargs))
+    return drive(predict(model, source, roi, sink=MemorySink(), **kwargs))
 
 
 def _plan_block(block, roi_start, shape, tile_shape, overlap, align):

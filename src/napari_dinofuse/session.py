@@ -24,20 +24,12 @@ import numpy as np
 from . import defaults
 from .errors import InputError
 from .geometry import Volume
-from .progress import Progress
+from .progress import Progress, cancellable
 
-__all__ = ["CANCELLED", "Session", "SessionSettings", "memory_estimate"]
+__all__ = ["Session", "SessionSettings", "memory_estimate"]
 
 # Whole-volume predictions shown in the viewer live in memory; past this, ask for a region or the CLI.
 MAX_RESULT_BYTES = 4 * 2**30
-
-
-class _Cancelled:
-    def __repr__(self) -> str:
-        return "CANCELLED"
-
-
-CANCELLED = _Cancelled()  # what a cancelled action returns
 
 
 @dataclass
@@ -58,20 +50,7 @@ def memory_estimate(shape, num_classes: int) -> int:
     """Bytes the viewer's result layers take for ``shape``: labels, uncertainty and attention maps."""
     voxels = math.prod(int(n) for n in shape)
     labels = np.dtype(np.min_scalar_type(num_classes)).itemsize
-    return int(voxels * (labels + 2 + 2 * sum(1 / 8 ** k for k in range(4))))
-
-
-def _cancellable(generator: Generator, cancel) -> Generator[Progress, None, object]:
-    """Drive ``generator``; when ``cancel()`` turns true, close it (its cleanup runs here) and return CANCELLED."""
-    while True:
-        if cancel():
-            generator.close()
-            return CANCELLED
-        try:
-            progress = next(generator)
-        except StopIteration as finished:
-            return finished.value
-        yield progress
+    return int(voxels * (labels + 2 + 2 * sum(1 / 8 ** k for k in range(defaults.NUM_LEVELS))))
 
 
 @dataclass
@@ -104,7 +83,7 @@ class Session:
     def extract(self, raw: Volume, context: Volume | None, settings: SessionSettings, cancel=lambda: False
                 ) -> Generator[Progress, None, object]:
         """Load the backbone if needed and extract (or find in the cache) the features of raw and context."""
-        return _cancellable(self._extract(raw, context, settings), cancel)
+        return cancellable(self._extract(raw, context, settings), cancel)
 
     def _extract(self, raw, context, settings):
         if context is not None:
@@ -169,66 +148,34 @@ class Session:
 
         On cancel or error the model from before the call stays in place.
         """
-        return _cancellable(self._fine_tune(raw, context, labels, settings, roi), cancel)
+        return cancellable(self._fine_tune(raw, context, labels, settings, roi), cancel)
 
     def _fine_tune(self, raw, context, labels, settings, roi):
         from .train import find_painted
 
-        painted = find_painted(labels, raw.shape)  # refuse bad labels before any slow work
+        find_painted(labels, raw.shape)  # refuse bad labels before any slow work
         source = yield from self._extract(raw, context, settings)
-        yield from self._train(source, labels, painted, settings)
+        yield from self._train(source, labels, settings)
         return (yield from self._predict(source, settings, roi))
 
-    def _train(self, source, labels, painted, settings):
-        from .train import TrainConfig, Trainer, adapt_classes, model_info, new_model
+    def _train(self, source, labels, settings):
+        from .finetune import NewModel, StartModel, fine_tune
+        from .train import TrainConfig
 
-        reuse = self.model is not None
-        if reuse and not self._fits(source):
-            cfg = self.model.config
-            raise InputError(f"the current model expects {cfg.raw_channels}-channel features"
-                             f"{' and a context' if cfg.fusion != 'none' else ''}, which these features do "
-                             f"not match ({source.channels[0]} channels): use the backbone the model was "
-                             "trained with, or click New to start a new model")
-        if reuse:  # keep what it learnt; on cancel or error put it back exactly as it was
-            model = self.model
-            snapshot = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            old_head, old_config = model.head, model.config
-            adapt_classes(model, max(painted.num_classes, model.config.num_classes), seed=settings.seed)
-        else:
-            model = new_model(source, painted.num_classes, base_channels=settings.base_channels,
-                              fusion=settings.fusion if source.context is not None else "none",
-                              intensity_stem=settings.intensity_stem, seed=settings.seed)
         config = TrainConfig(iterations=settings.iterations, learning_rate=settings.learning_rate,
                              seed=settings.seed, device=settings.device)
-        trainer = Trainer(model, source, labels, config)
-        finished = False
-        try:
-            yield from trainer.run()
-            finished = True
-        finally:
-            if reuse and not finished:
-                model.head, model.config = old_head, old_config
-                model.load_state_dict(snapshot)
-        names = self.class_names[:model.config.num_classes]
-        names += [f"class {k}" for k in range(len(names) + 1, model.config.num_classes + 1)]
-        self.log = [*self.log, *trainer.log] if reuse else list(trainer.log)
-        self.model = model
-        self.info = model_info(model, source, names)
-        self.validation = trainer.best_score
-        return trainer
-
-    def _fits(self, source) -> bool:
-        """Can the current model train on ``source``? (Same feature width; context present if it fuses.)"""
-        cfg = self.model.config
-        raw_channels, context_channels = source.channels
-        if cfg.raw_channels != raw_channels:
-            return False
-        return cfg.fusion == "none" or context_channels == cfg.context_channels
+        new = NewModel(fusion=settings.fusion if source.context is not None else "none",
+                       base_channels=settings.base_channels, intensity_stem=settings.intensity_stem)
+        start = StartModel(self.model, self.info, self.log) if self.model is not None else None
+        # The current model is only replaced once the new one is trained (cancel or error: it stays).
+        result = yield from fine_tune(source, labels, config, new, start, backbone=self.backbone)
+        self.model, self.info, self.log, self.validation = result.model, result.info, result.log, result.validation
+        return result
 
     def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False
                 ) -> Generator[Progress, None, object]:
         """Segment ``roi`` (None: the whole raw) with the current model; returns the sink of layer arrays."""
-        return _cancellable(self._predict_action(raw, context, settings, roi), cancel)
+        return cancellable(self._predict_action(raw, context, settings, roi), cancel)
 
     def _predict_action(self, raw, context, settings, roi):
         if self.model is None:
@@ -241,6 +188,7 @@ class Session:
         return (yield from self._predict(source, settings, roi))
 
     def _predict(self, source, settings, roi):
+        from .finetune import inference_settings
         from .predict import MemorySink, predict, snap_roi
 
         z, y, x = snap_roi(roi, source.raw.shape)
@@ -250,7 +198,7 @@ class Session:
             raise InputError(f"showing a prediction of {shape} voxels takes ~{need / 2**30:.1f} GiB of memory: "
                              "predict the region around the view instead, or run `dinofuse predict`, which "
                              "writes to disk")
-        return (yield from predict(self.model, source, (z, y, x), tile_shape=defaults.PREDICT_TILE,
-                                   overlap=defaults.PREDICT_OVERLAP,
+        tiles = inference_settings(self.info)
+        return (yield from predict(self.model, source, (z, y, x), tile_shape=tiles.tile_shape, overlap=tiles.overlap,
                                    device=settings.device, sink=MemorySink(skip=("probabilities",))))
 

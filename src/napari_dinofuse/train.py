@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import PATCH_SIZE, resolve_device
 from . import __version__, defaults
+from .backbone import PATCH_SIZE, resolve_device
 from .checkpoint import ModelInfo
 from .errors import InputError
 from .features import FeatureSource, TileInputs
@@ -97,13 +97,13 @@ def find_painted(labels, raw_shape, slab: int = 16) -> PaintedLabels:
                          "layer with the raw's shape (e.g. 'New annotation layer')")
     dtype = np.dtype(labels.dtype)
     if dtype.kind not in "iu":
-        raise InputError(f"labels must be integers (0 = unpainted, k = class k), got {dtype}")
+        raise InputError(f"labels must be integers ({defaults.LABEL_CONVENTION}), got {dtype}")
     found: dict[int, list[np.ndarray]] = {}
     for z0 in range(0, shape[0], slab):
         block = labels[z0:z0 + slab]
         block = np.asarray(block.compute() if hasattr(block, "compute") else block)
         if block.min(initial=0) < 0:
-            raise InputError("labels must not be negative (0 = unpainted, k = class k)")
+            raise InputError(f"labels must not be negative ({defaults.LABEL_CONVENTION})")
         idx = np.nonzero(block)
         if not idx[0].size:
             continue

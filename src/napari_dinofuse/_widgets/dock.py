@@ -36,7 +36,8 @@ from .. import defaults
 from ..defaults import default_backbone_spec
 from ..errors import DinofuseError
 from ..geometry import Volume
-from ..session import CANCELLED, Session, SessionSettings
+from ..progress import CANCELLED
+from ..session import Session, SessionSettings
 from .loss_plot import LossPlot
 from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
 
@@ -608,7 +609,10 @@ class DinofuseWidget(QWidget):
             self.status_label.setText(f"{self._job_name} cancelled: the cache and the last good model are intact")
         elif isinstance(result, tuple) and result and result[0] == "loaded":
             self.backbone_edit.setText(result[1])
+            from ..finetune import inference_settings
+
             self.fusion_combo.setCurrentText(self.session.model.config.fusion)
+            self.planes_combo.setCurrentText(inference_settings(self.session.info).planes)
             self.base_spin.setValue(self.session.model.config.base_channels)
             self.status_label.setText(f"model loaded ({self.session.describe_model()})")
         elif isinstance(result, tuple) and result and result[0] == "saved":

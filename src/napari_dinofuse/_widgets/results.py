@@ -6,8 +6,10 @@ share a name is left alone and ours gets napari's next free name.
 
 from __future__ import annotations
 
+from ..defaults import NUM_LEVELS, attention_array, attention_layer
+
 MARK = "napari-dinofuse"
-ATTENTION_LAYERS = [f"attention level {k}" for k in range(1, 5)]
+ATTENTION_LAYERS = [attention_layer(k) for k in range(1, NUM_LEVELS + 1)]
 
 
 def _placement(grid) -> dict:
@@ -40,7 +42,7 @@ def show_prediction(viewer, sink, class_names=()) -> list:
     layers.append(_show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
                         colormap="magma", contrast_limits=(0.0, 1.0), visible=False))
     for k, role in enumerate(ATTENTION_LAYERS, start=1):
-        name = f"attention/level{k}"
+        name = attention_array(k)
         if name in sink.arrays:
             layers.append(_show(viewer, role, "image", sink.arrays[name], sink.grids[name], colormap="inferno",
                                 blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), visible=k == 1))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import NUM_LEVELS
 from ..geometry import Grid, resample
 from .filters import FilterBank, scale_sigmas
 from .fusion import ContextAttentionFusion, norm
@@ -33,7 +34,6 @@ __all__ = ["FUSION_MODES", "NUM_LEVELS", "ContextWindow", "FusedUNet3D", "UNetCo
            "anisotropic_pooling", "count_parameters"]
 
 FUSION_MODES = ("attention", "concat", "none")
-NUM_LEVELS = 4
 ISOTROPIC = ((2, 2, 2),) * NUM_LEVELS
 _Triple = tuple[int, int, int]
 

@@ -1,0 +1,118 @@
+"""The one fine-tuning path of every driver (dock widget, ``dinofuse train``, the demo, the benchmarks).
+
+:func:`fine_tune` builds a new model (or copies a given one and adapts its output heads to the painted
+classes), trains it with :class:`~napari_dinofuse.train.Trainer` and describes it for saving. Drivers only parse
+their input into a :class:`~napari_dinofuse.train.TrainConfig` and :class:`NewModel` and show the progress.
+:func:`inference_settings` is the matching one place that says how a saved model predicts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from . import defaults
+from .checkpoint import ModelInfo, check_backbone_compatible
+from .errors import InputError
+from .features import FeatureSource
+from .modeling.unet import FusedUNet3D
+from .progress import Progress
+from .train import TrainConfig, Trainer, adapt_classes, find_painted, model_info, new_model
+
+__all__ = ["FineTuned", "InferenceSettings", "NewModel", "StartModel", "fine_tune", "inference_settings"]
+
+
+@dataclass(frozen=True)
+class NewModel:
+    """How a new model is built (ignored when fine-tuning an existing one: its own config rules)."""
+
+    fusion: str = "attention"
+    base_channels: int = defaults.BASE_CHANNELS
+    intensity_stem: bool = True
+    context_margin_nm: float | None = defaults.CONTEXT_MARGIN_NM
+    class_names: tuple[str, ...] = ()  # of classes 1, 2, ... ("class k" where missing)
+
+
+class StartModel(NamedTuple):
+    """A model to continue from (loaded from a folder or the session's last one), with its history."""
+
+    model: FusedUNet3D
+    info: ModelInfo
+    log: list
+
+
+@dataclass
+class FineTuned:
+    model: FusedUNet3D
+    info: ModelInfo
+    log: list = field(default_factory=list)  # the start model's training log, then this run's
+    iterations: int = 0  # this run's
+    seconds: float = 0.0
+    loss: float | None = None  # smoothed, at the end
+    validation: float | None = None  # best mIoU on the held-out strokes (None: too few strokes to hold out)
+    stopped_early: bool = False
+
+    def summary(self) -> str:
+        score = ("no held-out strokes to validate on (paint 3 or more strokes per class for a score)"
+                 if self.validation is None else f"held-out strokes mIoU {self.validation:.3f}")
+        loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
+        return (f"trained {self.iterations} iterations in {self.seconds:.0f} s ({loss}{score}"
+                f"{', stopped early' if self.stopped_early else ''})")
+
+
+def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, new: NewModel | None = None,
+              start: StartModel | None = None, backbone=None) -> Generator[Progress, None, FineTuned]:
+    """Train on the painted voxels of ``labels`` (0 = unpainted, k = class k; only read).
+
+    ``start``: continue from this model (never modified: a copy is trained, so a cancelled or failed run
+    leaves it as it was); else a new model per ``new``. ``backbone``: the one the features came from, to warn
+    (as a progress message) when it differs from the start model's. Returns :class:`FineTuned`.
+    """
+    config = config or TrainConfig()
+    painted = find_painted(labels, source.raw.shape)  # refuse bad labels before building anything
+    if start is not None:
+        _require_fits(start.model, source)
+        if backbone is not None:
+            warning = check_backbone_compatible(start.info, str(backbone.spec), backbone.embed_dim)
+            if warning:
+                yield Progress(0, 1, f"warning: {warning}")
+        model = adapt_classes(copy.deepcopy(start.model), max(painted.num_classes, start.model.config.num_classes),
+                              seed=config.seed)
+        names, log = start.info.class_names, list(start.log)
+    else:
+        new = new or NewModel()
+        model = new_model(source, painted.num_classes, base_channels=new.base_channels, fusion=new.fusion,
+                          intensity_stem=new.intensity_stem, seed=config.seed,
+                          context_margin_nm=new.context_margin_nm, tile_shape=config.tile_shape)
+        names, log = new.class_names, []
+    trainer = Trainer(model, source, labels, config)
+    yield from trainer.run()
+    last = trainer.log[-1] if trainer.log else {}
+    return FineTuned(model, model_info(model, source, names), log + trainer.log, len(trainer.log),
+                     last.get("seconds", 0.0), last.get("smoothed"), trainer.best_score, trainer.stopped_early)
+
+
+def _require_fits(model: FusedUNet3D, source: FeatureSource) -> None:
+    cfg = model.config
+    raw_channels, context_channels = source.channels
+    if cfg.raw_channels != raw_channels:
+        raise InputError(f"the model expects {cfg.raw_channels}-channel features but these have {raw_channels}: "
+                         "use the backbone the model was trained with, or start a new model")
+    if cfg.fusion != "none" and context_channels != cfg.context_channels:
+        have = "no context" if context_channels is None else f"{context_channels}-channel context features"
+        raise InputError(f"the model fuses a context ({cfg.context_channels}-channel features) but there is "
+                         f"{have}: give the context it was trained with, or start a new model")
+
+
+class InferenceSettings(NamedTuple):
+    planes: str  # the feature planes the model was trained on: its features must be extracted the same way
+    tile_shape: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+
+
+def inference_settings(info: ModelInfo | None) -> InferenceSettings:
+    """How every driver predicts with a model (tiles are free to choose: predictions do not depend on them)."""
+    planes = info.extra.get("planes", "xy") if info is not None else "xy"
+    return InferenceSettings(planes, defaults.PREDICT_TILE, defaults.PREDICT_OVERLAP)
