@@ -250,6 +250,21 @@ def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what)
     assert "\n" not in str(info.value)
 
 
+def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
+    """Format 3 saved no filter-bank statistics (its banks ran unstandardised): it loads with identity ones."""
+    folder, model = saved
+    weights = folder / "model.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if not k.endswith(("stem.0.mean", "stem.0.std"))}
+    assert len(state) == len(model.state_dict()) - 4  # the raw and the context stem's mean and std
+    save_file(state, weights, metadata={"format": "pt"})
+    _edit_config(folder, format_version=3)
+    loaded, _ = load_model(folder)
+    assert torch.equal(logits(loaded), logits(model))
+    calibrated = make_model()
+    calibrated.intensity_stem[0].std.fill_(2.0)  # the statistics do reach the output
+    assert not torch.equal(logits(calibrated), logits(model))
+
+
 def test_older_unsupported_format(saved):
     folder, _ = saved
     _edit_config(folder, format_version=0, package_version="0.0.1")

@@ -6,6 +6,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 import napari_dinofuse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,18 @@ def test_distribution_metadata_for_the_plugin_manager():
     assert not any(r.startswith(("pyqt", "pyside")) for r in requires), requires
     entry_points = metadata.entry_points(group="napari.manifest")
     assert any(ep.value == "napari_dinofuse:napari.yaml" for ep in entry_points)
+
+
+@pytest.mark.parametrize("modules", [
+    "napari_dinofuse._reader, napari_dinofuse.io",  # opening a file in napari
+    "napari_dinofuse._widgets, napari_dinofuse.session",  # building the dock widget
+    "napari_dinofuse._sample_data",  # napari's sample-data menu
+])
+def test_what_napari_loads_at_start_imports_no_torch(modules):
+    """torch takes seconds to import: napari's start-up and the widget's first paint must not wait for it."""
+    result = _python(f"import sys; import {modules}; print('torch' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_cli_help_lists_subcommands_without_importing_torch():

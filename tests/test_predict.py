@@ -306,20 +306,3 @@ def test_the_context_window_reaches_the_margin(source):
     assert tuple(s.stop - s.start for s in whole) == ctx.shape
     with pytest.raises(InputError, match="margin"):
         source.context_window(target, -5.0)
-
-
-def test_device_blending_equals_the_numpy_accumulator():
-    from napari_dinofuse.predict import _DeviceBlend
-    from napari_dinofuse.tiling import BlendAccumulator, blending_weights
-
-    rng = np.random.default_rng(1)
-    shape, origin = (12, 40, 36), (4, 0, 16)
-    ref, dev = BlendAccumulator(shape, 3, origin=origin), _DeviceBlend(shape, 3, torch.device("cpu"), origin=origin)
-    window = blending_weights((8, 24, 24), (4, 8, 8))
-    for start in [(0, 0, 16), (2, 10, 30), (10, 24, 40), (-4, 30, 8), (14, 0, 16), (60, 0, 0)]:
-        tile = tuple(slice(s, s + n) for s, n in zip(start, window.shape))
-        values = rng.random((3, *window.shape), dtype=np.float32)
-        ref.add(tile, values, window)
-        dev.add(tile, torch.from_numpy(values), window)
-    region = (slice(1, 11), slice(0, 40), slice(3, 30))
-    np.testing.assert_array_equal(dev.result(region), ref.result()[(slice(None), *region)])

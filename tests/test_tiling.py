@@ -1,16 +1,19 @@
+from itertools import product
+
 import numpy as np
 import pytest
+import torch
 
 from napari_dinofuse.errors import GeometryError
 from napari_dinofuse.tiling import (
     BlendAccumulator,
     Block,
+    aligned_tiles,
     blending_weights,
     iter_blocks,
     normalize_roi,
     parse_roi,
     roi_to_str,
-    tile_grid,
 )
 
 # -- blocks -----------------------------------------------------------------------------
@@ -66,39 +69,23 @@ def test_iter_blocks_rejects_bad_arguments(bad):
 # -- tiles ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "shape, tile, overlap",
-    [
-        ((20, 50, 37), (8, 16, 16), (2, 4, 4)),
-        ((16, 16, 16), 16, 4),
-        ((33, 17, 64), (8, 8, 8), 0),
-        ((9, 100, 3), (4, 32, 8), (3, 8, 2)),  # tiles larger than some axes
-    ],
-)
-def test_tile_grid_covers_every_voxel_with_equal_tiles_inside_the_volume(shape, tile, overlap):
-    tiles = tile_grid(shape, tile, overlap)
-    expected_shape = tuple(min(t, n) for t, n in zip(np.broadcast_to(tile, 3), shape))
-    count = np.zeros(shape, dtype=int)
-    for t in tiles:
-        assert all(0 <= s.start and s.stop <= n for s, n in zip(t, shape))
-        assert tuple(s.stop - s.start for s in t) == expected_shape
-        count[t] += 1
-    assert count.min() >= 1
-    # First tile starts at 0, last ends at the edge.
-    assert all(s.start == 0 for s in tiles[0]) and all(s.stop == n for s, n in zip(tiles[-1], shape))
+@pytest.mark.parametrize("length, tile, overlap, align", [(100, 32, 8, 1), (333, 128, 32, 16), (50, 64, 16, 8),
+                                                          (64, 64, 16, 8), (129, 32, 8, 16), (37, 8, 2, 4)])
+def test_tiles_cover_every_voxel_with_aligned_starts_and_the_requested_overlap(length, tile, overlap, align):
+    tiles = aligned_tiles(length, tile, overlap, align)
+    covered = np.zeros(length, int)
+    for start, stop in tiles:
+        assert start % align == 0 and 0 <= start < stop <= length and stop - start <= tile
+        covered[start:stop] += 1
+    assert covered.min() >= 1 and tiles[0][0] == 0 and tiles[-1][1] == length
+    for (_, stop), (start, _) in zip(tiles, tiles[1:]):
+        assert stop - start >= min(overlap, stop - start)  # neighbours overlap by at least the request
+        assert stop - start >= overlap or stop == length
 
 
-def test_tile_grid_neighbours_overlap_by_at_least_the_request():
-    tiles = tile_grid((1, 1, 100), (1, 1, 32), (0, 0, 8))
-    starts = [t[2].start for t in tiles]
-    assert starts[0] == 0 and starts[-1] == 100 - 32
-    gaps = np.diff(starts)
-    assert gaps.max() <= 32 - 8 and gaps.max() - gaps.min() <= 1  # evenly spread
-
-
-def test_tile_grid_rejects_overlap_not_smaller_than_tile():
+def test_tiles_that_cannot_advance_are_refused():
     with pytest.raises(ValueError, match="overlap"):
-        tile_grid((10, 10, 40), (4, 4, 8), (0, 0, 8))
+        aligned_tiles(100, 16, 8, 16)  # one step of 8 voxels cannot land on a 16-voxel grid
 
 
 # -- blending ---------------------------------------------------------------------------
@@ -114,52 +101,50 @@ def test_blending_weights_positive_symmetric_and_one_in_the_middle():
     assert np.all(blending_weights((4, 4, 4), 0) == 1)
 
 
-def _blend(field, tile, overlap, dtype=np.float32):
-    channels = field.shape[0]
-    acc = BlendAccumulator(field.shape[1:], channels, dtype=dtype)
-    for t in tile_grid(field.shape[1:], tile, overlap):
-        w = blending_weights(tuple(s.stop - s.start for s in t), overlap)
-        acc.add(t, field[(slice(None), *t)], w)
-    return acc
+def _blend(field, tile, overlap):
+    acc = BlendAccumulator(field.shape[1:], field.shape[0])
+    per_axis = [aligned_tiles(n, t, o) for n, t, o in zip(field.shape[1:], tile, overlap)]
+    for t in product(*[[slice(a, b) for a, b in axis] for axis in per_axis]):
+        acc.add(t, torch.from_numpy(field[(slice(None), *t)]), blending_weights(tuple(s.stop - s.start for s in t),
+                                                                                 overlap))
+    return acc.result().numpy()
 
 
 def test_blending_reconstructs_a_constant_field():
     field = np.full((2, 13, 40, 29), 0.7, dtype=np.float32)
     field[1] = -3.0
-    acc = _blend(field, (6, 16, 16), (2, 6, 5))
-    assert acc.covered.all()
-    np.testing.assert_allclose(acc.result(), field, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_blend(field, (6, 16, 16), (2, 6, 5)), field, rtol=0, atol=1e-6)
 
 
-def test_blending_reconstructs_a_smooth_field_exactly_when_tiles_agree():
+def test_blending_reconstructs_a_smooth_field_when_tiles_agree():
     z, y, x = np.meshgrid(np.arange(9), np.arange(30), np.arange(21), indexing="ij")
-    field = np.sin(z / 3.0 + y / 7.0)[None] * np.cos(x / 5.0)[None]
-    acc = _blend(field, (4, 12, 10), (2, 4, 3), dtype=np.float64)
-    np.testing.assert_allclose(acc.result(), field, rtol=0, atol=1e-12)
+    field = (np.sin(z / 3.0 + y / 7.0)[None] * np.cos(x / 5.0)[None]).astype(np.float32)
+    np.testing.assert_allclose(_blend(field, (4, 12, 10), (2, 4, 3)), field, rtol=0, atol=1e-6)
 
 
 def test_blending_averages_disagreeing_tiles_with_their_weights():
     acc = BlendAccumulator((1, 1, 6), 1)
-    acc.add((slice(0, 1), slice(0, 1), slice(0, 4)), np.full((1, 1, 1, 4), 1.0), np.full((1, 1, 4), 3.0))
-    acc.add((slice(0, 1), slice(0, 1), slice(2, 6)), np.full((1, 1, 1, 4), 5.0))  # weight 1
-    np.testing.assert_allclose(acc.result()[0, 0, 0], [1, 1, 2, 2, 5, 5])
+    acc.add((slice(0, 1), slice(0, 1), slice(0, 4)), torch.full((1, 1, 1, 4), 1.0), np.full((1, 1, 4), 3.0, np.float32))
+    acc.add((slice(0, 1), slice(0, 1), slice(2, 6)), torch.full((1, 1, 1, 4), 5.0), np.ones((1, 1, 4), np.float32))
+    np.testing.assert_allclose(acc.result()[0, 0, 0].numpy(), [1, 1, 2, 2, 5, 5])
 
 
-def test_accumulator_region_with_origin_clips_tiles_and_fills_uncovered():
+def test_accumulator_region_with_origin_clips_tiles_and_leaves_uncovered_voxels_zero():
     acc = BlendAccumulator((2, 4, 4), 2, origin=(10, 10, 10))
-    values = np.arange(2 * 4 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 4)
-    acc.add((slice(9, 13), slice(8, 12), slice(12, 16)), values)  # partly outside the region
-    acc.add((slice(0, 4), slice(0, 4), slice(0, 4)), values)  # entirely outside: ignored
-    out = acc.result(fill_value=np.nan)
-    np.testing.assert_array_equal(out[:, :, :2, 2:], values[:, 1:3, 2:4, 0:2])
-    assert np.isnan(out[:, :, 2:, :]).all() and np.isnan(out[:, :, :, :2]).all()
-    np.testing.assert_array_equal(acc.covered, ~np.isnan(out[0]))
+    values = torch.arange(1, 2 * 4 * 4 * 4 + 1, dtype=torch.float32).reshape(2, 4, 4, 4)
+    ones = np.ones((4, 4, 4), np.float32)
+    acc.add((slice(9, 13), slice(8, 12), slice(12, 16)), values, ones)  # partly outside the region
+    acc.add((slice(0, 4), slice(0, 4), slice(0, 4)), values, ones)  # entirely outside: ignored
+    out = acc.result().numpy()
+    np.testing.assert_array_equal(out[:, :, :2, 2:], values.numpy()[:, 1:3, 2:4, 0:2])
+    assert (out[:, :, 2:, :] == 0).all() and (out[:, :, :, :2] == 0).all()
+    np.testing.assert_array_equal(acc.result((slice(0, 1), slice(0, 2), slice(2, 4))).numpy(), out[:, :1, :2, 2:])
 
 
 def test_accumulator_rejects_wrong_value_shape():
     acc = BlendAccumulator((4, 4, 4), 3)
     with pytest.raises(ValueError, match="shape"):
-        acc.add((slice(0, 2), slice(0, 2), slice(0, 2)), np.zeros((2, 2, 2, 2)))
+        acc.add((slice(0, 2), slice(0, 2), slice(0, 2)), torch.zeros((2, 2, 2, 2)), np.ones((2, 2, 2), np.float32))
 
 
 # -- ROI strings ------------------------------------------------------------------------
@@ -207,13 +192,3 @@ def test_roi_to_str_keeps_open_ends():
 def test_block_inner_for_hand_built_block():
     b = Block(core=(slice(4, 8),) * 3, outer=(slice(2, 10),) * 3)
     assert b.inner == (slice(2, 6),) * 3
-
-
-def test_tiling_imports_no_torch():
-    import subprocess
-    import sys
-
-    code = "import sys, napari_dinofuse.tiling; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"

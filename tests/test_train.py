@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from napari_dinofuse.backbone import to_unit_range
 from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.errors import InputError
 from napari_dinofuse.features import FeatureSource, compute_features
@@ -226,6 +227,21 @@ def test_a_trained_model_does_not_depend_on_the_tiling(sample, source):
         diff = np.abs(a.arrays[f"attention/level{k}"][crop].astype(np.float32) - b.arrays[f"attention/level{k}"])
         assert diff.max() <= 0.02, (k, diff.max())
     assert (a.arrays["labels"][roi] == b.arrays["labels"]).mean() >= 0.97  # measured 0.981 (BatchNorm: 0.93)
+
+
+def test_a_new_model_standardises_its_filter_responses_over_the_volume(sample, source):
+    """Unstandardised, the responses' variation is a few % of the grey level, which the stem's per-voxel
+    normalisation then keeps alone: the context map became one constant vector."""
+    model = new_model(source, 4, base_channels=4)
+    intensity = source.context_features.signature["intensity"]
+    for bank, volume, (low, high) in [(model.intensity_stem[0], sample.raw, (source.low, source.high)),
+                                      (model.context_encoder.stem[0], sample.context,
+                                       (intensity["low"], intensity["high"]))]:
+        padded = np.pad(np.asarray(volume.data, np.float32), [(h, h) for h in bank.halo], mode="edge")
+        with torch.no_grad():
+            out = bank(to_unit_range(padded, low, high)[None, None])
+        mean, std = out.mean((0, 2, 3, 4)), out.std((0, 2, 3, 4))
+        assert mean.abs().max() < 0.35 and 0.6 < std.min() and std.max() < 1.5, (mean, std)
 
 
 def test_new_classes_replace_only_the_head(source):

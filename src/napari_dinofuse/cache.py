@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import shutil
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .errors import DinofuseError
 
 FORMAT_VERSION = 2  # 2: CRC32C per chunk, CRC-32 + file stats in markers (1 still reads)
@@ -67,16 +67,6 @@ def checksum(block: np.ndarray, kind: str = "crc32") -> str:
     if kind == "blake2b":
         return hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()
     return f"{zlib.crc32(data):08x}"
-
-
-def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _file_stat(path: Path) -> list[int] | None:

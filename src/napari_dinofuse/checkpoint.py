@@ -17,12 +17,10 @@ folder puts it back. Concurrent saves to the *same* folder are not supported.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import fsync_dir, recover, siblings, staging, swap_in
 from .errors import DinofuseError
 from .modeling.unet import FusedUNet3D, UNetConfig
 
@@ -54,7 +53,8 @@ __all__ = [
 # removed keys, new weight layout). New optional keys do not need a bump: readers ignore unknown keys.
 # 2: BatchNorm instead of GroupNorm, a context branch at the context's resolution, anisotropic pooling.
 # 3: per-voxel ChannelNorm instead of BatchNorm, a per-voxel head on the first level.
-FORMAT_VERSION = 3
+# 4: the stems' filter banks standardise their responses (saved statistics; format 3 ran them raw: identity).
+FORMAT_VERSION = 4
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
 
@@ -64,6 +64,7 @@ _RETIRED = {
     2: "a BatchNorm UNet whose inference statistics did not match what its few training tiles showed",
 }
 
+_BANK_STATISTICS = ("stem.0.mean", "stem.0.std")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "training_log.json"
@@ -214,17 +215,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes renames/creations in the directory durable; directories cannot be opened on Windows.
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
     with open(path, "w", encoding="utf-8") as f:
@@ -233,27 +223,8 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _siblings(folder: Path, kind: str) -> list[Path]:
-    pattern = f".{glob.escape(folder.name)}.{kind}-*"
-    return sorted(folder.parent.glob(pattern), key=lambda p: p.stat().st_mtime)
-
-
-def _recover_interrupted_save(folder: Path) -> Path:
-    """Put back a previous model left aside by a save that died between its two renames.
-
-    Returns the folder to read from (the aside copy itself if it cannot be moved back, e.g. on a
-    read-only share).
-    """
-    if folder.exists():
-        return folder
-    aside = [p for p in _siblings(folder, "old") if (p / CONFIG_FILE).is_file()]
-    if not aside:
-        return folder
-    try:
-        os.replace(aside[-1], folder)
-    except OSError:
-        return aside[-1]
-    return folder
+def _complete(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file()
 
 
 def is_model_folder(folder: str | os.PathLike) -> bool:
@@ -280,7 +251,7 @@ def save_model(
     info = dataclasses.replace(info, package_version=__version__)
     config = info.to_dict()  # fails early (before touching disk) on non-JSON-able extra
 
-    _recover_interrupted_save(folder)
+    recover(folder, _complete)
     if folder.exists():
         if not folder.is_dir():
             raise CheckpointError(f"cannot save a model to {folder}: it is a file")
@@ -291,12 +262,10 @@ def save_model(
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of earlier crashed saves to this folder (all hidden, so never taken for models).
-    for stale in _siblings(folder, "tmp") + _siblings(folder, "old"):
+    for stale in siblings(folder, "tmp"):
         shutil.rmtree(stale, ignore_errors=True)
 
-    tag = uuid.uuid4().hex[:8]
-    tmp = folder.with_name(f".{folder.name}.tmp-{tag}")
-    old = folder.with_name(f".{folder.name}.old-{tag}")
+    tmp = staging(folder)
     tmp.mkdir()
     try:
         # safetensors wants contiguous CPU tensors; detach so no autograd state is kept alive.
@@ -306,23 +275,11 @@ def save_model(
         _fsync_file(tmp / WEIGHTS_FILE)
         _write_json(tmp / LOG_FILE, list(training_log or []))
         _write_json(tmp / CONFIG_FILE, config)
-        _fsync_dir(tmp)
-
-        had_previous = folder.exists()
-        if had_previous:
-            os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except BaseException:
-            if had_previous:
-                os.replace(old, folder)  # roll back to the previous model
-            raise
-        _fsync_dir(folder.parent)
+        fsync_dir(tmp)
+        swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if had_previous:
-        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
@@ -338,7 +295,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
-def _check_format(config: Mapping[str, Any], folder: Path) -> None:
+def _check_format(config: Mapping[str, Any], folder: Path) -> int:
     version = config.get("format_version")
     writer = config.get("package_version", "an unknown version")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -363,6 +320,7 @@ def _check_format(config: Mapping[str, Any], folder: Path) -> None:
             f"napari-dinofuse {__version__} no longer reads (oldest: {MIN_FORMAT_VERSION}): use napari-dinofuse "
             f"{writer} to predict with it, or re-train it with this version"
         )
+    return version
 
 
 def _list(keys, limit: int = 5) -> str:
@@ -395,7 +353,7 @@ def _check_weights(model: FusedUNet3D, state: Mapping[str, torch.Tensor], folder
 
 def _open_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder).expanduser()
-    folder = _recover_interrupted_save(folder.absolute())
+    folder = recover(folder.absolute(), _complete)
     if not folder.is_dir():
         raise CheckpointError(f"not a dinofuse model folder: {folder} (no such folder)")
     return folder
@@ -411,7 +369,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     config = _read_json(folder / CONFIG_FILE)
     if not isinstance(config, Mapping):
         raise CheckpointError(f"corrupt {CONFIG_FILE} in {folder}: not a JSON object; re-save or re-train it")
-    _check_format(config, folder)
+    version = _check_format(config, folder)
     try:
         info = ModelInfo.from_dict(config)
     except (TypeError, ValueError) as exc:
@@ -424,6 +382,9 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             f"cannot read {WEIGHTS_FILE} in {folder}: {exc}; the file is damaged, re-save or re-train it"
         ) from None
     model = FusedUNet3D(info.unet)
+    if version < 4:  # its filter banks ran unstandardised: the identity statistics a new bank starts with
+        defaults = model.state_dict()
+        state = {**{k: v for k, v in defaults.items() if k.endswith(_BANK_STATISTICS)}, **state}
     _check_weights(model, state, folder)
     model.load_state_dict(state, strict=True)
     model.to(device)

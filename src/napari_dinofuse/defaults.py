@@ -20,6 +20,7 @@ NUM_LEVELS = 4  # UNet encoder levels: one context gate (and one attention map) 
 VOLUME_SUFFIXES = (".zarr", ".tif", ".tiff", ".npy")  # what `open_volume` and the napari reader read
 PREDICTION_KIND = "napari-dinofuse prediction"  # the `dinofuse.kind` attribute that marks a prediction store
 LABEL_CONVENTION = "0 = unpainted, k = class k"  # painted labels, on the raw grid
+PREDICTION_LABELS = "class index i is label value i + 1; 0 = unlabelled"  # written into every prediction store
 
 
 def attention_array(k: int) -> str:

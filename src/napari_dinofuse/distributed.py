@@ -26,6 +26,7 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .defaults import PREDICTION_LABELS
 from .errors import InputError
 from .progress import Progress, drive
 
@@ -155,7 +156,7 @@ def predict_task(job: Job, index: int) -> float:
     """Compute block ``index`` and write it, then its completion record; returns the seconds it took."""
     import time
 
-    from .cache import atomic_write_text
+    from .atomic import atomic_write_text
     from .predict import predict_block
 
     record = Path(job.out) / ".blocks" / f"{index:07d}"
@@ -179,7 +180,7 @@ def prepare_output(job: Job, plan) -> set[int]:
     returns the blocks already done."""
     import zarr
 
-    from .predict import ZarrSink, create_ome_image
+    from .predict import ZarrSink, create_ome_image, require_group
 
     out = Path(job.out)
     attrs = {}
@@ -193,14 +194,11 @@ def prepare_output(job: Job, plan) -> set[int]:
         shutil.rmtree(out)  # an earlier prediction of another job
     root = zarr.open_group(str(out), mode="w", zarr_format=3)
     for name, shape, dtype, grid, chunks in plan.outputs():
-        group = root
-        for part in name.split("/"):
-            group = group.require_group(part)
-        create_ome_image(group, name, shape, dtype, grid, chunks)
+        create_ome_image(require_group(root, name), name, shape, dtype, grid, chunks)
     (out / ".blocks").mkdir()
     root.attrs["dinofuse"] = {"kind": ZarrSink.KIND, "outputs": [o[0] for o in plan.outputs()], "job": job.key,
                               "blocks": len(plan.blocks), "complete": False, "num_classes": plan.num_classes,
-                              "labels": "class index i is label value i + 1; 0 = unlabelled"}
+                              "labels": PREDICTION_LABELS}
     return set()
 
 

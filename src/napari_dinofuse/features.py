@@ -303,6 +303,22 @@ class BlockFeatures:
         return TileInputs(raw[None], context, image)
 
 
+def sample_images(volume: Volume, low: float, high: float, halo, count: int = 8, shape=(16, 128, 128),
+                  seed: int = 0) -> list[torch.Tensor]:
+    """``count`` blocks of ``shape`` (clipped to the volume) at random places, deterministic, as (1, 1, z, y, x)
+    intensities in [0, 1] with ``halo`` voxels of neighbouring data (edge-padded beyond the volume): what a
+    model's filter banks are calibrated on (:meth:`~napari_dinofuse.modeling.filters.FilterBank.calibrate`)."""
+    shape = np.minimum(shape, volume.shape)
+    rng = np.random.default_rng(seed)
+    halo = np.asarray(halo, int)
+    images = []
+    for _ in range(count):
+        start = rng.integers(0, np.asarray(volume.shape) - shape + 1)
+        block = _read_padded(volume.data, start - halo, start + shape + halo)
+        images.append(to_unit_range(block, low, high)[None, None])
+    return images
+
+
 def _read_padded(data, start, stop) -> np.ndarray:
     """``data[start:stop]`` (3D); voxels outside the volume repeat its nearest edge (``np.pad(mode="edge")``)."""
     shape = np.array(data.shape)

@@ -30,9 +30,7 @@ aside and swapped in only when complete, so a cancelled or crashed run never loo
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,14 +40,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import recover, staging, swap_in
 from .backbone import PATCH_SIZE, resolve_device
-from .defaults import NUM_LEVELS, PREDICTION_KIND, attention_array
+from .defaults import NUM_LEVELS, PREDICTION_KIND, PREDICTION_LABELS, attention_array
 from .errors import DinofuseError, InputError
 from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
 from .modeling.unet import UNetConfig
 from .progress import Progress, drive, within
-from .tiling import blending_weights, ints3, iter_blocks, normalize_roi, parse_roi, roi_to_str, tile_overlap
+from .tiling import (
+    BlendAccumulator,
+    aligned_tiles,
+    blending_weights,
+    ints3,
+    iter_blocks,
+    normalize_roi,
+    parse_roi,
+    roi_to_str,
+)
 
 __all__ = ["MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
@@ -80,19 +88,6 @@ def snap_roi(roi, shape) -> _Slices:
 
 def _round_up(values, multiples) -> tuple[int, int, int]:
     return tuple(-(-v // m) * m for v, m in zip(values, multiples))
-
-
-def _aligned_tiles(length: int, tile: int, overlap: int, align: int) -> list[tuple[int, int]]:
-    """(start, stop) of tiles covering 0..length, starts multiples of ``align``, neighbours overlapping
-    by >= ``overlap``; the last tile is clipped at ``length`` (the UNet pads any size)."""
-    if length <= tile:
-        return [(0, length)]
-    step = (tile - overlap) // align * align
-    span = -(-(length - tile) // align) * align  # last start: aligned, and its tile reaches `length`
-    count = -(-span // step) + 1
-    # Evenly spread, each start floored onto the grid: consecutive starts differ by <= step.
-    starts = [(i * span // (count - 1)) // align * align for i in range(count)]
-    return [(s, min(s + tile, length)) for s in starts]
 
 
 def _label_dtype(num_classes: int) -> np.dtype:
@@ -153,6 +148,14 @@ def create_ome_image(group, name: str, shape, dtype, grid: Grid, chunks):
     return array
 
 
+def require_group(root, name: str):
+    """The group ``name`` ("labels", "attention/level1") under ``root``, with explicit intermediate groups."""
+    group = root
+    for part in name.split("/"):
+        group = group.require_group(part)
+    return group
+
+
 class ZarrSink:
     """An OME-Zarr (v0.5, zarr v3) output folder: one single-level image group per output.
 
@@ -176,15 +179,8 @@ class ZarrSink:
         self._root = None
         self._arrays: dict = {}
         self.complete = False
-        self._recover()
+        recover(self.path)
         self._check_replaceable()
-
-    def _recover(self) -> None:
-        for old in sorted(self.path.parent.glob(f".{self.path.name}.old-*")):
-            if not self.path.exists():
-                os.replace(old, self.path)
-            else:  # the swap finished but the delete did not
-                shutil.rmtree(old, ignore_errors=True)
 
     def _check_replaceable(self) -> None:
         if not self.path.exists():
@@ -204,13 +200,10 @@ class ZarrSink:
 
         if self._root is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._partial = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:12]}"
+            self._partial = staging(self.path, "partial")
             self._root = zarr.open_group(str(self._partial), mode="w", zarr_format=3)
             self._root.attrs["dinofuse"] = {"kind": self.KIND, "outputs": []}
-        group = self._root
-        for part in name.split("/"):  # explicit intermediate groups (attention/)
-            group = group.require_group(part)
-        return group
+        return require_group(self._root, name)
 
     def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
         chunks = chunks if chunks is not None else (1,) * (len(shape) - 3) + self.chunks
@@ -231,15 +224,9 @@ class ZarrSink:
             raise DinofuseError("nothing was written: create outputs before finishing")
         self._check_replaceable()  # something else may have appeared there during the run
         self._root, self._arrays = None, {}
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(self.path, old)
-        os.replace(self._partial, self.path)
+        swap_in(self._partial, self.path)
         self._partial = None
         self.complete = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         self._root, self._arrays = None, {}
@@ -334,10 +321,10 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     outer_shape = [s.stop - s.start for s in outer]
     real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
     # Blending happens on the device: a tile's probabilities never leave it, only the block's result does.
-    probs_acc = _DeviceBlend([s.stop - a for s, a in zip(outer, real_start)], plan.num_classes, dev,
+    probs_acc = BlendAccumulator([s.stop - a for s, a in zip(outer, real_start)], plan.num_classes, dev,
                              origin=real_start)
     # Level-k coordinates relative to the outer start (both lie on the level grid).
-    att_accs = [_DeviceBlend([-(-n // k) for n, k in zip(outer_shape, f)], 1, dev) for f in plan.factors]
+    att_accs = [BlendAccumulator([-(-n // k) for n, k in zip(outer_shape, f)], 1, dev) for f in plan.factors]
     # The block's features (and one context window around it) are read once and kept on the device; tiles
     # are sliced from them.
     features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
@@ -404,7 +391,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128)
         for name, shape, dtype, grid, chunks in plan.outputs():
             sink.create(name, shape, dtype, grid, chunks)
         sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes,
-                      labels="class index i is label value i + 1; 0 = unlabelled")
+                      labels=PREDICTION_LABELS)
         for index, (_, _, tiles) in enumerate(plan.blocks):
             results = yield from within(predict_block(model, source, plan, index, dev), done, total,
                                         f"block {index + 1}/{len(plan.blocks)}")
@@ -434,40 +421,9 @@ def _plan_block(block, roi_start, shape, tile_shape, overlap, align):
         start = r + (o.start - r) // a * a
         stop = min(n, r + -(-(o.stop - r) // a) * a)
         outer.append(slice(start, stop))
-        tiles = [(start + lo, start + hi) for lo, hi in _aligned_tiles(stop - start, t, ov, a)]
+        tiles = [(start + lo, start + hi) for lo, hi in aligned_tiles(stop - start, t, ov, a)]
         per_axis.append([slice(lo, hi) for lo, hi in tiles if lo < c.stop and hi > c.start])
     return block.core, tuple(outer), list(product(*per_axis))
-
-
-class _DeviceBlend:
-    """:class:`~napari_dinofuse.tiling.BlendAccumulator`'s weighted average, held in torch on ``device``.
-
-    Same float32 arithmetic in the same order (``sum += values * w``, ``weight += w``, ``sum / weight``),
-    so it gives the same result; tiles' outputs need not be copied to the host.
-    """
-
-    def __init__(self, shape, channels: int, device: torch.device, origin=(0, 0, 0)):
-        self.shape, self.origin = tuple(int(n) for n in shape), tuple(int(o) for o in origin)
-        self._sum = torch.zeros((channels, *self.shape), dtype=torch.float32, device=device)
-        self._weight = torch.zeros(self.shape, dtype=torch.float32, device=device)
-        self._windows: dict = {}
-
-    def add(self, tile_slices, values: torch.Tensor, weights: np.ndarray) -> None:
-        overlap = tile_overlap(tile_slices, self.origin, self.shape)
-        if overlap is None:
-            return  # tile lies outside this region
-        src, dst = overlap
-        key = id(weights)  # _window's arrays are cached, so one upload per window shape
-        if key not in self._windows:
-            self._windows[key] = (weights, torch.from_numpy(weights).to(self._sum.device))
-        w = self._windows[key][1][src]
-        self._sum[(slice(None), *dst)] += values[(slice(None), *src)] * w
-        self._weight[dst] += w
-
-    def result(self, region) -> torch.Tensor:
-        """``sum(w * values) / sum(w)`` (0 where nothing was added) over ``region``, float32 on the device."""
-        s, w = self._sum[(slice(None), *region)], self._weight[tuple(region)]
-        return torch.where(w > 0, s / w, torch.zeros((), dtype=s.dtype, device=s.device))
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:

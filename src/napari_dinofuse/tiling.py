@@ -1,19 +1,18 @@
-"""Splitting (z, y, x) volumes into blocks and tiles; numpy only.
+"""Splitting (z, y, x) volumes into blocks and tiles, and blending overlapping tiles.
 
 Two decompositions, for two jobs:
 
 * **Blocks** (:func:`iter_blocks`): non-overlapping *cores* that partition a region exactly, each
   grown by a halo of context into an *outer* block. A blockwise (e.g. dask) run reads ``outer``,
   computes, and writes only ``inner`` of its result into ``core``, so no voxel is written twice.
-* **Tiles** (:func:`tile_grid`): equal-sized, overlapping windows for sliding-window inference.
-  Overlapping predictions are blended with a weight window that falls off towards tile faces,
-  where a network sees the least context::
+* **Tiles** (:func:`aligned_tiles`, per axis): overlapping windows for sliding-window inference, their starts
+  on a grid (the UNet's deepest level, the patch grid). Overlapping predictions are blended with a weight
+  window that falls off towards tile faces (:func:`blending_weights`), in :class:`BlendAccumulator`::
 
-      acc = BlendAccumulator(shape, channels)
-      w = blending_weights(tile_shape, overlap)
-      for tile in tile_grid(shape, tile_shape, overlap):
-          acc.add(tile, predict(volume[tile]), w)   # sum(w * pred) and sum(w)
-      out = acc.result()                           # sum(w * pred) / sum(w)
+      acc = BlendAccumulator(shape, channels, device)
+      for tile in tiles:
+          acc.add(tile, predict(volume[tile]), blending_weights(tile_shape, overlap))  # sum(w * p), sum(w)
+      out = acc.result(region)                                                        # sum(w * p) / sum(w)
 
   Because every weight is strictly positive, every covered voxel gets a well-defined average,
   including voxels at the volume edge that only one tile covers.
@@ -28,18 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .errors import GeometryError
 
 __all__ = [
     "BlendAccumulator",
     "Block",
+    "aligned_tiles",
     "blending_weights",
     "iter_blocks",
     "normalize_roi",
     "parse_roi",
     "roi_to_str",
-    "tile_grid",
     "tile_overlap",
 ]
 
@@ -182,33 +182,19 @@ def iter_blocks(shape, block_shape, halo=0, roi: Sequence[slice] | None = None) 
 # -- overlapping tiles ------------------------------------------------------------------
 
 
-def _tile_starts(n: int, tile: int, overlap: int, axis: str) -> list[int]:
-    if n <= tile:
-        return [0]  # one tile, clipped to the volume
-    if overlap >= tile:
-        raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile}) along {axis}")
-    step = tile - overlap
-    count = -(-(n - tile) // step) + 1
-    span = n - tile
-    # Evenly spread, first at 0 and last ending at the volume edge; spacing <= step, so
-    # neighbours overlap by at least `overlap`. Integer rounding keeps this exact and portable.
-    return [(i * span + (count - 1) // 2) // (count - 1) for i in range(count)]
-
-
-def tile_grid(shape, tile_shape, overlap=0) -> list[Slices3]:
-    """Overlapping tiles of ``tile_shape`` (clipped to smaller volumes) covering ``shape``.
-
-    No tile hangs outside the volume, so every tile has the same shape
-    (``min(tile_shape, shape)`` per axis) and a model sees no padding it was not trained on.
-    """
-    shape = _shape3(shape)
-    tile_shape = ints3(tile_shape, "tile_shape", 1)
-    overlap = ints3(overlap, "overlap", 0)
-    per_axis = []
-    for n, t, o, axis in zip(shape, tile_shape, overlap, _AXES):
-        size = min(t, n)
-        per_axis.append([slice(s, s + size) for s in _tile_starts(n, t, o, axis)])
-    return [(z, y, x) for z in per_axis[0] for y in per_axis[1] for x in per_axis[2]]
+def aligned_tiles(length: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of tiles covering 0..length, starts multiples of ``align``, neighbours overlapping
+    by >= ``overlap``; the last tile is clipped at ``length`` (the UNet pads any size)."""
+    if length <= tile:
+        return [(0, length)]
+    step = (tile - overlap) // align * align
+    if step < 1:
+        raise ValueError(f"tile {tile} minus overlap {overlap} must leave at least one step of {align} voxels")
+    span = -(-(length - tile) // align) * align  # last start: aligned, and its tile reaches `length`
+    count = -(-span // step) + 1
+    # Evenly spread, each start floored onto the grid: consecutive starts differ by <= step.
+    starts = [(i * span // (count - 1)) // align * align for i in range(count)]
+    return [(s, min(s + tile, length)) for s in starts]
 
 
 def _window_1d(size: int, overlap: int, eps: float) -> np.ndarray:
@@ -228,7 +214,7 @@ def blending_weights(tile_shape, overlap, dtype=np.float32, eps: float = 1e-3) -
     """Separable weight window of ``tile_shape``: raised-cosine ramps over ``overlap`` voxels
     at each face, 1 in the middle, and at least ``eps`` per axis (so > 0 everywhere).
 
-    Pass the actual tile shape (``tile_grid`` clips tiles to small volumes).
+    Pass the actual tile shape (the last tile along an axis may be clipped).
     """
     tile_shape = ints3(tile_shape, "tile_shape", 1)
     overlap = ints3(overlap, "overlap", 0)
@@ -253,58 +239,39 @@ def tile_overlap(tile_slices, origin, shape):
 
 
 class BlendAccumulator:
-    """Weighted average of overlapping tile predictions over one region.
+    """Weighted average of overlapping tile outputs over one region, held in torch on ``device`` (a tile's
+    output need not leave the GPU).
 
-    Holds ``sum(w * pred)`` as ``(channels, *shape)`` and ``sum(w)`` as ``shape``; memory is
-    bounded by the region, not the volume. ``origin`` places the region in volume coordinates so
-    a blockwise run can accumulate just its outer block while adding tiles in global slices;
-    parts of a tile outside the region are ignored.
+    Holds ``sum(w * values)`` as ``(channels, *shape)`` and ``sum(w)`` as ``shape``; memory is bounded by the
+    region, not the volume. ``origin`` places the region in volume coordinates, so a block accumulates just
+    its outer region while tiles are added in volume slices; parts of a tile outside the region are ignored.
     """
 
-    def __init__(self, shape, channels: int, dtype=np.float32, origin=(0, 0, 0)) -> None:
-        self.shape = _shape3(shape)
-        self.origin = ints3(origin, "origin", 0)
-        if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
-            raise ValueError(f"channels must be a positive integer, got {channels!r}")
-        self.channels = int(channels)
-        self.dtype = np.dtype(dtype)
-        self._sum = np.zeros((self.channels, *self.shape), dtype=self.dtype)
-        self._weight = np.zeros(self.shape, dtype=self.dtype)
+    def __init__(self, shape, channels: int, device="cpu", origin=(0, 0, 0)):
+        self.shape, self.origin = _shape3(shape), ints3(origin, "origin", 0)
+        self._sum = torch.zeros((channels, *self.shape), dtype=torch.float32, device=device)
+        self._weight = torch.zeros(self.shape, dtype=torch.float32, device=device)
+        self._windows: dict = {}
 
-    def add(self, tile_slices: Sequence[slice], values, weights=None) -> None:
-        """Add ``values`` ``(C, *tile)`` for the tile at ``tile_slices`` (volume coordinates).
-
-        ``weights``: the tile's window (e.g. :func:`blending_weights`), broadcastable to the
-        tile; None means uniform weights. Weights must be > 0 for the average to be defined.
-        """
-        tile_slices = tuple(tile_slices)
-        if len(tile_slices) != 3 or any(s.start is None or s.stop is None for s in tile_slices):
-            raise ValueError(f"tile_slices must be 3 slices with explicit bounds, got {tile_slices!r}")
+    def add(self, tile_slices, values: torch.Tensor, weights: np.ndarray) -> None:
+        """Add ``values`` (C, *tile) for the tile at ``tile_slices`` with the window ``weights`` (*tile, > 0)."""
         tile_shape = _slices_shape(tile_slices)
-        values = np.asarray(values)
-        if values.shape != (self.channels, *tile_shape):
-            raise ValueError(f"values must have shape {(self.channels, *tile_shape)}, got {values.shape}")
-        weights = np.broadcast_to(np.ones((), self.dtype) if weights is None else np.asarray(weights), tile_shape)
-
+        if tuple(values.shape) != (self._sum.shape[0], *tile_shape) or weights.shape != tile_shape:
+            raise ValueError(f"values must have shape {(self._sum.shape[0], *tile_shape)} and weights "
+                             f"{tile_shape}, got {tuple(values.shape)} and {weights.shape}")
         overlap = tile_overlap(tile_slices, self.origin, self.shape)
         if overlap is None:
             return  # tile lies outside this region
         src, dst = overlap
-        w = weights[src].astype(self.dtype, copy=False)
-        self._sum[(slice(None), *dst)] += np.multiply(values[(slice(None), *src)], w, dtype=self.dtype)
+        key = id(weights)  # windows are reused across tiles: one upload per window
+        if key not in self._windows:
+            self._windows[key] = (weights, torch.from_numpy(weights).to(self._sum.device))
+        w = self._windows[key][1][src]
+        self._sum[(slice(None), *dst)] += values[(slice(None), *src)] * w
         self._weight[dst] += w
 
-    @property
-    def weight_sum(self) -> np.ndarray:
-        return self._weight
-
-    @property
-    def covered(self) -> np.ndarray:
-        """Voxels at least one tile with positive weight reached."""
-        return self._weight > 0
-
-    def result(self, fill_value: float = 0.0) -> np.ndarray:
-        """``sum(w * pred) / sum(w)`` as ``(C, *shape)``; ``fill_value`` where nothing was added."""
-        out = np.full(self._sum.shape, fill_value, dtype=self.dtype)
-        np.divide(self._sum, self._weight, out=out, where=self._weight > 0)
-        return out
+    def result(self, region=None) -> torch.Tensor:
+        """``sum(w * values) / sum(w)`` (0 where nothing was added) over ``region`` (default: all), float32."""
+        region = tuple(region) if region is not None else (slice(None),) * 3
+        s, w = self._sum[(slice(None), *region)], self._weight[region]
+        return torch.where(w > 0, s / w, torch.zeros((), dtype=s.dtype, device=s.device))

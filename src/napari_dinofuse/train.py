@@ -26,7 +26,7 @@ from . import __version__, defaults
 from .backbone import PATCH_SIZE, resolve_device
 from .checkpoint import ModelInfo
 from .errors import InputError
-from .features import FeatureSource, TileInputs
+from .features import FeatureSource, TileInputs, sample_images
 from .geometry import Grid
 from .modeling.filters import scale_sigmas
 from .modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling
@@ -176,7 +176,23 @@ def new_model(source: FeatureSource, num_classes: int, base_channels: int = defa
         raise InputError(str(exc)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return FusedUNet3D(config)
+        model = FusedUNet3D(config)
+    calibrate_stems(model, source)
+    return model
+
+
+def calibrate_stems(model: FusedUNet3D, source: FeatureSource) -> None:
+    """Set the stems' filter-bank statistics from blocks spread over the raw and the context (see
+    :mod:`~napari_dinofuse.modeling.filters`). Only for a new model: a trained one keeps the statistics its
+    weights were fitted to."""
+    if model.intensity_stem is not None:
+        bank = model.intensity_stem[0]
+        bank.calibrate(sample_images(source.raw, source.low, source.high, bank.halo))
+    encoder = model.context_encoder
+    if encoder is not None and encoder.stem is not None:
+        bank = encoder.stem[0]
+        intensity = source.context_features.signature["intensity"]
+        bank.calibrate(sample_images(source.context, intensity["low"], intensity["high"], bank.halo))
 
 
 def _window_shape(source: FeatureSource, tile_shape, margin_nm) -> tuple[int, int, int]:

@@ -3,7 +3,11 @@
 What an ilastik-style random forest sees (smoothed intensity, Laplacian of Gaussian, gradient magnitude at a
 few scales), computed in torch on the tile's device. A stem learning its first filters from a few painted
 strokes starts far behind a forest that is handed these; given them, it starts level and can go further.
-Nothing here is learned and nothing is saved with a model (the sigmas are in its config).
+Nothing here is learned. Each response is standardised with its mean and spread over the volume, measured
+once when a model is created (:meth:`FilterBank.calibrate`) and saved with it: without that, a response's
+variation is a few percent of the grey level it rides on, and the per-voxel normalisation that follows the stem
+keeps the grey level and loses the rest. The statistics are fixed, never per tile or per batch, so predictions do
+not depend on the tiling and training computes what inference does.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class FilterBank(nn.Module):
     """(B, 1, Z, Y, X) intensities -> (B, 1 + 3 * len(sigmas), Z', Y', X') filter responses.
 
     Channels: the intensity, then per sigma the Gaussian-smoothed intensity, its Laplacian and its gradient
-    magnitude (central differences), each scaled to be O(1) on [0, 1] data. The input must carry ``halo``
+    magnitude (central differences), each standardised with the volume's statistics (:meth:`calibrate`). The input must carry ``halo``
     extra voxels on each side of each axis (real neighbouring data, so a tile's responses do not depend on
     where the tile ends); the output is cropped to the inner part.
     """
@@ -54,6 +58,17 @@ class FilterBank(nn.Module):
         # +1: the central differences read one voxel further.
         self.halo = tuple(max(len(axes[a]) // 2 for axes in kernels) + 1 for a in range(3))
         self.channels = 1 + 3 * len(self.sigmas)
+        # Per-channel statistics of the responses over the volume (identity until calibrated).
+        self.register_buffer("mean", torch.zeros(self.channels))
+        self.register_buffer("std", torch.ones(self.channels))
+
+    @torch.no_grad()
+    def calibrate(self, images) -> None:
+        """Measure the responses' mean and spread over ``images``: (1, 1, Z, Y, X) tensors with the halo, e.g.
+        blocks spread over the volume. Responses that hardly vary (noise-free blocks) are not blown up."""
+        responses = torch.cat([self._responses(image.float()).flatten(2)[0] for image in images], dim=1)
+        self.mean.copy_(responses.mean(1))
+        self.std.copy_(responses.std(1).clamp_min(1e-3))
 
     def _smooth(self, x: torch.Tensor, i: int) -> torch.Tensor:
         for a in range(3):
@@ -68,6 +83,10 @@ class FilterBank(nn.Module):
         return x
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        return (self._responses(image) - self.mean.view(shape).to(image.dtype)) / self.std.view(shape).to(image.dtype)
+
+    def _responses(self, image: torch.Tensor) -> torch.Tensor:
         h = self.halo
         inner = (slice(None), slice(None), *(slice(n, s - n) for n, s in zip(h, image.shape[2:])))
         out = [image[inner]]
