@@ -18,7 +18,6 @@ from napari_dinofuse.checkpoint import (
     read_training_log,
     save_model,
 )
-from napari_dinofuse.errors import DinofuseError
 from napari_dinofuse.geometry import Grid
 from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
 from napari_dinofuse.modeling.unet import ContextWindow
@@ -204,10 +203,6 @@ def test_process_death_between_renames_is_recovered(saved):
 # -- errors -----------------------------------------------------------------------------
 
 
-def test_checkpoint_error_is_user_actionable():
-    assert issubclass(CheckpointError, DinofuseError)
-
-
 def test_missing_folder_and_missing_files(tmp_path, saved):
     with pytest.raises(CheckpointError, match="not a dinofuse model folder: .*no such folder"):
         load_model(tmp_path / "nope")
@@ -251,18 +246,21 @@ def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what)
 
 
 def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
-    """Format 3 saved no filter-bank statistics (its banks ran unstandardised): it loads with identity ones."""
+    """Format 3 saved no input statistics (its inputs ran unstandardised): it loads with identity ones."""
     folder, model = saved
     weights = folder / "model.safetensors"
-    state = {k: v for k, v in load_file(weights).items() if not k.endswith(("stem.0.mean", "stem.0.std"))}
-    assert len(state) == len(model.state_dict()) - 4  # the raw and the context stem's mean and std
+    statistics = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
+    state = {k: v for k, v in load_file(weights).items() if not k.endswith(statistics)}
+    assert len(state) == len(model.state_dict()) - 6  # the two stems' and the context features' statistics
     save_file(state, weights, metadata={"format": "pt"})
     _edit_config(folder, format_version=3)
     loaded, _ = load_model(folder)
     assert torch.equal(logits(loaded), logits(model))
     calibrated = make_model()
-    calibrated.intensity_stem[0].std.fill_(2.0)  # the statistics do reach the output
-    assert not torch.equal(logits(calibrated), logits(model))
+    for stats in (calibrated.intensity_stem[0].std, calibrated.context_encoder.feature_std):
+        stats.fill_(2.0)  # the statistics do reach the output
+        assert not torch.equal(logits(calibrated), logits(model))
+        stats.fill_(1.0)
 
 
 def test_older_unsupported_format(saved):

@@ -9,6 +9,7 @@ from napari_dinofuse.backbone import to_unit_range
 from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.errors import InputError
 from napari_dinofuse.features import FeatureSource, compute_features
+from napari_dinofuse.finetune import NewModel, StartModel, fine_tune
 from napari_dinofuse.geometry import resample
 from napari_dinofuse.predict import predict_to_memory
 from napari_dinofuse.progress import drive
@@ -242,6 +243,11 @@ def test_a_new_model_standardises_its_filter_responses_over_the_volume(sample, s
             out = bank(to_unit_range(padded, low, high)[None, None])
         mean, std = out.mean((0, 2, 3, 4)), out.std((0, 2, 3, 4))
         assert mean.abs().max() < 0.35 and 0.6 < std.min() and std.max() < 1.5, (mean, std)
+    features = torch.from_numpy(np.asarray(source.context_features.read(
+        tuple(slice(0, n) for n in source.context_features.shape[1:])))).float().flatten(1)
+    encoder = model.context_encoder
+    standardised = (features - encoder.feature_mean[:, None]) / encoder.feature_std[:, None]
+    assert standardised.mean(1).abs().max() < 0.35 and standardised.std(1).min() > 0.6
 
 
 def test_new_classes_replace_only_the_head(source):
@@ -258,3 +264,35 @@ def test_fusion_needs_a_context(sample, tiny_backbone, tmp_path):
     with pytest.raises(InputError, match="needs a context"):
         new_model(raw_only, 4, fusion="attention")
     assert new_model(raw_only, 4, fusion="none").config.fusion == "none"
+
+
+# -- the one fine-tuning path (finetune.py) ------------------------------------------------------------------
+
+QUICK = TrainConfig(iterations=3, tile_shape=(8, 32, 32), tiles_per_step=2, validation_share=0)
+
+
+def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
+    labels = sample.scribbles(seed=0)
+    three = np.where(labels > 3, 0, labels)
+    first = drive(fine_tune(source, three, QUICK, NewModel(base_channels=4, class_names=("bg", "membrane"))))
+    assert first.info.class_names == ["bg", "membrane", "class 3"] and first.iterations == 3
+    before = {k: v.clone() for k, v in first.model.state_dict().items()}
+
+    second = drive(fine_tune(source, labels, QUICK, start=StartModel(first.model, first.info, first.log)))
+    # The start model is untouched (a cancelled or failed run cannot damage it); the new one has a 4th class.
+    assert first.model.config.num_classes == 3
+    assert all(torch.equal(before[k], v) for k, v in first.model.state_dict().items())
+    assert second.model is not first.model and second.model.config.num_classes == 4
+    assert second.info.class_names == ["bg", "membrane", "class 3", "class 4"]
+    assert len(second.log) == 6 and second.log[:3] == first.log
+
+
+def test_a_model_that_does_not_fit_the_features_is_refused(sample, source):
+    labels = sample.scribbles(seed=0)
+    fused = drive(fine_tune(source, labels, QUICK, NewModel(base_channels=4)))
+    raw_only = FeatureSource(source.raw, source.raw_features)
+    with pytest.raises(InputError, match="fuses a context"):
+        drive(fine_tune(raw_only, labels, QUICK, start=StartModel(fused.model, fused.info, fused.log)))
+    with pytest.raises(InputError, match="needs a context"):
+        drive(fine_tune(raw_only, labels, QUICK, NewModel(fusion="attention")))
+

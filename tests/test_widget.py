@@ -4,7 +4,6 @@ Random tiny backbone (NOT DINOv3) and a small UNet: the GUI paths are what is te
 """
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -96,13 +95,10 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     painted_before = labels.data.copy()
     assert widget.predict_button.isEnabled() is False  # no model yet
 
-    stalls = []
-    last = [time.perf_counter()]
+    seen = []  # how many losses the plot showed at each tick of a main-thread timer
 
     def tick():
-        now = time.perf_counter()
-        stalls.append(now - last[0])
-        last[0] = now
+        seen.append(len(widget.loss_plot.losses))
 
     probe = QTimer()
     probe.timeout.connect(tick)
@@ -113,8 +109,9 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     probe.stop()
     result = widget.last_result
     assert hasattr(result, "arrays"), result
-    # The viewer stayed responsive: a blocking implementation would stall the event loop for seconds.
-    assert max(stalls) < 1.0, max(stalls)
+    # The event loop ran while training did: the timer ticked between loss updates (a blocking implementation
+    # would tick only before and after). How long the stalls are is measured in benchmarks/bench_gui.py.
+    assert len(set(seen)) > 5, sorted(set(seen))
     assert len(widget.loss_plot.losses) > 10 and "left" in widget.eta_label.text()
 
     prediction = viewer.layers["prediction"]
@@ -146,12 +143,13 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     # Save, forget, load: the loaded model predicts exactly what the trained one did.
     widget.save_model(tmp_path / "model")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "model" / "model.safetensors").is_file() and "model saved to" in widget.status_label.text()
     qtbot.mouseClick(widget.new_model_button, LEFT)
     assert widget.session.model is None and not widget.predict_button.isEnabled()
     widget.load_model(tmp_path / "model")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.predict_button.isEnabled() and "class" in widget.model_label.text()
+    assert widget.status_label.text().startswith("model loaded") and widget.planes_combo.currentText() == "xy"
     result = _click_and_wait(qtbot, widget, widget.predict_button)
     assert np.array_equal(result.arrays["labels"], result_whole)
 

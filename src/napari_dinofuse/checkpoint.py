@@ -53,7 +53,8 @@ __all__ = [
 # removed keys, new weight layout). New optional keys do not need a bump: readers ignore unknown keys.
 # 2: BatchNorm instead of GroupNorm, a context branch at the context's resolution, anisotropic pooling.
 # 3: per-voxel ChannelNorm instead of BatchNorm, a per-voxel head on the first level.
-# 4: the stems' filter banks standardise their responses (saved statistics; format 3 ran them raw: identity).
+# 4: the filter banks' responses and the context features are standardised (saved statistics; format 3 ran them
+#    raw: it loads with identity statistics).
 FORMAT_VERSION = 4
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
@@ -64,7 +65,7 @@ _RETIRED = {
     2: "a BatchNorm UNet whose inference statistics did not match what its few training tiles showed",
 }
 
-_BANK_STATISTICS = ("stem.0.mean", "stem.0.std")
+_INPUT_STATISTICS = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "training_log.json"
@@ -382,9 +383,9 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             f"cannot read {WEIGHTS_FILE} in {folder}: {exc}; the file is damaged, re-save or re-train it"
         ) from None
     model = FusedUNet3D(info.unet)
-    if version < 4:  # its filter banks ran unstandardised: the identity statistics a new bank starts with
+    if version < 4:  # its inputs ran unstandardised: the identity statistics a new model starts with
         defaults = model.state_dict()
-        state = {**{k: v for k, v in defaults.items() if k.endswith(_BANK_STATISTICS)}, **state}
+        state = {**{k: v for k, v in defaults.items() if k.endswith(_INPUT_STATISTICS)}, **state}
     _check_weights(model, state, folder)
     model.load_state_dict(state, strict=True)
     model.to(device)

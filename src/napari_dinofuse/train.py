@@ -177,14 +177,14 @@ def new_model(source: FeatureSource, num_classes: int, base_channels: int = defa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FusedUNet3D(config)
-    calibrate_stems(model, source)
+    calibrate_inputs(model, source)
     return model
 
 
-def calibrate_stems(model: FusedUNet3D, source: FeatureSource) -> None:
-    """Set the stems' filter-bank statistics from blocks spread over the raw and the context (see
-    :mod:`~napari_dinofuse.modeling.filters`). Only for a new model: a trained one keeps the statistics its
-    weights were fitted to."""
+def calibrate_inputs(model: FusedUNet3D, source: FeatureSource, planes: int = 16) -> None:
+    """Set the input statistics of a new model: its filter banks' from blocks spread over the raw and the
+    context (see :mod:`~napari_dinofuse.modeling.filters`), the context features' from up to ``planes`` z planes
+    of them. Only for a new model: a trained one keeps the statistics its weights were fitted to."""
     if model.intensity_stem is not None:
         bank = model.intensity_stem[0]
         bank.calibrate(sample_images(source.raw, source.low, source.high, bank.halo))
@@ -193,6 +193,13 @@ def calibrate_stems(model: FusedUNet3D, source: FeatureSource) -> None:
         bank = encoder.stem[0]
         intensity = source.context_features.signature["intensity"]
         bank.calibrate(sample_images(source.context, intensity["low"], intensity["high"], bank.halo))
+    if encoder is not None:
+        entry = source.context_features
+        _, z, gy, gx = entry.shape
+        picked = np.unique(np.linspace(0, z - 1, min(z, planes)).round().astype(int))
+        encoder.calibrate(torch.cat([torch.from_numpy(np.asarray(entry.read((slice(int(k), int(k) + 1),
+                                                                             slice(0, gy), slice(0, gx)))))
+                                     for k in picked], dim=1))
 
 
 def _window_shape(source: FeatureSource, tile_shape, margin_nm) -> tuple[int, int, int]:

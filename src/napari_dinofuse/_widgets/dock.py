@@ -131,6 +131,7 @@ class DinofuseWidget(QWidget):
         self._cancel = threading.Event()
         self._progress = None  # napari activity-dock progress bar of the running job
         self._job_started = 0.0
+        self._on_done = None  # what the running job's value goes to (see _start)
         self.last_result = None  # what the last job returned (the sink, CANCELLED, or a _Failed)
 
         layout = QVBoxLayout(self)
@@ -484,7 +485,7 @@ class DinofuseWidget(QWidget):
             raw, context = self.volumes()
             return self.session.extract(raw, context, self._settings, cancel=cancel)
 
-        self._start("extract", job)
+        self._start("extract", job, lambda source: self._show_cache_size())
 
     def fine_tune(self) -> None:
         try:
@@ -501,14 +502,14 @@ class DinofuseWidget(QWidget):
             return
         self.loss_plot.reset(self.iterations_spin.value())
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
-                                                                       cancel=cancel))
+                                                                       cancel=cancel), self._show_prediction)
 
     def predict(self) -> None:
         def job(cancel):
             raw, context, roi = self._inputs()
             return self.session.predict(raw, context, self._settings, roi, cancel=cancel)
 
-        self._start("predict", job)
+        self._start("predict", job, self._show_prediction)
 
     def new_model(self) -> None:
         self.session.reset_model()
@@ -517,18 +518,16 @@ class DinofuseWidget(QWidget):
     def load_model(self, folder) -> None:
         def job(cancel):
             yield from ()
-            backbone = self.session.load(folder)
-            return ("loaded", backbone)
+            return self.session.load(folder)
 
-        self._start("load model", job)
+        self._start("load model", job, self._model_loaded)
 
     def save_model(self, folder) -> None:
         def job(cancel):
             yield from ()
             self.session.save(folder)
-            return ("saved", str(folder))
 
-        self._start("save model", job)
+        self._start("save model", job, lambda _: self.status_label.setText(f"model saved to {folder}"))
 
     def cancel(self) -> None:
         if self.worker is not None:
@@ -546,8 +545,9 @@ class DinofuseWidget(QWidget):
         raw, context = self.volumes()
         return raw, context, self.region(raw)
 
-    def _start(self, name: str, make_job) -> None:
-        """Run ``make_job(cancel)`` (a Progress generator) in a worker thread, unless one runs already."""
+    def _start(self, name: str, make_job, on_done) -> None:
+        """Run ``make_job(cancel)`` (a Progress generator) in a worker thread, unless one runs already; then
+        ``on_done(its value)`` on the main thread, unless it failed or was cancelled."""
         from napari.qt.threading import GeneratorWorker
         from napari.utils import progress
 
@@ -568,7 +568,7 @@ class DinofuseWidget(QWidget):
                 return _Failed(exc)
 
         self._cancel.clear()
-        self._job_name, self._job_started = name, time.perf_counter()
+        self._job_name, self._job_started, self._on_done = name, time.perf_counter(), on_done
         self.worker = GeneratorWorker(run)
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_returned)
@@ -607,23 +607,22 @@ class DinofuseWidget(QWidget):
             self._notify_error(f"DINOfuse {self._job_name}: {_describe_error(result.exc)}")
         elif result is CANCELLED:
             self.status_label.setText(f"{self._job_name} cancelled: the cache and the last good model are intact")
-        elif isinstance(result, tuple) and result and result[0] == "loaded":
-            self.backbone_edit.setText(result[1])
-            from ..finetune import inference_settings
-
-            self.fusion_combo.setCurrentText(self.session.model.config.fusion)
-            self.planes_combo.setCurrentText(inference_settings(self.session.info).planes)
-            self.base_spin.setValue(self.session.model.config.base_channels)
-            self.status_label.setText(f"model loaded ({self.session.describe_model()})")
-        elif isinstance(result, tuple) and result and result[0] == "saved":
-            self.status_label.setText(f"model saved to {result[1]}")
-        elif hasattr(result, "arrays"):
-            show_prediction(self.viewer, result, self.session.class_names)
-            self._sync_attention_checks()
-            self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
         else:
             self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
-            self._show_cache_size()
+            self._on_done(result)
+
+    def _show_prediction(self, sink) -> None:
+        show_prediction(self.viewer, sink, self.session.class_names)
+        self._sync_attention_checks()
+
+    def _model_loaded(self, backbone: str) -> None:
+        from ..finetune import inference_settings  # torch is loaded by now
+
+        self.backbone_edit.setText(backbone)
+        self.fusion_combo.setCurrentText(self.session.model.config.fusion)
+        self.planes_combo.setCurrentText(inference_settings(self.session.info).planes)
+        self.base_spin.setValue(self.session.model.config.base_channels)
+        self.status_label.setText(f"model loaded ({self.session.describe_model()})")
 
     def _on_finished(self) -> None:
         self.worker = None
@@ -646,12 +645,13 @@ class DinofuseWidget(QWidget):
 
     def wait(self, timeout: float = 60.0) -> bool:
         """Process events until the running job (if any) ends; True if none is left running."""
-        from qtpy.QtWidgets import QApplication
+        if self.worker is not None:
+            from qtpy.QtCore import QEventLoop, QTimer
 
-        end = time.perf_counter() + timeout
-        while self.worker is not None and time.perf_counter() < end:
-            QApplication.processEvents()
-            time.sleep(0.005)
+            loop = QEventLoop()
+            self.worker.finished.connect(loop.quit)  # after _on_finished, connected first
+            QTimer.singleShot(int(timeout * 1000), loop.quit)
+            loop.exec()
         return self.worker is None
 
     def closeEvent(self, event):

@@ -251,6 +251,12 @@ class ContextEncoder(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.pooling = pooling
+        # Per-channel statistics of the context's features over the volume (identity until calibrated): a
+        # feature's spatial variation is small next to its offset (a random ViT's tokens are nearly alike,
+        # DINOv3 has a few huge channels), and the per-voxel norms downstream would keep the offset alone: the
+        # gates then came out constant over the volume.
+        self.register_buffer("feature_mean", torch.zeros(feature_channels))
+        self.register_buffer("feature_std", torch.ones(feature_channels))
         self.proj = nn.Conv3d(feature_channels, width, kernel_size=1)
         self.stem = _stem(sigmas, width) if intensity else None
         self.fine = ConvBlock(width, width)
@@ -259,9 +265,19 @@ class ContextEncoder(nn.Module):
         self.from_mid = nn.Conv3d(2 * width, width, kernel_size=1)
         self.from_coarse = nn.Conv3d(2 * width, width, kernel_size=1)
 
+    @torch.no_grad()
+    def calibrate(self, features: torch.Tensor) -> None:
+        """Measure the context features' per-channel mean and spread from ``features`` (C, ...), e.g. a few
+        planes of the cached features; channels that hardly vary are not blown up."""
+        flat = features.float().flatten(1)
+        self.feature_mean.copy_(flat.mean(1))
+        self.feature_std.copy_(flat.std(1).clamp_min(1e-3))
+
     def forward(self, window: ContextWindow) -> torch.Tensor:
         shape = window.grid.shape
-        x = _patches_to_voxels(window.features, self.proj, shape, self.patch_size)
+        stats = (1, -1, 1, 1, 1)
+        features = (window.features - self.feature_mean.view(stats)) / self.feature_std.view(stats)
+        x = _patches_to_voxels(features, self.proj, shape, self.patch_size)
         if self.stem is not None:
             if window.image is None:
                 raise ValueError("config.context_stem is enabled but the context window has no image")
