@@ -89,7 +89,11 @@ class Session:
         if context is not None:
             context.require_covers(raw)
         backbone = yield from self._load_backbone(settings)
-        key = (id(raw.data), raw.grid, id(context.data) if context is not None else None,
+        # What the data holds, not where it lives: an array edited in place, or a new one at a reused id(),
+        # must not be served the old features (the content hash takes bounded time: sampled past 256 MB).
+        from .io import content_hash
+
+        key = (content_hash(raw.data), raw.grid, content_hash(context.data) if context is not None else None,
                context.grid if context is not None else None, settings.planes, settings.cache)
         if self.source is None or self._source_key != key:
             from .cache import FeatureCache
