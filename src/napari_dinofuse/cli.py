@@ -323,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run blockwise on a local dask cluster of N worker processes")
     pred.add_argument("--scheduler", default=None, metavar="ADDRESS",
                       help="run blockwise on an existing dask scheduler (e.g. tcp://host:8786; see docs/cluster.md)")
-    pred.add_argument("--block-shape", type=lambda t: [int(v) for v in t.split(",")], default=[64, 512, 512],
-                      metavar="Z,Y,X", help="voxels per cluster task (default 64,512,512)")
+    pred.add_argument("--block-shape", type=lambda t: [int(v) for v in t.split(",")],
+                      default=list(defaults.PREDICT_BLOCK), metavar="Z,Y,X",
+                      help=f"voxels per cluster task (default {','.join(map(str, defaults.PREDICT_BLOCK))})")
     _add_feature_args(pred)
     pred.set_defaults(func=_predict, planes=None)
 

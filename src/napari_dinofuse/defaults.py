@@ -46,3 +46,5 @@ VALIDATION_SHARE = 0.2  # of each class's strokes, held out to validate and stop
 # Prediction tiles are independent of the training tile (per-voxel normalisation): larger is faster.
 PREDICT_TILE = (32, 128, 128)
 PREDICT_OVERLAP = (8, 32, 32)
+# Blocks of prediction: the features of one are read at once (and held on the device), one per cluster task.
+PREDICT_BLOCK = (64, 512, 512)

@@ -26,7 +26,7 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .defaults import PREDICTION_LABELS
+from . import defaults
 from .errors import InputError
 from .progress import Progress, drive
 
@@ -62,9 +62,9 @@ class Job:
     backbone: str
     normalization: str
     roi: str | None = None
-    tile_shape: tuple = (32, 128, 128)
-    overlap: tuple = (8, 32, 32)
-    block_shape: tuple = (64, 512, 512)
+    tile_shape: tuple = defaults.PREDICT_TILE
+    overlap: tuple = defaults.PREDICT_OVERLAP
+    block_shape: tuple = defaults.PREDICT_BLOCK
     attention: bool = True
     device: str = "auto"
     batch_size: int = 4
@@ -198,7 +198,7 @@ def prepare_output(job: Job, plan) -> set[int]:
     (out / ".blocks").mkdir()
     root.attrs["dinofuse"] = {"kind": ZarrSink.KIND, "outputs": [o[0] for o in plan.outputs()], "job": job.key,
                               "blocks": len(plan.blocks), "complete": False, "num_classes": plan.num_classes,
-                              "labels": PREDICTION_LABELS}
+                              "labels": defaults.PREDICTION_LABELS}
     return set()
 
 

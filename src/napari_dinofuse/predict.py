@@ -42,7 +42,15 @@ import torch
 
 from .atomic import recover, staging, swap_in
 from .backbone import PATCH_SIZE, resolve_device
-from .defaults import NUM_LEVELS, PREDICTION_KIND, PREDICTION_LABELS, attention_array
+from .defaults import (
+    NUM_LEVELS,
+    PREDICT_BLOCK,
+    PREDICT_OVERLAP,
+    PREDICT_TILE,
+    PREDICTION_KIND,
+    PREDICTION_LABELS,
+    attention_array,
+)
 from .errors import DinofuseError, InputError
 from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
@@ -274,8 +282,8 @@ class PredictionPlan:
         return found
 
 
-def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128), overlap=(8, 32, 32),
-                    block_shape=(64, 512, 512), attention: bool = True) -> PredictionPlan:
+def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
+                    block_shape=PREDICT_BLOCK, attention: bool = True) -> PredictionPlan:
     """Validate the settings against the model and the features, and cut the ROI into blocks and tiles."""
     cfg = model.config
     raw_volume = source.raw
@@ -367,8 +375,8 @@ def _window(shape, overlap) -> np.ndarray:
     return blending_weights(shape, overlap)
 
 
-def predict(model, source: FeatureSource, roi=None, *, tile_shape=(32, 128, 128), overlap=(8, 32, 32),
-            block_shape=(64, 512, 512), attention: bool = True, device="auto", sink=None
+def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
+            block_shape=PREDICT_BLOCK, attention: bool = True, device="auto", sink=None
             ) -> Generator[Progress, None, object]:
     """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
 
