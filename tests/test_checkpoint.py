@@ -40,7 +40,10 @@ def make_info(model, **overrides):
         backbone_dim=8,
         raw_voxel_size=(8, 4, 4),
         context_voxel_size=(32.0, 16.0, 16.0),
-        extra={"planes": ["xy"], "intensity_range": np.array([0.5, 99.5])},
+        planes="ortho",
+        feature_tile_size=1024,
+        intensity_mode="dtype",
+        extra={"note": "painted by A.", "intensity_range": np.array([0.5, 99.5])},
     )
     return ModelInfo(**(fields | overrides))
 
@@ -253,9 +256,16 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     state = {k: v for k, v in load_file(weights).items() if not k.endswith(statistics)}
     assert len(state) == len(model.state_dict()) - 6  # the two stems' and the context features' statistics
     save_file(state, weights, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("planes", "feature_tile_size", "intensity_mode"):  # format 3 kept these in "extra"
+        del config[key]
+    config["extra"] = {"planes": "ortho", "tile_size": 1024, "intensity_mode": "dtype", "note": "painted by A."}
+    (folder / "config.json").write_text(json.dumps(config))
     _edit_config(folder, format_version=3)
-    loaded, _ = load_model(folder)
+    loaded, info = load_model(folder)
     assert torch.equal(logits(loaded), logits(model))
+    assert (info.planes, info.feature_tile_size, info.intensity_mode) == ("ortho", 1024, "dtype")
+    assert info.extra == {"note": "painted by A."}
     calibrated = make_model()
     for stats in (calibrated.intensity_stem[0].std, calibrated.context_encoder.feature_std):
         stats.fill_(2.0)  # the statistics do reach the output
@@ -371,5 +381,7 @@ def test_model_info_validation():
         make_info(model, raw_voxel_size=(8, 0, 4))
     with pytest.raises(ValueError, match="backbone_dim"):
         make_info(model, backbone_dim=0)
-    info = make_info(model, context_voxel_size=None, extra={"planes": ["xy", "xz"]})
+    with pytest.raises(ValueError, match="planes"):
+        make_info(model, planes=["xy", "xz"])
+    info = make_info(model, context_voxel_size=None, extra={"note": "painted by A."})
     assert ModelInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info

@@ -54,7 +54,8 @@ __all__ = [
 # 2: BatchNorm instead of GroupNorm, a context branch at the context's resolution, anisotropic pooling.
 # 3: per-voxel ChannelNorm instead of BatchNorm, a per-voxel head on the first level.
 # 4: the filter banks' responses and the context features are standardised (saved statistics; format 3 ran them
-#    raw: it loads with identity statistics).
+#    raw: it loads with identity statistics); planes, feature tile size and intensity mode are typed fields
+#    (format 3 kept them in "extra": read from there).
 FORMAT_VERSION = 4
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
@@ -114,7 +115,9 @@ class ModelInfo:
 
     ``class_names[i]`` names class index ``i`` of the logits, shown as label value ``i + 1``.
     ``package_version`` is the napari-dinofuse version that wrote the folder (set by
-    :func:`save_model`). ``extra``: free-form JSON-able metadata (planes, intensity ranges, ...).
+    :func:`save_model`). ``planes``, ``feature_tile_size`` and ``intensity_mode``: how the features it was
+    trained on were extracted (predicting needs the same). ``extra``: free-form JSON-able metadata of the user's;
+    nothing here depends on it.
     """
 
     unet: UNetConfig
@@ -125,6 +128,9 @@ class ModelInfo:
     raw_voxel_size: tuple[float, float, float]
     context_voxel_size: tuple[float, float, float] | None = None
     package_version: str = __version__
+    planes: str = "xy"
+    feature_tile_size: int | None = None  # pixels per ViT tile of the feature extraction (None: unknown)
+    intensity_mode: str | None = None  # "dtype" or "percentile" (None: unknown)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -145,6 +151,14 @@ class ModelInfo:
         self.raw_voxel_size = _voxel_size(self.raw_voxel_size, "raw_voxel_size")
         if self.context_voxel_size is not None:
             self.context_voxel_size = _voxel_size(self.context_voxel_size, "context_voxel_size")
+        if self.planes not in ("xy", "ortho"):
+            raise ValueError(f"planes must be 'xy' or 'ortho', got {self.planes!r}")
+        if self.feature_tile_size is not None and (isinstance(self.feature_tile_size, bool)
+                                                   or not isinstance(self.feature_tile_size, int)
+                                                   or self.feature_tile_size < 1):
+            raise ValueError(f"feature_tile_size must be a positive integer, got {self.feature_tile_size!r}")
+        if self.intensity_mode not in (None, "dtype", "percentile"):
+            raise ValueError(f"intensity_mode must be 'dtype' or 'percentile', got {self.intensity_mode!r}")
         if not isinstance(self.extra, Mapping):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         self.extra = dict(self.extra)
@@ -164,6 +178,9 @@ class ModelInfo:
             "backbone_dim": self.backbone_dim,
             "raw_voxel_size": list(self.raw_voxel_size),
             "context_voxel_size": None if self.context_voxel_size is None else list(self.context_voxel_size),
+            "planes": self.planes,
+            "feature_tile_size": self.feature_tile_size,
+            "intensity_mode": self.intensity_mode,
             "extra": _jsonable(self.extra),
         }
 
@@ -179,6 +196,10 @@ class ModelInfo:
             raise ValueError(f"missing keys: {missing}")
         if not isinstance(data["unet"], Mapping):
             raise ValueError("'unet' must be a JSON object")
+        extra = dict(data.get("extra") or {})
+        if "planes" not in data:  # format 3 kept these in "extra"
+            data = {**data, "planes": extra.pop("planes", "xy"), "feature_tile_size": extra.pop("tile_size", None),
+                    "intensity_mode": extra.pop("intensity_mode", None)}
         return cls(
             unet=UNetConfig.from_dict(data["unet"]),
             class_names=data["class_names"],
@@ -188,7 +209,10 @@ class ModelInfo:
             raw_voxel_size=data["raw_voxel_size"],
             context_voxel_size=data.get("context_voxel_size"),
             package_version=data.get("package_version", "unknown"),
-            extra=data.get("extra") or {},
+            planes=data["planes"],
+            feature_tile_size=data.get("feature_tile_size"),
+            intensity_mode=data.get("intensity_mode"),
+            extra=extra,
         )
 
 

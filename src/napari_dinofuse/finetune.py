@@ -114,5 +114,5 @@ class InferenceSettings(NamedTuple):
 
 def inference_settings(info: ModelInfo | None) -> InferenceSettings:
     """How every driver predicts with a model (tiles are free to choose: predictions do not depend on them)."""
-    planes = info.extra.get("planes", "xy") if info is not None else "xy"
-    return InferenceSettings(planes, defaults.PREDICT_TILE, defaults.PREDICT_OVERLAP)
+    return InferenceSettings(info.planes if info is not None else "xy", defaults.PREDICT_TILE,
+                             defaults.PREDICT_OVERLAP)

@@ -233,9 +233,9 @@ def model_info(model: FusedUNet3D, source: FeatureSource, class_names=None, extr
                      normalization=signature["normalization"], backbone_dim=source.channels[0],
                      raw_voxel_size=source.raw.voxel_size,
                      context_voxel_size=source.context.voxel_size if source.context is not None else None,
-                     package_version=__version__,
-                     extra={"planes": signature["planes"], "tile_size": signature["tile_size"],
-                            "intensity_mode": signature["intensity"]["mode"], **(extra or {})})
+                     package_version=__version__, planes=signature["planes"],
+                     feature_tile_size=signature["tile_size"], intensity_mode=signature["intensity"]["mode"],
+                     extra=dict(extra or {}))
 
 
 # -- held-out strokes ---------------------------------------------------------------------------------------
