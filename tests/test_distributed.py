@@ -10,7 +10,8 @@ from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.checkpoint import save_model
 from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
 from napari_dinofuse.features import extract_sources
-from napari_dinofuse.predict import ZarrSink, predict
+from napari_dinofuse.outputs import ZarrSink
+from napari_dinofuse.predict import predict
 from napari_dinofuse.progress import drive
 from napari_dinofuse.train import model_info, new_model
 

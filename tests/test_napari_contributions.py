@@ -32,7 +32,8 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
 
     from napari_dinofuse.cache import FeatureCache
     from napari_dinofuse.features import extract_sources
-    from napari_dinofuse.predict import ZarrSink, predict
+    from napari_dinofuse.outputs import ZarrSink
+    from napari_dinofuse.predict import predict
     from napari_dinofuse.progress import drive
     from napari_dinofuse.train import new_model
 

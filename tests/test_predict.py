@@ -13,7 +13,8 @@ from napari_dinofuse.features import FeatureSource, compute_features
 from napari_dinofuse.geometry import Volume
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
-from napari_dinofuse.predict import ZarrSink, predict, predict_to_memory, snap_roi
+from napari_dinofuse.outputs import ZarrSink
+from napari_dinofuse.predict import predict, predict_to_memory, snap_roi
 from napari_dinofuse.progress import drive
 
 SHAPE = (20, 80, 96)
@@ -306,3 +307,24 @@ def test_the_context_window_reaches_the_margin(source):
     assert tuple(s.stop - s.start for s in whole) == ctx.shape
     with pytest.raises(InputError, match="margin"):
         source.context_window(target, -5.0)
+
+
+@pytest.mark.parametrize("roi", [None, (slice(3, 17), slice(20, 71), slice(5, 90))])
+def test_blocks_cover_every_attention_level_exactly_once(source, roi):
+    """Each block writes its core's part of every attention level: together the parts partition each level's
+    output (a gap would leave zeros in the map, an overlap a seam where the later block wins), and each part
+    lies inside the block's own level accumulator."""
+    from napari_dinofuse.predict import plan_prediction
+
+    plan = plan_prediction(_model("attention"), source, roi, **SMALL)
+    assert len(plan.blocks) > 1 and plan.factors
+    outputs = {name: shape for name, shape, *_ in plan.outputs()}
+    for level, factors in enumerate(plan.factors):
+        covered = np.zeros(outputs[f"attention/level{level + 1}"], int)
+        for index, (_, outer, _) in enumerate(plan.blocks):
+            out, local = plan.level_regions(index, level)
+            covered[out] += 1
+            accumulator = [-(-(s.stop - s.start) // k) for s, k in zip(outer, factors)]
+            assert all(0 <= s.start < s.stop <= n for s, n in zip(local, accumulator)), (index, local)
+            assert [s.stop - s.start for s in out] == [s.stop - s.start for s in local]
+        assert (covered == 1).all(), (level, np.unique(covered))

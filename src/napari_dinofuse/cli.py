@@ -177,7 +177,8 @@ def _predict(args) -> int:
     from .backbone import load_backbone
     from .checkpoint import check_backbone_compatible, load_model
     from .finetune import inference_settings
-    from .predict import ZarrSink, predict
+    from .outputs import ZarrSink
+    from .predict import predict
 
     model, info = load_model(args.model)
     backbone = load_backbone(args.backbone or info.backbone, device=args.device,

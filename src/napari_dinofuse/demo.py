@@ -23,7 +23,8 @@ from .checkpoint import save_model
 from .errors import BackboneError
 from .features import extract_sources
 from .finetune import NewModel, fine_tune
-from .predict import ZarrSink, predict
+from .outputs import ZarrSink
+from .predict import predict
 from .progress import drive
 from .sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
 from .train import TrainConfig

@@ -12,7 +12,7 @@ and keeps them for all its tasks. Two phases:
    same bytes; a rerun of the command skips blocks that have a record. The output is marked complete when
    every block is.
 
-Unlike the single-process :class:`~napari_dinofuse.predict.ZarrSink`, the output is written in place (that is
+Unlike the single-process :class:`~napari_dinofuse.outputs.ZarrSink`, the output is written in place (that is
 what makes a 10-hour run restartable); ``complete`` in its ``dinofuse`` attributes tells a finished one.
 """
 
@@ -180,7 +180,7 @@ def prepare_output(job: Job, plan) -> set[int]:
     returns the blocks already done."""
     import zarr
 
-    from .predict import ZarrSink, create_ome_image, require_group
+    from .outputs import ZarrSink, create_ome_image, require_group
 
     out = Path(job.out)
     attrs = {}

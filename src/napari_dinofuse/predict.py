@@ -20,41 +20,34 @@ Outputs (names in the sink), all over the snapped ROI:
 * ``attention/level1..4`` float16, for "attention"-fusion models: the channel-mean gate of each encoder
   level at its own resolution, on the grid ``roi_grid.coarsen(config.level_factors[k - 1])``.
 
-Sinks: :class:`MemorySink` (numpy, for the GUI and tests) and :class:`ZarrSink` (an OME-Zarr folder written
-aside and swapped in only when complete, so a cancelled or crashed run never looks finished). A sink has
-``create(name, shape, dtype, grid)`` (once per output, before any write), ``set_info(**json)``,
-``write(name, region, array)`` (region: 3 slices over z, y, x relative to the ROI start; leading axes whole),
-``finish()`` after the last write and ``abort()`` on cancel or error.
+Sinks (where the outputs go) live in :mod:`~napari_dinofuse.outputs`.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import recover, staging, swap_in
 from .backbone import PATCH_SIZE, resolve_device
 from .defaults import (
     NUM_LEVELS,
     PREDICT_BLOCK,
     PREDICT_OVERLAP,
     PREDICT_TILE,
-    PREDICTION_KIND,
     PREDICTION_LABELS,
     attention_array,
 )
-from .errors import DinofuseError, InputError
+from .errors import InputError
 from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
 from .modeling.unet import UNetConfig
+from .outputs import MemorySink
 from .progress import Progress, drive, within
 from .tiling import (
     BlendAccumulator,
@@ -67,7 +60,7 @@ from .tiling import (
     roi_to_str,
 )
 
-__all__ = ["MemorySink", "PredictionPlan", "ZarrSink", "attention_names", "plan_prediction", "predict",
+__all__ = ["PredictionPlan", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
 
 _Slices = tuple[slice, slice, slice]
@@ -100,147 +93,6 @@ def _round_up(values, multiples) -> tuple[int, int, int]:
 
 def _label_dtype(num_classes: int) -> np.dtype:
     return np.min_scalar_type(num_classes)  # unsigned; uint8 up to 255 classes
-
-
-# -- sinks ------------------------------------------------------------------------------------------
-
-
-class MemorySink:
-    """Outputs as numpy arrays in ``arrays`` with their world grids in ``grids`` (for the GUI and tests).
-
-    ``complete`` turns True only when a run finished; a cancelled run leaves partly filled arrays.
-    Outputs named in ``skip`` are not kept (the viewer shows no ``probabilities``: K times the memory).
-    """
-
-    def __init__(self, skip=()):
-        self.skip = frozenset(skip)
-        self.arrays: dict[str, np.ndarray] = {}
-        self.grids: dict[str, Grid] = {}
-        self.info: dict = {}
-        self.complete = False
-
-    def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
-        if name in self.skip:
-            return
-        self.arrays[name] = np.zeros(shape, dtype)
-        self.grids[name] = grid
-
-    def set_info(self, **info) -> None:
-        self.info.update(info)
-
-    def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
-        """``region``: 3 slices over the (z, y, x) axes; leading axes (classes) are written whole."""
-        if name not in self.skip:
-            self.arrays[name][(Ellipsis, *region)] = array
-
-    def finish(self) -> None:
-        self.complete = True
-
-    def abort(self) -> None:
-        pass
-
-
-def create_ome_image(group, name: str, shape, dtype, grid: Grid, chunks):
-    """A single-level OME-Zarr 0.5 image in ``group``: array ``0`` plus multiscales metadata placing it in nm."""
-    shape = tuple(int(v) for v in shape)
-    lead = len(shape) - 3
-    chunks = tuple(max(1, min(int(c), v)) for c, v in zip(chunks, shape))
-    array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-                               dimension_names=["c", "z", "y", "x"][-len(shape):], overwrite=True)
-    axes = [{"name": "c", "type": "channel"}] * lead + [
-        {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
-    transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
-                  {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
-    group.attrs["ome"] = {"version": "0.5", "multiscales": [
-        {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
-    return array
-
-
-def require_group(root, name: str):
-    """The group ``name`` ("labels", "attention/level1") under ``root``, with explicit intermediate groups."""
-    group = root
-    for part in name.split("/"):
-        group = group.require_group(part)
-    return group
-
-
-class ZarrSink:
-    """An OME-Zarr (v0.5, zarr v3) output folder: one single-level image group per output.
-
-    Layout: ``OUT.zarr/labels/0``, ``probabilities/0`` (axes c, z, y, x), ``uncertainty/0`` and
-    ``attention/level{k}/0``; each image group carries ``ome.multiscales`` with nanometre axes and its own
-    grid as scale/translation, so ``io.open_volume("OUT.zarr/labels")`` or napari places it correctly.
-
-    Everything is written into a hidden sibling ``.OUT.zarr.partial-*``; :meth:`finish` swaps it in by
-    renames (an existing output is renamed aside, the new one in, then the old deleted), :meth:`abort`
-    deletes it. If a process dies between the two renames the previous output waits at
-    ``.OUT.zarr.old-*`` and the next ZarrSink on that path puts it back. Only a previous dinofuse
-    prediction is ever replaced: any other existing path is refused up front.
-    """
-
-    KIND = PREDICTION_KIND
-
-    def __init__(self, path, chunks=(64, 256, 256)):
-        self.path = Path(path).expanduser().absolute()
-        self.chunks = tuple(int(c) for c in chunks)
-        self._partial: Path | None = None
-        self._root = None
-        self._arrays: dict = {}
-        self.complete = False
-        recover(self.path)
-        self._check_replaceable()
-
-    def _check_replaceable(self) -> None:
-        if not self.path.exists():
-            return
-        try:
-            import zarr
-
-            kind = zarr.open_group(str(self.path), mode="r").attrs.get("dinofuse", {}).get("kind")
-        except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not ours
-            kind = None
-        if kind != self.KIND:
-            raise InputError(f"{self.path} exists and is not a dinofuse prediction: refusing to replace it. "
-                             "Choose another output path or remove it yourself")
-
-    def _group(self, name: str):
-        import zarr
-
-        if self._root is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._partial = staging(self.path, "partial")
-            self._root = zarr.open_group(str(self._partial), mode="w", zarr_format=3)
-            self._root.attrs["dinofuse"] = {"kind": self.KIND, "outputs": []}
-        return require_group(self._root, name)
-
-    def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
-        chunks = chunks if chunks is not None else (1,) * (len(shape) - 3) + self.chunks
-        self._arrays[name] = create_ome_image(self._group(name), name, shape, dtype, grid, chunks)
-        info = dict(self._root.attrs["dinofuse"])
-        info["outputs"] = [*info["outputs"], name]
-        self._root.attrs["dinofuse"] = info
-
-    def set_info(self, **info) -> None:
-        """Extra JSON metadata on the root group (e.g. the ROI), next to the ``kind`` marker."""
-        self._root.attrs["dinofuse"] = {**dict(self._root.attrs["dinofuse"]), **info}
-
-    def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
-        self._arrays[name][(Ellipsis, *region)] = array
-
-    def finish(self) -> None:
-        if self._partial is None:
-            raise DinofuseError("nothing was written: create outputs before finishing")
-        self._check_replaceable()  # something else may have appeared there during the run
-        self._root, self._arrays = None, {}
-        swap_in(self._partial, self.path)
-        self._partial = None
-        self.complete = True
-
-    def abort(self) -> None:
-        self._root, self._arrays = None, {}
-        if self._partial is not None:
-            shutil.rmtree(self._partial, ignore_errors=True)
-            self._partial = None
 
 
 # -- prediction -------------------------------------------------------------------------------------
@@ -280,6 +132,19 @@ class PredictionPlan:
             found.append((name, tuple(-(-n // k) for n, k in zip(shape, f)), np.dtype(np.float16),
                           self.roi_grid.coarsen(f), tuple(b // k for b, k in zip(self.block_shape, f))))
         return found
+
+    def level_regions(self, index: int, level: int) -> tuple[_Slices, _Slices]:
+        """Where block ``index``'s core lies on attention level ``level``'s grid (0-based in ``factors``):
+        (region of the level's output array, which is relative to the ROI; the same voxels in the block's
+        level accumulator, which starts at the block's outer start). Cores start on every level's grid
+        (see :func:`alignment`), so the blocks' regions partition the level's output."""
+        core, outer, _ = self.blocks[index]
+        f = self.factors[level]
+        roi_start = self.roi_start
+        rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
+        out = tuple(slice(a // k, -(-b // k)) for (a, b), k in zip(rel, f))
+        shift = [(o.start - r) // k for o, r, k in zip(outer, roi_start, f)]
+        return out, tuple(slice(s.start - d, s.stop - d) for s, d in zip(out, shift))
 
 
 def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
@@ -360,13 +225,9 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     results = [("labels", region, labels.astype(_label_dtype(plan.num_classes))),
                ("probabilities", region, probs16_host),
                ("uncertainty", region, _host(_normalised_entropy(probs).half()))]
-    for name, acc, f in zip(attention_names(), att_accs, plan.factors):
-        rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
-        lvl = [(a // k, -(-b // k)) for (a, b), k in zip(rel, f)]  # cores start on every level's grid
-        shift = [(o - r) // k for o, r, k in zip(outer_start, roi_start, f)]
-        sub = tuple(slice(a - s, b - s) for (a, b), s in zip(lvl, shift))
-        results.append((name, tuple(slice(a, b) for a, b in lvl),
-                        _host(acc.result(sub)[0].half())))
+    for level, (name, acc) in enumerate(zip(attention_names(), att_accs)):
+        out, sub = plan.level_regions(index, level)
+        results.append((name, out, _host(acc.result(sub)[0].half())))
     return results
 
 

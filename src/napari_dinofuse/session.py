@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,12 @@ from . import defaults
 from .errors import InputError
 from .geometry import Volume
 from .progress import Progress, cancellable
+
+if TYPE_CHECKING:  # torch-free at import: the widget imports this module
+    from .backbone import Backbone
+    from .checkpoint import ModelInfo
+    from .features import FeatureSource
+    from .modeling.unet import FusedUNet3D
 
 __all__ = ["Session", "SessionSettings", "memory_estimate"]
 
@@ -57,10 +64,10 @@ def memory_estimate(shape, num_classes: int) -> int:
 class Session:
     """State kept between the widget's actions. Not thread-safe: run one action at a time."""
 
-    backbone: object = None
-    source: object = None
-    model: object = None
-    info: object = None  # ModelInfo of a loaded or trained model (class names, backbone)
+    backbone: Backbone | None = None
+    source: FeatureSource | None = None  # features of the current raw (and context)
+    model: FusedUNet3D | None = None
+    info: ModelInfo | None = None  # of a loaded or trained model (class names, backbone, feature planes)
     validation: float | None = None  # the last fine-tune's best mIoU on held-out strokes
     log: list = field(default_factory=list)
     _backbone_key: tuple | None = None
@@ -193,7 +200,8 @@ class Session:
 
     def _predict(self, source, settings, roi):
         from .finetune import inference_settings
-        from .predict import MemorySink, predict, snap_roi
+        from .outputs import MemorySink
+        from .predict import predict, snap_roi
 
         z, y, x = snap_roi(roi, source.raw.shape)
         shape = (z.stop - z.start, y.stop - y.start, x.stop - x.start)

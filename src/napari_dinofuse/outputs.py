@@ -1,0 +1,161 @@
+"""Where predictions go: :class:`MemorySink` (numpy: the GUI, tests) and :class:`ZarrSink` (OME-Zarr on disk).
+
+A :class:`ZarrSink` is an OME-Zarr folder written aside and swapped in only when complete, so a cancelled or
+crashed run never looks finished. A sink has
+``create(name, shape, dtype, grid)`` (once per output, before any write), ``set_info(**json)``,
+``write(name, region, array)`` (region: 3 slices over z, y, x relative to the ROI start; leading axes whole),
+``finish()`` after the last write and ``abort()`` on cancel or error.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import recover, staging, swap_in
+from .defaults import PREDICTION_KIND
+from .errors import DinofuseError, InputError
+from .geometry import Grid
+
+__all__ = ["MemorySink", "ZarrSink", "create_ome_image", "require_group"]
+
+
+class MemorySink:
+    """Outputs as numpy arrays in ``arrays`` with their world grids in ``grids`` (for the GUI and tests).
+
+    ``complete`` turns True only when a run finished; a cancelled run leaves partly filled arrays.
+    Outputs named in ``skip`` are not kept (the viewer shows no ``probabilities``: K times the memory).
+    """
+
+    def __init__(self, skip=()):
+        self.skip = frozenset(skip)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.grids: dict[str, Grid] = {}
+        self.info: dict = {}
+        self.complete = False
+
+    def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
+        if name in self.skip:
+            return
+        self.arrays[name] = np.zeros(shape, dtype)
+        self.grids[name] = grid
+
+    def set_info(self, **info) -> None:
+        self.info.update(info)
+
+    def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
+        """``region``: 3 slices over the (z, y, x) axes; leading axes (classes) are written whole."""
+        if name not in self.skip:
+            self.arrays[name][(Ellipsis, *region)] = array
+
+    def finish(self) -> None:
+        self.complete = True
+
+    def abort(self) -> None:
+        pass
+
+
+def create_ome_image(group, name: str, shape, dtype, grid: Grid, chunks):
+    """A single-level OME-Zarr 0.5 image in ``group``: array ``0`` plus multiscales metadata placing it in nm."""
+    shape = tuple(int(v) for v in shape)
+    lead = len(shape) - 3
+    chunks = tuple(max(1, min(int(c), v)) for c, v in zip(chunks, shape))
+    array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                               dimension_names=["c", "z", "y", "x"][-len(shape):], overwrite=True)
+    axes = [{"name": "c", "type": "channel"}] * lead + [
+        {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
+                  {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [
+        {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
+    return array
+
+
+def require_group(root, name: str):
+    """The group ``name`` ("labels", "attention/level1") under ``root``, with explicit intermediate groups."""
+    group = root
+    for part in name.split("/"):
+        group = group.require_group(part)
+    return group
+
+
+class ZarrSink:
+    """An OME-Zarr (v0.5, zarr v3) output folder: one single-level image group per output.
+
+    Layout: ``OUT.zarr/labels/0``, ``probabilities/0`` (axes c, z, y, x), ``uncertainty/0`` and
+    ``attention/level{k}/0``; each image group carries ``ome.multiscales`` with nanometre axes and its own
+    grid as scale/translation, so ``io.open_volume("OUT.zarr/labels")`` or napari places it correctly.
+
+    Everything is written into a hidden sibling ``.OUT.zarr.partial-*``; :meth:`finish` swaps it in by
+    renames (an existing output is renamed aside, the new one in, then the old deleted), :meth:`abort`
+    deletes it. If a process dies between the two renames the previous output waits at
+    ``.OUT.zarr.old-*`` and the next ZarrSink on that path puts it back. Only a previous dinofuse
+    prediction is ever replaced: any other existing path is refused up front.
+    """
+
+    KIND = PREDICTION_KIND
+
+    def __init__(self, path, chunks=(64, 256, 256)):
+        self.path = Path(path).expanduser().absolute()
+        self.chunks = tuple(int(c) for c in chunks)
+        self._partial: Path | None = None
+        self._root = None
+        self._arrays: dict = {}
+        self.complete = False
+        recover(self.path)
+        self._check_replaceable()
+
+    def _check_replaceable(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            import zarr
+
+            kind = zarr.open_group(str(self.path), mode="r").attrs.get("dinofuse", {}).get("kind")
+        except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not ours
+            kind = None
+        if kind != self.KIND:
+            raise InputError(f"{self.path} exists and is not a dinofuse prediction: refusing to replace it. "
+                             "Choose another output path or remove it yourself")
+
+    def _group(self, name: str):
+        import zarr
+
+        if self._root is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._partial = staging(self.path, "partial")
+            self._root = zarr.open_group(str(self._partial), mode="w", zarr_format=3)
+            self._root.attrs["dinofuse"] = {"kind": self.KIND, "outputs": []}
+        return require_group(self._root, name)
+
+    def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
+        chunks = chunks if chunks is not None else (1,) * (len(shape) - 3) + self.chunks
+        self._arrays[name] = create_ome_image(self._group(name), name, shape, dtype, grid, chunks)
+        info = dict(self._root.attrs["dinofuse"])
+        info["outputs"] = [*info["outputs"], name]
+        self._root.attrs["dinofuse"] = info
+
+    def set_info(self, **info) -> None:
+        """Extra JSON metadata on the root group (e.g. the ROI), next to the ``kind`` marker."""
+        self._root.attrs["dinofuse"] = {**dict(self._root.attrs["dinofuse"]), **info}
+
+    def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
+        self._arrays[name][(Ellipsis, *region)] = array
+
+    def finish(self) -> None:
+        if self._partial is None:
+            raise DinofuseError("nothing was written: create outputs before finishing")
+        self._check_replaceable()  # something else may have appeared there during the run
+        self._root, self._arrays = None, {}
+        swap_in(self._partial, self.path)
+        self._partial = None
+        self.complete = True
+
+    def abort(self) -> None:
+        self._root, self._arrays = None, {}
+        if self._partial is not None:
+            shutil.rmtree(self._partial, ignore_errors=True)
+            self._partial = None
