@@ -53,6 +53,7 @@ def gate_spread(arrays) -> list[float]:
 
 
 def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print) -> dict:
+    """Rows of one seed; each UNet's IoUs are also printed as soon as it is scored."""
     sample = make_sample(seed=seed)
     scribbles = sample.scribbles(seed=seed)
     painted = scribbles > 0
@@ -69,7 +70,10 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
             "iterations": result.iterations, "held_out_miou": result.validation,
             **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
                if fusion == "attention" else {})}
-        say(f"  seed {seed} {fusion}: {result.summary()}")
+        row = rows[f"fused UNet, {fusion}"]
+        say(f"  seed {seed} {fusion}: {result.summary()}; IoU "
+            + " / ".join(f"{row['iou'][k]:.2f}" for k in CLASSES)
+            + (f"; gate 5-95 % range per level {row['gate_spread']}" if "gate_spread" in row else ""), flush=True)
     for name, row in forest_rows(sample, scribbles, seed=seed).items():
         rows[name] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
                       "seconds": row["seconds"]}
