@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FilterBank", "scale_sigmas"]
+__all__ = ["FilterBank", "channel_statistics", "scale_sigmas"]
 
 SIGMAS = (1.0, 2.0, 4.0)  # in the finest axis' voxels
 
@@ -37,6 +37,13 @@ def _gaussian(sigma: float) -> torch.Tensor:
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
+
+
+def channel_statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and spread of ``values`` (C, ...); channels that hardly vary get spread 1e-3, so
+    standardising does not blow up their noise."""
+    flat = values.float().flatten(1)
+    return flat.mean(1), flat.std(1).clamp_min(1e-3)
 
 
 class FilterBank(nn.Module):
@@ -66,9 +73,10 @@ class FilterBank(nn.Module):
     def calibrate(self, images) -> None:
         """Measure the responses' mean and spread over ``images``: (1, 1, Z, Y, X) tensors with the halo, e.g.
         blocks spread over the volume. Responses that hardly vary (noise-free blocks) are not blown up."""
-        responses = torch.cat([self._responses(image.float()).flatten(2)[0] for image in images], dim=1)
-        self.mean.copy_(responses.mean(1))
-        self.std.copy_(responses.std(1).clamp_min(1e-3))
+        mean, std = channel_statistics(torch.cat([self._responses(image.float()).flatten(2)[0] for image in images],
+                                                 dim=1))
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
     def _smooth(self, x: torch.Tensor, i: int) -> torch.Tensor:
         for a in range(3):

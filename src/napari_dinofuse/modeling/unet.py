@@ -27,7 +27,7 @@ from torch import nn
 
 from ..defaults import NUM_LEVELS
 from ..geometry import Grid, resample
-from .filters import FilterBank, scale_sigmas
+from .filters import FilterBank, channel_statistics, scale_sigmas
 from .fusion import ContextAttentionFusion, norm
 
 __all__ = ["FUSION_MODES", "NUM_LEVELS", "ContextWindow", "FusedUNet3D", "UNetConfig", "UNetOutput",
@@ -269,9 +269,9 @@ class ContextEncoder(nn.Module):
     def calibrate(self, features: torch.Tensor) -> None:
         """Measure the context features' per-channel mean and spread from ``features`` (C, ...), e.g. a few
         planes of the cached features; channels that hardly vary are not blown up."""
-        flat = features.float().flatten(1)
-        self.feature_mean.copy_(flat.mean(1))
-        self.feature_std.copy_(flat.std(1).clamp_min(1e-3))
+        mean, std = channel_statistics(features)
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
 
     def forward(self, window: ContextWindow) -> torch.Tensor:
         shape = window.grid.shape
