@@ -1,4 +1,8 @@
-"""Opening volumes from disk with their voxel size and offset; content identity."""
+"""Opening volumes from disk with their voxel size and offset; content identity.
+
+Files of other tools are made here by the reference writers (ome-zarr, tifffile) the way those tools
+write them, and must land at the right place in nanometres.
+"""
 
 
 import numpy as np
@@ -6,8 +10,9 @@ import pytest
 import tifffile
 import zarr
 
+from napari_dinofuse._reader import get_reader
 from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.io import VolumeReadError, content_hash, open_volume
+from napari_dinofuse.io import VolumeReadError, content_hash, open_volume, read_region
 
 
 def test_npy_is_memory_mapped_not_loaded(tmp_path):
@@ -94,3 +99,110 @@ def test_content_hash_sees_any_change_and_stays_bounded():
     sampled = data.copy()
     sampled[0, 0, 0] ^= 1
     assert content_hash(data, full_limit_bytes=1000) != content_hash(sampled, full_limit_bytes=1000)
+
+
+# --- OME-Zarr by the ome-zarr library ----------------------------------------------------------------------------
+
+NM_PER = {"micrometer": 1e3, "nanometer": 1.0, "angstrom": 0.1}
+# ome-zarr deprecates its own defaults and the explicit transforms (the only way it writes a translation).
+ome_zarr_warnings = pytest.mark.filterwarnings("ignore:.*(Scaler|coordinate_transformations).*:DeprecationWarning",
+                                              "ignore:Scale value not provided:UserWarning")
+
+
+def _tczyx(shape=(4, 16, 16)):
+    return np.random.default_rng(1).integers(0, 255, (1, 1, *shape), dtype=np.uint8)
+
+
+@ome_zarr_warnings
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+@pytest.mark.parametrize("unit", list(NM_PER))
+def test_ome_zarr_of_the_reference_writer_lands_in_nm(tmp_path, version, unit):
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_multiscale
+
+    fmt = FormatV04() if version == "0.4" else FormatV05()
+    image = _tczyx()
+    to_unit = 1 / NM_PER[unit]
+    # Level 1 halves y, x: its voxels are 8 nm and its first centre lies between level 0's first two (+2 nm).
+    transforms = [[{"type": "scale", "scale": [1, 1, *(np.array(vs) * to_unit)]},
+                   {"type": "translation", "translation": [0, 0, *(np.array(off) * to_unit)]}]
+                  for vs, off in (((8, 4, 4), (1000, 2000, 3000)), ((8, 8, 8), (1000, 2002, 3002)))]
+    group = zarr.open_group(str(tmp_path / "em.zarr"), mode="w", zarr_format=fmt.zarr_format)
+    write_multiscale([image, image[..., ::2, ::2]], group, fmt=fmt, coordinate_transformations=transforms,
+                     axes=[{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+                           *({"name": a, "type": "space", "unit": unit} for a in "zyx")])
+    assert (tmp_path / "em.zarr" / ("zarr.json" if version == "0.5" else ".zattrs")).exists()  # the form asked for
+
+    level0 = open_volume(tmp_path / "em.zarr")
+    assert level0.shape == (4, 16, 16)  # t and c dropped
+    assert np.allclose(level0.voxel_size, (8, 4, 4)) and np.allclose(level0.offset, (1000, 2000, 3000))
+    assert not isinstance(level0.data, np.ndarray)  # dropping t and c did not load the volume
+    assert np.array_equal(read_region(level0.data, (slice(1, 3), slice(None), 5)), image[0, 0, 1:3, :, 5])
+    level1 = open_volume(tmp_path / "em.zarr", level=1)
+    assert level1.shape == (4, 8, 8) and np.allclose(level1.voxel_size, (8, 8, 8))
+    # Overlaid in napari, the levels coincide: level 1's first voxel is centred on level 0's first 2x2 block.
+    assert np.allclose(level1.grid.index_to_world((0, 0, 0)), level0.grid.index_to_world((0, 0.5, 0.5)))
+    assert np.array_equal(read_region(level1.data, (slice(None),) * 3), image[0, 0, :, ::2, ::2])
+
+
+@ome_zarr_warnings
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_pyramid_made_by_the_reference_writer(tmp_path, version):
+    """write_image builds the pyramid and its per-level translations itself; the reader's layer follows them."""
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_image
+
+    fmt = FormatV04() if version == "0.4" else FormatV05()
+    group = zarr.open_group(str(tmp_path / "em.zarr"), mode="w", zarr_format=fmt.zarr_format)
+    write_image(_tczyx(), group, fmt=fmt, axes="tczyx", scale_factors=[2], scale={"z": 80, "y": 40, "x": 40},
+                axes_units={a: "angstrom" for a in "zyx"})
+    level1 = open_volume(tmp_path / "em.zarr", level=1)
+    assert np.allclose(level1.voxel_size, (8, 8, 8)) and np.allclose(level1.offset, (0, 2, 2))
+    [(data, kwargs, kind)] = get_reader(str(tmp_path / "em.zarr"))(str(tmp_path / "em.zarr"))
+    assert kind == "image" and data.shape == (4, 16, 16)
+    assert np.allclose(kwargs["scale"], (8, 4, 4)) and np.allclose(kwargs["translate"], (0, 0, 0))
+
+
+def test_ome_zarr_multiscale_transform_applies_after_the_level(tmp_path):
+    full = np.zeros((4, 16, 16), np.uint8)
+    _write_ome_zarr(tmp_path / "em.zarr", [full, full[:, ::2, ::2]], [1, 1, 1], [0.5, 0.5, 0.5])
+    group = zarr.open_group(str(tmp_path / "em.zarr"), mode="r+")
+    ome = group.attrs["ome"]
+    ome["multiscales"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [0.008, 0.004, 0.004]},
+                                                          {"type": "translation", "translation": [1, 1, 1]}]
+    group.attrs["ome"] = ome
+    volume = open_volume(tmp_path / "em.zarr", level=1)
+    assert np.allclose(volume.voxel_size, (8, 8, 8))
+    assert np.allclose(volume.offset, (1004, 1002, 1002))  # (0.5 * level scale) * image scale + image offset
+
+
+# --- TIFF by tifffile, as ImageJ/Fiji and OME write it -----------------------------------------------------------
+
+@pytest.mark.parametrize("unit", ["um", "micron", "\\u00B5m"])  # Fiji writes µm as the escaped text \u00B5m
+def test_imagej_hyperstack_units(tmp_path, unit):
+    data = np.arange(5 * 12 * 10, dtype=np.uint16).reshape(1, 5, 1, 12, 10)
+    tifffile.imwrite(tmp_path / "stack.tif", data, imagej=True, resolution=(1 / 0.004, 1 / 0.005),
+                     metadata={"axes": "TZCYX", "spacing": 0.008, "unit": unit})
+    volume = open_volume(tmp_path / "stack.tif")
+    assert volume.shape == (5, 12, 10) and np.allclose(volume.voxel_size, (8, 5, 4))
+    assert np.array_equal(read_region(volume.data, 3), data[0, 3, 0])
+
+
+@pytest.mark.parametrize("sizes, unit", [((0.008, 0.005, 0.004), None), ((0.008, 0.005, 0.004), "µm"),
+                                         ((8, 5, 4), "nm"), ((80, 50, 40), "Å")])
+def test_ome_tiff_physical_sizes(tmp_path, sizes, unit):
+    meta = {"axes": "TCZYX", **{f"PhysicalSize{a}": s for a, s in zip("ZYX", sizes)}}
+    if unit:  # without one, OME's default is µm
+        meta.update({f"PhysicalSize{a}Unit": unit for a in "ZYX"})
+    tifffile.imwrite(tmp_path / "em.ome.tif", np.zeros((1, 1, 5, 12, 10), np.uint16), metadata=meta)
+    volume = open_volume(tmp_path / "em.ome.tif")
+    assert volume.shape == (5, 12, 10) and np.allclose(volume.voxel_size, (8, 5, 4))
+    [(_, kwargs, _)] = get_reader(str(tmp_path / "em.ome.tif"))(str(tmp_path / "em.ome.tif"))
+    assert np.allclose(kwargs["scale"], (8, 5, 4))
+
+
+def test_ome_tiff_unknown_unit_is_refused_not_guessed(tmp_path):
+    tifffile.imwrite(tmp_path / "em.ome.tif", np.zeros((5, 12, 10), np.uint16), metadata={
+        "axes": "ZYX", **{f"PhysicalSize{a}": 1.0 for a in "ZYX"}, **{f"PhysicalSize{a}Unit": "pc" for a in "ZYX"}})
+    with pytest.raises(VolumeReadError, match="unknown length unit 'pc'"):
+        open_volume(tmp_path / "em.ome.tif")

@@ -17,8 +17,11 @@ from .defaults import VOLUME_SUFFIXES
 from .errors import DinofuseError, GeometryError
 from .geometry import Volume
 
-_UNIT_TO_NM = {"nanometer": 1.0, "nm": 1.0, "micrometer": 1e3, "micron": 1e3, "um": 1e3, "µm": 1e3,
-               "\\u00B5m": 1e3, "millimeter": 1e6, "mm": 1e6, "angstrom": 0.1, "picometer": 1e-3}
+# Length units as NGFF (UDUNITS names), OME-XML (symbols) and ImageJ/Fiji (which writes µm as the escaped
+# text \u00B5m) spell them; keys lower-case, as looked up.
+_UNIT_TO_NM = {"nanometer": 1.0, "nm": 1.0, "micrometer": 1e3, "micron": 1e3, "um": 1e3, "µm": 1e3, "μm": 1e3,
+               "\\u00b5m": 1e3, "millimeter": 1e6, "mm": 1e6, "angstrom": 0.1, "å": 0.1, "picometer": 1e-3,
+               "pm": 1e-3}
 
 
 class VolumeReadError(DinofuseError):
@@ -53,14 +56,26 @@ def open_volume(path, voxel_size=None, offset=None, name: str | None = None, lev
     if voxel_size is None:
         raise GeometryError(f"{path} carries no voxel size in its metadata: pass {voxel_size_hint} (nm)")
     offset = offset if offset is not None else (meta_off if meta_off is not None else (0.0, 0.0, 0.0))
-    return Volume(_squeeze_leading(data, path), voxel_size, offset, name=name)
+    return Volume(_squeeze_leading(data), voxel_size, offset, name=name)
 
 
-def _squeeze_leading(data, path: Path):
-    """OME-Zarr and TIFF often carry singleton t/c axes in front of z, y, x."""
+def _squeeze_leading(data):
+    """OME-Zarr and TIFF often carry singleton t/c axes in front of z, y, x: drop them, still lazily."""
+    if data.ndim > 3 and data.shape[0] == 1 and not isinstance(data, np.ndarray):
+        import dask.array as da
+
+        # zarr reads what it is indexed with (data[0] would load the volume): index a dask view.
+        data = da.from_array(data, chunks=getattr(data, "chunks", None) or "auto", name=False)
     while data.ndim > 3 and data.shape[0] == 1:
         data = data[0]
     return data
+
+
+def _unit_to_nm(unit, path: Path) -> float:
+    nm = _UNIT_TO_NM.get(str(unit).strip().lower())
+    if nm is None:  # a guess would put the volume in the wrong place
+        raise VolumeReadError(f"{path}: unknown length unit {unit!r} in its metadata")
+    return nm
 
 
 def _open_zarr(path: Path, level: int):
@@ -70,7 +85,7 @@ def _open_zarr(path: Path, level: int):
     if isinstance(node, zarr.Array):
         return node, None, None
     attrs = dict(node.attrs)
-    multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # NGFF 0.5, 0.4
     if not multiscales:
         arrays = sorted(name for name, _ in node.arrays())
         raise VolumeReadError(f"{path} is a zarr group without OME-Zarr multiscales metadata; open one of its "
@@ -80,25 +95,22 @@ def _open_zarr(path: Path, level: int):
     if not 0 <= level < len(datasets):
         raise VolumeReadError(f"{path} has {len(datasets)} resolution levels; level {level} does not exist")
     data = node[datasets[level]["path"]]
-    axes = image.get("axes") or [{"name": a} for a in "zyx"[-data.ndim:]]
-    scale, translation = _ome_transforms(image.get("coordinateTransformations", []))
-    level_scale, level_translation = _ome_transforms(datasets[level].get("coordinateTransformations", []))
-    scale = np.asarray(level_scale if level_scale is not None else np.ones(len(axes))) * (
-        scale if scale is not None else 1.0)
-    translation = np.asarray(level_translation if level_translation is not None else np.zeros(len(axes))) + (
-        translation if translation is not None else 0.0)
-    spatial = [i for i, a in enumerate(axes) if (a.get("type") == "space" or a.get("name") in "zyx")]
+    # NGFF 0.3 listed axes as bare names.
+    axes = [a if isinstance(a, dict) else {"name": a} for a in image.get("axes") or "zyx"[-data.ndim:]]
+    level_scale, level_translation = _ome_transforms(datasets[level].get("coordinateTransformations", []), len(axes))
+    scale, translation = _ome_transforms(image.get("coordinateTransformations", []), len(axes))
+    # The multiscale's own transform applies after the level's.
+    scale, translation = level_scale * scale, level_translation * scale + translation
+    spatial = [i for i, a in enumerate(axes) if a.get("type") == "space"
+               or ("type" not in a and a.get("name") in ("z", "y", "x"))]
     if len(spatial) != 3:
         return data, None, None
-    units = [_UNIT_TO_NM.get(str(axes[i].get("unit", "nanometer")).lower()) for i in spatial]
-    if any(u is None for u in units):
-        raise VolumeReadError(f"{path}: unknown axis unit in {[axes[i].get('unit') for i in spatial]}")
-    to_nm = np.asarray(units)
+    to_nm = np.asarray([_unit_to_nm(axes[i].get("unit", "nanometer"), path) for i in spatial])
     return data, tuple(scale[spatial] * to_nm), tuple(translation[spatial] * to_nm)
 
 
-def _ome_transforms(transforms):
-    scale = translation = None
+def _ome_transforms(transforms, ndim: int):
+    scale, translation = np.ones(ndim), np.zeros(ndim)
     for t in transforms:
         if t.get("type") == "scale":
             scale = np.asarray(t["scale"], float)
@@ -133,8 +145,9 @@ def _tiff_voxel_size(tif, page, ndim: int):
             u = re.search(rf'PhysicalSize{axis}Unit="([^"]+)"', text)
             if m:
                 sizes[axis] = float(m.group(1))
-                units[axis] = _UNIT_TO_NM.get((u.group(1) if u else "µm").lower(), 1e3)
-        if len(sizes) == 3:
+                units[axis] = u.group(1) if u else "µm"  # OME's default unit
+        if len(sizes) == 3 and "pixel" not in units.values():  # "pixel": uncalibrated
+            units = {a: _unit_to_nm(unit, tif.filehandle.path) for a, unit in units.items()}
             return tuple(sizes[a] * units[a] for a in "ZYX")
     if tif.is_imagej and tif.imagej_metadata:
         meta = tif.imagej_metadata
