@@ -1,10 +1,11 @@
 """Opening volumes from disk with their voxel size and offset; content identity.
 
-Files of other tools are made here by the reference writers (ome-zarr, tifffile) the way those tools
+Files of other tools are made here by the reference writers (ome-zarr, tifffile, h5py) the way those tools
 write them, and must land at the right place in nanometres.
 """
 
 
+import h5py
 import numpy as np
 import pytest
 import tifffile
@@ -206,3 +207,72 @@ def test_ome_tiff_unknown_unit_is_refused_not_guessed(tmp_path):
         "axes": "ZYX", **{f"PhysicalSize{a}": 1.0 for a in "ZYX"}, **{f"PhysicalSize{a}Unit": "pc" for a in "ZYX"}})
     with pytest.raises(VolumeReadError, match="unknown length unit 'pc'"):
         open_volume(tmp_path / "em.ome.tif")
+
+
+# --- HDF5 by h5py, as CREMI and ilastik/Fiji write it ------------------------------------------------------------
+
+def _cremi(path):
+    raw = np.random.default_rng(2).integers(0, 255, (6, 24, 20), dtype=np.uint8)
+    with h5py.File(path, "w") as f:
+        dataset = f.create_dataset("volumes/raw", data=raw, chunks=(1, 12, 10), compression="gzip")
+        dataset.attrs["resolution"] = [40.0, 4.0, 4.0]
+        dataset.attrs["offset"] = [80.0, 8.0, 12.0]
+        f.create_dataset("volumes/labels/neuron_ids", data=np.zeros(raw.shape, np.uint64))
+        f.create_dataset("annotations/locations", data=np.zeros((3, 3)))
+    return raw
+
+
+def test_cremi_hdf5_dataset_opens_lazily_in_place(tmp_path):
+    raw = _cremi(tmp_path / "sample_A.h5")
+    volume = open_volume(tmp_path / "sample_A.h5/volumes/raw")
+    assert volume.name == "raw" and volume.shape == raw.shape
+    assert np.allclose(volume.voxel_size, (40, 4, 4)) and np.allclose(volume.offset, (80, 8, 12))
+    assert isinstance(volume.data, h5py.Dataset)  # read on demand, not loaded
+    assert np.array_equal(read_region(volume.data, (slice(2, 4), slice(5, 30), 7)), raw[2:4, 5:, 7])
+    # The same voxels give the same cache identity whatever holds them (whole and sampled hashing).
+    assert content_hash(volume.data) == content_hash(raw)
+    assert content_hash(volume.data, full_limit_bytes=100) == content_hash(raw, full_limit_bytes=100)
+    path = str(tmp_path / "sample_A.h5/volumes/raw")
+    [(data, kwargs, kind)] = get_reader(path)(path)
+    assert kind == "image" and kwargs["name"] == "raw"
+    assert np.allclose(kwargs["scale"], (40, 4, 4)) and np.allclose(kwargs["translate"], (80, 8, 12))
+    # The file itself (what napari hands over): one layer per volume, each placed by its own attributes.
+    layers = get_reader(str(tmp_path / "sample_A.h5"))(str(tmp_path / "sample_A.h5"))
+    assert [kwargs["name"] for _, kwargs, _ in layers] == ["neuron_ids", "raw"]
+    assert np.allclose(layers[1][1]["translate"], (80, 8, 12)) and layers[0][1]["scale"] == (1.0, 1.0, 1.0)
+
+
+def test_ilastik_hdf5_with_one_volume_opens_from_the_file(tmp_path):
+    data = np.random.default_rng(3).random((1, 5, 12, 10), dtype=np.float32)  # czyx, one channel
+    with h5py.File(tmp_path / "export.hdf5", "w") as f:
+        f.create_dataset("exported_data", data=data).attrs["element_size_um"] = [0.008, 0.004, 0.004]
+    volume = open_volume(tmp_path / "export.hdf5")
+    assert volume.shape == (5, 12, 10) and np.allclose(volume.voxel_size, (8, 4, 4))
+    assert volume.offset == (0.0, 0.0, 0.0)
+    assert not isinstance(volume.data, np.ndarray)  # the channel was dropped without loading
+    assert np.array_equal(read_region(volume.data, (slice(None),) * 3), data[0])
+    assert get_reader(str(tmp_path / "export.hdf5")) is not None
+
+
+def test_hdf5_bad_input_gives_one_clear_line(tmp_path):
+    _cremi(tmp_path / "em.h5")
+    with pytest.raises(VolumeReadError, match=r"holds 2 volumes: open one as .*em.h5/PATH .*em.h5/volumes/raw"):
+        open_volume(tmp_path / "em.h5")
+    with pytest.raises(VolumeReadError, match=r"has no dataset 'volumes/rwa' \(its datasets: .*volumes/raw"):
+        open_volume(tmp_path / "em.h5/volumes/rwa")
+    with pytest.raises(VolumeReadError, match=r"em.h5/volumes is a group: open one of its datasets .*volumes/raw"):
+        open_volume(tmp_path / "em.h5/volumes")
+    with pytest.raises(VolumeReadError, match="no such file"):
+        open_volume(tmp_path / "other.h5/volumes/raw")
+    (tmp_path / "fake.h5").write_text("not HDF5")
+    with pytest.raises(VolumeReadError, match="fake.h5 is not an HDF5 file"):
+        open_volume(tmp_path / "fake.h5/raw")
+    with h5py.File(tmp_path / "flat.h5", "w") as f:
+        f.create_dataset("image", data=np.zeros((8, 8), np.uint8))
+    with pytest.raises(VolumeReadError, match=r"holds no 3D dataset \(its datasets: .*flat.h5/image \(8, 8\)"):
+        open_volume(tmp_path / "flat.h5", voxel_size=4)
+    with pytest.raises(GeometryError, match="image is 2D"):  # as for every other format
+        open_volume(tmp_path / "flat.h5/image", voxel_size=4)
+    for path in ("em.h5/volumes/raw", "em.hdf5", "EM.H5"):
+        assert get_reader(str(tmp_path / path)) is not None
+    assert get_reader(str(tmp_path / "notes.txt")) is None

@@ -62,3 +62,22 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
     assert np.allclose(level3.scale, np.asarray(raw.scale) * 4) and level3.blending == "additive"
     # A level-3 voxel covers 4x4x4 raw voxels: its centre is 1.5 raw voxels past the first one's.
     assert np.allclose(level3.data_to_world((0, 0, 0)), raw.data_to_world((1.5, 17.5, 1.5)))
+
+
+
+def test_reader_opens_each_volume_of_an_hdf5_file(make_napari_viewer, tmp_path):
+    """napari hands over the file only (it refuses `file.h5/volumes/raw`, which is no file): one layer per volume."""
+    import h5py
+
+    with h5py.File(tmp_path / "sample_A.h5", "w") as f:
+        raw = f.create_dataset("volumes/raw", data=np.zeros((4, 16, 16), np.uint8))
+        raw.attrs["resolution"], raw.attrs["offset"] = [40.0, 4.0, 4.0], [80.0, 8.0, 12.0]
+        labels = f.create_dataset("volumes/labels/neuron_ids", data=np.zeros((4, 16, 16), np.uint64))
+        labels.attrs["resolution"], labels.attrs["offset"] = [40.0, 4.0, 4.0], [80.0, 8.0, 12.0]
+        f.create_dataset("annotations/locations", data=np.zeros((3, 3)))  # not a volume: no layer
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "sample_A.h5"), plugin="napari-dinofuse")
+    assert [layer.name for layer in viewer.layers] == ["neuron_ids", "raw"]
+    for layer in viewer.layers:
+        assert np.allclose(layer.scale, (40, 4, 4)) and np.allclose(layer.translate, (80, 8, 12))
+    assert isinstance(viewer.layers["raw"].data, h5py.Dataset)  # napari reads the slices it shows

@@ -1,20 +1,24 @@
-"""npe2 reader: volumes (.zarr / OME-Zarr, .tif/.tiff, .npy) and dinofuse predictions, placed in the world.
+"""npe2 reader: volumes (.zarr / OME-Zarr, .tif/.tiff, HDF5, .npy) and dinofuse predictions, placed in the world.
 
 Layers get ``scale`` = voxel size and ``translate`` = offset (nm), so raw, context and results overlay.
-Data stay lazy (zarr arrays, memory maps): napari reads what it shows.
+Data stay lazy (zarr arrays, h5py datasets, memory maps): napari reads what it shows. An HDF5 file therefore
+stays open (read-only) while its layer exists.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .defaults import NUM_LEVELS, PREDICTION_KIND, VOLUME_SUFFIXES, attention_array, attention_layer
+from .defaults import HDF5_SUFFIXES, NUM_LEVELS, PREDICTION_KIND, VOLUME_SUFFIXES, attention_array, attention_layer
 
 
 def get_reader(path):
     if isinstance(path, list):
         return None
-    return read if str(path).rstrip("/").lower().endswith(VOLUME_SUFFIXES) else None
+    path = str(path).rstrip("/").lower()
+    # `file.h5/raw`: the dataset's path inside an HDF5 file follows the file's suffix.
+    inside_hdf5 = any(Path(part).suffix in HDF5_SUFFIXES for part in Path(path).parts)
+    return read if path.endswith(VOLUME_SUFFIXES) or inside_hdf5 else None
 
 
 def read(path) -> list[tuple]:
@@ -22,8 +26,23 @@ def read(path) -> list[tuple]:
     prediction = _prediction_outputs(path)
     if prediction is not None:
         return prediction
+    if path.suffix.lower() in HDF5_SUFFIXES and path.is_file():
+        # napari hands over existing paths only, never `file.h5/dataset`: a file with several volumes opens
+        # as one layer each (open_volume refuses to guess which one is meant).
+        volumes = _hdf5_volumes(path)
+        if len(volumes) > 1:
+            return [layer for volume in volumes for layer in read(volume)]
     volume = _open(path)
     return [(volume.data, _placement(volume, name=path.stem), "image")]
+
+
+def _hdf5_volumes(path: Path) -> list[str]:
+    from .io import hdf5_volumes
+
+    try:
+        return hdf5_volumes(path)
+    except Exception:  # noqa: BLE001 - not readable as HDF5: open_volume says why
+        return []
 
 
 def _open(path: Path, **kwargs):

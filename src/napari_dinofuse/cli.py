@@ -48,7 +48,7 @@ def _triple(text: str) -> tuple[float, float, float]:
 
 def _add_volume_args(parser: argparse.ArgumentParser, role: str, required: bool) -> None:
     parser.add_argument(f"--{role}", required=required, metavar="PATH",
-                        help=f"{role} volume: .zarr (array or OME-Zarr image), .tif/.tiff or .npy")
+                        help=f"{role} volume: .zarr (array or OME-Zarr image), .tif/.tiff, FILE.h5/DATASET or .npy")
     parser.add_argument(f"--{role}-voxel-size", type=_triple, metavar="Z,Y,X",
                         help=f"{role} voxel size in nm (default: from the file's metadata)")
     parser.add_argument(f"--{role}-offset", type=_triple, metavar="Z,Y,X",

@@ -1,7 +1,7 @@
-"""Open volumes from disk (zarr / OME-Zarr, TIFF, npy) as lazily read :class:`Volume` objects.
+"""Open volumes from disk (zarr / OME-Zarr, TIFF, HDF5, npy) as lazily read :class:`Volume` objects.
 
-Nothing here loads a whole volume: zarr stays zarr, npy is memory-mapped, TIFF is memory-mapped when
-uncompressed. Voxel size and offset come from the file's metadata unless given explicitly.
+Nothing here loads a whole volume: zarr stays zarr, HDF5 stays an h5py dataset, npy is memory-mapped, TIFF is
+memory-mapped when uncompressed. Voxel size and offset come from the file's metadata unless given explicitly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .defaults import VOLUME_SUFFIXES
+from .defaults import HDF5_SUFFIXES, VOLUME_SUFFIXES
 from .errors import DinofuseError, GeometryError
 from .geometry import Volume
 
@@ -32,15 +32,20 @@ def open_volume(path, voxel_size=None, offset=None, name: str | None = None, lev
                 voxel_size_hint: str = "voxel_size=(z, y, x)") -> Volume:
     """Open ``path`` as a :class:`Volume`; explicit ``voxel_size``/``offset`` (nm, z,y,x) win over metadata.
 
+    HDF5 volumes are addressed as ``file.h5/path/to/dataset`` (or the file alone when it holds one volume);
+    the file stays open read-only for as long as the returned data lives, since it is read lazily.
     ``voxel_size_hint`` names the option the user should pass when the file carries no voxel size.
     """
     path = Path(path).expanduser()
     name = name or path.stem
-    if not path.exists():
-        raise VolumeReadError(f"{path}: no such file or folder")
+    hdf5 = _split_hdf5(path)
+    if not (hdf5[0] if hdf5 else path).exists():
+        raise VolumeReadError(f"{hdf5[0] if hdf5 else path}: no such file or folder")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".zarr" or (path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zarray", ".zgroup"))):
+        if hdf5:
+            data, meta_vs, meta_off = _open_hdf5(*hdf5)
+        elif suffix == ".zarr" or (path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zarray", ".zgroup"))):
             data, meta_vs, meta_off = _open_zarr(path, level)
         elif suffix in (".tif", ".tiff"):
             data, meta_vs, meta_off = _open_tiff(path)
@@ -60,11 +65,11 @@ def open_volume(path, voxel_size=None, offset=None, name: str | None = None, lev
 
 
 def _squeeze_leading(data):
-    """OME-Zarr and TIFF often carry singleton t/c axes in front of z, y, x: drop them, still lazily."""
+    """OME-Zarr, TIFF and HDF5 often carry singleton t/c axes in front of z, y, x: drop them, still lazily."""
     if data.ndim > 3 and data.shape[0] == 1 and not isinstance(data, np.ndarray):
         import dask.array as da
 
-        # zarr reads what it is indexed with (data[0] would load the volume): index a dask view.
+        # zarr and h5py read what they are indexed with (data[0] would load the volume): index a dask view.
         data = da.from_array(data, chunks=getattr(data, "chunks", None) or "auto", name=False)
     while data.ndim > 3 and data.shape[0] == 1:
         data = data[0]
@@ -76,6 +81,64 @@ def _unit_to_nm(unit, path: Path) -> float:
     if nm is None:  # a guess would put the volume in the wrong place
         raise VolumeReadError(f"{path}: unknown length unit {unit!r} in its metadata")
     return nm
+
+
+def _split_hdf5(path: Path) -> tuple[Path, str] | None:
+    """(file, path inside it) when ``path`` is an HDF5 file or names something inside one, else None."""
+    for i, part in enumerate(path.parts):
+        file = Path(*path.parts[: i + 1])
+        if Path(part).suffix.lower() in HDF5_SUFFIXES and not file.is_dir():
+            return file, "/".join(path.parts[i + 1:])
+    return None
+
+
+def _open_hdf5(file: Path, inner: str):
+    import h5py
+
+    if not h5py.is_hdf5(file):
+        raise VolumeReadError(f"{file} is not an HDF5 file")
+    # Left open (read-only) on purpose: the dataset reads lazily for as long as the volume or napari layer lives.
+    handle = h5py.File(file, "r")
+    node = handle.get(inner or "/")
+    if node is None:
+        raise VolumeReadError(f"{file} has no dataset {inner!r} ({_hdf5_listing(handle, file)})")
+    if isinstance(node, h5py.Group):
+        volumes = [d for d in _hdf5_datasets(node) if d.ndim >= 3]
+        if inner:
+            raise VolumeReadError(f"{file}/{inner} is a group: open one of its datasets ({_hdf5_listing(node, file)})")
+        if len(volumes) != 1:  # only a file with a single volume in it is unambiguous
+            what = f"{len(volumes)} volumes: open one as {file}/PATH" if volumes else "no 3D dataset"
+            raise VolumeReadError(f"{file} holds {what} ({_hdf5_listing(node, file)})")
+        node = volumes[0]
+    attrs = node.attrs
+    voxel_size = offset = None
+    if "resolution" in attrs:  # CREMI: nm, z, y, x
+        voxel_size = tuple(np.asarray(attrs["resolution"], float).ravel())
+    elif "element_size_um" in attrs:  # Fiji's HDF5 plugin, ilastik: µm, z, y, x
+        voxel_size = tuple(np.asarray(attrs["element_size_um"], float).ravel() * 1e3)
+    if "offset" in attrs:  # CREMI: nm, z, y, x
+        offset = tuple(np.asarray(attrs["offset"], float).ravel())
+    return node, voxel_size, offset
+
+
+def hdf5_volumes(file) -> list[str]:
+    """The 3D+ datasets of an HDF5 file, as paths :func:`open_volume` takes (``file.h5/path/to/dataset``)."""
+    import h5py
+
+    with h5py.File(file, "r") as handle:
+        return [f"{file}{d.name}" for d in _hdf5_datasets(handle) if d.ndim >= 3]
+
+
+def _hdf5_datasets(group) -> list:
+    found = []
+    group.visititems(lambda _, obj: found.append(obj) if hasattr(obj, "shape") else None)
+    return found
+
+
+def _hdf5_listing(group, file: Path) -> str:
+    """The datasets under ``group`` with their shapes: what the user can open instead."""
+    datasets = [f"{file}{d.name} {d.shape}" for d in _hdf5_datasets(group)]
+    return f"its datasets: {', '.join(datasets)}" if datasets else "it holds no dataset"
 
 
 def _open_zarr(path: Path, level: int):

@@ -167,7 +167,7 @@ class DinofuseWidget(QWidget):
         self.raw_voxel, self.raw_offset = QLineEdit(), QLineEdit()
         self.context_voxel, self.context_offset = QLineEdit(), QLineEdit()
         open_row = QHBoxLayout()
-        for text, folder in (("Open .tif / .npy…", False), ("Open .zarr…", True)):
+        for text, folder in (("Open .tif / .h5 / .npy…", False), ("Open .zarr…", True)):
             button = QPushButton(text)
             button.setToolTip("Open volumes as layers, placed by their voxel size and offset (drag-and-drop "
                               "works too)")
@@ -406,7 +406,7 @@ class DinofuseWidget(QWidget):
             chosen = QFileDialog.getExistingDirectory(self, "Open a .zarr / OME-Zarr volume")
             paths = [chosen] if chosen else []
         else:
-            paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", "", "Volumes (*.tif *.tiff *.npy)")
+            paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", "", "Volumes (*.tif *.tiff *.h5 *.hdf5 *.npy)")
         for path in paths:
             self.viewer.open(path, plugin="napari-dinofuse")
 
