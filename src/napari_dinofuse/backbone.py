@@ -49,7 +49,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BackboneError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackboneError("device 'cuda' was asked for, but torch sees no CUDA GPU: use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():

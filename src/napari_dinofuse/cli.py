@@ -1,7 +1,9 @@
 """The ``dinofuse`` command: a thin driver over the engine.
 
 Heavy modules (torch, transformers) are imported inside the subcommands, so ``dinofuse --help`` is instant.
-Expected failures (bad input, unavailable weights) print one line and exit with status 1.
+Expected failures (bad input, unavailable weights) print one line and exit with status 1; mistakes in the
+command line itself one line and status 2. Values are checked by the engine's settings objects (TrainConfig,
+NewModel, ExtractionSettings, PredictionSettings), built before any slow work; argparse only parses.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 import warnings
 
 from . import __version__, defaults
-from .errors import DinofuseError
+from .errors import DinofuseError, InputError
 from .progress import drive
 
 
@@ -21,9 +23,11 @@ def _check_backbone(args) -> int:
 
     from .backbone import load_backbone
 
+    size = args.size
+    if not 1 <= size <= 8192:  # only this command has the option: no engine setting checks it
+        raise InputError(f"--size {size}: expected a slice side from 1 to 8192 pixels (e.g. 512)")
     backbone = load_backbone(args.backbone, device=args.device)
     print(backbone.describe())
-    size = args.size
     start = time.perf_counter()
     features = backbone.patch_features(torch.rand(1, size, size))
     if backbone.device.type == "cuda":
@@ -44,6 +48,22 @@ def _triple(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected 3 values Z,Y,X in nm, got {text!r}")
     return tuple(values)
+
+
+def _ints(text: str) -> int | tuple[int, ...]:
+    """'Z,Y,X' whole numbers, or one for every axis; their values are the engine's to check."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers Z,Y,X (or one for all axes), got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line (status 2), like every other refusal, not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_volume_args(parser: argparse.ArgumentParser, role: str, required: bool) -> None:
@@ -114,59 +134,66 @@ def _follow(generator, label: str):
     return value
 
 
+def _volumes(args):
+    """Open raw (+ context) and check where they lie: lazy and cheap, so before any backbone or feature work."""
+    raw = _open(args, "raw")
+    context = _open(args, "context") if args.context else None
+    if context is not None:
+        context.require_covers(raw)
+    return raw, context
+
+
 def _extract(args) -> int:
     from .backbone import load_backbone
     from .cache import FeatureCache, format_bytes
-    from .features import extract_features
+    from .features import ExtractionSettings, extract_features
 
-    raw = _open(args, "raw")
-    volumes = [raw]
-    if args.context:
-        context = _open(args, "context")
-        context.require_covers(raw)
-        volumes.append(context)
+    settings = ExtractionSettings(args.planes, args.tile_size, args.batch_size)
+    volumes = [v for v in _volumes(args) if v is not None]
     backbone = load_backbone(args.backbone, device=args.device)
     print(backbone.describe())
     cache = FeatureCache(args.cache)
     for volume in volumes:
         start = time.perf_counter()
-        entry = _follow(extract_features(volume, backbone, cache, planes=args.planes, tile_size=args.tile_size,
-                                         batch_size=args.batch_size, verify="all" if args.verify else "changed"),
-                        volume.name)
+        entry = _follow(extract_features(volume, backbone, cache, planes=settings.planes,
+                                         tile_size=settings.tile_size, batch_size=settings.batch_size,
+                                         verify="all" if args.verify else "changed"), volume.name)
         print(f"{volume.name}: features {entry.shape} in {entry.path} ({format_bytes(entry.nbytes_on_disk())}, "
               f"{time.perf_counter() - start:.1f} s)")
     print(f"cache {cache.root}: {format_bytes(cache.size_bytes())} in all")
     return 0
 
 
-def _sources(args, backbone):
-    """Open raw (+ context) and extract or reuse their features, with a progress bar."""
+def _sources(args, backbone, raw, context, settings):
+    """Extract or reuse the features of raw (+ context), with a progress bar."""
     from .cache import FeatureCache
     from .features import extract_sources
 
-    raw = _open(args, "raw")
-    context = _open(args, "context") if args.context else None
-    return _follow(extract_sources(raw, context, backbone, FeatureCache(args.cache), planes=args.planes,
-                                   batch_size=args.batch_size), "features")
+    return _follow(extract_sources(raw, context, backbone, FeatureCache(args.cache), planes=settings.planes,
+                                   batch_size=settings.batch_size), "features")
 
 
 def _train(args) -> int:
     from .backbone import load_backbone
     from .checkpoint import load_model, read_training_log, save_model
+    from .features import ExtractionSettings
     from .finetune import NewModel, StartModel, fine_tune
     from .io import open_volume
     from .train import TrainConfig, find_painted
 
-    start = StartModel(*load_model(args.init), read_training_log(args.init)) if args.init else None
-    backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device)
-    print(backbone.describe())
-    source = _sources(args, backbone)
-    labels = open_volume(args.labels, voxel_size=source.raw.voxel_size, offset=source.raw.offset, name="labels").data
-    find_painted(labels, source.raw.shape)  # refuse bad labels before any slow work
+    # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
                          dice_weight=args.dice_weight, validation_share=args.validation_share, device=args.device)
     new = NewModel(fusion=args.fusion, base_channels=args.base_channels, intensity_stem=args.intensity_stem,
                    context_margin_nm=args.context_margin)
+    extraction = ExtractionSettings(args.planes, batch_size=args.batch_size)
+    start = StartModel(*load_model(args.init), read_training_log(args.init)) if args.init else None
+    raw, context = _volumes(args)
+    labels = open_volume(args.labels, voxel_size=raw.voxel_size, offset=raw.offset, name="labels").data
+    find_painted(labels, raw.shape, known_classes=start.model.config.num_classes if start else 0)
+    backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device)
+    print(backbone.describe())
+    source = _sources(args, backbone, raw, context, extraction)
     result = _follow(fine_tune(source, labels, config, new, start, backbone=backbone), "train")
     save_model(args.out, result.model, result.info, result.log)
     print(f"{result.summary()}; model saved to {args.out}")
@@ -176,52 +203,51 @@ def _train(args) -> int:
 def _predict(args) -> int:
     from .backbone import load_backbone
     from .checkpoint import check_backbone_compatible, load_model
+    from .features import ExtractionSettings
     from .finetune import inference_settings
     from .outputs import ZarrSink
-    from .predict import predict
+    from .predict import PredictionSettings, predict, snap_roi
 
     model, info = load_model(args.model)
+    inference = inference_settings(info)
+    # Every refusal before any slow work (backbone, features): settings, volumes, the ROI.
+    settings = PredictionSettings(inference.tile_shape, inference.overlap, args.block_shape, args.workers)
+    extraction = ExtractionSettings(args.planes or inference.planes, batch_size=args.batch_size)
+    raw, context = _volumes(args)
+    snap_roi(args.roi, raw.shape)
     backbone = load_backbone(args.backbone or info.backbone, device=args.device,
                              normalization=None if args.backbone else info.normalization)
     print(backbone.describe())
     warning = check_backbone_compatible(info, str(backbone.spec), backbone.embed_dim)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    settings = inference_settings(info)
-    if args.planes is None:
-        args.planes = settings.planes
-    tile, overlap = settings.tile_shape, settings.overlap
-    if args.workers or args.scheduler:
-        return _predict_on_cluster(args, backbone, tile, overlap)
-    source = _sources(args, backbone)
-    _follow(predict(model, source, args.roi, tile_shape=tile, overlap=overlap, attention=args.attention,
-                    device=args.device, sink=ZarrSink(args.out)), "predict")
+    if settings.workers is not None or args.scheduler:
+        return _predict_on_cluster(args, backbone, (raw, context), settings, extraction)
+    source = _sources(args, backbone, raw, context, extraction)
+    _follow(predict(model, source, args.roi, tile_shape=settings.tile_shape, overlap=settings.overlap,
+                    block_shape=settings.block_shape, attention=args.attention, device=args.device,
+                    sink=ZarrSink(args.out)), "predict")
     print(f"wrote {args.out}: labels, probabilities, uncertainty" + (", attention/level1..4" if args.attention
                                                                      and model.config.fusion == "attention" else ""))
     return 0
 
 
-def _predict_on_cluster(args, backbone, tile, overlap) -> int:
+def _predict_on_cluster(args, backbone, volumes, settings, extraction) -> int:
     from .cache import FeatureCache
     from .distributed import VolumeRef, connect, prepare_job, require_distributed, run_blockwise
 
     require_distributed()
-    refs = []
-    for role in ("raw", "context"):
-        if getattr(args, role):
-            volume = _open(args, role)  # resolves voxel size and offset once, with the same errors as always
-            refs.append(VolumeRef(str(getattr(args, role)), volume.voxel_size, volume.offset,
-                                  getattr(args, f"{role}_level"), role))
-        else:
-            refs.append(None)
-    job, extraction = prepare_job(refs[0], refs[1], args.model, args.out, backbone, FeatureCache(args.cache),
-                                  planes=args.planes, roi=args.roi, tile_shape=tile, overlap=overlap,
-                                  block_shape=tuple(args.block_shape), attention=args.attention, device=args.device,
-                                  batch_size=args.batch_size or 4)
-    client = connect(args.workers, args.scheduler)
+    # Workers reopen the files with the voxel size and offset resolved here.
+    refs = [VolumeRef(str(getattr(args, role)), volume.voxel_size, volume.offset, getattr(args, f"{role}_level"),
+                      role) if volume is not None else None for role, volume in zip(("raw", "context"), volumes)]
+    job, units = prepare_job(refs[0], refs[1], args.model, args.out, backbone, FeatureCache(args.cache),
+                             planes=extraction.planes, roi=args.roi, tile_shape=settings.tile_shape,
+                             overlap=settings.overlap, block_shape=settings.block_shape, attention=args.attention,
+                             device=args.device, batch_size=extraction.batch_size or 4)
+    client = connect(settings.workers, args.scheduler)
     print(f"dask dashboard: {client.dashboard_link}")
     try:
-        stats = _follow(run_blockwise(client, job, extraction), "cluster")
+        stats = _follow(run_blockwise(client, job, units), "cluster")
     finally:
         client.close()
     print(f"wrote {args.out}: {stats['computed']} blocks computed, {stats['skipped']} already done "
@@ -233,8 +259,8 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out, backbone=args.backbone, device=args.device, seed=args.seed,
-             **({"iterations": args.iterations} if args.iterations else {}),
-             cache=args.cache, raw_shape=tuple(int(v) for v in args.raw_shape.split(",")), follow=_follow)
+             **({"iterations": args.iterations} if args.iterations is not None else {}),
+             cache=args.cache, raw_shape=args.raw_shape, follow=_follow)
     return 0
 
 
@@ -255,7 +281,7 @@ def _cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dinofuse",
         description="Volume-EM segmentation with DINOv3 features and a context-fused 3D UNet (headless).",
     )
@@ -320,13 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--roi", default=None, metavar="z0:z1,y0:y1,x0:x1",
                       help="region of interest in raw voxels (default: the whole volume)")
     pred.add_argument("--attention", action="store_true", help="also write the 4 per-level attention maps")
-    pred.add_argument("--workers", type=int, default=None, metavar="N",
-                      help="run blockwise on a local dask cluster of N worker processes")
-    pred.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                      help="run blockwise on an existing dask scheduler (e.g. tcp://host:8786; see docs/cluster.md)")
-    pred.add_argument("--block-shape", type=lambda t: [int(v) for v in t.split(",")],
-                      default=list(defaults.PREDICT_BLOCK), metavar="Z,Y,X",
-                      help=f"voxels per cluster task (default {','.join(map(str, defaults.PREDICT_BLOCK))})")
+    where = pred.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run blockwise on a local dask cluster of N worker processes")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run blockwise on an existing dask scheduler (e.g. tcp://host:8786; see docs/cluster.md)")
+    pred.add_argument("--block-shape", type=_ints, default=defaults.PREDICT_BLOCK, metavar="Z,Y,X",
+                      help="voxels per block: a cluster task, or in this process what is held in memory at once "
+                           f"(default {','.join(map(str, defaults.PREDICT_BLOCK))})")
     _add_feature_args(pred)
     pred.set_defaults(func=_predict, planes=None)
 
@@ -340,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=int, default=None,
                       help="training iterations per model (default 150: a few minutes on a laptop CPU)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--raw-shape", default="32,256,256", metavar="Z,Y,X",
+    demo.add_argument("--raw-shape", type=_ints, default=(32, 256, 256), metavar="Z,Y,X",
                       help="size of the synthetic raw field in 4 nm voxels (y, x >= 128)")
     demo.add_argument("--cache", default=None, metavar="DIR", help="feature cache folder")
     demo.set_defaults(func=_demo)
@@ -360,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         return args.func(args)
-    except DinofuseError as exc:
+    except (DinofuseError, OSError) as exc:  # OSError: an unwritable --out, a full disk (as the widget shows them)
         print(f"dinofuse {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -63,11 +63,12 @@ def iou_unpainted(prediction: np.ndarray, truth: np.ndarray, painted: np.ndarray
 def run_demo(out, backbone: str | None = None, device: str = "auto", iterations: int = DEMO_ITERATIONS,
              seed: int = 0, base_channels: int = defaults.BASE_CHANNELS, cache=None, raw_shape=(32, 256, 256), say: Callable[[str], None] = print,
              follow: Callable = lambda generator, label: drive(generator)) -> dict:
+    config = TrainConfig(iterations=iterations, seed=seed, device=device)  # the one recipe; refuses bad values
+    sample = make_sample(seed=seed, raw_shape=raw_shape)  # (refuses bad shapes) before the backbone loads
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bb = demo_backbone(backbone, device, say)
     say(bb.describe())
-    sample = make_sample(seed=seed, raw_shape=raw_shape)
     say(f"sample: raw {sample.raw.shape} at {sample.raw.voxel_size[0]:g} nm, context {sample.context.shape} at "
         f"{sample.context.voxel_size[0]:g} nm ({len(CLASS_NAMES) - 1} classes)")
     source = follow(extract_sources(sample.raw, sample.context, bb, FeatureCache(cache)), "features")
@@ -75,7 +76,6 @@ def run_demo(out, backbone: str | None = None, device: str = "auto", iterations:
     painted = scribbles > 0
     say(f"scribbles: {np.count_nonzero(painted)} painted voxels ({100 * painted.mean():.2f}% of the raw)")
     classes = range(1, len(CLASS_NAMES))
-    config = TrainConfig(iterations=iterations, seed=seed, device=device)  # the one recipe
     results = {}
     for fusion in ("attention", "none"):
         result = follow(fine_tune(source, scribbles, config, NewModel(fusion, base_channels,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Generator, Iterable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +38,38 @@ from .progress import Progress, drive, within
 DEFAULT_TILE_SIZE = 1024
 CONTEXT_POOLING = 4  # the context encoder pools by at most 2 x 2 per axis
 MIN_OVERLAP_PATCHES = 2
+
+
+MIN_TILE_SIZE = 2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1)  # two tiles' overlap must leave each some core
+MAX_BATCH_SIZE = 4096  # slices per forward pass; more is a typo (even 4096 ViT-S slices need tens of GiB)
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How features are extracted; validated on creation, so every driver refuses bad values before loading a
+    backbone. ``batch_size`` None: 16 slices per forward pass on CUDA, 4 otherwise."""
+
+    planes: str = "xy"
+    tile_size: int = DEFAULT_TILE_SIZE
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name, what):
+            raise InputError(f"extraction setting {name} = {getattr(self, name)!r}: {what}")
+
+        if not isinstance(self.planes, str) or self.planes not in PLANE_SETS:
+            bad("planes", f"expected one of {', '.join(PLANE_SETS)}")
+        t = self.tile_size
+        if isinstance(t, bool) or not isinstance(t, int) or t % PATCH_SIZE or t < MIN_TILE_SIZE:
+            bad("tile_size", f"expected a multiple of {PATCH_SIZE} pixels, at least {MIN_TILE_SIZE} "
+                f"(default {DEFAULT_TILE_SIZE})")
+        b = self.batch_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH_SIZE):
+            bad("batch_size", f"expected a whole number from 1 to {MAX_BATCH_SIZE} slices (leave it out for "
+                "16 on a GPU, 4 otherwise)")
+
+    def batch_for(self, device) -> int:
+        return self.batch_size or (16 if torch.device(device).type == "cuda" else 4)
 
 
 def feature_grid(volume: Volume) -> Grid:
@@ -86,7 +119,7 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
     verify = {True: "all", False: "none"}.get(verify, verify)
     if verify not in ("changed", "all", "none"):
         raise InputError(f"unknown verify mode {verify!r}: use changed, all or none")
-    batch_size = batch_size or (16 if backbone.device.type == "cuda" else 4)
+    batch_size = ExtractionSettings(planes, tile_size, batch_size).batch_for(backbone.device)
     yield Progress(0, 1, f"{volume.name}: identifying the data")
     entry = open_entry(volume, backbone, cache, planes=planes, tile_size=tile_size, intensity=intensity)
     if verify != "none":
@@ -106,11 +139,7 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
 def open_entry(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, *, planes: str = "xy",
                tile_size: int = DEFAULT_TILE_SIZE, intensity: str = "auto") -> FeatureEntry:
     """The cache entry for ``volume``'s features under these settings (created empty if new)."""
-    if planes not in PLANE_SETS:
-        raise InputError(f"unknown planes {planes!r}: use one of {', '.join(PLANE_SETS)}")
-    if tile_size % PATCH_SIZE or tile_size < 2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1):
-        raise InputError(f"tile size must be a multiple of {PATCH_SIZE} and at least "
-                            f"{2 * PATCH_SIZE * (MIN_OVERLAP_PATCHES + 1)} pixels, got {tile_size}")
+    ExtractionSettings(planes, tile_size)  # refuses bad values
     signature = feature_signature(volume, backbone, planes, tile_size, intensity)
     z, y, x = volume.shape
     shape = (backbone.embed_dim, z, -(-y // PATCH_SIZE), -(-x // PATCH_SIZE))

@@ -9,6 +9,7 @@ their input into a :class:`~napari_dinofuse.train.TrainConfig` and :class:`NewMo
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -17,9 +18,12 @@ from . import defaults
 from .checkpoint import ModelInfo, check_backbone_compatible
 from .errors import InputError
 from .features import FeatureSource
-from .modeling.unet import FusedUNet3D
+from .modeling.unet import FUSION_MODES, FusedUNet3D
 from .progress import Progress
 from .train import TrainConfig, Trainer, adapt_classes, find_painted, model_info, new_model
+
+# Wider UNets than this do not fit any GPU at the training tile size; a larger value is a typo.
+MAX_BASE_CHANNELS = 256
 
 __all__ = ["FineTuned", "InferenceSettings", "NewModel", "StartModel", "fine_tune", "inference_settings"]
 
@@ -33,6 +37,29 @@ class NewModel:
     intensity_stem: bool = True
     context_margin_nm: float | None = defaults.CONTEXT_MARGIN_NM
     class_names: tuple[str, ...] = ()  # of classes 1, 2, ... ("class k" where missing)
+
+    def __post_init__(self) -> None:
+        def bad(name, what):
+            raise InputError(f"model setting {name} = {getattr(self, name)!r}: {what}")
+
+        # Checked here, not only in UNetConfig: drivers build this before any slow work (features, labels).
+        width = self.base_channels
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_BASE_CHANNELS:
+            bad("base_channels", f"expected a whole number from 1 to {MAX_BASE_CHANNELS} (e.g. "
+                f"{defaults.BASE_CHANNELS} on a laptop, 32-64 on a GPU)")
+        if self.fusion not in FUSION_MODES:
+            bad("fusion", f"expected one of {', '.join(FUSION_MODES)}")
+        if not isinstance(self.intensity_stem, bool):
+            bad("intensity_stem", "expected True or False")
+        margin = self.context_margin_nm
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not 0 < margin < math.inf):
+            bad("context_margin_nm", "expected a distance in nm > 0 (default "
+                f"{defaults.CONTEXT_MARGIN_NM:g}), or None for the whole context")
+        names = self.class_names
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            bad("class_names", "expected a sequence of names, one per class")
+        object.__setattr__(self, "class_names", tuple(names))
 
 
 class StartModel(NamedTuple):
@@ -71,7 +98,8 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
     (as a progress message) when it differs from the start model's. Returns :class:`FineTuned`.
     """
     config = config or TrainConfig()
-    painted = find_painted(labels, source.raw.shape)  # refuse bad labels before building anything
+    # Refuse bad labels before building anything (classes the start model has may stay unpainted).
+    painted = find_painted(labels, source.raw.shape, known_classes=start.model.config.num_classes if start else 0)
     if start is not None:
         _require_fits(start.model, source)
         if backbone is not None:

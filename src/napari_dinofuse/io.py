@@ -42,11 +42,16 @@ def open_volume(path, voxel_size=None, offset=None, name: str | None = None, lev
     if not (hdf5[0] if hdf5 else path).exists():
         raise VolumeReadError(f"{hdf5[0] if hdf5 else path}: no such file or folder")
     suffix = path.suffix.lower()
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise VolumeReadError(f"resolution level {level!r}: expected a whole number >= 0 (0: full resolution)")
     try:
         if hdf5:
             data, meta_vs, meta_off = _open_hdf5(*hdf5)
         elif suffix == ".zarr" or (path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zarray", ".zgroup"))):
             data, meta_vs, meta_off = _open_zarr(path, level)
+        elif level and suffix in (".tif", ".tiff", ".npy"):  # reading level 0 instead would pass for the level asked
+            raise VolumeReadError(f"{path}: {suffix} files have one resolution level; level {level} exists only "
+                                  "in OME-Zarr images (leave the level out, or give the OME-Zarr)")
         elif suffix in (".tif", ".tiff"):
             data, meta_vs, meta_off = _open_tiff(path)
         elif suffix == ".npy":
@@ -146,6 +151,9 @@ def _open_zarr(path: Path, level: int):
 
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
+        if level:
+            raise VolumeReadError(f"{path} is a single zarr array with one resolution level; level {level} exists "
+                                  "only in OME-Zarr images (leave the level out)")
         return node, None, None
     attrs = dict(node.attrs)
     multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")  # NGFF 0.5, 0.4

@@ -60,7 +60,7 @@ from .tiling import (
     roi_to_str,
 )
 
-__all__ = ["PredictionPlan", "attention_names", "plan_prediction", "predict",
+__all__ = ["PredictionPlan", "PredictionSettings", "attention_names", "plan_prediction", "predict",
            "predict_block", "predict_to_memory", "snap_roi"]
 
 _Slices = tuple[slice, slice, slice]
@@ -96,6 +96,36 @@ def _label_dtype(num_classes: int) -> np.dtype:
 
 
 # -- prediction -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    """How a prediction is cut into tiles and blocks, and where it runs; validated on creation, so every driver
+    refuses bad values before any slow work with the same message.
+
+    ``tile_shape``, ``overlap`` and ``block_shape``: 1 or 3 (z, y, x) voxel counts. ``workers``: None runs in
+    this process; N >= 1 runs blockwise on a local dask cluster of N processes.
+    """
+
+    tile_shape: tuple[int, int, int] = PREDICT_TILE
+    overlap: tuple[int, int, int] = PREDICT_OVERLAP
+    block_shape: tuple[int, int, int] = PREDICT_BLOCK
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("tile_shape", 1), ("overlap", 0), ("block_shape", 1)):
+            try:
+                object.__setattr__(self, name, ints3(getattr(self, name), name, minimum))
+            except ValueError as exc:
+                raise InputError(f"prediction setting {exc}") from None
+        for axis, t, o in zip("zyx", self.tile_shape, self.overlap):
+            if o >= t:
+                raise InputError(f"prediction settings overlap = {self.overlap}, tile_shape = {self.tile_shape}: the "
+                                 f"overlap along {axis} ({o}) must be smaller than the tile ({t}), e.g. a quarter of it")
+        w = self.workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise InputError(f"prediction setting workers = {w!r}: expected a whole number >= 1 (leave it out "
+                             "to predict in this process)")
 
 
 @dataclass(frozen=True)
@@ -154,9 +184,9 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDIC
     raw_volume = source.raw
     roi = snap_roi(roi, raw_volume.shape)
     align = alignment(cfg)
-    tile_shape = _round_up(ints3(tile_shape, "tile_shape", 1), align)
-    overlap = ints3(overlap, "overlap", 0)
-    block_shape = _round_up(ints3(block_shape, "block_shape", 1), align)
+    settings = PredictionSettings(tile_shape, overlap, block_shape)
+    tile_shape, overlap = _round_up(settings.tile_shape, align), settings.overlap
+    block_shape = _round_up(settings.block_shape, align)
     for t, o, a, axis in zip(tile_shape, overlap, align, "zyx"):
         if t - o < a:
             raise InputError(f"overlap {o} along {axis} leaves tiles of {t} no step: the overlap must be at most "

@@ -124,7 +124,7 @@ def make_sample(seed: int = 0, raw_shape=(32, 256, 256), context_shape=None, raw
     default and covers it in z with two context voxels to spare on each side. Offsets follow napari
     (voxel centres at offset + i * voxel size), so the two volumes overlay with their scale/translate.
     """
-    raw_shape = tuple(int(n) for n in raw_shape)
+    raw_shape = (int(raw_shape),) * 3 if np.ndim(raw_shape) == 0 else tuple(int(n) for n in raw_shape)
     if len(raw_shape) != 3 or min(raw_shape) < 1:
         raise GeometryError(f"raw_shape needs 3 positive sizes (z, y, x), got {raw_shape}")
     rvs, cvs = float(raw_voxel_nm), float(context_voxel_nm)

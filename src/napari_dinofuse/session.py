@@ -164,7 +164,8 @@ class Session:
     def _fine_tune(self, raw, context, labels, settings, roi):
         from .train import find_painted
 
-        find_painted(labels, raw.shape)  # refuse bad labels before any slow work
+        # Refuse bad labels before any slow work (classes the current model has may stay unpainted).
+        find_painted(labels, raw.shape, known_classes=self.model.config.num_classes if self.model is not None else 0)
         source = yield from self._extract(raw, context, settings)
         yield from self._train(source, labels, settings)
         return (yield from self._predict(source, settings, roi))

@@ -71,6 +71,16 @@ class TrainConfig:
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
             bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
                 "too few strokes to train on")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            bad("seed", "expected a whole number from 0 to 2**32 - 1")  # numpy refuses negative seeds
+        devices = "expected auto, cpu, cuda, cuda:N or mps"
+        if not isinstance(self.device, str):
+            bad("device", devices)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)  # only its spelling: whether it exists is known when training starts
+            except RuntimeError:
+                bad("device", devices)
         try:
             self.tile_shape = ints3(self.tile_shape, "tile_shape", 1)
         except ValueError as exc:
@@ -89,8 +99,13 @@ class PaintedLabels:
         return {k: len(v) for k, v in self.coords.items()}
 
 
-def find_painted(labels, raw_shape, slab: int = 16) -> PaintedLabels:
-    """Validate sparse labels against the raw and list painted voxels; clear refusals otherwise."""
+def find_painted(labels, raw_shape, slab: int = 16, known_classes: int = 0) -> PaintedLabels:
+    """Validate sparse labels against the raw and list painted voxels; clear refusals otherwise.
+
+    Classes are 1..K with every class painted, except those the model already has (``known_classes``, when
+    fine-tuning one): an unpainted class in between would be a model output that nothing ever trains, and a
+    stray value (300 for 3) would build hundreds of them.
+    """
     shape = tuple(getattr(labels, "shape", ()))
     if shape != tuple(raw_shape):
         raise InputError(f"the labels have shape {shape} but the raw has {tuple(raw_shape)}: paint on a labels "
@@ -118,7 +133,29 @@ def find_painted(labels, raw_shape, slab: int = 16) -> PaintedLabels:
         raise InputError(f"only class {k} is painted: paint the background (and any other class) too, "
                          "training needs at least two classes")
     coords = {k: np.concatenate(v) for k, v in sorted(found.items())}
+    gaps, last = [], known_classes  # runs of unpainted classes (as ranges: a stray 2**40 must not be listed)
+    for k in coords:
+        if k > last + 1:
+            gaps.append((last + 1, k - 1))
+        last = max(last, k)
+    if gaps:
+        model = f" (the model has classes 1..{known_classes})" if known_classes else ""
+        raise InputError(f"labels paint classes {_ranges(coords)} but class values must be 1..K with every class "
+                         f"painted{model}: {_ranges(gaps)} never painted. Renumber the labels to "
+                         f"1..{known_classes + sum(k > known_classes for k in coords)} (0 = unpainted)")
     return PaintedLabels(coords, max(coords))
+
+
+def _ranges(values) -> str:
+    """'1, 3-4, 300' for sorted ints or (first, last) runs: the message stays one short line."""
+    runs: list[list[int]] = []
+    for v in values:
+        a, b = v if isinstance(v, tuple) else (v, v)
+        if runs and a == runs[-1][1] + 1:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def class_weights(painted: PaintedLabels) -> torch.Tensor:
@@ -361,7 +398,7 @@ class Trainer:
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
         self.config = config or TrainConfig()
         self.source = source
-        self.painted = find_painted(labels, source.raw.shape)
+        self.painted = find_painted(labels, source.raw.shape, known_classes=model.config.num_classes)
         self.labels = labels
         if self.painted.num_classes > model.config.num_classes:
             raise InputError(f"class {self.painted.num_classes} is painted but the model has "

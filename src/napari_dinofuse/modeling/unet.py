@@ -65,7 +65,7 @@ def anisotropic_pooling(voxel_size, steps: int = NUM_LEVELS, tile_shape=None, mi
 def _check_pooling(name: str, value, steps: int) -> tuple[_Triple, ...]:
     try:
         pooling = tuple(tuple(int(f) for f in step) for step in value)
-    except TypeError:
+    except (TypeError, ValueError, OverflowError):  # e.g. int(":"), int(inf)
         pooling = ()
     if len(pooling) != steps or any(len(s) != 3 or any(f not in (1, 2) for f in s) for s in pooling):
         raise ValueError(f"UNetConfig.{name} must be {steps} steps of 3 factors (z, y, x), each 1 or 2; "
