@@ -253,8 +253,10 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     folder, model = saved
     weights = folder / "model.safetensors"
     statistics = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
-    state = {k: v for k, v in load_file(weights).items() if not k.endswith(statistics)}
-    assert len(state) == len(model.state_dict()) - 6  # the two stems' and the context features' statistics
+    state = {k: v for k, v in load_file(weights).items()
+             if not k.endswith(statistics) and not k.startswith("context_head.")}
+    assert len(state) == len(model.state_dict()) - 8  # the two stems' and the context features' statistics,
+    # and the context head (format 5)
     save_file(state, weights, metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     for key in ("planes", "feature_tile_size", "intensity_mode"):  # format 3 kept these in "extra"
@@ -271,6 +273,17 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
         stats.fill_(2.0)  # the statistics do reach the output
         assert not torch.equal(logits(calibrated), logits(model))
         stats.fill_(1.0)
+
+
+def test_a_format_4_model_without_a_context_head_loads_and_predicts_as_it_did(saved):
+    folder, model = saved
+    weights = folder / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("context_head.")}, weights,
+              metadata={"format": "pt"})
+    _edit_config(folder, format_version=4)
+    loaded, _ = load_model(folder)
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.context_head.weight.shape[0] == model.config.num_classes  # fine-tuning it again works
 
 
 def test_older_unsupported_format(saved):

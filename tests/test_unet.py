@@ -226,6 +226,24 @@ def test_context_changes_logits_only_when_fused():
 
 
 @pytest.mark.parametrize("fusion", ["attention", "concat"])
+def test_context_head_reads_the_context_alone_on_the_tile_grid(fusion):
+    """The auxiliary head that trains the context branch: one logit per class and tile voxel, from the context
+    only (another raw tile leaves it as it was, another context changes it), and not computed unless asked."""
+    model = make_model(fusion).eval()
+    raw, window = make_feats()
+    other_raw, _ = make_feats(seed=7)
+    with torch.no_grad():
+        out = model(raw, window, OUT_SHAPE, auxiliary=True)
+        assert out.context_logits.shape == out.logits.shape
+        torch.testing.assert_close(model(other_raw, window, OUT_SHAPE, auxiliary=True).context_logits,
+                                   out.context_logits)
+        assert not torch.equal(model(raw, make_window(seed=9), OUT_SHAPE, auxiliary=True).context_logits,
+                               out.context_logits)
+        assert model(raw, window, OUT_SHAPE).context_logits is None
+    assert make_model("none").context_head is None
+
+
+@pytest.mark.parametrize("fusion", ["attention", "concat"])
 def test_missing_context_raises(fusion):
     raw, _ = make_feats()
     with pytest.raises(ValueError, match="context"):

@@ -56,7 +56,8 @@ __all__ = [
 # 4: the filter banks' responses and the context features are standardised (saved statistics; format 3 ran them
 #    raw: it loads with identity statistics); planes, feature tile size and intensity mode are typed fields
 #    (format 3 kept them in "extra": read from there).
-FORMAT_VERSION = 4
+# 5: a context head (trained beside the main logits, unused when predicting; formats 3-4 load with a new one).
+FORMAT_VERSION = 5
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
 
@@ -407,9 +408,11 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             f"cannot read {WEIGHTS_FILE} in {folder}: {exc}; the file is damaged, re-save or re-train it"
         ) from None
     model = FusedUNet3D(info.unet)
+    defaults = model.state_dict()
     if version < 4:  # its inputs ran unstandardised: the identity statistics a new model starts with
-        defaults = model.state_dict()
         state = {**{k: v for k, v in defaults.items() if k.endswith(_INPUT_STATISTICS)}, **state}
+    if version < 5:  # no context head yet: a new one (it does not take part in predictions)
+        state = {**{k: v for k, v in defaults.items() if k.startswith("context_head.")}, **state}
     _check_weights(model, state, folder)
     model.load_state_dict(state, strict=True)
     model.to(device)

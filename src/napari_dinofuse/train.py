@@ -44,6 +44,7 @@ class TrainConfig:
     tile_shape: tuple[int, int, int] = defaults.TRAIN_TILE  # voxels; y/x are rounded up to the patch grid
     tiles_per_step: int = defaults.TILES_PER_STEP  # one batch, its tiles centred on painted classes in rotation
     dice_weight: float = 0.0  # add soft Dice on painted voxels
+    context_loss_weight: float = 0.5  # the context head's loss beside the main one (FusedUNet3D.replace_heads)
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -66,8 +67,9 @@ class TrainConfig:
             bad("learning_rate", "expected a number in (0, 1], e.g. 0.002")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
             bad("weight_decay", "expected a number in [0, 1)")
-        if not (isinstance(self.dice_weight, (int, float)) and 0 <= self.dice_weight < math.inf):
-            bad("dice_weight", "expected a number >= 0")
+        for name in ("dice_weight", "context_loss_weight"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < math.inf):
+                bad(name, "expected a number >= 0")
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
             bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
                 "too few strokes to train on")
@@ -516,6 +518,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         best_state, best_step, smoothed = None, 0, None
         classes = list(self.train_painted.coords)
+        auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -534,8 +537,10 @@ class Trainer:
                                     None if inputs.context is None else [t[0].context for t in tiles],
                                     out_shape=labels.shape[1:],
                                     intensity=None if inputs.intensity is None else
-                                    torch.cat([t[0].intensity for t in tiles]))
+                                    torch.cat([t[0].intensity for t in tiles]), auxiliary=auxiliary)
                     loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
+                    if out.context_logits is not None:
+                        loss = loss + cfg.context_loss_weight * masked_loss(out.context_logits, labels, weights)
                     loss.backward()
                     total = float(loss.detach())
                     optimizer.step()

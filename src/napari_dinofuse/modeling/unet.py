@@ -171,6 +171,9 @@ class UNetOutput(NamedTuple):
     logits: torch.Tensor
     # One gate per encoder level in "attention" mode, () otherwise.
     attention: tuple[torch.Tensor, ...] = ()
+    # With ``auxiliary=True`` and a context branch: the classes as the context branch alone reads them, on the
+    # tile's grid (B, K, Z, Y, X); training supervises them too (see FusedUNet3D.context_head).
+    context_logits: torch.Tensor | None = None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -316,8 +319,8 @@ class FusedUNet3D(nn.Module):
         self.intensity_stem = _stem(config.stem_sigmas, base) if config.intensity_stem else None
 
         self.context_encoder = self.context_pyramid = self.fusions = self.context_to_input = None
+        self.context_width = width = max(16, base)
         if config.fusion != "none":
-            width = max(16, base)
             self.context_encoder = ContextEncoder(config.context_channels, width, config.context_stem,
                                                   config.context_pooling, config.patch_size,
                                                   config.context_stem_sigmas)
@@ -349,11 +352,20 @@ class FusedUNet3D(nn.Module):
         self.replace_heads(config.num_classes)
 
     def replace_heads(self, num_classes: int) -> None:
-        """New output layers for ``num_classes``: the decoder's head and the short path from level 0's fused
-        skip straight to the logits (see the module docstring). Everything else is kept."""
+        """New output layers for ``num_classes``: the decoder's head, the short path from level 0's fused
+        skip straight to the logits (see the module docstring) and the context branch's own head. Everything
+        else is kept.
+
+        The context head reads the classes from the context branch alone. It is trained beside the main logits
+        (an auxiliary loss) and not used to predict: it makes the context branch learn, from the first steps,
+        what tells the painted classes apart at the context's scale, so the gates have something to select by.
+        Without it the UNet first fits the strokes from raw features and the context branch gets little signal.
+        """
         base = self.level_channels[0]
         self.head = nn.Conv3d(base, num_classes, kernel_size=1)
         self.local_head = nn.Conv3d(base, num_classes, kernel_size=1, bias=False)
+        self.context_head = (nn.Conv3d(self.context_width, num_classes, kernel_size=1)
+                             if self.context_encoder is not None else None)
 
     # -- geometry -----------------------------------------------------------------------
 
@@ -398,7 +410,8 @@ class FusedUNet3D(nn.Module):
         return windows
 
     def forward(self, raw_feats: torch.Tensor, context: ContextWindow | Sequence[ContextWindow] | None = None,
-                out_shape: Sequence[int] | None = None, intensity: torch.Tensor | None = None) -> UNetOutput:
+                out_shape: Sequence[int] | None = None, intensity: torch.Tensor | None = None,
+                auxiliary: bool = False) -> UNetOutput:
         cfg = self.config
         _check_5d("raw_feats", raw_feats)
         if raw_feats.shape[1] != cfg.raw_channels:
@@ -431,10 +444,12 @@ class FusedUNet3D(nn.Module):
             spec = (0, padded[2] - out_shape[2], 0, padded[1] - out_shape[1], 0, padded[0] - out_shape[0])
             x = F.pad(x, spec, mode="replicate")
 
-        gates = []
+        gates, context_logits = [], None
         if use_context:
-            per_window = [self._context(w, padded) for w in windows]
+            per_window = [self._context(w, padded, auxiliary) for w in windows]
             parts = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in zip(*per_window)]
+            if auxiliary:
+                context_logits = self._crop(parts.pop(), out_shape, (1, 1, 1))
             if cfg.fusion == "concat":
                 x = torch.cat([x, parts[0]], dim=1)
             else:
@@ -455,18 +470,23 @@ class FusedUNet3D(nn.Module):
         for decoder, skip in zip(self.decoders, reversed(skips)):
             x = decoder(x, skip)
         logits = self._crop(self.head(x) + self.local_head(skips[0]), out_shape, (1, 1, 1))
-        return UNetOutput(logits=logits, attention=tuple(attention))
+        return UNetOutput(logits=logits, attention=tuple(attention), context_logits=context_logits)
 
-    def _context(self, window: ContextWindow, padded) -> list[torch.Tensor]:
+    def _context(self, window: ContextWindow, padded, auxiliary: bool = False) -> list[torch.Tensor]:
         """The context branch for one window: [its map on the tile's grid] ("concat") or the gate logits on
-        each level's grid of the tile ("attention")."""
+        each level's grid of the tile ("attention"); with ``auxiliary``, the context head's logits on the
+        tile's grid last."""
         context_map = self.context_encoder(window)
         # The tile's padded voxel grid in the world; level k's grid coarsens it.
         tile = Grid(padded, window.target.voxel_size, window.target.offset)
         if self.config.fusion == "concat":
-            return [self._sample(self.context_to_input(context_map), window.grid, tile)]
-        return [self._sample(self.fusions[k].gate(self.context_pyramid[k](context_map)), window.grid, tile.coarsen(f))
-                for k, f in enumerate(self.config.level_factors)]
+            out = [self._sample(self.context_to_input(context_map), window.grid, tile)]
+        else:
+            out = [self._sample(self.fusions[k].gate(self.context_pyramid[k](context_map)), window.grid,
+                                tile.coarsen(f)) for k, f in enumerate(self.config.level_factors)]
+        if auxiliary:
+            out.append(self._sample(self.context_head(context_map), window.grid, tile))
+        return out
 
     @staticmethod
     def _sample(values: torch.Tensor, grid: Grid, target: Grid) -> torch.Tensor:
