@@ -74,15 +74,12 @@ def _prediction_outputs(path: Path):
         return None
     if attrs.get("kind") != PREDICTION_KIND:
         return None
-    from .display import attention_style, class_features, prediction_style, uncertainty_style
+    from .display import attention_style, prediction_style, uncertainty_style
 
+    # The dock's styles: a saved prediction opens looking like a fresh one (stores carry no class names yet).
     layers = []
     labels = _open(path / "labels", name="prediction")
-    style = prediction_style()
-    names = attrs.get("class_names")
-    if names:  # the status bar names the class under the cursor
-        style["features"] = class_features(names)
-    layers.append((labels.data, _placement(labels, name="prediction", **style), "labels"))
+    layers.append((labels.data, _placement(labels, name="prediction", **prediction_style()), "labels"))
     uncertainty = _open(path / "uncertainty", name="uncertainty")
     layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()), "image"))
     for k in range(1, NUM_LEVELS + 1):
