@@ -11,6 +11,7 @@ probe ticks (a main-thread stall) and the 99th percentile, side by side with wha
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import warnings
 
@@ -27,7 +28,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     import napari
-    from qtpy.QtCore import QTimer
+    from qtpy.QtCore import QSettings, QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_dinofuse._widgets import DinofuseWidget
@@ -35,7 +36,9 @@ def main() -> None:
 
     viewer = napari.Viewer(show=True)
     viewer.open_sample("napari-dinofuse", "synthetic_em")
-    widget = DinofuseWidget(viewer)
+    # A throwaway settings store: the user's remembered settings neither steer nor record this run.
+    store = QSettings(f"{tempfile.mkdtemp()}/dinofuse.ini", QSettings.Format.IniFormat)
+    widget = DinofuseWidget(viewer, settings=store)
     viewer.window.add_dock_widget(widget)
     widget.backbone_edit.setText(args.backbone)
     widget.device_combo.setCurrentText(args.device)

@@ -9,6 +9,7 @@ workflow and the layers, not the quality real DINOv3 features give.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 def main(out: Path) -> None:
     warnings.simplefilter("ignore")
     import napari
+    from qtpy.QtCore import QSettings
     from qtpy.QtWidgets import QApplication
 
     from napari_dinofuse._widgets import DinofuseWidget
@@ -25,7 +27,9 @@ def main(out: Path) -> None:
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)
     viewer.open_sample("napari-dinofuse", "synthetic_em")
-    widget = DinofuseWidget(viewer)
+    # A throwaway settings store: the user's remembered settings neither steer nor record this run.
+    store = QSettings(f"{tempfile.mkdtemp()}/dinofuse.ini", QSettings.Format.IniFormat)
+    widget = DinofuseWidget(viewer, settings=store)
     viewer.window.add_dock_widget(widget, name="DINOfuse", area="right")
     widget.backbone_edit.setText("random:vits16")
     widget.base_spin.setValue(8)

@@ -25,6 +25,12 @@ def test_sample_data_opens_raw_and_context_aligned(make_napari_viewer, sample):
     viewer.open_sample("napari-dinofuse", "synthetic_em_ground_truth")
     truth = viewer.layers["ground truth"]
     assert truth.data.shape == raw.data.shape and np.allclose(truth.translate, raw.translate)
+    from napari_dinofuse.display import class_color
+
+    # The class colours of the annotations and predictions, the EM visible through the background.
+    assert np.allclose(truth.colormap.map(np.array([2, 3])), [class_color(2), class_color(3)])
+    assert truth.colormap.map(np.array([1]))[0][3] == 0
+    assert list(truth.features["class"])[:5] == ["unpainted", *sample.class_names[1:5]]
 
 
 def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_path, tiny_backbone):
@@ -62,6 +68,10 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
     assert np.allclose(level3.scale, np.asarray(raw.scale) * 4) and level3.blending == "additive"
     # A level-3 voxel covers 4x4x4 raw voxels: its centre is 1.5 raw voxels past the first one's.
     assert np.allclose(level3.data_to_world((0, 0, 0)), raw.data_to_world((1.5, 17.5, 1.5)))
+    # Styled as in the dock: transparent background; a fixed gate range with 0.5 (neutral) adding no tint.
+    assert prediction.colormap.map(np.array([1]))[0][3] == 0
+    assert tuple(level3.contrast_limits) == (0.0, 1.0)
+    assert np.allclose(level3.colormap.map(np.array([0.5]))[0][:3], 0)
 
 
 

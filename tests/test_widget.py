@@ -22,6 +22,15 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DINOFUSE_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _private_settings(tmp_path):
+    """The dock's remembered settings go to tmp_path, never to the user's own store."""
+    from qtpy.QtCore import QSettings
+
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    return tmp_path / "settings"
+
+
 @pytest.fixture
 def notifications():
     from napari.utils.notifications import notification_manager
@@ -57,16 +66,20 @@ def _click_and_wait(qtbot, widget, button, timeout=300):
 
 
 def _paint_two_classes(viewer, widget, qtbot):
-    """A few brush strokes of background (1) and mitochondria (3) placed with labels.paint, as a user does."""
+    """A few brush strokes of background (1) and mitochondria (2) placed with labels.paint, as a user does.
+
+    Mitochondria are class 3 of the ground truth; painted as 2, since classes must be 1..K, every one painted.
+    """
     from napari_dinofuse.sample_data import make_sample
 
     truth = make_sample(seed=0).ground_truth
+    truth = np.where(truth == 3, 2, np.where(truth == 1, 1, 0))
     qtbot.mouseClick(widget.new_labels_button, LEFT)
     labels = viewer.layers["annotations"]
     assert labels.data.shape == truth.shape and np.allclose(labels.scale, viewer.layers["raw"].scale)
     labels.brush_size = 3
     rng = np.random.default_rng(0)
-    for value in (1, 3):
+    for value in (1, 2):
         z, y, x = np.nonzero(truth == value)
         for i in rng.choice(len(z), 40, replace=False):
             labels.paint((z[i], y[i], x[i]), value, refresh=False)
@@ -116,6 +129,12 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
 
     prediction = viewer.layers["prediction"]
     assert prediction.data.shape == raw.data.shape
+    # The EM shows through the background; a class has its annotation colour, and its name under the cursor.
+    assert prediction.colormap.map(np.array([1]))[0][3] == 0
+    assert np.allclose(prediction.colormap.map(np.array([2])), labels.colormap.map(np.array([2])))
+    assert list(prediction.features["class"][1:]) == widget.session.class_names
+    position = np.argwhere(prediction.data == 2)[0]
+    assert f"class: {widget.session.class_names[1]}" in prediction.get_status(tuple(position))["coordinates"]
     assert np.allclose(prediction.scale, raw.scale) and np.allclose(prediction.translate, raw.translate)
     painted = labels.data > 0
     accuracy = (prediction.data[painted] == labels.data[painted]).mean()
@@ -127,6 +146,7 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
         # Voxel centres of level k sit at the centre of the raw voxels they pool.
         expected = np.array(raw.translate) + (np.array(f) - 1) / 2 * np.array(raw.scale)
         assert np.allclose(attention.translate, expected)
+        assert tuple(attention.contrast_limits) == (0.0, 1.0)  # fixed: 0.5 (neutral) looks the same everywhere
     assert widget.attention_checks[0].isChecked() and not widget.attention_checks[1].isChecked()
     widget.attention_checks[1].setChecked(True)
     assert viewer.layers["attention level 2"].visible
@@ -212,7 +232,7 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     assert widget.last_result is CANCELLED
     assert widget.session.model is model  # the last good model, weights as they were
     assert all(np.array_equal(state[k].numpy(), v.numpy()) for k, v in model.state_dict().items())
-    assert labels.data.max() == 3
+    assert labels.data.max() == 2
 
 
 def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications, tmp_path):
@@ -282,3 +302,133 @@ def test_out_of_gpu_memory_says_what_to_do():
 
     message = _describe_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "base channels" in message and "cpu" in message
+
+
+def test_the_view_opens_on_the_raw_and_annotations_use_the_class_colours(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = DinofuseWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    viewer.open_sample("napari-dinofuse", "synthetic_em")  # the context comes first, 16x wider than the raw
+    raw, context = viewer.layers["raw"], viewer.layers["context"]
+    assert widget.raw_combo.layer() is raw and widget.context_combo.layer() is context
+    camera = viewer.scene.camera
+
+    def raw_fills_the_view():
+        (lo, hi), canvas = raw.extent.world, np.array(viewer.canvas.size[-2:], float)
+        seen = canvas / camera.zoom  # world units across the canvas
+        centred = np.allclose(camera.center[-2:], (lo[1:] + hi[1:]) / 2, atol=raw.scale[-1])
+        return centred and np.min(seen / (hi[1:] - lo[1:])) < 1.2 and lo[0] <= viewer.dims.point[0] <= hi[0]
+
+    assert raw_fills_the_view()
+    camera.zoom /= 10  # the user zooms out: choosing the raw again brings it back
+    widget.raw_combo.setCurrentText("context")
+    widget.raw_combo.setCurrentText("raw")
+    assert raw_fills_the_view()
+
+    labels = widget.new_annotation_layer()
+    assert labels.colormap.map(np.array([1]))[0][3] == 1  # painted background strokes stay visible
+    from napari_dinofuse.display import class_color
+
+    assert np.allclose(labels.colormap.map(np.array([2, 3])), [class_color(2), class_color(3)])
+
+
+def test_every_control_explains_itself_and_the_shortcuts_follow_the_dock(make_napari_viewer, qtbot, notifications):
+    from napari.utils.key_bindings import coerce_keybinding
+    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider
+
+    from napari_dinofuse._widgets.dock import FINE_TUNE_KEY, PREDICT_KEY
+
+    viewer, widget = _widget(make_napari_viewer, qtbot)
+    inputs = [w for kind in (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider)
+              for w in widget.findChildren(kind)
+              if not isinstance(w.parent(), (QAbstractSpinBox, QComboBox))]  # skip their inner editors
+    assert len(inputs) > 25
+    unexplained = [w.text() if hasattr(w, "text") else type(w).__name__ for w in inputs if not w.toolTip().strip()]
+    assert not unexplained, unexplained
+    assert "Ctrl+Shift+F" in widget.train_button.toolTip() and "Ctrl+Shift+R" in widget.predict_button.toolTip()
+    assert "0.5" in widget.attention_legend.text() and not widget.attention_legend.isHidden()
+
+    fine_tune, predict = coerce_keybinding(FINE_TUNE_KEY), coerce_keybinding(PREDICT_KEY)
+    assert fine_tune in viewer.keymap and predict in viewer.keymap
+    viewer.keymap[fine_tune](viewer)  # what the key press calls: Fine-tune, which says what is missing
+    assert "choose a Labels layer" in str(notifications[-1].message) and widget.worker is None
+    viewer.keymap[predict](viewer)  # no model yet: Predict is disabled, the key does nothing either
+    assert widget.worker is None
+
+    viewer.window.remove_dock_widget(widget)
+    assert fine_tune not in viewer.keymap and predict not in viewer.keymap
+
+
+def test_the_next_dock_remembers_the_settings(make_napari_viewer, qtbot, tmp_path, monkeypatch, _private_settings):
+    monkeypatch.delenv("DINOFUSE_BACKBONE", raising=False)
+    viewer = make_napari_viewer()
+    first = DinofuseWidget(viewer)
+    first.backbone_edit.setText(str(tmp_path / "my-dinov3"))
+    first.backbone_edit.editingFinished.emit()  # what leaving the field does
+    first.cache_edit.setText(str(tmp_path / "features"))
+    first.cache_edit.editingFinished.emit()
+    first.device_combo.setCurrentText("cpu")
+    first.planes_combo.setCurrentText("ortho")
+    first.fusion_combo.setCurrentText("concat")
+    first.base_spin.setValue(24)
+    first.stem_check.setChecked(False)
+    first._chose("model", tmp_path / "models" / "mito")  # a model folder picked in Load… / Save…
+    first.close()
+    first.store.sync()
+
+    second = DinofuseWidget(viewer)  # as in the next napari session
+    assert second.backbone_edit.text() == str(tmp_path / "my-dinov3")
+    assert second.cache_edit.text() == str(tmp_path / "features") and "features" in second.cache_size.text()
+    assert (second.device_combo.currentText(), second.planes_combo.currentText(),
+            second.fusion_combo.currentText()) == ("cpu", "ortho", "concat")
+    assert second.base_spin.value() == 24 and not second.stem_check.isChecked()
+    assert second._folder("model") == str(tmp_path / "models")
+    assert (_private_settings / "napari-dinofuse" / "dinofuse.ini").is_file()  # Qt's store, not the cwd
+
+
+def test_typos_and_impatient_clicks_change_nothing(make_napari_viewer, qtbot, notifications):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    raw = viewer.layers["raw"]
+    scale, voxel_text = tuple(raw.scale), widget.raw_voxel.text()
+    for typed in ("abc", "0", "-4", "4,4", "", "0, 4, 4", "4, -4, 4", "nan, 4, 4"):
+        before = len(notifications)
+        widget.raw_voxel.setText(typed)
+        widget.raw_voxel.editingFinished.emit()  # what leaving the field does
+        assert len(notifications) == before + 1 and "raw voxel size" in str(notifications[-1].message), typed
+        assert widget.raw_voxel.text() == voxel_text and tuple(raw.scale) == scale  # the last good value stays
+    widget.context_offset.setText("4,4")
+    widget.context_offset.editingFinished.emit()
+    assert "context offset" in str(notifications[-1].message) and widget.context_offset.text() != "4,4"
+    widget.raw_offset.setText("-8, 0, 0")  # a negative offset is a fine place
+    widget.raw_offset.editingFinished.emit()
+    assert widget.raw_offset.text() == "-8, 0, 0"
+    widget._prefill("raw")
+
+    widget.cancel()  # nothing runs: harmless
+    assert widget.worker is None and not widget.cancel_button.isEnabled() and not widget._cancel.is_set()
+
+    _paint_two_classes(viewer, widget, qtbot)
+    qtbot.mouseClick(widget.train_button, LEFT)
+    first = widget.worker
+    qtbot.mouseClick(widget.train_button, LEFT)  # disabled while it runs: ignored
+    widget.fine_tune()  # the keyboard shortcut or a script: refused with a message, the plot kept
+    assert widget.worker is first and "another task is running" in str(notifications[-1].message)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    assert hasattr(widget.last_result, "arrays") and len(widget.loss_plot.losses) == 5
+    widget.cancel()
+    widget.cancel()  # Cancel twice after the end: still harmless
+    assert widget.train_button.isEnabled() and widget.predict_button.isEnabled()
+
+
+def test_voxel_sizes_and_offsets_are_three_finite_numbers():
+    from napari_dinofuse._widgets.dock import _parse_xyz
+    from napari_dinofuse.errors import DinofuseError
+
+    assert _parse_xyz("8, 4,4", "v", positive=True) == (8.0, 4.0, 4.0)
+    assert _parse_xyz("-8; 0; 2.5", "offset") == (-8.0, 0.0, 2.5)
+    for typed in ("abc", "0", "-4", "4,4", "", "4,4,4,4", "inf, 4, 4", "nan, 4, 4"):
+        with pytest.raises(DinofuseError, match="three numbers"):
+            _parse_xyz(typed, "v", positive=True)
+    for typed in ("0, 4, 4", "4, -4, 4"):
+        with pytest.raises(DinofuseError, match="above 0"):
+            _parse_xyz(typed, "v", positive=True)

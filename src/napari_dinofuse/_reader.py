@@ -74,16 +74,16 @@ def _prediction_outputs(path: Path):
         return None
     if attrs.get("kind") != PREDICTION_KIND:
         return None
+    from .display import attention_style, prediction_style, uncertainty_style
+
+    # The dock's styles: a saved prediction opens looking like a fresh one (stores carry no class names yet).
     layers = []
     labels = _open(path / "labels", name="prediction")
-    layers.append((labels.data, _placement(labels, name="prediction"), "labels"))
+    layers.append((labels.data, _placement(labels, name="prediction", **prediction_style()), "labels"))
     uncertainty = _open(path / "uncertainty", name="uncertainty")
-    layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", colormap="magma",
-                                                 contrast_limits=(0.0, 1.0), visible=False), "image"))
+    layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()), "image"))
     for k in range(1, NUM_LEVELS + 1):
         if (path / attention_array(k)).is_dir():
             level = _open(path / attention_array(k), name=attention_layer(k))
-            layers.append((level.data, _placement(level, name=attention_layer(k), colormap="inferno",
-                                                   blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0),
-                                                   visible=k == 1), "image"))
+            layers.append((level.data, _placement(level, name=attention_layer(k), **attention_style(k)), "image"))
     return layers

@@ -20,6 +20,11 @@ def synthetic_em() -> list[tuple]:
 
 
 def synthetic_em_ground_truth() -> list[tuple]:
+    from .display import class_features, label_colormap
+
     sample = _sample()
+    # The class colours of the annotations and the prediction; class_names[0] names label 0 (unlabelled).
     return [(sample.ground_truth, {"name": "ground truth", "scale": sample.raw.voxel_size,
-                                   "translate": sample.raw.offset, "opacity": 0.5}, "labels")]
+                                   "translate": sample.raw.offset, "opacity": 0.5,
+                                   "colormap": label_colormap(show_background=False),
+                                   "features": class_features(sample.class_names[1:])}, "labels")]

@@ -8,12 +8,13 @@ when the widget is built, so napari's start-up and the Plugins menu stay fast.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, QSettings, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,7 +34,8 @@ from qtpy.QtWidgets import (
 )
 
 from .. import defaults
-from ..defaults import default_backbone_spec
+from ..defaults import BACKBONE_ENV, default_backbone_spec
+from ..display import ATTENTION_LEGEND, attention_style, class_features, fit_camera, label_colormap
 from ..errors import DinofuseError
 from ..geometry import Volume
 from ..progress import CANCELLED
@@ -46,19 +48,34 @@ WHOLE, AROUND_VIEW = "whole volume", "region around the view"
 # Below this many raw voxels "Fine-tune" and "Predict" default to the whole volume, above to the view.
 WHOLE_VOLUME_DEFAULT_MAX = 256**3
 SNAPSHOT_MAX_BYTES = 2**30  # labels up to this size are copied before training (the user may paint on)
+# Viewer shortcuts while the dock is shown (napari key names; none is bound by napari itself).
+FINE_TUNE_KEY, PREDICT_KEY = "Control-Shift-F", "Control-Shift-R"
+
+
+def user_settings() -> QSettings:
+    """Qt's per-user settings store (~/.config/napari-dinofuse/dinofuse.ini on Linux): it outlives napari
+    sessions and is not a file in the working directory. Tests point it elsewhere with QSettings.setPath."""
+    return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, "napari-dinofuse", "dinofuse")
+
+
+def _key_text(key: str) -> str:
+    return key.replace("Control", "Ctrl").replace("-", "+")
 
 
 def _xyz_text(values) -> str:
     return ", ".join(f"{float(v):g}" for v in values)
 
 
-def _parse_xyz(text: str, what: str) -> tuple[float, float, float]:
+def _parse_xyz(text: str, what: str, positive: bool = False) -> tuple[float, float, float]:
+    """Three finite numbers 'z, y, x' (nm); ``positive`` for voxel sizes. Anything else is a DinofuseError."""
     try:
         values = tuple(float(v) for v in text.replace(";", ",").split(","))
     except ValueError:
         values = ()
-    if len(values) != 3:
+    if len(values) != 3 or not all(np.isfinite(values)):
         raise DinofuseError(f"{what}: enter three numbers 'z, y, x' in nm, got {text!r}")
+    if positive and min(values) <= 0:
+        raise DinofuseError(f"{what}: every size must be above 0 nm, got {text!r}")
     return values
 
 
@@ -88,11 +105,16 @@ class _LayerCombo(QComboBox):
     """Layers of one kind (Image or Labels) in the viewer, kept in sync with the layer list.
 
     The choice follows the layer itself (item data = its id), so renaming the chosen layer keeps it chosen.
+    A stand-in choice (the first layer, because none was named ``prefer``) gives way to a ``prefer`` layer when
+    one appears (the sample adds the context before the raw); a layer chosen by the user or a script stays.
     """
 
     def __init__(self, viewer, kind: str, allow_none: bool = False, prefer: str | None = None):
         super().__init__()
         self.viewer, self.kind, self.allow_none, self.prefer = viewer, kind, allow_none, prefer
+        self.stand_in = False
+        # refresh() blocks signals: this sees only choices made from outside (a click, setCurrentText).
+        self.currentIndexChanged.connect(lambda _: setattr(self, "stand_in", False))
         self.refresh()
 
     def layers(self):
@@ -108,8 +130,10 @@ class _LayerCombo(QComboBox):
         for layer in self.layers():
             self.addItem(layer.name, id(layer))
         index = self.findData(chosen) if chosen is not None else -1
-        if index < 0 and self.prefer is not None:
-            index = self.findText(self.prefer)
+        preferred = self.findText(self.prefer) if self.prefer is not None else -1
+        if index < 0 or self.stand_in:
+            index = preferred
+            self.stand_in = preferred < 0 and self.count() > (1 if self.allow_none else 0)
         self.setCurrentIndex(max(index, 0))
         self.blockSignals(False)
         if self.currentText() != text:
@@ -123,9 +147,10 @@ class _LayerCombo(QComboBox):
 class DinofuseWidget(QWidget):
     """One dock widget for the whole workflow, top to bottom."""
 
-    def __init__(self, napari_viewer):
+    def __init__(self, napari_viewer, settings: QSettings | None = None):
         super().__init__()
         self.viewer = napari_viewer
+        self.store = settings if settings is not None else user_settings()
         self.session = Session()
         self.worker = None
         self._cancel = threading.Event()
@@ -133,6 +158,9 @@ class DinofuseWidget(QWidget):
         self._job_started = 0.0
         self._on_done = None  # what the running job's value goes to (see _start)
         self.last_result = None  # what the last job returned (the sink, CANCELLED, or a _Failed)
+        self._fitted = None  # id of the raw layer the camera was last fitted to
+        self._bound = []  # viewer shortcuts this dock bound
+        self._last_good = {}  # voxel-size / offset field -> its last valid text
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._data_box())
@@ -155,7 +183,50 @@ class DinofuseWidget(QWidget):
         self._refresh_layers()
         self._prefill("raw")
         self._prefill("context")
+        self._restore()
         self._update_buttons()
+        self._bind_keys(True)  # also before the viewer window is first shown
+
+    # -- remembered between napari sessions -------------------------------------------------------
+
+    def _remembered(self):
+        """(key, getter, setter, change signal) of every setting that persists."""
+        combo = lambda c: (c.currentText, c.setCurrentText, c.currentTextChanged)  # noqa: E731
+        return [
+            ("backbone", self.backbone_edit.text, self.backbone_edit.setText, self.backbone_edit.editingFinished),
+            ("device", *combo(self.device_combo)),
+            ("planes", *combo(self.planes_combo)),
+            ("cache", self.cache_edit.text, self.cache_edit.setText, self.cache_edit.editingFinished),
+            ("fusion", *combo(self.fusion_combo)),
+            ("base channels", self.base_spin.value, lambda v: self.base_spin.setValue(int(v)),
+             self.base_spin.valueChanged),
+            ("intensity stem", self.stem_check.isChecked, lambda v: self.stem_check.setChecked(str(v) == "true"),
+             self.stem_check.toggled),
+        ]
+
+    def _restore(self) -> None:
+        for key, _, set_value, changed in self._remembered():
+            value = self.store.value(key)
+            # $DINOFUSE_BACKBONE, when set, is an explicit choice for this napari session: it wins.
+            if value not in (None, "") and not (key == "backbone" and os.environ.get(BACKBONE_ENV)):
+                try:
+                    set_value(value)
+                except (TypeError, ValueError):  # a hand-edited store: keep the default
+                    pass
+            changed.connect(lambda *_, key=key: self._remember(key))
+        self._show_cache_size()
+
+    def _remember(self, key: str) -> None:
+        value = dict((k, get) for k, get, _, _ in self._remembered())[key]()
+        self.store.setValue(key, value)
+
+    def _folder(self, key: str) -> str:
+        """The folder a file dialog opens in: where the last one of its kind was chosen."""
+        return str(self.store.value(f"last folder/{key}", "") or "")
+
+    def _chose(self, key: str, path) -> None:
+        if path:
+            self.store.setValue(f"last folder/{key}", os.path.dirname(os.path.abspath(str(path).rstrip("/"))))
 
     # -- layout -----------------------------------------------------------------------------------
 
@@ -173,6 +244,15 @@ class DinofuseWidget(QWidget):
                               "works too)")
             button.clicked.connect(lambda _=False, folder=folder: self._open_files(folder))
             open_row.addWidget(button)
+        self.raw_combo.setToolTip("The image to segment (3D, z y x): the only layer you paint on and predict")
+        self.context_combo.setToolTip("A wider, coarser image around the raw that the model may look at "
+                                      "('(none)': raw only)")
+        for edit, what in ((self.raw_voxel, "raw"), (self.context_voxel, "context")):
+            edit.setToolTip(f"Size of one {what} voxel in nm, three numbers 'z, y, x' (e.g. '8, 4, 4'); "
+                            "filled in from the layer's scale")
+        for edit, what in ((self.raw_offset, "raw"), (self.context_offset, "context")):
+            edit.setToolTip(f"Where the {what}'s first voxel lies, in nm 'z, y, x': places the raw inside the "
+                            "context; filled in from the layer's translate")
         form.addRow("raw", self.raw_combo)
         form.addRow("  voxel size (nm, z, y, x)", self.raw_voxel)
         form.addRow("  offset (nm)", self.raw_offset)
@@ -185,8 +265,11 @@ class DinofuseWidget(QWidget):
         form.addRow(self.data_status)
         self.raw_combo.currentTextChanged.connect(lambda _: self._prefill("raw"))
         self.context_combo.currentTextChanged.connect(lambda _: self._prefill("context"))
-        for edit in (self.raw_voxel, self.raw_offset, self.context_voxel, self.context_offset):
-            edit.editingFinished.connect(self._check_data)
+        for edit, what, positive in ((self.raw_voxel, "raw voxel size", True), (self.raw_offset, "raw offset", False),
+                                     (self.context_voxel, "context voxel size", True),
+                                     (self.context_offset, "context offset", False)):
+            edit.editingFinished.connect(lambda edit=edit, what=what, positive=positive:
+                                         self._check_field(edit, what, positive))
         return box
 
     def _features_box(self) -> QGroupBox:
@@ -201,14 +284,20 @@ class DinofuseWidget(QWidget):
         self.backbone_note.setWordWrap(True)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.device_combo.setToolTip("Where the backbone and the model run: auto picks a GPU (cuda, mps) when "
+                                     "there is one, else the cpu")
         self.planes_combo = QComboBox()
         self.planes_combo.addItems(["xy", "ortho"])
         self.planes_combo.setToolTip("xy: one pass over the z slices; ortho: xy + xz + yz (3x the time and disk)")
         self.cache_edit = QLineEdit()
         self.cache_edit.setPlaceholderText("default (DINOFUSE_CACHE or your user cache folder)")
+        self.cache_edit.setToolTip("Folder for the extracted features (can take several GB per volume); "
+                                   "reused by later runs and after Cancel")
         self.cache_edit.editingFinished.connect(self._show_cache_size)
         self.cache_size = QLabel()
         self.extract_button = QPushButton("Extract features")
+        self.extract_button.setToolTip("Compute (or find in the cache) the backbone features of the raw and "
+                                       "context now; optional: Fine-tune and Predict do it when needed")
         self.extract_button.clicked.connect(self.extract)
         form.addRow("backbone", self.backbone_edit)
         form.addRow(self.backbone_note)
@@ -233,15 +322,21 @@ class DinofuseWidget(QWidget):
         self.base_spin = QSpinBox()
         self.base_spin.setRange(2, 128)
         self.base_spin.setValue(defaults.BASE_CHANNELS)
-        self.base_spin.setToolTip("UNet width: 16 suits a laptop, 32-128 a GPU")
+        self.base_spin.setToolTip("UNet width (channels at the first level) of a new model: 16 suits a "
+                                  "laptop, 32-128 a GPU")
         self.stem_check = QCheckBox("raw-intensity stem (sharper boundaries)")
         self.stem_check.setChecked(True)
+        self.stem_check.setToolTip("A new model also reads the raw intensities at full resolution (a fixed "
+                                   "filter bank), for sharper boundaries than the 16-voxel backbone patches")
         row = QHBoxLayout()
         self.new_model_button = QPushButton("New")
         self.new_model_button.setToolTip("Forget the current model: the next Fine-tune starts from scratch "
                                          "with the settings above")
         self.load_button = QPushButton("Load…")
+        self.load_button.setToolTip("Load a model folder (config.json + model.safetensors) to predict or "
+                                    "fine-tune further")
         self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Save the current model to a folder (for `dinofuse predict` or later)")
         self.new_model_button.clicked.connect(self.new_model)
         self.load_button.clicked.connect(lambda: self._ask_folder(self.load_model, "Load a model folder"))
         self.save_button.clicked.connect(lambda: self._ask_folder(self.save_model, "Save the model to a folder"))
@@ -258,6 +353,8 @@ class DinofuseWidget(QWidget):
         box = QGroupBox("Fine-tune")
         form = QFormLayout(box)
         self.labels_combo = _LayerCombo(self.viewer, "Labels", prefer="annotations")
+        self.labels_combo.setToolTip("The Labels layer with your strokes on the raw's grid: 0 = unpainted, 1 = "
+                                     "background, 2, 3 … = your classes")
         self.new_labels_button = QPushButton("New annotation layer")
         self.new_labels_button.setToolTip("An empty Labels layer 'annotations' aligned to the raw: paint 1 = "
                                           "background, 2, 3 … = your classes")
@@ -272,8 +369,10 @@ class DinofuseWidget(QWidget):
         self.lr_spin.setRange(1e-5, 1.0)
         self.lr_spin.setSingleStep(1e-4)
         self.lr_spin.setValue(defaults.LEARNING_RATE)
+        self.lr_spin.setToolTip("Peak learning rate of the optimiser (no unit), after a warm-up, then decaying")
         self.train_button = QPushButton("Fine-tune")
-        self.train_button.setToolTip("Train on the painted voxels, then update the prediction")
+        self.train_button.setToolTip(f"Train on the painted voxels, then update the prediction "
+                                     f"({_key_text(FINE_TUNE_KEY)} in the viewer)")
         self.train_button.clicked.connect(self.fine_tune)
         self.loss_plot = LossPlot()
         self.eta_label = QLabel()
@@ -294,6 +393,8 @@ class DinofuseWidget(QWidget):
         self.scope_combo.setToolTip("Also used by the prediction after a Fine-tune. For volumes too large to "
                                     "hold in memory, run `dinofuse predict`, which writes OME-Zarr to disk")
         self.predict_button = QPushButton("Predict")
+        self.predict_button.setToolTip(f"Segment the region with the current model ({_key_text(PREDICT_KEY)} "
+                                       "in the viewer)")
         self.predict_button.clicked.connect(self.predict)
         form.addRow("region", self.scope_combo)
         form.addRow(self.predict_button)
@@ -312,11 +413,16 @@ class DinofuseWidget(QWidget):
             self.attention_checks.append(check)
             row.addWidget(check)
         layout.addLayout(row)
+        legend = QLabel(ATTENTION_LEGEND)  # what the colours mean, where the maps are switched on
+        legend.setWordWrap(True)
+        layout.addWidget(legend)
+        self.attention_legend = legend
         opacity_row = QHBoxLayout()
         opacity_row.addWidget(QLabel("opacity"))
         self.attention_opacity = QSlider(Qt.Orientation.Horizontal)
         self.attention_opacity.setRange(0, 100)
-        self.attention_opacity.setValue(50)
+        self.attention_opacity.setValue(round(100 * attention_style(1)["opacity"]))
+        self.attention_opacity.setToolTip("Opacity of the attention layers, 0-100 %")
         self.attention_opacity.valueChanged.connect(
             lambda v: [self._set_attention(role, opacity=v / 100) for role in ATTENTION_LAYERS])
         opacity_row.addWidget(self.attention_opacity)
@@ -354,12 +460,47 @@ class DinofuseWidget(QWidget):
         layer = combo.layer()
         voxel.setText(_xyz_text(layer.scale[-3:]) if layer is not None else "")
         offset.setText(_xyz_text(layer.translate[-3:]) if layer is not None else "")
+        for edit in (voxel, offset):
+            self._last_good[edit] = edit.text()
         voxel.setEnabled(layer is not None)
         offset.setEnabled(layer is not None)
         if role == "raw" and layer is not None:
             big = int(np.prod(_level0(layer).shape)) > WHOLE_VOLUME_DEFAULT_MAX
             self.scope_combo.setCurrentText(AROUND_VIEW if big else WHOLE)
+            if id(layer) != self._fitted:  # a newly chosen raw, not a rename of the same one
+                self.show_raw(layer)
         self._check_data()
+
+    def _camera(self):
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera there
+        return scene.camera if scene is not None else self.viewer.camera
+
+    def _canvas_size(self):
+        return np.array(getattr(getattr(self.viewer, "canvas", None), "size", (512, 512)), float)[-2:]
+
+    def show_raw(self, layer) -> None:
+        """Fit the camera to the raw's field (only there can one paint), not to the much wider context, and
+        move the slider into the raw if the current slice lies outside it."""
+        self._fitted = id(layer)
+        if layer.ndim < 2:
+            return
+        lo, hi = np.array(layer.extent.world, float)
+        half = np.abs(np.asarray(layer.scale, float)) / 2  # napari fits voxel edges, not centres
+        lo, hi = lo - half, hi + half
+        dims = self.viewer.dims
+        first = dims.ndim - layer.ndim  # the layer's axes are the viewer's last ones
+        for axis in range(layer.ndim):
+            world_axis = first + axis
+            if world_axis in dims.displayed:
+                continue
+            if not lo[axis] <= dims.point[world_axis] <= hi[axis]:
+                dims.set_point(world_axis, (lo[axis] + hi[axis]) / 2)
+        shown = [a - first for a in dims.displayed if a >= first]
+        if len(shown) < 2:
+            return
+        center, zoom = fit_camera(lo[shown], hi[shown], self._canvas_size(), ndisplay=len(shown))
+        camera = self._camera()
+        camera.center, camera.zoom = center, zoom
 
     def volumes(self):
         """(raw, context or None) as Volumes over the chosen layers with the voxel sizes shown here."""
@@ -370,16 +511,31 @@ class DinofuseWidget(QWidget):
             if layer is not None and layer.ndim != 3:
                 raise DinofuseError(f"layer {layer.name!r} is {layer.ndim}D: dinofuse segments 3D volumes (z, y, x); "
                                     "choose a 3D image layer")
-        raw = Volume(_level0(raw_layer), _parse_xyz(self.raw_voxel.text(), "raw voxel size"),
+        raw = Volume(_level0(raw_layer), _parse_xyz(self.raw_voxel.text(), "raw voxel size", positive=True),
                      _parse_xyz(self.raw_offset.text(), "raw offset"), raw_layer.name)
         context = None
         if context_layer is not None:
             if context_layer is raw_layer:
                 raise DinofuseError("the context must be a different layer from the raw (or '(none)')")
-            context = Volume(_level0(context_layer), _parse_xyz(self.context_voxel.text(), "context voxel size"),
+            context = Volume(_level0(context_layer),
+                             _parse_xyz(self.context_voxel.text(), "context voxel size", positive=True),
                              _parse_xyz(self.context_offset.text(), "context offset"), context_layer.name)
             context.require_covers(raw)
         return raw, context
+
+    def _check_field(self, edit: QLineEdit, what: str, positive: bool) -> None:
+        """A typo in a voxel size or offset is said at once and undone: the last good value stays in force."""
+        if edit.text() == self._last_good.get(edit):
+            return
+        try:
+            values = _parse_xyz(edit.text(), what, positive)
+        except DinofuseError as exc:
+            edit.setText(self._last_good.get(edit, ""))
+            self._notify_error(f"{exc}; kept {edit.text() or 'the previous value'!s}")
+            return
+        edit.setText(_xyz_text(values))
+        self._last_good[edit] = edit.text()
+        self._check_data()
 
     def _check_data(self) -> None:
         """Say plainly what is wrong with the data choice (or what will be segmented)."""
@@ -403,10 +559,13 @@ class DinofuseWidget(QWidget):
 
     def _open_files(self, folder: bool) -> None:
         if folder:
-            chosen = QFileDialog.getExistingDirectory(self, "Open a .zarr / OME-Zarr volume")
+            chosen = QFileDialog.getExistingDirectory(self, "Open a .zarr / OME-Zarr volume", self._folder("data"))
             paths = [chosen] if chosen else []
         else:
-            paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", "", "Volumes (*.tif *.tiff *.h5 *.hdf5 *.npy)")
+            paths, _ = QFileDialog.getOpenFileNames(self, "Open volumes", self._folder("data"),
+                                                    "Volumes (*.tif *.tiff *.h5 *.hdf5 *.npy)")
+        if paths:
+            self._chose("data", paths[0])
         for path in paths:
             self.viewer.open(path, plugin="napari-dinofuse")
 
@@ -436,8 +595,11 @@ class DinofuseWidget(QWidget):
             self._notify_error("choose or open a raw image layer first")
             return None
         # np.zeros maps untouched pages lazily: a big volume costs memory only where painted.
+        # The same class colours as the prediction (background visible here: its strokes must show).
+        named = {"features": class_features(self.session.class_names)} if self.session.class_names else {}
         layer = self.viewer.add_labels(np.zeros(_level0(raw_layer).shape, np.uint8), name="annotations",
-                                       scale=raw_layer.scale, translate=raw_layer.translate)
+                                       scale=raw_layer.scale, translate=raw_layer.translate,
+                                       colormap=label_colormap(show_background=True), **named)
         self.labels_combo.refresh()
         self.labels_combo.setCurrentText(layer.name)
         self.viewer.layers.selection.active = layer
@@ -465,10 +627,9 @@ class DinofuseWidget(QWidget):
             return None
         voxel, offset = np.array(raw.voxel_size), np.array(raw.offset)
         z = (self.viewer.dims.point[-3] - offset[0]) / voxel[0]
-        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera there
-        camera = scene.camera if scene is not None else self.viewer.camera
+        camera = self._camera()
         center = (np.array(camera.center[-2:]) - offset[1:]) / voxel[1:]
-        canvas = np.array(getattr(getattr(self.viewer, "canvas", None), "size", (512, 512)), float)[-2:]
+        canvas = self._canvas_size()
         half = np.clip(canvas / 2 / max(camera.zoom, 1e-6) / voxel[1:], 32, 512)
         lo = [z - 16, *(center - half)]
         hi = [z + 16, *(center + half)]
@@ -488,6 +649,9 @@ class DinofuseWidget(QWidget):
         self._start("extract", job, lambda source: self._show_cache_size())
 
     def fine_tune(self) -> None:
+        if self.worker is not None:  # a second click (or key press) must not reset the running job's plot
+            self._notify_error("another task is running: wait for it or click Cancel")
+            return
         try:
             layer = self.labels_combo.layer()
             if layer is None:
@@ -535,8 +699,9 @@ class DinofuseWidget(QWidget):
             self.status_label.setText("cancelling after the current batch…")
 
     def _ask_folder(self, action, title: str) -> None:
-        folder = QFileDialog.getExistingDirectory(self, title)
+        folder = QFileDialog.getExistingDirectory(self, title, self._folder("model"))
         if folder:
+            self._chose("model", folder)
             action(folder)
 
     # -- running jobs -----------------------------------------------------------------------------
@@ -657,7 +822,37 @@ class DinofuseWidget(QWidget):
     def closeEvent(self, event):
         self.cancel()
         self.wait()
+        self._bind_keys(False)
         super().closeEvent(event)
+
+    # -- keyboard shortcuts: bound on the viewer while the dock is shown -----------------------------------
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        self._bind_keys(True)
+
+    def hideEvent(self, event):
+        super().hideEvent(event)
+        if not event.spontaneous():  # the dock closed or removed, not the window minimised
+            self._bind_keys(False)
+
+    def event(self, event):
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None:  # taken out of its dock
+            self._bind_keys(False)
+        return super().event(event)
+
+    def _bind_keys(self, on: bool) -> None:
+        # click(): a disabled button (a job running, no model) ignores the key as it ignores the mouse.
+        for key, button in ((FINE_TUNE_KEY, self.train_button), (PREDICT_KEY, self.predict_button)):
+            if on and key not in self._bound:
+                try:
+                    self.viewer.bind_key(key, lambda viewer, button=button: button.click())
+                except ValueError:  # the user bound this key to something else: theirs wins
+                    continue
+                self._bound.append(key)
+            elif not on and key in self._bound:
+                self.viewer.bind_key(key, None)
+                self._bound.remove(key)
 
     # -- attention overlays -----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ share a name is left alone and ours gets napari's next free name.
 from __future__ import annotations
 
 from ..defaults import NUM_LEVELS, attention_array, attention_layer
+from ..display import attention_style, class_features, prediction_style, uncertainty_style
 
 MARK = "napari-dinofuse"
 ATTENTION_LAYERS = [attention_layer(k) for k in range(1, NUM_LEVELS + 1)]
@@ -36,14 +37,19 @@ def _show(viewer, role: str, kind: str, data, grid, **style):
 
 
 def show_prediction(viewer, sink, class_names=()) -> list:
-    """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink."""
-    layers = [_show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"], opacity=0.5)]
+    """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink.
+
+    Styles (colours, ranges) are set when a layer is created, so what the user changed since stays.
+    """
+    layers = [_show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"],
+                    **prediction_style())]
     layers[0].metadata["class names"] = {k + 1: name for k, name in enumerate(class_names)}
+    if class_names:  # the status bar names the class under the cursor
+        layers[0].features = class_features(class_names)
     layers.append(_show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
-                        colormap="magma", contrast_limits=(0.0, 1.0), visible=False))
+                        **uncertainty_style()))
     for k, role in enumerate(ATTENTION_LAYERS, start=1):
         name = attention_array(k)
         if name in sink.arrays:
-            layers.append(_show(viewer, role, "image", sink.arrays[name], sink.grids[name], colormap="inferno",
-                                blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), visible=k == 1))
+            layers.append(_show(viewer, role, "image", sink.arrays[name], sink.grids[name], **attention_style(k)))
     return layers

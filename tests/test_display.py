@@ -1,0 +1,49 @@
+"""How results look: one colour per class everywhere, a transparent background, a neutral attention style and
+a camera fitted to the raw. Pure functions, no viewer."""
+
+import numpy as np
+
+from napari_dinofuse.display import (
+    ATTENTION_NEUTRAL,
+    attention_style,
+    class_color,
+    class_features,
+    fit_camera,
+    label_colormap,
+)
+
+
+def test_fit_camera_shows_the_whole_box_centred():
+    # A raw of 256 x 256 voxels of 4 nm at (1000, 2000) nm, in an 800 x 600 (h x w) canvas.
+    lo, hi = np.array([0.0, 1000.0, 2000.0]), np.array([128.0, 2024.0, 3024.0])
+    center, zoom = fit_camera(lo, hi, (800, 600))
+    assert center == (1512.0, 2512.0)
+    assert np.isclose(zoom, 0.95 * 600 / 1024)  # the narrower side limits: the whole box is in view
+    # A wide box is limited by its width; a flat one (one slice) does not divide by zero.
+    _, zoom = fit_camera([0, 0, 0], [1, 10, 1000], (500, 500))
+    assert np.isclose(zoom, 0.95 * 0.5)
+    center, zoom = fit_camera([0, 5, 5], [0, 5, 5], (500, 500), ndisplay=3)
+    assert center == (0.0, 5.0, 5.0) and np.isfinite(zoom)
+
+
+def test_one_colour_per_class_and_a_transparent_prediction_background():
+    painted, predicted = label_colormap(show_background=True), label_colormap(show_background=False)
+    assert predicted[1][3] == 0 and painted[1][3] == 1  # background: hidden in predictions, visible strokes
+    assert painted[0][3] == 0 and predicted[0][3] == 0  # unpainted / unlabelled
+    for k in range(2, 40):
+        assert predicted[k] == painted[k] == class_color(k) and class_color(k)[3] == 1
+    first = [class_color(k) for k in range(2, 10)]
+    assert len(set(first)) == len(first)  # the first eight classes are told apart
+    assert class_features(["background", "membrane"]) == {"index": [0, 1, 2],
+                                                          "class": ["unpainted", "background", "membrane"]}
+
+
+def test_attention_style_is_fixed_and_neutral_at_one_half():
+    from napari.utils.colormaps import ensure_colormap
+
+    style = attention_style(1)
+    assert style["contrast_limits"] == (0.0, 1.0) and style["visible"] and not attention_style(2)["visible"]
+    cmap = ensure_colormap(style["colormap"])
+    low, neutral, high = cmap.map(np.array([0.0, ATTENTION_NEUTRAL, 1.0]))
+    assert np.allclose(neutral[:3], 0)  # additive blending: a flat 0.5 gate adds nothing over the EM
+    assert low[2] > low[0] and high[0] > high[2]  # blue below, orange above: diverging
