@@ -152,7 +152,7 @@ def test_whole_strokes_are_held_out_and_every_class_keeps_some(many_strokes):
 
 def test_validation_on_held_out_strokes_is_reported_and_stops_training(sample, source, many_strokes):
     config = TrainConfig(iterations=400, learning_rate=1e-5, validate_every=5, patience=2, min_iterations=10,
-                         tile_shape=(16, 48, 48))
+                         tile_shape=(16, 48, 48), validation_share=0.2)
     trainer = Trainer(new_model(source, 4, base_channels=4), source, many_strokes, config)
     events = list(trainer.run())
     scores = [e["validation"] for e in trainer.log if "validation" in e]

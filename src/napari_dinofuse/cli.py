@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "nm; at least the context encoder's reach: ~21 context voxels, most of its weight "
                             "within ~16)")
     train.add_argument("--validation-share", type=float, default=defaults.VALIDATION_SHARE,
-                       help="share of each class's strokes held out to validate and stop early (0: none)")
+                       help="share of each class's strokes held out to score the model and stop early (default 0: every "
+                            "stroke trains; e.g. 0.2 with many strokes per class)")
     train.add_argument("--dice-weight", type=float, default=0.0,
                        help="add soft Dice on painted voxels to the cross-entropy, with this weight (e.g. 0.5)")
     train.add_argument("--seed", type=int, default=0)

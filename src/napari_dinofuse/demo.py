@@ -30,7 +30,7 @@ from .sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
 from .train import TrainConfig
 
 FALLBACK_BACKBONE = "random:vits16"
-DEMO_ITERATIONS = 150  # two models and a forest in a few minutes on a 2-core CPU; the recipe's own cap is higher
+DEMO_ITERATIONS = defaults.ITERATIONS  # two models and a forest in a few minutes on a 2-core CPU
 # Colours per label value (0 unused): background grey, membrane yellow, mitochondrion cyan, granule magenta.
 PALETTE = np.array([[0, 0, 0], [60, 60, 60], [255, 220, 0], [0, 200, 255], [255, 60, 180]], np.uint8)
 

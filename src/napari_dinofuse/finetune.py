@@ -82,7 +82,8 @@ class FineTuned:
     stopped_early: bool = False
 
     def summary(self) -> str:
-        score = ("no held-out strokes to validate on (paint 3 or more strokes per class for a score)"
+        score = ("no held-out score: every stroke trained (a validation share holds some out to score and stop "
+                 "early; it needs 3 or more strokes per class)"
                  if self.validation is None else f"held-out strokes mIoU {self.validation:.3f}")
         loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
         return (f"trained {self.iterations} iterations in {self.seconds:.0f} s ({loss}{score}"

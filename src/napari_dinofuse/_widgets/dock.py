@@ -362,8 +362,8 @@ class DinofuseWidget(QWidget):
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 100_000)
         self.iterations_spin.setValue(defaults.ITERATIONS)
-        self.iterations_spin.setToolTip("Training steps at most: training stops sooner once the held-out share "
-                                        "of your strokes stops improving")
+        self.iterations_spin.setToolTip("Training steps (one step: a few tiles around your strokes); every stroke "
+                                        "trains")
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(5)
         self.lr_spin.setRange(1e-5, 1.0)
