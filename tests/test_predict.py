@@ -263,6 +263,29 @@ def test_cancel_keeps_a_previous_output_and_refuses_foreign_paths(tmp_path, mode
         ZarrSink(foreign)
 
 
+def test_a_full_disk_mid_prediction_keeps_the_previous_output_and_the_next_run_works(tmp_path, model, source,
+                                                                                     monkeypatch):
+    out = tmp_path / "OUT.zarr"
+    drive(predict(model, source, (slice(0, 8), slice(0, 32), slice(0, 32)), device="cpu",
+                  sink=ZarrSink(out), **BIG))
+    original, writes = ZarrSink.write, []
+
+    def full_disk(self, name, region, array):
+        writes.append(name)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        return original(self, name, region, array)
+
+    monkeypatch.setattr(ZarrSink, "write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        drive(predict(model, source, device="cpu", sink=ZarrSink(out), **SMALL))
+    assert open_volume(out / "labels").shape == (8, 32, 32)  # the previous prediction, still whole
+    assert [p.name for p in tmp_path.iterdir()] == ["OUT.zarr"]  # nothing half-written beside it
+    monkeypatch.setattr(ZarrSink, "write", original)
+    drive(predict(model, source, device="cpu", sink=ZarrSink(out), **SMALL))
+    assert open_volume(out / "labels").shape == source.raw.shape
+
+
 @pytest.mark.parametrize("roi", [None, (slice(3, 17), slice(20, 71), slice(5, 90))])
 def test_block_reads_equal_the_per_tile_reads(source, roi):
     """Raw features and intensities read once per block and sliced per tile equal one-tile reads (incl. slices
