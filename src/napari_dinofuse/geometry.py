@@ -16,7 +16,8 @@ from .errors import GeometryError
 Triple = tuple[float, float, float]
 
 
-def _triple(value, name: str, positive: bool = False) -> Triple:
+def triple(value, name: str, positive: bool = False) -> Triple:
+    """``value`` as 3 finite floats (z, y, x; one number: the same on every axis); ``positive`` for sizes."""
     arr = np.broadcast_to(np.asarray(value, dtype=float), (3,)) if np.ndim(value) == 0 else np.asarray(value, float)
     if arr.shape != (3,):
         raise GeometryError(f"{name} needs 3 values (z, y, x) in nm, got {value!r}")
@@ -37,8 +38,8 @@ class Grid:
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        object.__setattr__(self, "voxel_size", _triple(self.voxel_size, "voxel size", positive=True))
-        object.__setattr__(self, "offset", _triple(self.offset, "offset"))
+        object.__setattr__(self, "voxel_size", triple(self.voxel_size, "voxel size", positive=True))
+        object.__setattr__(self, "offset", triple(self.offset, "offset"))
         if len(self.shape) != 3 or min(self.shape) < 1:
             raise GeometryError(f"a grid needs 3 non-empty axes (z, y, x), got shape {self.shape}")
 

@@ -37,7 +37,7 @@ from .. import defaults
 from ..defaults import BACKBONE_ENV, default_backbone_spec
 from ..display import ATTENTION_LEGEND, attention_style, class_features, fit_camera, label_colormap
 from ..errors import DinofuseError
-from ..geometry import Volume
+from ..geometry import Volume, triple
 from ..progress import CANCELLED
 from ..session import Session, SessionSettings
 from .loss_plot import LossPlot
@@ -67,16 +67,15 @@ def _xyz_text(values) -> str:
 
 
 def _parse_xyz(text: str, what: str, positive: bool = False) -> tuple[float, float, float]:
-    """Three finite numbers 'z, y, x' (nm); ``positive`` for voxel sizes. Anything else is a DinofuseError."""
+    """Three numbers 'z, y, x' (nm) typed in a field; whether they are finite (and, with ``positive``, above 0)
+    is the geometry's rule (:func:`~napari_dinofuse.geometry.triple`). Anything else is a DinofuseError."""
     try:
         values = tuple(float(v) for v in text.replace(";", ",").split(","))
     except ValueError:
         values = ()
-    if len(values) != 3 or not all(np.isfinite(values)):
+    if len(values) != 3:
         raise DinofuseError(f"{what}: enter three numbers 'z, y, x' in nm, got {text!r}")
-    if positive and min(values) <= 0:
-        raise DinofuseError(f"{what}: every size must be above 0 nm, got {text!r}")
-    return values
+    return triple(values, what, positive)
 
 
 def _describe_error(exc: BaseException) -> str:
