@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import struct
@@ -62,9 +63,18 @@ def entries(path):
     return sorted(p.name for p in path.iterdir())
 
 
+def as_before_format_6(model):
+    """``model`` as formats 3-5 predicted: without the context head's logits, with equal class shares."""
+    old = copy.deepcopy(model)
+    old.config.context_evidence = False
+    old.class_prior.fill_(1 / old.config.num_classes)
+    return old
+
+
 @pytest.fixture
 def saved(tmp_path):
     model = make_model()
+    model.class_prior.copy_(torch.tensor([0.7, 0.2, 0.1]))  # as estimated after training
     folder = tmp_path / "model"
     save_model(folder, model, make_info(model), training_log=[{"epoch": 0, "loss": 1.5}])
     return folder, model
@@ -254,9 +264,9 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     weights = folder / "model.safetensors"
     statistics = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
     state = {k: v for k, v in load_file(weights).items()
-             if not k.endswith(statistics) and not k.startswith("context_head.")}
-    assert len(state) == len(model.state_dict()) - 8  # the two stems' and the context features' statistics,
-    # and the context head (format 5)
+             if not k.endswith(statistics) and not k.startswith("context_head.") and k != "class_prior"}
+    assert len(state) == len(model.state_dict()) - 9  # the two stems' and the context features' statistics,
+    # the context head (format 5) and the class shares (format 6)
     save_file(state, weights, metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     for key in ("planes", "feature_tile_size", "intensity_mode"):  # format 3 kept these in "extra"
@@ -264,8 +274,9 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     config["extra"] = {"planes": "ortho", "tile_size": 1024, "intensity_mode": "dtype", "note": "painted by A."}
     (folder / "config.json").write_text(json.dumps(config))
     _edit_config(folder, format_version=3)
+    _drop_context_evidence(folder)
     loaded, info = load_model(folder)
-    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(logits(loaded), logits(as_before_format_6(model)))
     assert (info.planes, info.feature_tile_size, info.intensity_mode) == ("ortho", 1024, "dtype")
     assert info.extra == {"note": "painted by A."}
     calibrated = make_model()
@@ -275,14 +286,29 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
         stats.fill_(1.0)
 
 
-def test_a_format_4_model_without_a_context_head_loads_and_predicts_as_it_did(saved):
+def _drop_context_evidence(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["unet"]["context_evidence"]  # formats 3-5 had no such key
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved, version):
+    """Format 4 had no context head, formats 4-5 no class shares and no context head logits in predictions."""
     folder, model = saved
     weights = folder / "model.safetensors"
-    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("context_head.")}, weights,
+    dropped = ("context_head.", "class_prior") if version == 4 else ("class_prior",)
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith(dropped)}, weights,
               metadata={"format": "pt"})
-    _edit_config(folder, format_version=4)
+    _edit_config(folder, format_version=version)
+    _drop_context_evidence(folder)
     loaded, _ = load_model(folder)
-    assert torch.equal(logits(loaded), logits(model))
+    before = as_before_format_6(model)
+    if version == 5:  # its own context head, which it trained but did not predict with
+        torch.testing.assert_close(loaded.context_head.weight, model.context_head.weight)
+    assert torch.equal(logits(loaded), logits(before))
+    assert not torch.equal(logits(before), logits(model))  # what format 6 changed does change predictions
+    assert not loaded.config.context_evidence
     assert loaded.context_head.weight.shape[0] == model.config.num_classes  # fine-tuning it again works
 
 

@@ -19,6 +19,7 @@ from napari_dinofuse.train import (
     adapt_classes,
     augment,
     class_weights,
+    estimate_class_prior,
     find_painted,
     masked_loss,
     new_model,
@@ -61,6 +62,19 @@ def test_unpainted_voxels_never_enter_the_loss():
         assert grad[:, :, labels[0] == 0].abs().max() == 0
 
 
+def test_class_shares_are_recovered_from_the_posteriors_of_a_model_trained_on_equal_shares():
+    """The prior correction's estimate (EM): 1D Gaussian classes with shares 90 / 7 / 3 %, posteriors as a
+    model trained on equal shares gives them."""
+    rng = np.random.default_rng(0)
+    shares, centres = np.array([0.9, 0.07, 0.03]), np.array([-2.0, 0.0, 2.0])
+    x = rng.normal(centres[rng.choice(3, 200_000, p=shares)], 1.0)
+    likelihood = np.exp(-0.5 * (x[None] - centres[:, None]) ** 2)
+    posteriors = likelihood / likelihood.sum(0)
+    assert np.abs(posteriors.mean(1) - shares).max() > 0.1  # the naive estimate is far off
+    np.testing.assert_allclose(estimate_class_prior(posteriors), shares, atol=0.01)
+    assert estimate_class_prior(posteriors[:, x < -3]).min() > 5e-4  # a class the sample missed is not ruled out
+
+
 def test_rarely_painted_classes_weigh_more(sample):
     painted = find_painted(sample.scribbles(seed=1), sample.raw.shape)
     weights = class_weights(painted)
@@ -97,12 +111,23 @@ def test_small_model_fits_the_painted_voxels(sample, source):
     assert trainer.log[-1]["smoothed"] < trainer.log[0]["smoothed"] / 2  # measured 0.36
     region = (slice(0, 16), slice(0, 128), slice(0, 128))
     inputs = source.tile(region, intensity=True, halo=model.intensity_halo)
+    shares = model.class_prior.clone()
     with torch.no_grad():
         logits = model(inputs.raw, inputs.context, (16, 128, 128), inputs.intensity).logits
-    prediction = logits.argmax(1)[0].numpy() + 1
+        model.class_prior.fill_(0.25)  # as training saw the classes: equal shares
+        balanced = model(inputs.raw, inputs.context, (16, 128, 128), inputs.intensity).logits
     painted = labels > 0
+    prediction = balanced.argmax(1)[0].numpy() + 1
     accuracy = (prediction[painted] == labels[painted]).mean()
     assert accuracy > 0.95, accuracy
+
+    # The estimated shares of the volume bring the predicted class fractions closer to the truth's (the strokes
+    # are class-balanced; background fills most of the volume).
+    truth = np.bincount(sample.ground_truth.ravel(), minlength=5)[1:] / sample.ground_truth.size
+    assert abs(float(shares.sum()) - 1) < 1e-5 and int(shares.argmax()) == 0, shares
+    def error(lg):
+        return np.abs(np.bincount(lg.argmax(1).ravel().numpy(), minlength=4) / lg[:, 0].numel() - truth).sum()
+    assert error(logits) < 0.7 * error(balanced), (error(logits), error(balanced))
 
 
 def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, source):
@@ -125,6 +150,7 @@ def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, sour
     run.close()  # Cancel
     assert len(trainer.log) == 6
     assert not model.training  # ready for inference
+    assert torch.equal(model.class_prior, torch.full((4,), 0.25))  # not estimated: equal shares, no correction
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
 
 
@@ -258,7 +284,8 @@ def test_new_classes_replace_only_the_head(source):
     assert model.config.num_classes == 5 and all(h.out_channels == 5 for h in heads)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before
-               if not k.startswith(("head.", "local_head.", "context_head.")))
+               if not k.startswith(("head.", "local_head.", "context_head.", "class_prior")))
+    assert torch.equal(model.class_prior, torch.full((5,), 0.2))  # shares of the new classes: not known yet
 
 
 def test_fusion_needs_a_context(sample, tiny_backbone, tmp_path):

@@ -57,7 +57,9 @@ __all__ = [
 #    raw: it loads with identity statistics); planes, feature tile size and intensity mode are typed fields
 #    (format 3 kept them in "extra": read from there).
 # 5: a context head (trained beside the main logits, unused when predicting; formats 3-4 load with a new one).
-FORMAT_VERSION = 5
+# 6: the context head's logits take part in predictions (UNetConfig.context_evidence; formats 3-5 load with it
+#    off) and the estimated class shares (``class_prior``; formats 3-5 load with equal shares: as they predicted).
+FORMAT_VERSION = 6
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
 
@@ -396,6 +398,8 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not isinstance(config, Mapping):
         raise CheckpointError(f"corrupt {CONFIG_FILE} in {folder}: not a JSON object; re-save or re-train it")
     version = _check_format(config, folder)
+    if version < 6 and isinstance(config.get("unet"), Mapping):  # predicted without the context head's logits
+        config = {**config, "unet": {"context_evidence": False, **config["unet"]}}
     try:
         info = ModelInfo.from_dict(config)
     except (TypeError, ValueError) as exc:
@@ -411,8 +415,10 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     defaults = model.state_dict()
     if version < 4:  # its inputs ran unstandardised: the identity statistics a new model starts with
         state = {**{k: v for k, v in defaults.items() if k.endswith(_INPUT_STATISTICS)}, **state}
-    if version < 5:  # no context head yet: a new one (it does not take part in predictions)
+    if version < 5:  # no context head yet: a new one (it does not take part in their predictions)
         state = {**{k: v for k, v in defaults.items() if k.startswith("context_head.")}, **state}
+    if version < 6:  # no class shares yet: equal ones, i.e. no correction, as they predicted
+        state = {"class_prior": defaults["class_prior"], **state}
     _check_weights(model, state, folder)
     model.load_state_dict(state, strict=True)
     model.to(device)

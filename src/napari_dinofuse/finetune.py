@@ -86,8 +86,10 @@ class FineTuned:
                  "early; it needs 3 or more strokes per class)"
                  if self.validation is None else f"held-out strokes mIoU {self.validation:.3f}")
         loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
+        shares = ", ".join(f"{name} {100 * share:.1f} %"
+                           for name, share in zip(self.info.class_names, self.model.class_prior.tolist()))
         return (f"trained {self.iterations} iterations in {self.seconds:.0f} s ({loss}{score}"
-                f"{', stopped early' if self.stopped_early else ''})")
+                f"{', stopped early' if self.stopped_early else ''}); estimated shares of the volume: {shares}")
 
 
 def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, new: NewModel | None = None,

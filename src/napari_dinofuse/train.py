@@ -379,6 +379,31 @@ def augment(inputs: TileInputs, labels: torch.Tensor, rng: np.random.Generator) 
     return TileInputs(raw, ctx, intensity), labels
 
 
+# -- class shares -------------------------------------------------------------------------------------------
+
+
+def estimate_class_prior(posteriors, iterations: int = 200, floor: float = 1e-3) -> np.ndarray:
+    """Each class's share of the voxels whose ``posteriors`` (K, n) a model trained on equal shares gave.
+
+    Expectation-maximisation of Saerens, Latinne & Decaestecker (2002): reweight the posteriors by the current
+    shares, take their mean as the new shares, repeat. Needs no labels, so it runs on unpainted voxels; a share
+    stays near ``floor`` at least (a class the sample missed is not ruled out everywhere).
+    """
+    q = np.asarray(posteriors, np.float64)
+    k = q.shape[0]
+    prior = np.full(k, 1.0 / k)
+    for _ in range(iterations):
+        p = q * prior[:, None]
+        p /= np.maximum(p.sum(0, keepdims=True), 1e-300)
+        new = np.maximum(p.mean(1), floor)
+        new /= new.sum()
+        done = np.abs(new - prior).max() < 1e-6
+        prior = new
+        if done:
+            break
+    return prior
+
+
 # -- training -----------------------------------------------------------------------------------------------
 
 
@@ -395,6 +420,7 @@ class Trainer:
     """
 
     MAX_VALIDATION_TILES = 8
+    PRIOR_TILES = 32  # training-sized tiles at random places: the voxels the class shares are estimated on
     MIN_IMPROVEMENT = 0.005  # of the held-out mIoU: smaller gains are noise, not a reason to train on
 
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
@@ -409,6 +435,7 @@ class Trainer:
         self.log: list[dict] = []
         self.stopped_early = False
         self.best_score: float | None = None  # mean IoU on the held-out strokes
+        self.class_prior: np.ndarray | None = None  # estimated when training ends (not on Cancel)
         self.train_painted, self.held_out = split_strokes(self.painted, self.config.validation_share,
                                                           self.config.seed)
         z, y, x = self.config.tile_shape
@@ -497,10 +524,31 @@ class Trainer:
         union = confusion.sum(0) + confusion.sum(1) - inter
         return float(np.mean(inter[present] / union[present]))
 
+    @torch.no_grad()
+    def estimate_prior(self, device) -> np.ndarray:
+        """Set ``model.class_prior`` from the model's own posteriors on PRIOR_TILES random tiles of the volume
+        (:func:`estimate_class_prior`); returns the shares. Deterministic for a seed."""
+        model = self.model.eval()
+        model.class_prior.fill_(1.0 / model.config.num_classes)  # posteriors as trained: equal shares
+        rng = np.random.default_rng(self.config.seed + 2)
+        anywhere = np.stack([rng.integers(0, n, self.PRIOR_TILES) for n in self.source.raw.shape], axis=1)
+        posteriors = []
+        for point in anywhere:
+            region = self.sample_region(rng, points=point[None])
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                inputs = self._inputs(region, device)
+                out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
+            z, y, x = (s.stop - s.start for s in region)
+            posteriors.append(out.logits[0, :, :z, :y, :x].float().softmax(0).flatten(1).cpu().numpy())
+        prior = estimate_class_prior(np.concatenate(posteriors, axis=1))
+        model.class_prior.copy_(torch.from_numpy(prior))
+        return prior
+
     def run(self) -> Generator[Progress, None, "Trainer"]:
         cfg = self.config
         device = resolve_device(cfg.device)
         model = self.model.to(device).train()
+        model.class_prior.fill_(1.0 / model.config.num_classes)  # re-estimated below, from the new weights
         weights = class_weights(self.train_painted)
         if weights.numel() < model.config.num_classes:
             weights = F.pad(weights, (0, model.config.num_classes - weights.numel()))
@@ -516,7 +564,7 @@ class Trainer:
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        best_state, best_step, smoothed = None, 0, None
+        best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
         start = time.perf_counter()
@@ -569,4 +617,7 @@ class Trainer:
             if best_state is not None:
                 model.load_state_dict(best_state)
             model.eval()
+        # Not on Cancel: the model then predicts with equal shares (over-predicting rare classes) until trained on.
+        yield Progress(len(self.log), len(self.log), f"{message}; estimating the classes' shares of the volume")
+        self.class_prior = self.estimate_prior(device)
         return self

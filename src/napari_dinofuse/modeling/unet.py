@@ -83,6 +83,10 @@ class UNetConfig:
     patch_size: int = 16
     intensity_stem: bool = True  # raw intensities at full resolution: sharp boundaries
     context_stem: bool = True  # context intensities at the context's resolution
+    # The context head's class logits (the context branch's own reading, sampled onto the tile) are added to
+    # the UNet's: the direct path by which "which side of the nuclear envelope" reaches the prediction (see
+    # FusedUNet3D.replace_heads). Model format 6; older models ran without it.
+    context_evidence: bool = True
     pooling: tuple[_Triple, ...] = ISOTROPIC  # raw UNet: 3 steps between the 4 levels + 1 into the bottleneck
     context_pooling: tuple[_Triple, ...] = ISOTROPIC[:2]  # context encoder's 2 steps
     # How far beyond a tile the context branch reads (nm; None: the context's whole field). At least the
@@ -103,7 +107,7 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"UNetConfig.fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
-        for name in ("intensity_stem", "context_stem"):
+        for name in ("intensity_stem", "context_stem", "context_evidence"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
         self.pooling = _check_pooling("pooling", self.pooling, NUM_LEVELS)
@@ -356,16 +360,25 @@ class FusedUNet3D(nn.Module):
         skip straight to the logits (see the module docstring) and the context branch's own head. Everything
         else is kept.
 
-        The context head reads the classes from the context branch alone. It is trained beside the main logits
-        (an auxiliary loss) and not used to predict: it makes the context branch learn, from the first steps,
-        what tells the painted classes apart at the context's scale, so the gates have something to select by.
-        Without it the UNet first fits the strokes from raw features and the context branch gets little signal.
+        The context head reads the classes from the context branch alone, and (``config.context_evidence``) its
+        logits are added to the UNet's. Measured (docs/benchmarks.md): the context branch soon tells the two
+        sides of a nuclear envelope apart perfectly, but through the gates alone that reached the prediction in
+        some runs and not in others (the UNet fits the few strokes from raw appearance first, and the gates then
+        get little gradient); added to the logits, it always does. Training may also supervise the context head
+        on its own (an auxiliary loss, ``TrainConfig.context_loss_weight``).
+
+        ``class_prior``: each class's share of the volume, added (as log(prior * K)) to the logits at inference
+        only. Training sees the classes about equally often (tiles centred on each class in turn, a few strokes
+        each), so its posteriors assume equal shares; with a thin membrane at 3 % of the volume every rare class
+        is then over-predicted. Estimated after training (:func:`~napari_dinofuse.train.estimate_class_prior`);
+        uniform (no correction) until then.
         """
         base = self.level_channels[0]
         self.head = nn.Conv3d(base, num_classes, kernel_size=1)
         self.local_head = nn.Conv3d(base, num_classes, kernel_size=1, bias=False)
         self.context_head = (nn.Conv3d(self.context_width, num_classes, kernel_size=1)
                              if self.context_encoder is not None else None)
+        self.register_buffer("class_prior", torch.full((num_classes,), 1.0 / num_classes))
 
     # -- geometry -----------------------------------------------------------------------
 
@@ -445,10 +458,12 @@ class FusedUNet3D(nn.Module):
             x = F.pad(x, spec, mode="replicate")
 
         gates, context_logits = [], None
+        evidence = cfg.context_evidence and self.context_head is not None
         if use_context:
-            per_window = [self._context(w, padded, auxiliary) for w in windows]
+            head = auxiliary or evidence
+            per_window = [self._context(w, padded, head) for w in windows]
             parts = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in zip(*per_window)]
-            if auxiliary:
+            if head:
                 context_logits = self._crop(parts.pop(), out_shape, (1, 1, 1))
             if cfg.fusion == "concat":
                 x = torch.cat([x, parts[0]], dim=1)
@@ -470,7 +485,12 @@ class FusedUNet3D(nn.Module):
         for decoder, skip in zip(self.decoders, reversed(skips)):
             x = decoder(x, skip)
         logits = self._crop(self.head(x) + self.local_head(skips[0]), out_shape, (1, 1, 1))
-        return UNetOutput(logits=logits, attention=tuple(attention), context_logits=context_logits)
+        if evidence:
+            logits = logits + context_logits
+        if not self.training:  # the classes' share of the volume, not of the strokes (see class_prior)
+            logits = logits + self.class_prior.log().add(math.log(cfg.num_classes)).view(1, -1, 1, 1, 1)
+        return UNetOutput(logits=logits, attention=tuple(attention),
+                          context_logits=context_logits if auxiliary else None)
 
     def _context(self, window: ContextWindow, padded, auxiliary: bool = False) -> list[torch.Tensor]:
         """The context branch for one window: [its map on the tile's grid] ("concat") or the gate logits on
