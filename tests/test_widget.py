@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 from qtpy.QtCore import Qt, QThreadPool, QTimer
-from qtpy.QtWidgets import QApplication
+from qtpy.QtWidgets import QApplication, QFileDialog
 
 from napari_dinofuse._widgets import DinofuseWidget
 from napari_dinofuse.progress import CANCELLED
@@ -210,6 +210,8 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     assert widget.last_result is CANCELLED and widget.session.source is None
     assert _click_and_wait(qtbot, widget, widget.extract_button) is not CANCELLED  # resumes from the cache
     assert widget.session.source is not None
+    note = widget.backbone_note.text()  # which backbone ran, and that it is not DINOv3
+    assert note.startswith(f"loaded: {widget.backbone_edit.text()}") and "RANDOM WEIGHTS, NOT DINOv3" in note
 
     labels = _paint_two_classes(viewer, widget, qtbot)
     qtbot.mouseClick(widget.train_button, LEFT)
@@ -235,7 +237,7 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     assert labels.data.max() == 2
 
 
-def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications, tmp_path):
+def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notifications, tmp_path, monkeypatch):
     viewer, widget = _widget(make_napari_viewer, qtbot)
     errors = lambda: [str(n.message) for n in notifications if n.severity == "error"]
 
@@ -273,6 +275,16 @@ def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notification
     widget.backbone_edit.setText(str(tmp_path / "no-such-dinov3"))
     _click_and_wait(qtbot, widget, widget.extract_button)
     assert "does not exist" in errors()[-1] and widget.extract_button.isEnabled()
+
+    # A folder chosen with "Choose folder…" that holds no weights: the steps to get them.
+    folder = tmp_path / "dinov3-copy"
+    folder.mkdir()
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *args, **kwargs: str(folder))
+    qtbot.mouseClick(widget.backbone_folder_button, LEFT)
+    assert widget.backbone_edit.text() == str(folder)
+    assert "hf auth login" in widget.backbone_note.text() and "save_pretrained" in widget.backbone_note.text()
+    _click_and_wait(qtbot, widget, widget.extract_button)
+    assert "save_pretrained" in errors()[-1] and "loaded" not in widget.backbone_note.text()
 
     # Predict with no model is not offered; a missing backbone name is explained.
     assert not widget.predict_button.isEnabled()

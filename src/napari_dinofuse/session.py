@@ -87,6 +87,11 @@ class Session:
             self.source, self._source_key = None, None
         return self.backbone
 
+    @property
+    def loaded_backbone_spec(self) -> str | None:
+        """The backbone field's text that the loaded backbone came from (None: none loaded)."""
+        return self._backbone_key[0] if self.backbone is not None and self._backbone_key else None
+
     def extract(self, raw: Volume, context: Volume | None, settings: SessionSettings, cancel=lambda: False
                 ) -> Generator[Progress, None, object]:
         """Load the backbone if needed and extract (or find in the cache) the features of raw and context."""

@@ -279,6 +279,11 @@ class DinofuseWidget(QWidget):
                                       "the weights, or random:<tiny|vits16|vitb16|vitl16> (NOT DINOv3: tests "
                                       "and offline demos only)")
         self.backbone_edit.textChanged.connect(self._backbone_hint)
+        self.backbone_folder_button = QPushButton("Choose folder…")
+        self.backbone_folder_button.setToolTip("A folder with DINOv3 weights as transformers' save_pretrained "
+                                               "writes them (config.json + model.safetensors), e.g. copied from "
+                                               "a machine that has hub access")
+        self.backbone_folder_button.clicked.connect(self._choose_backbone_folder)
         self.backbone_note = QLabel()
         self.backbone_note.setWordWrap(True)
         self.device_combo = QComboBox()
@@ -298,7 +303,10 @@ class DinofuseWidget(QWidget):
         self.extract_button.setToolTip("Compute (or find in the cache) the backbone features of the raw and "
                                        "context now; optional: Fine-tune and Predict do it when needed")
         self.extract_button.clicked.connect(self.extract)
-        form.addRow("backbone", self.backbone_edit)
+        row = QHBoxLayout()
+        row.addWidget(self.backbone_edit, 1)
+        row.addWidget(self.backbone_folder_button)
+        form.addRow("backbone", row)
         form.addRow(self.backbone_note)
         form.addRow("device", self.device_combo)
         form.addRow("planes", self.planes_combo)
@@ -568,15 +576,29 @@ class DinofuseWidget(QWidget):
         for path in paths:
             self.viewer.open(path, plugin="napari-dinofuse")
 
+    def _choose_backbone_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder with DINOv3 weights (save_pretrained)",
+                                                  self._folder("backbone"))
+        if folder:
+            self._chose("backbone", folder)
+            self.backbone_edit.setText(folder)
+
     def _backbone_hint(self) -> None:
+        """What the backbone field will load, or (once loaded) what it loaded: DINOv3 or random weights."""
         spec = self.backbone_edit.text().strip()
-        if spec.startswith("random:"):
-            self.backbone_note.setText("⚠ RANDOM WEIGHTS, NOT DINOv3: for tests and offline demos only")
-            self.backbone_note.setStyleSheet("color: #ff8c69")
+        loaded = self.session.backbone
+        random = spec.startswith("random:")
+        if loaded is not None and self.session.loaded_backbone_spec == spec:
+            random = loaded.is_random
+            text = f"loaded: {loaded.describe()}" if random else f"loaded: DINOv3, {loaded.describe()}"
+        elif random:
+            text = "⚠ RANDOM WEIGHTS, NOT DINOv3: for tests and offline demos only"
         else:
-            self.backbone_note.setText("official DINOv3 hub ids are gated: accept the licence on the hub and "
-                                       "log in (or give a local folder)")
-            self.backbone_note.setStyleSheet("")
+            text = ("official DINOv3 hub ids are gated: accept the licence on the model's hub page, then "
+                    "`hf auth login`; or, on a machine with access, save_pretrained the model to a folder and "
+                    "choose that folder here")
+        self.backbone_note.setText(text)
+        self.backbone_note.setStyleSheet("color: #ff8c69" if random else "")
 
     def _show_cache_size(self) -> None:
         from ..cache import FeatureCache, format_bytes
@@ -790,6 +812,7 @@ class DinofuseWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
+        self._backbone_hint()  # a job may have loaded the backbone
         if self._progress is not None:
             self._progress.close()
             self._progress = None

@@ -4,7 +4,9 @@ Inputs: raw features ``(B, C_raw, Z, Y/p, X/p)`` of one tile (plus, optionally, 
 resolution) and a :class:`ContextWindow`: the context's features and intensities over a window much wider than
 the tile, on the context's own grid, with both grids placed in the world. The context branch works at the
 context's resolution over the whole window (so it sees what lies beyond the tile), and only its result is
-sampled, in world coordinates, onto each encoder level's grid of the tile. Output: logits ``(B, K, Z, Y, X)``.
+sampled, in world coordinates, onto each encoder level's grid of the tile. Output: logits ``(B, K, Z, Y, X)``,
+to which the context branch's own class logits are added (see :meth:`FusedUNet3D.replace_heads`, which also
+explains the class shares added at inference).
 
 Every normalisation is a :class:`~.fusion.ChannelNorm` (statistics over a voxel's channels only), so
 predictions do not depend on the tiling and training computes what inference does. Pooling follows the voxel
