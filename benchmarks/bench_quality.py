@@ -4,8 +4,8 @@
 
 For each seed: the synthetic sample (4 nm raw field straddling a nuclear envelope, 64 nm context), its own
 scribbles, DINOv3-shaped features (default ``random:vits16``: RANDOM weights, not DINOv3), then the UNet trained
-with the one recipe (``TrainConfig()``; early stopping on held-out *painted* strokes, never on the scored
-voxels) in each fusion mode, and the ilastik-style forest on raw filters and on raw + context filters. Prints
+with the one recipe (``TrainConfig()``: every stroke trains; held-out *painted* strokes only when a validation
+share is set, never the scored voxels) in each fusion mode, and the ilastik-style forest on raw filters and on raw + context filters. Prints
 per-class IoU on the unpainted voxels with training seconds, and the half-tile-shift label agreement of the
 attention model. Needs scikit-learn (``pip install -e .[benchmark]``). CPU: about 5-10 min per UNet.
 """
