@@ -31,7 +31,7 @@ from .geometry import Grid
 from .modeling.filters import scale_sigmas
 from .modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling
 from .progress import Progress
-from .tiling import ints3
+from .tiling import ints3, iter_blocks
 
 
 @dataclass
@@ -427,7 +427,6 @@ class Trainer:
         self.log: list[dict] = []
         self.stopped_early = False
         self.best_score: float | None = None  # mean IoU on the held-out strokes
-        self.class_prior: np.ndarray | None = None  # estimated when training ends (not on Cancel)
         self.train_painted, self.held_out = split_strokes(self.painted, self.config.validation_share,
                                                           self.config.seed)
         z, y, x = self.config.tile_shape
@@ -528,11 +527,7 @@ class Trainer:
         """
         model = self.model.eval()
         model.class_prior.fill_(1.0 / model.config.num_classes)  # posteriors as trained: equal shares
-        shape = self.source.raw.shape
-        tile = [min(t, n) for t, n in zip(defaults.PREDICT_TILE, shape)]
-        starts = [range(0, n, t) for t, n in zip(tile, shape)]
-        regions = [tuple(slice(a, min(a + t, n)) for a, t, n in zip(start, tile, shape))
-                   for start in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3)]
+        regions = [block.core for block in iter_blocks(self.source.raw.shape, defaults.PREDICT_TILE)]
         if len(regions) > self.PRIOR_TILES:
             rng = np.random.default_rng(self.config.seed + 2)
             regions = [regions[i] for i in sorted(rng.choice(len(regions), self.PRIOR_TILES, replace=False))]
@@ -622,5 +617,5 @@ class Trainer:
             model.eval()
         # Not on Cancel: the model then predicts with equal shares (over-predicting rare classes) until trained on.
         yield Progress(len(self.log), len(self.log), f"{message}; estimating the classes' shares of the volume")
-        self.class_prior = self.estimate_prior(device)
+        self.estimate_prior(device)
         return self
