@@ -133,8 +133,10 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     assert prediction.colormap.map(np.array([1]))[0][3] == 0
     assert np.allclose(prediction.colormap.map(np.array([2])), labels.colormap.map(np.array([2])))
     assert list(prediction.features["class"][1:]) == widget.session.class_names
-    position = np.argwhere(prediction.data == 2)[0]
-    assert f"class: {widget.session.class_names[1]}" in prediction.get_status(tuple(position))["coordinates"]
+    # The status reads the displayed slice: show the slice of a class-2 voxel, then hover it (world coordinates).
+    world = prediction.data_to_world(np.argwhere(prediction.data == 2)[0])
+    viewer.dims.set_point(0, world[0])
+    assert f"class: {widget.session.class_names[1]}" in prediction.get_status(tuple(world), world=True)["coordinates"]
     assert np.allclose(prediction.scale, raw.scale) and np.allclose(prediction.translate, raw.translate)
     painted = labels.data > 0
     accuracy = (prediction.data[painted] == labels.data[painted]).mean()
