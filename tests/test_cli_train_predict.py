@@ -1,5 +1,6 @@
 """`dinofuse train`, `predict` and `demo` end to end on a tiny synthetic volume, as a user runs them."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,9 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
     level3 = open_volume(out / "attention" / "level3")
     assert level3.shape == (2, 16, 32) and np.allclose(level3.voxel_size, np.asarray(sample.raw.voxel_size) * 4)
     assert zarr.open_array(str(out / "probabilities" / "0"), mode="r").shape == (4, 8, 64, 128)
+    # The model's class names travel with the prediction (the reader names the classes from them).
+    names = json.loads((d / "model2" / "config.json").read_text())["class_names"]
+    assert len(names) == 4 and zarr.open_group(str(out), mode="r").attrs["dinofuse"]["class_names"] == names
 
 
 def test_predict_from_a_saved_model_is_bitwise_reproducible(files):

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from napari_dinofuse.cache import FeatureCache
-from napari_dinofuse.checkpoint import save_model
+from napari_dinofuse.checkpoint import load_model, save_model
 from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
 from napari_dinofuse.features import extract_sources
 from napari_dinofuse.outputs import ZarrSink
@@ -61,7 +61,8 @@ def test_cluster_output_equals_single_process(setup, tiny_backbone):
     for name in ("probabilities", "uncertainty", "attention/level2"):
         assert np.allclose(_read(d / "cluster.zarr", name).astype(np.float32),
                            _read(d / "single.zarr", name).astype(np.float32), atol=2e-3), name
-    assert zarr.open_group(str(d / "cluster.zarr"), mode="r").attrs["dinofuse"]["complete"]
+    attrs = zarr.open_group(str(d / "cluster.zarr"), mode="r").attrs["dinofuse"]
+    assert attrs["complete"] and attrs["class_names"] == load_model(d / "model")[1].class_names
 
 
 def test_a_killed_worker_does_not_stop_the_run(setup, tiny_backbone):

@@ -53,8 +53,12 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
     source = drive(extract_sources(sample.raw, sample.context, tiny_backbone, FeatureCache(tmp_path / "c")))
     model = new_model(source, 4, base_channels=4)
     roi = (slice(0, 16), slice(16, 80), slice(0, 64))
+    names = ["background", "membrane", "mitochondrion", "granule"]
     drive(predict(model, source, roi, tile_shape=(16, 64, 64), overlap=(8, 16, 16),
-                       sink=ZarrSink(tmp_path / "result.zarr")))
+                  sink=ZarrSink(tmp_path / "result.zarr"), class_names=names))
+    with pytest.raises(ValueError, match="3 class names for a model of 4 classes"):
+        drive(predict(model, source, roi, sink=ZarrSink(tmp_path / "other.zarr"), class_names=names[:3]))
+    assert not (tmp_path / "other.zarr").exists()
 
     viewer = make_napari_viewer()
     viewer.open(str(tmp_path / "raw.zarr"), plugin="napari-dinofuse")
@@ -72,6 +76,8 @@ def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_p
     assert prediction.colormap.map(np.array([1]))[0][3] == 0
     assert tuple(level3.contrast_limits) == (0.0, 1.0)
     assert np.allclose(level3.colormap.map(np.array([0.5]))[0][:3], 0)
+    # The model's class names come with the prediction: the status bar names the class under the cursor.
+    assert list(prediction.features["class"]) == ["unpainted", *names]
 
 
 

@@ -74,12 +74,14 @@ def _prediction_outputs(path: Path):
         return None
     if attrs.get("kind") != PREDICTION_KIND:
         return None
-    from .display import attention_style, prediction_style, uncertainty_style
+    from .display import attention_style, class_features, prediction_style, uncertainty_style
 
-    # The dock's styles: a saved prediction opens looking like a fresh one (stores carry no class names yet).
+    # The dock's styles and the model's class names: a saved prediction opens looking like a fresh one.
+    names = attrs.get("class_names")
+    named = {"features": class_features(names)} if isinstance(names, list) and names else {}
     layers = []
     labels = _open(path / "labels", name="prediction")
-    layers.append((labels.data, _placement(labels, name="prediction", **prediction_style()), "labels"))
+    layers.append((labels.data, _placement(labels, name="prediction", **prediction_style(), **named), "labels"))
     uncertainty = _open(path / "uncertainty", name="uncertainty")
     layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()), "image"))
     for k in range(1, NUM_LEVELS + 1):

@@ -226,7 +226,7 @@ def _predict(args) -> int:
     source = _sources(args, backbone, raw, context, extraction)
     _follow(predict(model, source, args.roi, tile_shape=settings.tile_shape, overlap=settings.overlap,
                     block_shape=settings.block_shape, attention=args.attention, device=args.device,
-                    sink=ZarrSink(args.out)), "predict")
+                    sink=ZarrSink(args.out), class_names=info.class_names), "predict")
     print(f"wrote {args.out}: labels, probabilities, uncertainty" + (", attention/level1..4" if args.attention
                                                                      and model.config.fusion == "attention" else ""))
     return 0

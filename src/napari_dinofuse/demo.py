@@ -84,8 +84,8 @@ def run_demo(out, backbone: str | None = None, device: str = "auto", iterations:
         say(f"{fusion}: {result.summary()}")
         model = result.model
         save_model(out / f"model-{fusion}", model, result.info, result.log)
-        sink = follow(predict(model, source, device=device, sink=ZarrSink(out / f"prediction-{fusion}.zarr")),
-                      f"predict ({fusion})")
+        sink = follow(predict(model, source, device=device, sink=ZarrSink(out / f"prediction-{fusion}.zarr"),
+                              class_names=result.info.class_names), f"predict ({fusion})")
         labels = _read(sink.path, "labels")
         results[fusion] = {"iou": iou_unpainted(labels, sample.ground_truth, painted, classes),
                            "labels": labels, "sink": sink}

@@ -175,13 +175,15 @@ def predict_task(job: Job, index: int) -> float:
 
 # -- driver side -------------------------------------------------------------------------------------------
 
-def prepare_output(job: Job, plan) -> set[int]:
-    """Create ``job.out`` for ``plan`` (or reuse the one an interrupted run of the same job left);
-    returns the blocks already done."""
+def prepare_output(job: Job, plan, class_names=None) -> set[int]:
+    """Create ``job.out`` for ``plan`` (or reuse the one an interrupted run of the same job left), naming the
+    classes as :func:`~napari_dinofuse.predict.predict` does; returns the blocks already done."""
     import zarr
 
     from .outputs import ZarrSink, create_ome_image, require_group
+    from .predict import checked_class_names
 
+    names = checked_class_names(class_names, plan.num_classes)
     out = Path(job.out)
     attrs = {}
     if out.exists():
@@ -198,7 +200,7 @@ def prepare_output(job: Job, plan) -> set[int]:
     (out / ".blocks").mkdir()
     root.attrs["dinofuse"] = {"kind": ZarrSink.KIND, "outputs": [o[0] for o in plan.outputs()], "job": job.key,
                               "blocks": len(plan.blocks), "complete": False, "num_classes": plan.num_classes,
-                              "labels": defaults.PREDICTION_LABELS}
+                              "labels": defaults.PREDICTION_LABELS, **({"class_names": names} if names else {})}
     return set()
 
 
@@ -252,8 +254,9 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
         for done, _ in enumerate(as_completed(futures), 1):
             yield Progress(done, len(futures), "features")
 
-        _, plan = _source_and_plan(job, load_model(job.model)[0])
-        finished = prepare_output(job, plan)
+        model, info = load_model(job.model)
+        _, plan = _source_and_plan(job, model)
+        finished = prepare_output(job, plan, info.class_names)
         todo = [i for i in range(len(plan.blocks)) if i not in finished]
         futures = [client.submit(predict_task, job, i, pure=False, retries=3) for i in todo]
         task_seconds = 0.0

@@ -267,7 +267,7 @@ def _window(shape, overlap) -> np.ndarray:
 
 
 def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
-            block_shape=PREDICT_BLOCK, attention: bool = True, device="auto", sink=None
+            block_shape=PREDICT_BLOCK, attention: bool = True, device="auto", sink=None, class_names=None
             ) -> Generator[Progress, None, object]:
     """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
 
@@ -275,10 +275,12 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and ``block_shape`` are
     rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the blocks' halo.
     Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
-    ``model`` is moved to ``device`` and left there; its train/eval mode is restored.
+    ``model`` is moved to ``device`` and left there; its train/eval mode is restored. ``class_names`` (of label
+    values 1..K) are stored with the output, so a saved prediction opens with its classes named.
     """
     plan = plan_prediction(model, source, roi, tile_shape=tile_shape, overlap=overlap, block_shape=block_shape,
                            attention=attention)
+    names = checked_class_names(class_names, plan.num_classes)
     dev = resolve_device(device)
     sink = sink if sink is not None else MemorySink()
     total = sum(len(tiles) for _, _, tiles in plan.blocks)
@@ -289,8 +291,8 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
         model.eval().to(dev)
         for name, shape, dtype, grid, chunks in plan.outputs():
             sink.create(name, shape, dtype, grid, chunks)
-        sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes,
-                      labels=PREDICTION_LABELS)
+        sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes, labels=PREDICTION_LABELS,
+                      **({"class_names": names} if names else {}))
         for index, (_, _, tiles) in enumerate(plan.blocks):
             results = yield from within(predict_block(model, source, plan, index, dev), done, total,
                                         f"block {index + 1}/{len(plan.blocks)}")
@@ -304,6 +306,15 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     finally:
         model.train(was_training)
     return sink
+
+
+def checked_class_names(class_names, num_classes: int) -> list[str]:
+    """``class_names`` (names of label values 1..K, stored with a prediction so it opens with them) as a list;
+    [] for None."""
+    names = [str(n) for n in class_names] if class_names is not None else []
+    if names and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model of {num_classes} classes")
+    return names
 
 
 def predict_to_memory(model, source: FeatureSource, roi=None, **kwargs) -> MemorySink:
