@@ -1,0 +1,148 @@
+"""A widget that cannot be broken: what a user may do in a real napari viewer while a job runs, or with inputs
+that cannot be used, ends in one clear notification and leaves the layers and the last good model as they were.
+
+Same set-up as tests/test_widget.py (random tiny backbone, NOT DINOv3; a small UNet; Xvfb); its fixtures and
+helpers are reused from there.
+"""
+
+import numpy as np
+import pytest
+import test_widget as shared
+from test_widget import LEFT, _click_and_wait, _paint_two_classes, _widget
+
+from napari_dinofuse.progress import CANCELLED
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+# tests/test_widget.py's fixtures, the autouse ones (private cache and settings) included.
+_private_cache, _private_settings, notifications = shared._private_cache, shared._private_settings, shared.notifications
+
+
+def _layers(viewer) -> dict:
+    """Every layer's identity, name and a copy of its data: what 'the layers are untouched' compares."""
+    return {id(layer): (layer.name, np.array(layer.data, copy=True)) for layer in viewer.layers}
+
+
+def _assert_untouched(viewer, before: dict) -> None:
+    now = {id(layer): layer for layer in viewer.layers}
+    assert list(now) == list(before), "layers added, removed or moved"
+    for key, (name, data) in before.items():
+        assert now[key].name == name and np.array_equal(np.asarray(now[key].data), data), name
+
+
+def _weights(model) -> dict:
+    return {k: v.detach().clone().numpy() for k, v in model.state_dict().items()}
+
+
+def _same_weights(model, weights: dict) -> bool:
+    return all(np.array_equal(weights[k], v.detach().numpy()) for k, v in model.state_dict().items())
+
+
+def _no_traceback(seen) -> bool:
+    """No notification of an exception escaping (napari shows those with their traceback)."""
+    return not any(type(n).__name__ == "ErrorNotification" or "unexpected" in str(n.message)
+                   or "Traceback" in str(n.message) for n in seen)
+
+
+def _configure(widget, iterations: int) -> None:
+    widget.backbone_edit.setText("random:tiny")
+    widget.device_combo.setCurrentText("cpu")
+    widget.base_spin.setValue(4)
+    widget.iterations_spin.setValue(iterations)
+    widget.lr_spin.setValue(3e-3)
+
+
+# -- 1. layers removed, renamed or chosen anew while a job runs -----------------------------------------------
+
+def test_removing_an_input_layer_mid_fine_tune_stops_it_and_keeps_the_last_good_model(
+        make_napari_viewer, qtbot, notifications):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    _paint_two_classes(viewer, widget, qtbot)
+    assert hasattr(_click_and_wait(qtbot, widget, widget.train_button, timeout=600), "arrays")  # the last good model
+    model, weights = widget.session.model, _weights(widget.session.model)
+    widget.iterations_spin.setValue(100_000)
+
+    for name in ("annotations", "context", "raw"):
+        layer = viewer.layers[name]
+        before = len(notifications)
+        qtbot.mouseClick(widget.train_button, LEFT)
+        qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 1, timeout=600_000)
+        viewer.layers.remove(layer)
+        others = _layers(viewer)  # the prediction of the last good model included
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+        assert widget.last_result is CANCELLED, name  # stopped instead of training on for 100 000 iterations
+        seen = notifications[before:]
+        assert len(seen) == 1, [str(n.message) for n in seen]
+        message = str(seen[0].message)
+        assert repr(name) in message and "removed" in message and "fine-tune" in message, message
+        assert _no_traceback(seen)
+        _assert_untouched(viewer, others)
+        assert widget.session.model is model and _same_weights(model, weights), name
+        assert widget.train_button.isEnabled() and not widget.cancel_button.isEnabled()
+        viewer.layers.append(layer)  # the user brings it back: chosen again, as it was
+        assert {widget.raw_combo.currentText(), widget.context_combo.currentText(),
+                widget.labels_combo.currentText()} == {"raw", "context", "annotations"}
+
+    result = _click_and_wait(qtbot, widget, widget.predict_button, timeout=600)  # the last good model still predicts
+    assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
+
+
+def test_removing_an_input_layer_mid_extraction_stops_it(make_napari_viewer, qtbot, notifications, tmp_path):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    widget.planes_combo.setCurrentText("ortho")  # long enough to act half-way
+    for name in ("context", "raw"):
+        widget.cache_edit.setText(str(tmp_path / f"cache without {name}"))  # features not there yet
+        layer = viewer.layers[name]
+        before = len(notifications)
+        qtbot.mouseClick(widget.extract_button, LEFT)
+        qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=60_000)
+        viewer.layers.remove(layer)
+        others = _layers(viewer)
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+        assert widget.last_result is CANCELLED and widget.session.source is None, name
+        seen = notifications[before:]
+        assert len(seen) == 1, [str(n.message) for n in seen]
+        message = str(seen[0].message)
+        assert repr(name) in message and "removed" in message and "extract" in message, message
+        assert _no_traceback(seen)
+        _assert_untouched(viewer, others)
+        viewer.layers.append(layer)
+        assert (widget.raw_combo.currentText(), widget.context_combo.currentText()) == ("raw", "context")
+
+    widget.planes_combo.setCurrentText("xy")  # (a third of the work of ortho)
+    result = _click_and_wait(qtbot, widget, widget.extract_button, timeout=600)  # the widget extracts as before
+    assert result is not CANCELLED and widget.session.source is result
+
+
+def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_viewer, qtbot, notifications):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    labels = _paint_two_classes(viewer, widget, qtbot)
+    raw = viewer.layers["raw"]
+    before = len(notifications)
+
+    qtbot.mouseClick(widget.train_button, LEFT)
+    assert widget.worker is not None
+    raw.name = "my raw"
+    labels.name = "strokes"
+    assert widget.raw_combo.layer() is raw and widget.labels_combo.layer() is labels  # still chosen
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    assert hasattr(widget.last_result, "arrays")
+    prediction = viewer.layers["prediction"]
+    assert prediction.data.shape == raw.data.shape and np.allclose(prediction.translate, raw.translate)
+    assert [layer.name for layer in viewer.layers][:3] == ["context", "my raw", "strokes"]
+
+    # Another raw (and no context) chosen while Predict runs: the running job predicts what it started with.
+    state = _layers(viewer)
+    qtbot.mouseClick(widget.predict_button, LEFT)
+    assert widget.worker is not None
+    widget.raw_combo.setCurrentText("context")
+    widget.context_combo.setCurrentText("(none)")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    result = widget.last_result
+    assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
+    assert np.allclose(viewer.layers["prediction"].scale, raw.scale)  # on the raw it started with
+    for layer in viewer.layers:  # the inputs are untouched; only our result layers were updated
+        if layer.name in ("context", "my raw", "strokes"):
+            assert np.array_equal(layer.data, state[id(layer)][1])
+    assert len(notifications) == before and _no_traceback(notifications)
+    assert (widget.raw_combo.currentText(), widget.context_combo.currentText()) == ("context", "(none)")
+
