@@ -8,6 +8,7 @@ helpers are reused from there.
 import numpy as np
 import pytest
 import test_widget as shared
+from qtpy.QtCore import QThreadPool
 from test_widget import LEFT, _click_and_wait, _paint_two_classes, _widget
 
 from napari_dinofuse.progress import CANCELLED
@@ -145,4 +146,45 @@ def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_
             assert np.array_equal(layer.data, state[id(layer)][1])
     assert len(notifications) == before and _no_traceback(notifications)
     assert (widget.raw_combo.currentText(), widget.context_combo.currentText()) == ("context", "(none)")
+
+
+# -- 2. inputs that cannot be used ----------------------------------------------------------------------------
+
+def test_unusable_inputs_are_refused_before_any_work(make_napari_viewer, qtbot, notifications):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    labels = _paint_two_classes(viewer, widget, qtbot)
+    raw = viewer.layers["raw"]
+    viewer.add_image(np.zeros((8, 64, 64, 3), np.uint8), name="colour stack", rgb=True)
+    viewer.add_image(np.zeros((2, 8, 64, 64), np.uint8), name="time series")
+    viewer.add_labels(np.zeros((16, 128, 128), np.uint8), name="half size", scale=np.array(raw.scale) * 2,
+                      translate=raw.translate)
+    viewer.layers["half size"].data[8, 60:70, 60:70], viewer.layers["half size"].data[4, :5, :5] = 2, 1
+    negative = labels.data.astype(np.int16)
+    negative[0, :4, :4] = -1  # e.g. a "no data" value from another tool
+    viewer.add_labels(negative, name="with -1", scale=raw.scale, translate=raw.translate)
+    before_all = _layers(viewer)
+    threads = QThreadPool.globalInstance().activeThreadCount()
+
+    cases = [  # (raw, labels, buttons, what the message must say besides the layer's name)
+        ("colour stack", "annotations", (widget.extract_button, widget.train_button), "RGB"),
+        ("time series", "annotations", (widget.extract_button, widget.train_button), "4D"),
+        ("raw", "half size", (widget.train_button,), "shape"),
+        ("raw", "with -1", (widget.train_button,), "negative"),
+    ]
+    for raw_name, labels_name, buttons, what in cases:
+        widget.raw_combo.setCurrentText(raw_name)
+        widget.labels_combo.setCurrentText(labels_name)
+        culprit = raw_name if raw_name != "raw" else labels_name
+        for button in buttons:
+            before = len(notifications)
+            qtbot.mouseClick(button, LEFT)
+            assert widget.worker is None, (culprit, button.text())  # refused before a worker started
+            seen = notifications[before:]
+            assert len(seen) == 1 and seen[0].severity == "error", [str(n.message) for n in seen]
+            message = str(seen[0].message)
+            assert repr(culprit) in message and what in message, message
+            assert _no_traceback(seen)
+    assert QThreadPool.globalInstance().activeThreadCount() == threads
+    _assert_untouched(viewer, before_all)
+    assert widget.session.model is None and widget.session.source is None and "prediction" not in viewer.layers
 

@@ -95,6 +95,17 @@ def _level0(layer):
     return layer.data[0] if layer.multiscale else layer.data
 
 
+def _check_labels(name: str, labels, raw: Volume) -> None:
+    """The chosen labels layer fits the raw: refused at once, naming it (the worker checks the strokes again)."""
+    shape = tuple(labels.shape)
+    if shape != tuple(raw.shape):
+        raise DinofuseError(f"labels layer {name!r} has shape {shape} but the raw {raw.name!r} has {raw.shape}: "
+                            "paint on a labels layer with the raw's shape (e.g. 'New annotation layer')")
+    if isinstance(labels, np.ndarray) and np.dtype(labels.dtype).kind == "i" and labels.size and labels.min() < 0:
+        raise DinofuseError(f"labels layer {name!r} has negative values (down to {labels.min()}): labels are "
+                            f"{defaults.LABEL_CONVENTION}; set them to 0 or renumber them")
+
+
 class _Failed:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -526,6 +537,9 @@ class DinofuseWidget(QWidget):
         if raw_layer is None:
             raise DinofuseError("choose a raw image layer (or open a volume, or File > Open Sample > DINOfuse)")
         for layer in (raw_layer, context_layer):
+            if layer is not None and getattr(layer, "rgb", False):
+                raise DinofuseError(f"layer {layer.name!r} is an RGB image: dinofuse segments grayscale 3D volumes "
+                                    "(EM has one channel); convert it to grayscale first")
             if layer is not None and layer.ndim != 3:
                 raise DinofuseError(f"layer {layer.name!r} is {layer.ndim}D: dinofuse segments 3D volumes (z, y, x); "
                                     "choose a 3D image layer")
@@ -689,10 +703,11 @@ class DinofuseWidget(QWidget):
             if layer is None:
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
+            raw, context, roi = self._inputs()
             labels = _level0(layer)
             if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
                 labels = labels.copy()  # the user may keep painting while this trains
-            raw, context, roi = self._inputs()
+            _check_labels(layer.name, labels, raw)
         except (DinofuseError, ValueError) as exc:
             self._notify_error(str(exc))
             return
