@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import test_widget as shared
 from qtpy.QtCore import QThreadPool
-from test_widget import LEFT, _click_and_wait, _paint_two_classes, _widget
+from test_widget import LEFT, _click_and_wait, _paint_two_classes, _real_threads, _widget
 
+from napari_dinofuse._widgets import DinofuseWidget
 from napari_dinofuse.progress import CANCELLED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -187,4 +188,32 @@ def test_unusable_inputs_are_refused_before_any_work(make_napari_viewer, qtbot, 
     assert QThreadPool.globalInstance().activeThreadCount() == threads
     _assert_untouched(viewer, before_all)
     assert widget.session.model is None and widget.session.source is None and "prediction" not in viewer.layers
+
+
+# -- 3. the dock closed while a job runs -----------------------------------------------------------------------
+
+def test_closing_the_dock_mid_job_stops_it_and_a_new_dock_carries_on(make_napari_viewer, qtbot, notifications):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=100_000)
+    _paint_two_classes(viewer, widget, qtbot)
+    cancel = widget._cancel
+    qtbot.mouseClick(widget.train_button, LEFT)
+    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 1, timeout=600_000)
+    state = _layers(viewer)
+    viewer.window.remove_dock_widget(widget)  # what the dock's close button does
+    qtbot.waitUntil(cancel.is_set, timeout=10_000)
+    assert QThreadPool.globalInstance().waitForDone(60_000)  # the worker ended instead of training on
+    qtbot.wait(100)  # its last signals are delivered
+    assert widget.last_result is CANCELLED
+    _assert_untouched(viewer, state)  # the closed dock shows nothing
+    threads = len(_real_threads())
+
+    second = DinofuseWidget(viewer)
+    viewer.window.add_dock_widget(second)
+    _configure(second, iterations=5)
+    assert second.labels_combo.currentText() == "annotations"
+    assert hasattr(_click_and_wait(qtbot, second, second.train_button, timeout=600), "arrays")
+    result = _click_and_wait(qtbot, second, second.predict_button, timeout=600)
+    assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
+    assert QThreadPool.globalInstance().waitForDone(10_000) and len(_real_threads()) <= threads
+    assert _no_traceback(notifications)
 

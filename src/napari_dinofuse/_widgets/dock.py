@@ -170,6 +170,7 @@ class DinofuseWidget(QWidget):
         self._uses = ()  # the layers the running job reads: removing one stops it
         self._lost = []  # names of those removed while it ran
         self._model_before = None  # the session's model when the running job started
+        self._docked = True  # False once taken out of its dock: a job it started shows nothing
         self.last_result = None  # what the last job returned (the sink, CANCELLED, or a _Failed)
         self._fitted = None  # id of the raw layer the camera was last fitted to
         self._bound = []  # viewer shortcuts this dock bound
@@ -191,7 +192,7 @@ class DinofuseWidget(QWidget):
         events.removed.connect(self._on_layer_removed)
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
-        events.inserted.connect(lambda event: event.value.events.name.connect(self._refresh_layers))
+        events.inserted.connect(self._on_layer_inserted)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_layers)
         self._refresh_layers()
@@ -469,6 +470,9 @@ class DinofuseWidget(QWidget):
         return column
 
     # -- data -------------------------------------------------------------------------------------
+
+    def _on_layer_inserted(self, event) -> None:
+        event.value.events.name.connect(self._refresh_layers)
 
     def _on_layer_removed(self, event) -> None:
         """A layer the running job reads was removed: stop the job (its result has nowhere to go)."""
@@ -821,6 +825,8 @@ class DinofuseWidget(QWidget):
     def _on_returned(self, result) -> None:
         self.last_result = result
         seconds = time.perf_counter() - self._job_started
+        if not self._docked:  # the dock was closed: nothing to show, no one to tell
+            return
         if self._lost:
             self._report_lost(result)
         elif isinstance(result, _Failed):
@@ -908,8 +914,11 @@ class DinofuseWidget(QWidget):
             self._bind_keys(False)
 
     def event(self, event):
-        if event.type() == QEvent.Type.ParentChange and self.parent() is None:  # taken out of its dock
-            self._bind_keys(False)
+        if event.type() == QEvent.Type.ParentChange:
+            self._docked = self.parent() is not None
+            if not self._docked:  # taken out of its dock (closed): keys free, the running job stops
+                self._bind_keys(False)
+                self.cancel()
         return super().event(event)
 
     def _bind_keys(self, on: bool) -> None:
