@@ -5,6 +5,8 @@ Same set-up as tests/test_widget.py (random tiny backbone, NOT DINOv3; a small U
 helpers are reused from there.
 """
 
+import os
+
 import numpy as np
 import pytest
 import test_widget as shared
@@ -217,3 +219,55 @@ def test_closing_the_dock_mid_job_stops_it_and_a_new_dock_carries_on(make_napari
     assert QThreadPool.globalInstance().waitForDone(10_000) and len(_real_threads()) <= threads
     assert _no_traceback(notifications)
 
+
+# -- 4. a cache folder that cannot be written -----------------------------------------------------------------
+
+def _extract_into(qtbot, widget, folder):
+    widget.cache_edit.setText(str(folder))
+    widget.cache_edit.editingFinished.emit()
+    return _click_and_wait(qtbot, widget, widget.extract_button, timeout=600)
+
+
+def _complete_entries(folder) -> list:
+    from napari_dinofuse.cache import FeatureCache
+
+    return [e for e in FeatureCache(folder).entries() if e.fraction_done == 1.0]
+
+
+def test_a_cache_folder_that_cannot_be_written_stops_extract_with_its_name(
+        make_napari_viewer, qtbot, notifications, tmp_path):
+    _, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    for bad in (blocker, blocker / "cache"):  # the folder is a file, or lies under one: it cannot be created
+        before = len(notifications)
+        _extract_into(qtbot, widget, bad)
+        seen = notifications[before:]
+        assert len(seen) == 1 and seen[0].severity == "error", [str(n.message) for n in seen]
+        assert str(bad) in str(seen[0].message) and _no_traceback(seen), str(seen[0].message)
+        assert widget.session.source is None and widget.extract_button.isEnabled()
+        assert "⚠" in widget.cache_size.text() and str(bad) in widget.cache_size.text()
+
+    blocker.unlink()  # the user frees the path: the same folder now works
+    assert _extract_into(qtbot, widget, blocker) is widget.session.source is not None
+    assert len(_complete_entries(blocker)) == 2  # raw and context
+
+
+def test_a_read_only_cache_folder_stops_extract_with_its_name(make_napari_viewer, qtbot, notifications, tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user can write into a read-only folder (root): chmod proves nothing here")
+        _, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+        before = len(notifications)
+        _extract_into(qtbot, widget, folder)
+        seen = notifications[before:]
+        assert len(seen) == 1 and str(folder) in str(seen[0].message) and _no_traceback(seen)
+        assert widget.session.source is None and not any(folder.iterdir())  # nothing half-written
+        folder.chmod(0o755)
+        assert _extract_into(qtbot, widget, folder) is widget.session.source is not None
+        assert len(_complete_entries(folder)) == 2
+    finally:
+        folder.chmod(0o755)

@@ -634,7 +634,14 @@ class DinofuseWidget(QWidget):
 
         try:
             cache = FeatureCache(self.cache_edit.text().strip() or None)
-            self.cache_size.setText(f"{cache.root}: {format_bytes(cache.size_bytes())} cached")
+            # Said before Extract fails on it: the nearest existing folder on the path must be a writable folder.
+            there = next(p for p in (cache.root, *cache.root.parents) if p.exists())
+            if not there.is_dir():
+                self.cache_size.setText(f"⚠ cache folder {cache.root} cannot be created: {there} is a file")
+            elif not os.access(there, os.W_OK | os.X_OK):
+                self.cache_size.setText(f"⚠ cache folder {cache.root} is not writable")
+            else:
+                self.cache_size.setText(f"{cache.root}: {format_bytes(cache.size_bytes())} cached")
         except (OSError, DinofuseError) as exc:
             self.cache_size.setText(f"⚠ cache folder: {exc}")
 
