@@ -95,6 +95,17 @@ def _level0(layer):
     return layer.data[0] if layer.multiscale else layer.data
 
 
+def _check_labels(name: str, labels, raw: Volume) -> None:
+    """The chosen labels layer fits the raw: refused at once, naming it (the worker checks the strokes again)."""
+    shape = tuple(labels.shape)
+    if shape != tuple(raw.shape):
+        raise DinofuseError(f"labels layer {name!r} has shape {shape} but the raw {raw.name!r} has {raw.shape}: "
+                            "paint on a labels layer with the raw's shape (e.g. 'New annotation layer')")
+    if isinstance(labels, np.ndarray) and np.dtype(labels.dtype).kind == "i" and labels.size and labels.min() < 0:
+        raise DinofuseError(f"labels layer {name!r} has negative values (down to {labels.min()}): labels are "
+                            f"{defaults.LABEL_CONVENTION}; set them to 0 or renumber them")
+
+
 class _Failed:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -156,6 +167,10 @@ class DinofuseWidget(QWidget):
         self._progress = None  # napari activity-dock progress bar of the running job
         self._job_started = 0.0
         self._on_done = None  # what the running job's value goes to (see _start)
+        self._uses = ()  # the layers the running job reads: removing one stops it
+        self._lost = []  # names of those removed while it ran
+        self._model_before = None  # the session's model when the running job started
+        self._docked = True  # False once taken out of its dock: a job it started shows nothing
         self.last_result = None  # what the last job returned (the sink, CANCELLED, or a _Failed)
         self._fitted = None  # id of the raw layer the camera was last fitted to
         self._bound = []  # viewer shortcuts this dock bound
@@ -174,9 +189,10 @@ class DinofuseWidget(QWidget):
         # Closing napari mid-run: the worker stops at its next batch (the event outlives the widget).
         self.destroyed.connect(self._cancel.set)
         events = self.viewer.layers.events
+        events.removed.connect(self._on_layer_removed)
         for event in (events.inserted, events.removed, events.moved):
             event.connect(self._refresh_layers)
-        events.inserted.connect(lambda event: event.value.events.name.connect(self._refresh_layers))
+        events.inserted.connect(self._on_layer_inserted)
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_layers)
         self._refresh_layers()
@@ -455,6 +471,16 @@ class DinofuseWidget(QWidget):
 
     # -- data -------------------------------------------------------------------------------------
 
+    def _on_layer_inserted(self, event) -> None:
+        event.value.events.name.connect(self._refresh_layers)
+
+    def _on_layer_removed(self, event) -> None:
+        """A layer the running job reads was removed: stop the job (its result has nowhere to go)."""
+        if self.worker is not None and any(event.value is layer for layer in self._uses):
+            self._lost.append(event.value.name)
+            self._cancel.set()
+            self.status_label.setText(f"layer {event.value.name!r} was removed: stopping {self._job_name}…")
+
     def _refresh_layers(self, event=None) -> None:
         for combo in (self.raw_combo, self.context_combo, self.labels_combo):
             combo.refresh()
@@ -515,6 +541,9 @@ class DinofuseWidget(QWidget):
         if raw_layer is None:
             raise DinofuseError("choose a raw image layer (or open a volume, or File > Open Sample > DINOfuse)")
         for layer in (raw_layer, context_layer):
+            if layer is not None and getattr(layer, "rgb", False):
+                raise DinofuseError(f"layer {layer.name!r} is an RGB image: dinofuse segments grayscale 3D volumes "
+                                    "(EM has one channel); convert it to grayscale first")
             if layer is not None and layer.ndim != 3:
                 raise DinofuseError(f"layer {layer.name!r} is {layer.ndim}D: dinofuse segments 3D volumes (z, y, x); "
                                     "choose a 3D image layer")
@@ -605,7 +634,14 @@ class DinofuseWidget(QWidget):
 
         try:
             cache = FeatureCache(self.cache_edit.text().strip() or None)
-            self.cache_size.setText(f"{cache.root}: {format_bytes(cache.size_bytes())} cached")
+            # Said before Extract fails on it: the nearest existing folder on the path must be a writable folder.
+            there = next(p for p in (cache.root, *cache.root.parents) if p.exists())
+            if not there.is_dir():
+                self.cache_size.setText(f"⚠ cache folder {cache.root} cannot be created: {there} is a file")
+            elif not os.access(there, os.W_OK | os.X_OK):
+                self.cache_size.setText(f"⚠ cache folder {cache.root} is not writable")
+            else:
+                self.cache_size.setText(f"{cache.root}: {format_bytes(cache.size_bytes())} cached")
         except (OSError, DinofuseError) as exc:
             self.cache_size.setText(f"⚠ cache folder: {exc}")
 
@@ -667,7 +703,7 @@ class DinofuseWidget(QWidget):
             raw, context = self.volumes()
             return self.session.extract(raw, context, self._settings, cancel=cancel)
 
-        self._start("extract", job, lambda source: self._show_cache_size())
+        self._start("extract", job, lambda source: self._show_cache_size(), uses=self._chosen_layers())
 
     def fine_tune(self) -> None:
         if self.worker is not None:  # a second click (or key press) must not reset the running job's plot
@@ -678,23 +714,25 @@ class DinofuseWidget(QWidget):
             if layer is None:
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
+            raw, context, roi = self._inputs()
             labels = _level0(layer)
             if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
                 labels = labels.copy()  # the user may keep painting while this trains
-            raw, context, roi = self._inputs()
+            _check_labels(layer.name, labels, raw)
         except (DinofuseError, ValueError) as exc:
             self._notify_error(str(exc))
             return
         self.loss_plot.reset(self.iterations_spin.value())
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
-                                                                       cancel=cancel), self._show_prediction)
+                                                                       cancel=cancel), self._show_prediction,
+                    uses=(*self._chosen_layers(), layer))
 
     def predict(self) -> None:
         def job(cancel):
             raw, context, roi = self._inputs()
             return self.session.predict(raw, context, self._settings, roi, cancel=cancel)
 
-        self._start("predict", job, self._show_prediction)
+        self._start("predict", job, self._show_prediction, uses=self._chosen_layers())
 
     def new_model(self) -> None:
         self.session.reset_model()
@@ -727,13 +765,17 @@ class DinofuseWidget(QWidget):
 
     # -- running jobs -----------------------------------------------------------------------------
 
+    def _chosen_layers(self) -> tuple:
+        return tuple(layer for layer in (self.raw_combo.layer(), self.context_combo.layer()) if layer is not None)
+
     def _inputs(self):
         raw, context = self.volumes()
         return raw, context, self.region(raw)
 
-    def _start(self, name: str, make_job, on_done) -> None:
+    def _start(self, name: str, make_job, on_done, uses=()) -> None:
         """Run ``make_job(cancel)`` (a Progress generator) in a worker thread, unless one runs already; then
-        ``on_done(its value)`` on the main thread, unless it failed or was cancelled."""
+        ``on_done(its value)`` on the main thread, unless it failed or was cancelled. Removing one of the layers
+        it ``uses`` stops it, and its value is not shown."""
         from napari.qt.threading import GeneratorWorker
         from napari.utils import progress
 
@@ -755,6 +797,8 @@ class DinofuseWidget(QWidget):
 
         self._cancel.clear()
         self._job_name, self._job_started, self._on_done = name, time.perf_counter(), on_done
+        self._uses, self._lost = tuple(uses), []
+        self._model_before = self.session.model
         self.worker = GeneratorWorker(run)
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_returned)
@@ -788,7 +832,11 @@ class DinofuseWidget(QWidget):
     def _on_returned(self, result) -> None:
         self.last_result = result
         seconds = time.perf_counter() - self._job_started
-        if isinstance(result, _Failed):
+        if not self._docked:  # the dock was closed: nothing to show, no one to tell
+            return
+        if self._lost:
+            self._report_lost(result)
+        elif isinstance(result, _Failed):
             self.status_label.setText(f"{self._job_name} failed: {_describe_error(result.exc)}")
             self._notify_error(f"DINOfuse {self._job_name}: {_describe_error(result.exc)}")
         elif result is CANCELLED:
@@ -796,6 +844,19 @@ class DinofuseWidget(QWidget):
         else:
             self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
             self._on_done(result)
+
+    def _report_lost(self, result) -> None:
+        """One notification: which input layer was removed, and what became of the job and the model."""
+        names = " and ".join(repr(name) for name in self._lost)
+        removed = f"layer {names} {'was' if len(self._lost) == 1 else 'were'} removed while it ran"
+        if result is CANCELLED or isinstance(result, _Failed):
+            message = f"DINOfuse {self._job_name} stopped: {removed}; the cache and the last good model are intact"
+        else:  # it ended before it could stop
+            message = f"DINOfuse {self._job_name} finished, but {removed}: its result is not shown"
+            if self.session.model is not self._model_before:
+                message += "; the new model is kept: Predict shows it"
+        self.status_label.setText(message)
+        self._notify_warning(message)
 
     def _show_prediction(self, sink) -> None:
         show_prediction(self.viewer, sink, self.session.class_names)
@@ -812,6 +873,7 @@ class DinofuseWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
+        self._uses = ()  # the job's layers are not kept alive by the widget
         self._backbone_hint()  # a job may have loaded the backbone
         if self._progress is not None:
             self._progress.close()
@@ -859,8 +921,11 @@ class DinofuseWidget(QWidget):
             self._bind_keys(False)
 
     def event(self, event):
-        if event.type() == QEvent.Type.ParentChange and self.parent() is None:  # taken out of its dock
-            self._bind_keys(False)
+        if event.type() == QEvent.Type.ParentChange:
+            self._docked = self.parent() is not None
+            if not self._docked:  # taken out of its dock (closed): keys free, the running job stops
+                self._bind_keys(False)
+                self.cancel()
         return super().event(event)
 
     def _bind_keys(self, on: bool) -> None:
