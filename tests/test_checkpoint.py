@@ -63,15 +63,11 @@ def entries(path):
     return sorted(p.name for p in path.iterdir())
 
 
-def as_format(model, version):
-    """``model`` as format ``version`` predicted: formats 3-6 without class evidence in the gates, 3-5 also
-    without the context head's logits and with equal class shares."""
+def as_before_format_6(model):
+    """``model`` as formats 3-5 predicted: without the context head's logits, with equal class shares."""
     old = copy.deepcopy(model)
-    if version < 7:
-        old.config.gate_evidence, old.evidence_gates = False, None
-    if version < 6:
-        old.config.context_evidence = False
-        old.class_prior.fill_(1 / old.config.num_classes)
+    old.config.context_evidence = False
+    old.class_prior.fill_(1 / old.config.num_classes)
     return old
 
 
@@ -267,10 +263,10 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     folder, model = saved
     weights = folder / "model.safetensors"
     statistics = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
-    state = {k: v for k, v in load_file(weights).items() if not k.endswith(statistics)
-             and not k.startswith(("context_head.", "evidence_gates.")) and k != "class_prior"}
-    assert len(state) == len(model.state_dict()) - 13  # the two stems' and the context features' statistics,
-    # the context head (format 5), the class shares (format 6) and the gates' class evidence (format 7)
+    state = {k: v for k, v in load_file(weights).items()
+             if not k.endswith(statistics) and not k.startswith("context_head.") and k != "class_prior"}
+    assert len(state) == len(model.state_dict()) - 9  # the two stems' and the context features' statistics,
+    # the context head (format 5) and the class shares (format 6)
     save_file(state, weights, metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     for key in ("planes", "feature_tile_size", "intensity_mode"):  # format 3 kept these in "extra"
@@ -278,9 +274,9 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     config["extra"] = {"planes": "ortho", "tile_size": 1024, "intensity_mode": "dtype", "note": "painted by A."}
     (folder / "config.json").write_text(json.dumps(config))
     _edit_config(folder, format_version=3)
-    _drop_evidence(folder, 3)
+    _drop_context_evidence(folder)
     loaded, info = load_model(folder)
-    assert torch.equal(logits(loaded), logits(as_format(model, 3)))
+    assert torch.equal(logits(loaded), logits(as_before_format_6(model)))
     assert (info.planes, info.feature_tile_size, info.intensity_mode) == ("ortho", 1024, "dtype")
     assert info.extra == {"note": "painted by A."}
     calibrated = make_model()
@@ -290,33 +286,29 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
         stats.fill_(1.0)
 
 
-def _drop_evidence(folder, version):
+def _drop_context_evidence(folder):
     config = json.loads((folder / "config.json").read_text())
-    del config["unet"]["gate_evidence"]  # formats 3-6 had no such key
-    if version < 6:
-        del config["unet"]["context_evidence"]  # nor formats 3-5 this one
+    del config["unet"]["context_evidence"]  # formats 3-5 had no such key
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("version", [4, 5, 6])
-def test_a_format_4_to_6_model_loads_and_predicts_as_it_did(saved, version):
-    """Format 4 had no context head, formats 4-5 no class shares and no context head logits in predictions,
-    formats 4-6 no class evidence in the gates."""
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved, version):
+    """Format 4 had no context head, formats 4-5 no class shares and no context head logits in predictions."""
     folder, model = saved
     weights = folder / "model.safetensors"
-    dropped = {4: ("context_head.", "class_prior"), 5: ("class_prior",), 6: ()}[version] + ("evidence_gates.",)
+    dropped = ("context_head.", "class_prior") if version == 4 else ("class_prior",)
     save_file({k: v for k, v in load_file(weights).items() if not k.startswith(dropped)}, weights,
               metadata={"format": "pt"})
     _edit_config(folder, format_version=version)
-    _drop_evidence(folder, version)
+    _drop_context_evidence(folder)
     loaded, _ = load_model(folder)
-    before = as_format(model, version)
-    if version >= 5:  # its own context head, which it trained (and from format 6 predicted with)
+    before = as_before_format_6(model)
+    if version == 5:  # its own context head, which it trained but did not predict with
         torch.testing.assert_close(loaded.context_head.weight, model.context_head.weight)
     assert torch.equal(logits(loaded), logits(before))
-    assert not torch.equal(logits(before), logits(model))  # what the newer formats changed does change predictions
-    assert loaded.config.context_evidence == (version >= 6) and not loaded.config.gate_evidence
-    assert loaded.evidence_gates is None
+    assert not torch.equal(logits(before), logits(model))  # what format 6 changed does change predictions
+    assert not loaded.config.context_evidence
     assert loaded.context_head.weight.shape[0] == model.config.num_classes  # fine-tuning it again works
 
 
@@ -376,7 +368,7 @@ def test_corrupt_weights_file(saved):
 def test_weights_shape_mismatch(saved):
     folder, _ = saved
     _edit_config(folder, unet={"num_classes": 2}, class_names=["a", "b"])
-    expected = r"do not match.*shape mismatch.*context_head\.weight \(3, 16, 1, 1, 1\) vs \(2, 16, 1, 1, 1\)"
+    expected = r"do not match.*shape mismatch.*head\.weight \(3, 4, 1, 1, 1\) vs \(2, 4, 1, 1, 1\)"
     with pytest.raises(CheckpointError, match=expected):
         load_model(folder)
 

@@ -1,4 +1,3 @@
-import copy
 import json
 
 import numpy as np
@@ -349,23 +348,3 @@ def test_the_context_heads_logits_and_the_class_shares_reach_the_prediction(fusi
         assert (corrected.argmax(1) == 0).sum() > (out.logits.argmax(1) == 0).sum()
         model.train()
         torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, out.logits)
-
-
-def test_the_gates_open_where_the_context_reads_as_a_class():
-    """Each level's gate adds the context head's class probabilities (gate_evidence), so the attention maps
-    follow what the context branch reads: a class it is sure of, weighted +5 into every gate, opens them all."""
-    model = make_model("attention").eval()
-    raw, window = make_feats()
-    plain = copy.deepcopy(model)
-    plain.evidence_gates = None  # the gates as formats <= 6 computed them
-    with torch.no_grad():
-        model.context_head.weight.zero_()
-        model.context_head.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))  # "class 1 everywhere"
-        for gate in model.evidence_gates:
-            gate.weight.zero_()
-        for a, b in zip(model(raw, window, OUT_SHAPE).attention, plain(raw, window, OUT_SHAPE).attention):
-            torch.testing.assert_close(a, b)  # no weight on the evidence: the plain gates
-        for gate in model.evidence_gates:
-            gate.weight[:, 0] = 5.0
-        for a, b in zip(model(raw, window, OUT_SHAPE).attention, plain(raw, window, OUT_SHAPE).attention):
-            torch.testing.assert_close(torch.logit(a.double()), torch.logit(b.double()) + 5.0, atol=1e-3, rtol=0)

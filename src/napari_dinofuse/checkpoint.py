@@ -59,9 +59,7 @@ __all__ = [
 # 5: a context head (trained beside the main logits, unused when predicting; formats 3-4 load with a new one).
 # 6: the context head's logits take part in predictions (UNetConfig.context_evidence; formats 3-5 load with it
 #    off) and the estimated class shares (``class_prior``; formats 3-5 load with equal shares: as they predicted).
-# 7: the attention gates also read the context head's class probabilities (UNetConfig.gate_evidence; formats 3-6
-#    load with it off).
-FORMAT_VERSION = 7
+FORMAT_VERSION = 6
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
 
@@ -400,10 +398,8 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not isinstance(config, Mapping):
         raise CheckpointError(f"corrupt {CONFIG_FILE} in {folder}: not a JSON object; re-save or re-train it")
     version = _check_format(config, folder)
-    if isinstance(config.get("unet"), Mapping):  # what older formats predicted without
-        off = {"context_evidence": False} if version < 6 else {}
-        off |= {"gate_evidence": False} if version < 7 else {}
-        config = {**config, "unet": {**off, **config["unet"]}}
+    if version < 6 and isinstance(config.get("unet"), Mapping):  # predicted without the context head's logits
+        config = {**config, "unet": {"context_evidence": False, **config["unet"]}}
     try:
         info = ModelInfo.from_dict(config)
     except (TypeError, ValueError) as exc:

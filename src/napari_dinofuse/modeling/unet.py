@@ -89,9 +89,6 @@ class UNetConfig:
     # the UNet's: the direct path by which "which side of the nuclear envelope" reaches the prediction (see
     # FusedUNet3D.replace_heads). Model format 6; older models ran without it.
     context_evidence: bool = True
-    # "attention": each level's gate also reads the context head's class probabilities, so a gate can open or
-    # close by which side of an envelope a voxel lies on (see FusedUNet3D.evidence_gates). Model format 7.
-    gate_evidence: bool = True
     pooling: tuple[_Triple, ...] = ISOTROPIC  # raw UNet: 3 steps between the 4 levels + 1 into the bottleneck
     context_pooling: tuple[_Triple, ...] = ISOTROPIC[:2]  # context encoder's 2 steps
     # How far beyond a tile the context branch reads (nm; None: the context's whole field). At least the
@@ -112,7 +109,7 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"UNetConfig.fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
-        for name in ("intensity_stem", "context_stem", "context_evidence", "gate_evidence"):
+        for name in ("intensity_stem", "context_stem", "context_evidence"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
         self.pooling = _check_pooling("pooling", self.pooling, NUM_LEVELS)
@@ -383,11 +380,6 @@ class FusedUNet3D(nn.Module):
         self.local_head = nn.Conv3d(base, num_classes, kernel_size=1, bias=False)
         self.context_head = (nn.Conv3d(self.context_width, num_classes, kernel_size=1)
                              if self.context_encoder is not None else None)
-        # Per level, the context head's class probabilities -> that level's gate logits (added to the gate's
-        # own): the gates select features by class evidence, not only by what the context looks like.
-        self.evidence_gates = (nn.ModuleList(nn.Conv3d(num_classes, c, kernel_size=1, bias=False)
-                                             for c in self.level_channels)
-                               if self.fusions is not None and self.config.gate_evidence else None)
         self.register_buffer("class_prior", torch.full((num_classes,), 1.0 / num_classes))
 
     # -- geometry -----------------------------------------------------------------------
@@ -470,7 +462,7 @@ class FusedUNet3D(nn.Module):
         gates, context_logits = [], None
         evidence = cfg.context_evidence and self.context_head is not None
         if use_context:
-            head = auxiliary or evidence  # the context head's logits are wanted on the tile's grid
+            head = auxiliary or evidence
             per_window = [self._context(w, padded, head) for w in windows]
             parts = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in zip(*per_window)]
             if head:
@@ -507,20 +499,15 @@ class FusedUNet3D(nn.Module):
         each level's grid of the tile ("attention"); with ``auxiliary``, the context head's logits on the
         tile's grid last."""
         context_map = self.context_encoder(window)
-        head = self.context_head(context_map) if auxiliary or self.evidence_gates is not None else None
         # The tile's padded voxel grid in the world; level k's grid coarsens it.
         tile = Grid(padded, window.target.voxel_size, window.target.offset)
         if self.config.fusion == "concat":
             out = [self._sample(self.context_to_input(context_map), window.grid, tile)]
         else:
-            out = []
-            for k, f in enumerate(self.config.level_factors):
-                gate = self.fusions[k].gate(self.context_pyramid[k](context_map))
-                if self.evidence_gates is not None:
-                    gate = gate + self.evidence_gates[k](torch.softmax(head, dim=1))
-                out.append(self._sample(gate, window.grid, tile.coarsen(f)))
+            out = [self._sample(self.fusions[k].gate(self.context_pyramid[k](context_map)), window.grid,
+                                tile.coarsen(f)) for k, f in enumerate(self.config.level_factors)]
         if auxiliary:
-            out.append(self._sample(head, window.grid, tile))
+            out.append(self._sample(self.context_head(context_map), window.grid, tile))
         return out
 
     @staticmethod
