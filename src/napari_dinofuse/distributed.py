@@ -181,9 +181,9 @@ def prepare_output(job: Job, plan, class_names=None) -> set[int]:
     import zarr
 
     from .outputs import ZarrSink, create_ome_image, require_group
-    from .predict import checked_class_names
+    from .predict import class_names_info
 
-    names = checked_class_names(class_names, plan.num_classes)
+    named = class_names_info(class_names, plan.num_classes)
     out = Path(job.out)
     attrs = {}
     if out.exists():
@@ -200,7 +200,7 @@ def prepare_output(job: Job, plan, class_names=None) -> set[int]:
     (out / ".blocks").mkdir()
     root.attrs["dinofuse"] = {"kind": ZarrSink.KIND, "outputs": [o[0] for o in plan.outputs()], "job": job.key,
                               "blocks": len(plan.blocks), "complete": False, "num_classes": plan.num_classes,
-                              "labels": defaults.PREDICTION_LABELS, **({"class_names": names} if names else {})}
+                              "labels": defaults.PREDICTION_LABELS, **named}
     return set()
 
 

@@ -280,7 +280,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     """
     plan = plan_prediction(model, source, roi, tile_shape=tile_shape, overlap=overlap, block_shape=block_shape,
                            attention=attention)
-    names = checked_class_names(class_names, plan.num_classes)
+    named = class_names_info(class_names, plan.num_classes)
     dev = resolve_device(device)
     sink = sink if sink is not None else MemorySink()
     total = sum(len(tiles) for _, _, tiles in plan.blocks)
@@ -292,7 +292,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
         for name, shape, dtype, grid, chunks in plan.outputs():
             sink.create(name, shape, dtype, grid, chunks)
         sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes, labels=PREDICTION_LABELS,
-                      **({"class_names": names} if names else {}))
+                      **named)
         for index, (_, _, tiles) in enumerate(plan.blocks):
             results = yield from within(predict_block(model, source, plan, index, dev), done, total,
                                         f"block {index + 1}/{len(plan.blocks)}")
@@ -308,13 +308,15 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     return sink
 
 
-def checked_class_names(class_names, num_classes: int) -> list[str]:
-    """``class_names`` (names of label values 1..K, stored with a prediction so it opens with them) as a list;
-    [] for None."""
-    names = [str(n) for n in class_names] if class_names is not None else []
-    if names and len(names) != num_classes:
+def class_names_info(class_names, num_classes: int) -> dict:
+    """The prediction store's ``class_names`` entry (names of label values 1..K, so a saved prediction opens
+    with them); {} for None."""
+    if class_names is None:
+        return {}
+    names = [str(n) for n in class_names]
+    if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a model of {num_classes} classes")
-    return names
+    return {"class_names": names}
 
 
 def predict_to_memory(model, source: FeatureSource, roi=None, **kwargs) -> MemorySink:
