@@ -11,6 +11,7 @@ from qtpy.QtCore import Qt, QThreadPool, QTimer
 from qtpy.QtWidgets import QApplication, QFileDialog
 
 from napari_dinofuse._widgets import DinofuseWidget
+from napari_dinofuse.defaults import NUM_LEVELS
 from napari_dinofuse.progress import CANCELLED
 
 LEFT = Qt.MouseButton.LeftButton
@@ -113,6 +114,8 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     def tick():
         seen.append(len(widget.loss_plot.losses))
 
+    added_at = []  # the timer's tick count when each result layer was added
+    viewer.layers.events.inserted.connect(lambda event: added_at.append(len(seen)))
     probe = QTimer()
     probe.timeout.connect(tick)
     probe.start(10)
@@ -120,6 +123,9 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     assert not widget.train_button.isEnabled() and widget.cancel_button.isEnabled()  # no conflicting clicks
     qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
     probe.stop()
+    # The six result layers came one per event-loop tick (napari takes ~0.1 s per layer: all six at once froze
+    # the viewer for a second), and the job counted as running until the last was there.
+    assert len(added_at) == 2 + NUM_LEVELS and len(set(added_at)) == len(added_at), added_at
     result = widget.last_result
     assert hasattr(result, "arrays"), result
     # The event loop ran while training did: the timer ticked between loss updates (a blocking implementation

@@ -8,13 +8,14 @@ when the widget is built, so napari's start-up and the Plugins menu stay fast.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
 import traceback
 
 import numpy as np
-from qtpy.QtCore import QEvent, QSettings, Qt
+from qtpy.QtCore import QEvent, QSettings, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -157,6 +158,8 @@ class _LayerCombo(QComboBox):
 class DinofuseWidget(QWidget):
     """One dock widget for the whole workflow, top to bottom."""
 
+    job_ended = Signal()  # a job and the showing of its result are over: the buttons are free again
+
     def __init__(self, napari_viewer, settings: QSettings | None = None):
         super().__init__()
         self.viewer = napari_viewer
@@ -167,6 +170,10 @@ class DinofuseWidget(QWidget):
         self._progress = None  # napari activity-dock progress bar of the running job
         self._job_started = 0.0
         self._on_done = None  # what the running job's value goes to (see _start)
+        self._steps = None  # the rest of on_done's main-thread work, one step per event-loop tick
+        self._step_timer = QTimer(self)  # a child: it dies with the widget, pending steps with it
+        self._step_timer.setSingleShot(True)
+        self._step_timer.timeout.connect(self._step)
         self._uses = ()  # the layers the running job reads: removing one stops it
         self._lost = []  # names of those removed while it ran
         self._model_before = None  # the session's model when the running job started
@@ -774,8 +781,9 @@ class DinofuseWidget(QWidget):
 
     def _start(self, name: str, make_job, on_done, uses=()) -> None:
         """Run ``make_job(cancel)`` (a Progress generator) in a worker thread, unless one runs already; then
-        ``on_done(its value)`` on the main thread, unless it failed or was cancelled. Removing one of the layers
-        it ``uses`` stops it, and its value is not shown."""
+        ``on_done(its value)`` on the main thread, unless it failed or was cancelled (a generator: one step per
+        event-loop tick, the job still counting as running). Removing one of the layers it ``uses`` stops it,
+        and its value is not shown."""
         from napari.qt.threading import GeneratorWorker
         from napari.utils import progress
 
@@ -843,7 +851,8 @@ class DinofuseWidget(QWidget):
             self.status_label.setText(f"{self._job_name} cancelled: the cache and the last good model are intact")
         else:
             self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
-            self._on_done(result)
+            steps = self._on_done(result)
+            self._steps = steps if inspect.isgenerator(steps) else None
 
     def _report_lost(self, result) -> None:
         """One notification: which input layer was removed, and what became of the job and the model."""
@@ -858,8 +867,8 @@ class DinofuseWidget(QWidget):
         self.status_label.setText(message)
         self._notify_warning(message)
 
-    def _show_prediction(self, sink) -> None:
-        show_prediction(self.viewer, sink, self.session.class_names)
+    def _show_prediction(self, sink):
+        yield from show_prediction(self.viewer, sink, self.session.class_names)
         self._sync_attention_checks()
 
     def _model_loaded(self, backbone: str) -> None:
@@ -872,15 +881,28 @@ class DinofuseWidget(QWidget):
         self.status_label.setText(f"model loaded ({self.session.describe_model()})")
 
     def _on_finished(self) -> None:
-        self.worker = None
-        self._uses = ()  # the job's layers are not kept alive by the widget
-        self._backbone_hint()  # a job may have loaded the backbone
         if self._progress is not None:
             self._progress.close()
             self._progress = None
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)
+        self._step()
+
+    def _step(self) -> None:
+        """One step of the finished job's main-thread work; the next on the next tick, so the viewer repaints and
+        handles input in between. The job ends after the last."""
+        try:
+            if self._steps is not None and self._docked and next(self._steps, None) is not None:
+                self._step_timer.start(0)
+                return
+        except Exception as exc:  # noqa: BLE001 - e.g. napari refusing a layer: say so, free the buttons
+            self._notify_error(f"DINOfuse {self._job_name}: showing the result failed: {_describe_error(exc)}")
+        self._steps = None
+        self.worker = None
+        self._uses = ()  # the job's layers are not kept alive by the widget
+        self._backbone_hint()  # a job may have loaded the backbone
         self._update_buttons()
+        self.job_ended.emit()
 
     def _update_buttons(self) -> None:
         busy = self.worker is not None
@@ -895,12 +917,13 @@ class DinofuseWidget(QWidget):
     def wait(self, timeout: float = 60.0) -> bool:
         """Process events until the running job (if any) ends; True if none is left running."""
         if self.worker is not None:
-            from qtpy.QtCore import QEventLoop, QTimer
+            from qtpy.QtCore import QEventLoop
 
             loop = QEventLoop()
-            self.worker.finished.connect(loop.quit)  # after _on_finished, connected first
+            self.job_ended.connect(loop.quit)
             QTimer.singleShot(int(timeout * 1000), loop.quit)
             loop.exec()
+            self.job_ended.disconnect(loop.quit)
         return self.worker is None
 
     def closeEvent(self, event):

@@ -36,20 +36,22 @@ def _show(viewer, role: str, kind: str, data, grid, **style):
     return add(data, name=role, metadata={MARK: role}, **_placement(grid), **style)
 
 
-def show_prediction(viewer, sink, class_names=()) -> list:
-    """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink.
+def show_prediction(viewer, sink, class_names=()):
+    """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink, one
+    layer per step: a generator, so the caller can hand the event loop back between layers (napari takes ~0.1 s
+    to add one; all six at once froze the viewer for a second).
 
     Styles (colours, ranges) are set when a layer is created, so what the user changed since stays.
     """
-    layers = [_show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"],
-                    **prediction_style())]
-    layers[0].metadata["class names"] = {k + 1: name for k, name in enumerate(class_names)}
+    prediction = _show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"],
+                       **prediction_style())
+    prediction.metadata["class names"] = {k + 1: name for k, name in enumerate(class_names)}
     if class_names:  # the status bar names the class under the cursor
-        layers[0].features = class_features(class_names)
-    layers.append(_show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
-                        **uncertainty_style()))
+        prediction.features = class_features(class_names)
+    yield prediction
+    yield _show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
+                **uncertainty_style())
     for k, role in enumerate(ATTENTION_LAYERS, start=1):
         name = attention_array(k)
         if name in sink.arrays:
-            layers.append(_show(viewer, role, "image", sink.arrays[name], sink.grids[name], **attention_style(k)))
-    return layers
+            yield _show(viewer, role, "image", sink.arrays[name], sink.grids[name], **attention_style(k))
