@@ -1,0 +1,432 @@
+"""Objects (instance segmentation) and their measurements, from a class map, block by block.
+
+Memory is bounded by one block (or one object's bounding box, at most a block's worth of voxels), so this runs
+on volumes larger than memory. The passes, each a :class:`~napari_dinofuse.progress.Progress` generator step:
+
+1. **components** per block: the 6-connected components of each chosen class get provisional ids, written into
+   the output; each id's class, size, bounding box and first voxel (in z, y, x raster order) are recorded;
+2. **merge**: provisional ids of one class that touch across a block face are one object;
+3. **refine** (optional), per object in its bounding box: enclosed holes filled (only voxels no other object
+   owns), touching objects split by a watershed on the distance transform seeded by its maxima that stand out
+   by at least ``split_depth_nm`` (a neck that much narrower than the objects it joins);
+4. **number and measure**: objects under the minimum size are dropped, the rest numbered 1..N by their first
+   voxel in raster order, and measured on the way.
+
+Every choice depends on the objects only, never on the blocks: blockwise equals whole-volume, voxel for voxel.
+Objects whose bounding box holds more than ``refine_limit`` voxels (default 256³, ~0.5 GB while refined) are
+kept as found, not filled or split, and a warning says how many.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .defaults import PREDICT_BLOCK
+from .errors import InputError
+from .geometry import Grid
+from .io import read_region
+from .progress import Progress
+
+__all__ = ["ObjectSettings", "ObjectTable", "find_objects", "parse_classes"]
+
+REFINE_LIMIT = 256**3  # voxels in an object's bounding box, at most, to fill or split it (~30 bytes a voxel)
+_FACE_TO_AREA = 2 / 3  # mean of |n_z| + |n_y| + |n_x| over isotropic orientations is 3/2: voxel faces overcount
+
+
+@dataclass(frozen=True)
+class ObjectSettings:
+    """Which classes become objects (label values: k = class k, as in the prediction) and how."""
+
+    classes: tuple[int, ...]
+    min_size_nm3: float = 0.0
+    fill_holes: bool = True
+    split_depth_nm: float = 0.0  # 0: touching objects stay one; else the seeds' minimum prominence (nm)
+
+    def __post_init__(self):
+        classes = tuple(self.classes) if isinstance(self.classes, (list, tuple)) else (self.classes,)
+        if not classes or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
+                                  for c in classes):
+            raise InputError(f"classes {self.classes!r}: expected one or more label values 1..K (1 = background, "
+                             "2, 3 … your classes), e.g. 3 or 3,4")
+        object.__setattr__(self, "classes", tuple(sorted({int(c) for c in classes})))
+        for name, unit in (("min_size_nm3", "nm³"), ("split_depth_nm", "nm")):
+            value = getattr(self, name)
+            try:
+                ok = math.isfinite(float(value)) and float(value) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise InputError(f"{name.removesuffix('_nm3').removesuffix('_nm').replace('_', ' ')} {value!r}: "
+                                 f"expected a number ≥ 0 in {unit}")
+            object.__setattr__(self, name, float(value))
+
+    def check_classes(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        """Refuse label values the prediction does not have, listing those it has."""
+        missing = [c for c in self.classes if c > num_classes]
+        if missing:
+            names = list(class_names or [f"class {k}" for k in range(1, num_classes + 1)])
+            have = ", ".join(f"{k} = {name}" for k, name in enumerate(names, 1))
+            raise InputError(f"class {', '.join(map(str, missing))} does not exist: the prediction has {have}")
+
+
+def parse_classes(text: str, class_names: Sequence[str] | None = None) -> tuple[int, ...]:
+    """'3,4' or 'mitochondrion,granule' (names as in the model, any case) -> label values."""
+    names = [n.lower() for n in class_names or []]
+    values = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if token.lstrip("-").isdigit():
+            values.append(int(token))
+        elif token.lower() in names:
+            values.append(names.index(token.lower()) + 1)
+        else:
+            known = f" or one of {', '.join(class_names)}" if class_names else ""
+            raise InputError(f"class {token!r}: expected a label value 1..K{known}")
+    return ObjectSettings(tuple(values)).classes
+
+
+@dataclass
+class ObjectTable:
+    """One row per object (``index`` = its id in the instances image), plus totals per class."""
+
+    columns: dict[str, np.ndarray]
+    totals: list[dict] = field(default_factory=list)
+    unrefined: int = 0  # objects too large to fill or split within a block's memory
+
+    def __len__(self) -> int:
+        return len(self.columns["index"])
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns)
+        for row in zip(*(_csv_values(v) for v in self.columns.values())):
+            writer.writerow(row)
+        return out.getvalue()
+
+    def save_csv(self, path) -> None:
+        """The table as CSV, written atomically (a crash leaves the previous file or none)."""
+        atomic_write_text(Path(path), self.to_csv())
+
+    def summary(self) -> str:
+        parts = [f"{t['class_name']}: {t['count']} objects, {t['volume_nm3'] / 1e9:.3g} µm³ "
+                 f"({100 * t['volume_fraction']:.2f} % of the region)" for t in self.totals]
+        return "; ".join(parts) if parts else "no objects"
+
+
+def _csv_values(values: np.ndarray) -> list:
+    if values.dtype.kind == "f":
+        return [f"{v:.6g}" for v in values]
+    return [str(v) for v in values.tolist()]
+
+
+def read_table_csv(text: str) -> dict[str, np.ndarray]:
+    """Columns of a table written by :meth:`ObjectTable.to_csv` (numbers as numbers)."""
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return {}
+    columns = {}
+    for name, values in zip(rows[0], zip(*rows[1:]) if len(rows) > 1 else [()] * len(rows[0])):
+        try:
+            columns[name] = np.array([float(v) for v in values]) if name != "class_name" else np.array(values)
+        except ValueError:
+            columns[name] = np.array(values)
+        if name in ("index", "class", "voxels") and columns[name].dtype.kind == "f":
+            columns[name] = columns[name].astype(np.int64)
+    return columns
+
+
+def _blocks(shape, block_shape) -> list[tuple[slice, ...]]:
+    starts = [range(0, n, b) for n, b in zip(shape, block_shape)]
+    return [tuple(slice(s, min(s + b, n)) for s, b, n in zip(start, block_shape, shape)) for start in product(*starts)]
+
+
+def _check_block_shape(block_shape) -> tuple[int, int, int]:
+    shape = tuple(int(b) for b in (block_shape if np.ndim(block_shape) else (block_shape,) * 3))
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"block shape {block_shape!r}: expected 3 whole numbers ≥ 1 (z, y, x)")
+    return shape
+
+
+class _Records:
+    """Per id (index = id): class, voxel count, first voxel (flat raster index) and bounding box."""
+
+    def __init__(self):
+        self.parts: list[tuple] = []
+
+    def add(self, cls, count, first, lo, hi) -> None:
+        self.parts.append((cls, count, first, lo, hi))
+
+    def arrays(self):
+        if not self.parts:
+            return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                    np.zeros((0, 3), np.int64), np.zeros((0, 3), np.int64))
+        cls, count, first, lo, hi = (np.concatenate(p) for p in zip(*self.parts))
+        return cls, count, first, lo, hi
+
+
+def _stats(labelled, n: int, start, shape):
+    """Per label 1..n of a box at ``start``: voxel count, first voxel (flat raster index in ``shape``) and
+    bounding box (global, stop exclusive)."""
+    from scipy import ndimage
+
+    ids, first_local, counts = np.unique(labelled.ravel(), return_index=True, return_counts=True)
+    keep = ids > 0
+    first_zyx = np.stack(np.unravel_index(first_local[keep], labelled.shape), axis=1) + np.asarray(start)
+    first = np.ravel_multi_index(tuple(first_zyx.T), shape)
+    boxes = ndimage.find_objects(labelled, max_label=n)
+    lo = np.array([[s.start for s in box] for box in boxes], np.int64) + np.asarray(start)
+    hi = np.array([[s.stop for s in box] for box in boxes], np.int64) + np.asarray(start)
+    return counts[keep].astype(np.int64), first.astype(np.int64), lo, hi
+
+
+def _components(mask_block, start, shape):
+    """6-connected components of one block's mask (labels 1..n) and their :func:`_stats`."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(mask_block)
+    return comp, n, (_stats(comp, n, start, shape) if n else None)
+
+
+def _merge(out, blocks, shape, classes_of):
+    """Pairs of provisional ids of one class that touch across a block face -> component of each id."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(classes_of)
+    pairs = []
+    for block in blocks:
+        for axis in range(3):
+            stop = block[axis].stop
+            if stop >= shape[axis]:
+                continue
+            low = list(block)
+            low[axis] = slice(stop - 1, stop)
+            high = list(block)
+            high[axis] = slice(stop, stop + 1)
+            a, b = np.asarray(out[tuple(low)]).ravel(), np.asarray(out[tuple(high)]).ravel()
+            both = (a > 0) & (b > 0)
+            a, b = a[both].astype(np.int64) - 1, b[both].astype(np.int64) - 1
+            same = classes_of[a] == classes_of[b]
+            if same.any():
+                pairs.append(np.unique(np.stack([a[same], b[same]], axis=1), axis=0))
+    edges = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _refine(mask, fill_holes: bool, split_depth_nm: float, voxel_size):
+    """The object's voxels after filling holes, and its pieces (labels 1..m in the mask's box)."""
+    from scipy import ndimage
+
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if split_depth_nm <= 0:
+        return mask, mask.astype(np.int32)
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=voxel_size)[1:-1, 1:-1, 1:-1]
+    seeds, n = ndimage.label(h_maxima(distance, split_depth_nm), structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return mask, mask.astype(np.int32)
+    return mask, watershed(-distance, seeds, mask=mask).astype(np.int32)
+
+
+def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabilities=None, uncertainty=None,
+                 class_names: Sequence[str] | None = None, block_shape=PREDICT_BLOCK,
+                 refine_limit: int = REFINE_LIMIT) -> Generator[Progress, None, tuple]:
+    """Objects of ``settings.classes`` in the class map ``labels`` (Z, Y, X; k = class k, on ``grid``).
+
+    ``out``: a writable (Z, Y, X) uint32 array (numpy or zarr) for the instances; a new numpy array if None.
+    ``probabilities`` (K, Z, Y, X) and ``uncertainty`` (Z, Y, X), when given, add each object's mean probability
+    of its class and mean uncertainty to the table. Returns ``(out, ObjectTable)``.
+    """
+    from scipy import ndimage
+
+    shape = tuple(int(n) for n in labels.shape)
+    if len(shape) != 3 or shape != grid.shape:
+        raise InputError(f"labels of shape {shape} do not match the grid {grid.shape}: expected one (Z, Y, X) map")
+    block_shape = _check_block_shape(block_shape)
+    if out is None:
+        out = np.zeros(shape, np.uint32)
+    voxel_size = np.asarray(grid.voxel_size)
+    blocks = _blocks(shape, block_shape)
+    refine = settings.fill_holes or settings.split_depth_nm > 0
+    total = (3 if refine else 2) * len(blocks)
+    done = 0
+
+    # 1. components per block, provisional ids
+    records, next_id = _Records(), 0
+    for block in blocks:
+        values = read_region(labels, block)
+        ids = np.zeros(values.shape, np.uint32)
+        start = [s.start for s in block]
+        for cls in settings.classes:
+            comp, n, stats = _components(values == cls, start, shape)
+            if n == 0:
+                continue
+            if next_id + n >= 2**32 - 1:
+                raise InputError("more than 4 billion pieces: choose fewer classes or a minimum size")
+            ids[comp > 0] = comp[comp > 0] + next_id
+            records.add(np.full(n, cls), *stats)
+            next_id += n
+        out[block] = ids
+        done += 1
+        yield Progress(done, total, f"objects: components, block {done}/{len(blocks)}")
+
+    # 2. merge across block faces: provisional id -> object (temporary ids 1..M in the order found)
+    cls_of, count, first, lo, hi = records.arrays()
+    component = _merge(out, blocks, shape, cls_of) if len(cls_of) else np.zeros(0, np.int64)
+    m = int(component.max()) + 1 if len(component) else 0
+    obj_cls = np.zeros(m, np.int64)
+    obj_cls[component] = cls_of
+    obj_count = np.bincount(component, weights=count, minlength=m).astype(np.int64)
+    obj_first = np.full(m, np.iinfo(np.int64).max)
+    np.minimum.at(obj_first, component, first)
+    obj_lo = np.full((m, 3), np.iinfo(np.int64).max)
+    obj_hi = np.zeros((m, 3), np.int64)
+    np.minimum.at(obj_lo, component, lo)
+    np.maximum.at(obj_hi, component, hi)
+    # What the output holds -> temporary object id (1-based; 0 stays 0).
+    lookup = np.concatenate([[0], component + 1]).astype(np.int64)
+
+    # 3. refine each object in its box, in raster order of first voxels (so filled holes that two objects could
+    # claim go to the same one whatever the blocks were). The output first takes the objects' temporary ids.
+    unrefined, n_ids = 0, m
+    if refine and m:
+        for block in blocks:
+            out[block] = lookup[np.asarray(read_region(out, block), np.int64)].astype(np.uint32)
+        lookup = None  # the output holds temporary ids now
+        extra = []
+        for obj in np.argsort(obj_first, kind="stable"):
+            box = tuple(slice(int(a), int(b)) for a, b in zip(obj_lo[obj], obj_hi[obj]))
+            if int(np.prod(obj_hi[obj] - obj_lo[obj])) > refine_limit:
+                unrefined += 1
+                continue
+            crop = np.asarray(read_region(out, box), np.int64)
+            own = crop == obj + 1
+            mask, pieces = _refine(own, settings.fill_holes, settings.split_depth_nm, voxel_size)
+            outside = ~(mask & (own | (crop == 0)))  # never take another object's voxels
+            pieces[outside] = 0
+            present = np.unique(pieces[pieces > 0])
+            pieces = np.searchsorted(present, pieces) + 1  # pieces numbered 1..n
+            pieces[outside] = 0
+            count_k, first_k, lo_k, hi_k = _stats(pieces, len(present), [s.start for s in box], shape)
+            new_ids = np.array([obj + 1] + list(range(n_ids + 1, n_ids + len(present))), np.int64)
+            n_ids += len(present) - 1
+            obj_count[obj], obj_first[obj], obj_lo[obj], obj_hi[obj] = count_k[0], first_k[0], lo_k[0], hi_k[0]
+            extra.extend((obj_cls[obj], count_k[k], first_k[k], lo_k[k], hi_k[k]) for k in range(1, len(present)))
+            out[box] = np.where(outside, crop, new_ids[pieces - 1]).astype(np.uint32)
+        if extra:
+            cls_e, count_e, first_e, lo_e, hi_e = (np.array(v) for v in zip(*extra))
+            obj_cls, obj_count = np.concatenate([obj_cls, cls_e]), np.concatenate([obj_count, count_e])
+            obj_first = np.concatenate([obj_first, first_e])
+            obj_lo, obj_hi = np.concatenate([obj_lo, lo_e]), np.concatenate([obj_hi, hi_e])
+        done += len(blocks)
+        yield Progress(done, total, f"objects: holes filled, touching objects split ({m - unrefined} of {m})")
+        if unrefined:
+            yield Progress(done, total, f"warning: {unrefined} objects span more than {refine_limit:,} voxels and "
+                                        "were not filled or split (their memory would not be bounded)")
+
+    # 4. minimum size, numbering by first voxel, measurements
+    voxel_volume = float(np.prod(voxel_size))
+    keep = np.flatnonzero(obj_count * voxel_volume >= settings.min_size_nm3)
+    keep = keep[np.argsort(obj_first[keep], kind="stable")]
+    final_of = np.zeros(n_ids + 1, np.int64)
+    final_of[keep + 1] = np.arange(1, len(keep) + 1)
+    mapping = final_of if lookup is None else final_of[lookup]
+    n = len(keep)
+    acc = _Measures(n, voxel_size, probabilities is not None, uncertainty is not None)
+    class_index = np.concatenate([[0], obj_cls[keep] - 1])
+    for block in blocks:
+        acc.add(block, shape, mapping, out, class_index, probabilities, uncertainty)
+        done += 1
+        yield Progress(done, total, f"objects: measuring, block {len(blocks) - (total - done)}/{len(blocks)}")
+    return out, _table(acc, grid, obj_cls[keep], obj_lo[keep], obj_hi[keep], settings, class_names, unrefined)
+
+
+class _Measures:
+    """Sums per final object id over the blocks: voxels, coordinates, surface, probability, uncertainty."""
+
+    def __init__(self, n: int, voxel_size, with_probability: bool, with_uncertainty: bool):
+        self.voxel_size = np.asarray(voxel_size, float)
+        self.count = np.zeros(n + 1, np.int64)
+        self.coords = np.zeros((3, n + 1))
+        self.faces = np.zeros(n + 1)
+        self.probability = np.zeros(n + 1) if with_probability else None
+        self.uncertainty = np.zeros(n + 1) if with_uncertainty else None
+
+    def add(self, block, shape, mapping, out, class_index, probabilities, uncertainty) -> None:
+        core = tuple(s.stop - s.start for s in block)
+        # The block and one more plane on each high side (not yet renumbered: blocks go in raster order, so
+        # every high neighbour comes later), 0 beyond the volume: each voxel face is counted once, by the block
+        # holding its low side; faces on the volume's low border are added below.
+        grown = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(block, shape))
+        ext = np.zeros(tuple(c + 1 for c in core), np.int64)
+        part = mapping[np.asarray(read_region(out, grown), np.int64)]
+        ext[tuple(slice(0, n) for n in part.shape)] = part
+        ids = ext[:core[0], :core[1], :core[2]]
+        out[block] = ids.astype(np.uint32)
+        size = len(self.count)
+        self.count += np.bincount(ids.ravel(), minlength=size)
+        for axis in range(3):
+            index = np.arange(block[axis].start, block[axis].stop, dtype=float).reshape([-1 if a == axis else 1
+                                                                                        for a in range(3)])
+            self.coords[axis] += np.bincount(ids.ravel(), np.broadcast_to(index, core).ravel(), minlength=size)
+            area = float(np.prod(self.voxel_size) / self.voxel_size[axis])
+            ahead = ext[tuple(slice(1, c + 1) if a == axis else slice(0, c) for a, c in enumerate(core))]
+            differ = ids != ahead
+            self.faces += area * (np.bincount(ids[differ], minlength=size) + np.bincount(ahead[differ],
+                                                                                          minlength=size))
+            if block[axis].start == 0:
+                self.faces += area * np.bincount(np.take(ids, 0, axis=axis).ravel(), minlength=size)
+        self.faces[0] = 0
+        inside = ids > 0
+        if self.probability is not None and inside.any():
+            probs = np.asarray(read_region(probabilities, (slice(None), *block)), np.float32)
+            picked = probs.reshape(len(probs), -1)[class_index[ids.ravel()[inside.ravel()]], np.flatnonzero(inside)]
+            self.probability += np.bincount(ids[inside], picked, minlength=size)
+        if self.uncertainty is not None and inside.any():
+            values = np.asarray(read_region(uncertainty, block), np.float64)
+            self.uncertainty += np.bincount(ids[inside], values[inside], minlength=size)
+
+
+def _table(acc: _Measures, grid: Grid, cls, lo, hi, settings: ObjectSettings, class_names, unrefined: int):
+    vs, off = np.asarray(grid.voxel_size), np.asarray(grid.offset)
+    count = acc.count[1:]
+    voxels = np.maximum(count, 1)
+    names = list(class_names) if class_names is not None else None
+    columns = {
+        "index": np.arange(1, len(count) + 1),
+        "class": np.asarray(cls, np.int64),
+        "class_name": np.array([names[c - 1] if names else f"class {c}" for c in cls], dtype=object),
+        "voxels": count,
+        "volume_nm3": count * float(np.prod(vs)),
+        "surface_nm2": acc.faces[1:] * _FACE_TO_AREA,
+    }
+    for axis, a in enumerate("zyx"):
+        columns[f"centroid_{a}_nm"] = off[axis] + vs[axis] * acc.coords[axis, 1:] / voxels
+    for axis, a in enumerate("zyx"):  # outer faces of the box, as napari's bounding boxes
+        columns[f"bbox_start_{a}_nm"] = off[axis] + vs[axis] * (np.asarray(lo, float)[:, axis] - 0.5)
+        columns[f"bbox_stop_{a}_nm"] = off[axis] + vs[axis] * (np.asarray(hi, float)[:, axis] - 0.5)
+    if acc.probability is not None:
+        columns["mean_probability"] = acc.probability[1:] / voxels
+    if acc.uncertainty is not None:
+        columns["mean_uncertainty"] = acc.uncertainty[1:] / voxels
+    region = float(np.prod(grid.shape) * np.prod(vs))
+    totals = []
+    for c in settings.classes:
+        volume = float(columns["volume_nm3"][columns["class"] == c].sum())
+        totals.append({"class": c, "class_name": names[c - 1] if names else f"class {c}",
+                       "count": int((columns["class"] == c).sum()), "volume_nm3": volume,
+                       "volume_fraction": volume / region})
+    return ObjectTable(columns, totals, unrefined)
