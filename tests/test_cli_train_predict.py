@@ -47,7 +47,8 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
     assert again.returncode == 0, again.stderr
 
     out = d / "pred.zarr"
-    predicted = _run("predict", *flags, "--model", d / "model2", "--out", out, "--attention", "--roi", "0:8,16:80,:")
+    predicted = _run("predict", *flags, "--model", d / "model2", "--out", out, "--attention", "--roi", "0:8,16:80,:",
+                     "--instances", "3,4", "--no-fill-holes", "--measurements", d / "objects.csv")
     assert predicted.returncode == 0, predicted.stderr
     labels = open_volume(out / "labels")
     assert labels.shape == (8, 64, 128) and labels.dtype == np.uint8
@@ -61,6 +62,13 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
     # The model's class names travel with the prediction (the reader names the classes from them).
     names = json.loads((d / "model2" / "config.json").read_text())["class_names"]
     assert len(names) == 4 and zarr.open_group(str(out), mode="r").attrs["dinofuse"]["class_names"] == names
+    # --instances: the objects of classes 3 and 4 beside the labels, aligned with them, and their table.
+    objects = open_volume(out / "instances")
+    assert objects.voxel_size == labels.voxel_size and np.allclose(objects.offset, labels.offset)
+    assert np.array_equal(objects.data[:] > 0, np.isin(labels.data[:], [3, 4]))
+    rows = (d / "objects.csv").read_text().splitlines()
+    assert rows[0].startswith("index,class,class_name") and len(rows) - 1 == objects.data[:].max()
+    assert (d / "objects.csv").read_text() == (out / "instances" / "measurements.csv").read_text()
 
 
 def test_predict_from_a_saved_model_is_bitwise_reproducible(files):

@@ -84,6 +84,13 @@ def _prediction_outputs(path: Path):
     layers.append((labels.data, _placement(labels, name="prediction", **prediction_style(), **named), "labels"))
     uncertainty = _open(path / "uncertainty", name="uncertainty")
     layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()), "image"))
+    if (path / "instances").is_dir():
+        from .instances import read_table_csv
+
+        objects = _open(path / "instances", name="instances")
+        table = path / "instances" / "measurements.csv"
+        features = {"features": read_table_csv(table.read_text())} if table.is_file() else {}
+        layers.append((objects.data, _placement(objects, name="instances", **features), "labels"))
     for k in range(1, NUM_LEVELS + 1):
         if (path / attention_array(k)).is_dir():
             level = _open(path / attention_array(k), name=attention_layer(k))

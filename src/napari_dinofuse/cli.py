@@ -86,6 +86,18 @@ def _open(args, role: str):
                        voxel_size_hint=f"--{role}-voxel-size Z,Y,X")
 
 
+def _add_object_args(parser: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    parser.add_argument("--instances", required=required, metavar="CLASS[,CLASS]", help=what)
+    parser.add_argument("--min-size", type=float, default=0.0, metavar="NM3",
+                        help="drop objects smaller than this volume in nm³ (default 0: keep all)")
+    parser.add_argument("--split", type=float, default=0.0, metavar="NM",
+                        help="split touching objects where the neck is at least this much narrower (in radius, nm) "
+                             "than the objects it joins (default 0: no splitting; e.g. 20)")
+    parser.add_argument("--no-fill-holes", dest="fill_holes", action="store_false",
+                        help="keep enclosed holes (default: filled)")
+    parser.add_argument("--measurements", metavar="CSV", help="also write the measurements table here")
+
+
 def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None,
                         help="hub id, local folder, or random:<arch> (default: $DINOFUSE_BACKBONE or "
@@ -210,6 +222,9 @@ def _predict(args) -> int:
 
     model, info = load_model(args.model)
     inference = inference_settings(info)
+    objects = _object_settings(args, info.class_names)
+    if objects is not None:
+        objects.check_classes(model.config.num_classes, info.class_names)
     # Every refusal before any slow work (backbone, features): settings, volumes, the ROI.
     settings = PredictionSettings(inference.tile_shape, inference.overlap, args.block_shape, args.workers)
     extraction = ExtractionSettings(args.planes or inference.planes, batch_size=args.batch_size)
@@ -222,17 +237,48 @@ def _predict(args) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if settings.workers is not None or args.scheduler:
-        return _predict_on_cluster(args, backbone, (raw, context), settings, extraction)
-    source = _sources(args, backbone, raw, context, extraction)
-    _follow(predict(model, source, args.roi, tile_shape=settings.tile_shape, overlap=settings.overlap,
-                    block_shape=settings.block_shape, attention=args.attention, device=args.device,
-                    sink=ZarrSink(args.out), class_names=info.class_names), "predict")
-    print(f"wrote {args.out}: labels, probabilities, uncertainty" + (", attention/level1..4" if args.attention
-                                                                     and model.config.fusion == "attention" else ""))
+        _predict_on_cluster(args, backbone, (raw, context), settings, extraction)
+    else:
+        source = _sources(args, backbone, raw, context, extraction)
+        _follow(predict(model, source, args.roi, tile_shape=settings.tile_shape, overlap=settings.overlap,
+                        block_shape=settings.block_shape, attention=args.attention, device=args.device,
+                        sink=ZarrSink(args.out), class_names=info.class_names), "predict")
+        print(f"wrote {args.out}: labels, probabilities, uncertainty" + (
+            ", attention/level1..4" if args.attention and model.config.fusion == "attention" else ""))
+    if objects is not None:
+        _write_objects(args.out, objects, args)
     return 0
 
 
-def _predict_on_cluster(args, backbone, volumes, settings, extraction) -> int:
+def _object_settings(args, class_names=None):
+    """The objects options as settings, or None when no classes were asked for."""
+    from .instances import ObjectSettings, parse_classes
+
+    if args.instances is None:
+        return None
+    return ObjectSettings(parse_classes(args.instances, class_names), min_size_nm3=args.min_size,
+                          fill_holes=args.fill_holes, split_depth_nm=args.split)
+
+
+def _write_objects(folder, settings, args) -> None:
+    from .instances import objects_in_prediction
+
+    table = _follow(objects_in_prediction(folder, settings, block_shape=args.block_shape), "objects")
+    print(f"wrote {folder}/instances (with measurements.csv): {table.summary()}")
+    if args.measurements:
+        table.save_csv(args.measurements)
+        print(f"measurements: {args.measurements}")
+
+
+def _instances(args) -> int:
+    from .instances import open_prediction
+
+    names = dict(open_prediction(args.prediction).attrs["dinofuse"]).get("class_names")
+    _write_objects(args.prediction, _object_settings(args, names), args)
+    return 0
+
+
+def _predict_on_cluster(args, backbone, volumes, settings, extraction) -> None:
     from .cache import FeatureCache
     from .distributed import VolumeRef, connect, prepare_job, require_distributed, run_blockwise
 
@@ -252,7 +298,6 @@ def _predict_on_cluster(args, backbone, volumes, settings, extraction) -> int:
         client.close()
     print(f"wrote {args.out}: {stats['computed']} blocks computed, {stats['skipped']} already done "
           f"(of {stats['blocks']})")
-    return 0
 
 
 def _demo(args) -> int:
@@ -355,8 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--block-shape", type=_ints, default=defaults.PREDICT_BLOCK, metavar="Z,Y,X",
                       help="voxels per block: a cluster task, or in this process what is held in memory at once "
                            f"(default {','.join(map(str, defaults.PREDICT_BLOCK))})")
+    _add_object_args(pred, "also find objects of these classes (label values or class names, e.g. 3,4 or "
+                           "mitochondrion): an `instances` image beside the labels, with measurements")
     _add_feature_args(pred)
     pred.set_defaults(func=_predict, planes=None)
+
+    objects = sub.add_parser("instances", help="objects and measurements from a finished prediction folder",
+                             description="Objects (connected components, optionally split where touching) of chosen "
+                                         "classes, written as OUT.zarr/instances with measurements.csv; per-class "
+                                         "totals are printed.")
+    objects.add_argument("prediction", metavar="OUT.zarr", help="a prediction folder written by `dinofuse predict`")
+    _add_object_args(objects, "classes to find objects of: label values or class names (e.g. 3,4 or mitochondrion)",
+                     required=True)
+    objects.add_argument("--block-shape", type=_ints, default=defaults.PREDICT_BLOCK, metavar="Z,Y,X",
+                         help="voxels read at once (default " + ",".join(map(str, defaults.PREDICT_BLOCK)) + ")")
+    objects.set_defaults(func=_instances)
 
     demo = sub.add_parser("demo", help="offline end-to-end demo on the bundled synthetic EM sample",
                           description="Render the synthetic sample, extract features, fine-tune on scribbles with "

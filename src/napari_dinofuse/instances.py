@@ -117,7 +117,7 @@ class ObjectTable:
         atomic_write_text(Path(path), self.to_csv())
 
     def summary(self) -> str:
-        parts = [f"{t['class_name']}: {t['count']} objects, {t['volume_nm3'] / 1e9:.3g} µm³ "
+        parts = [f"{t['class_name']}: {t['count']} object{'' if t['count'] == 1 else 's'}, {t['volume_nm3'] / 1e9:.3g} µm³ "
                  f"({100 * t['volume_fraction']:.2f} % of the region)" for t in self.totals]
         return "; ".join(parts) if parts else "no objects"
 
@@ -430,3 +430,81 @@ def _table(acc: _Measures, grid: Grid, cls, lo, hi, settings: ObjectSettings, cl
                        "count": int((columns["class"] == c).sum()), "volume_nm3": volume,
                        "volume_fraction": volume / region})
     return ObjectTable(columns, totals, unrefined)
+
+
+# -- on a saved prediction ------------------------------------------------------------------------------------
+
+def open_prediction(folder):
+    """A dinofuse prediction folder's root group, refusing anything else with a clear message."""
+    import zarr
+
+    from .defaults import PREDICTION_KIND
+
+    path = Path(folder).expanduser().absolute()
+    if path.is_file() or not path.exists():
+        raise InputError(f"{path} is {'a file' if path.is_file() else 'missing'}: expected a prediction folder "
+                         "written by `dinofuse predict` (OUT.zarr)")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        kind = dict(root.attrs.get("dinofuse", {})).get("kind")
+    except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not a prediction
+        kind = None
+    if kind != PREDICTION_KIND:
+        raise InputError(f"{path} is not a dinofuse prediction (written by `dinofuse predict`)")
+    for name in ("labels", "probabilities"):
+        if not (path / name).is_dir():
+            raise InputError(f"{path} has no {name}: it is incomplete; predict again to write it")
+    return root
+
+
+def objects_in_prediction(folder, settings: ObjectSettings, block_shape=PREDICT_BLOCK,
+                          refine_limit: int = REFINE_LIMIT) -> Generator[Progress, None, ObjectTable]:
+    """Find objects in a saved prediction and write them beside its labels: ``instances`` (an OME-Zarr labels
+    image, uint32) holding ``measurements.csv``, and the totals per class in its attributes.
+
+    Written into a hidden sibling and swapped in only when complete; the previous ``instances``, if any, stays
+    until then (a cancelled or failed run leaves it as it was)."""
+    import shutil
+
+    import zarr
+
+    from .atomic import recover, siblings, staging, swap_in
+    from .io import open_volume
+    from .outputs import create_ome_image
+
+    root = open_prediction(folder)
+    path = Path(folder).expanduser().absolute()
+    probabilities = root["probabilities/0"]
+    info = dict(root.attrs["dinofuse"])
+    names = info.get("class_names")
+    settings.check_classes(int(probabilities.shape[0]), names)
+    labels = open_volume(path / "labels")
+    grid = Grid(labels.shape, labels.voxel_size, labels.offset)
+    uncertainty = root["uncertainty/0"] if (path / "uncertainty").is_dir() else None
+    block_shape = _check_block_shape(block_shape)
+
+    target = path / "instances"
+    recover(target)
+    for stale in siblings(target, "partial"):  # left by a crashed run: never complete
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = staging(target, "partial")
+    try:
+        group = zarr.open_group(str(partial), mode="w", zarr_format=3)
+        out = create_ome_image(group, "instances", labels.shape, np.uint32, grid,
+                               chunks=tuple(min(b, 256) for b in block_shape))
+        out, table = yield from find_objects(labels.data, grid, settings, out, probabilities, uncertainty, names,
+                                             block_shape, refine_limit)
+        group.attrs["dinofuse"] = {"settings": {"classes": list(settings.classes),
+                                                "min_size_nm3": settings.min_size_nm3,
+                                                "fill_holes": settings.fill_holes,
+                                                "split_depth_nm": settings.split_depth_nm},
+                                   "totals": table.totals, "unrefined": table.unrefined}
+        atomic_write_text(partial / "measurements.csv", table.to_csv())
+        swap_in(partial, target)
+    except BaseException:  # cancelled (GeneratorExit), a full disk, a bug: the previous instances stay
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if "instances" not in info.get("outputs", []):
+        writable = zarr.open_group(str(path), mode="r+")
+        writable.attrs["dinofuse"] = {**info, "outputs": [*info.get("outputs", []), "instances"]}
+    return table
