@@ -159,6 +159,16 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     widget.attention_checks[1].setChecked(True)
     assert viewer.layers["attention level 2"].visible
 
+    # Objects of the painted class: an instances layer with one row of measurements per object, named by the model.
+    widget.objects_box.fill_check.setChecked(False)
+    _click_and_wait(qtbot, widget, widget.objects_box.find_button)
+    instances = viewer.layers["instances"]
+    assert np.array_equal(instances.data > 0, prediction.data == 2)
+    rows = instances.features
+    assert list(rows["index"]) == list(range(1, int(instances.data.max()) + 1))
+    assert set(rows["class_name"]) == {widget.session.class_names[1]} and "mean_uncertainty" in rows
+    assert rows["voxels"].sum() == (prediction.data == 2).sum()
+
     layers_before = [id(layer) for layer in viewer.layers]
     threads_before, windows_before = len(_real_threads()), len(QApplication.topLevelWidgets())
     result = _click_and_wait(qtbot, widget, widget.predict_button)

@@ -250,7 +250,6 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
     ``probabilities`` (K, Z, Y, X) and ``uncertainty`` (Z, Y, X), when given, add each object's mean probability
     of its class and mean uncertainty to the table. Returns ``(out, ObjectTable)``.
     """
-    from scipy import ndimage
 
     shape = tuple(int(n) for n in labels.shape)
     if len(shape) != 3 or shape != grid.shape:

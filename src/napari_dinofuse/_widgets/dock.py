@@ -42,6 +42,7 @@ from ..geometry import Volume, triple
 from ..progress import CANCELLED
 from ..session import Session, SessionSettings
 from .loss_plot import LossPlot
+from .objects import ObjectsBox, prediction_layer
 from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
 
 NONE = "(none)"
@@ -190,6 +191,10 @@ class DinofuseWidget(QWidget):
         layout.addWidget(self._train_box())
         layout.addWidget(self._predict_box())
         layout.addWidget(self._attention_box())
+        self.objects_box = ObjectsBox(self)
+        self.objects_box.find_button.clicked.connect(self.find_objects)
+        self.objects_box.save_button.clicked.connect(self.save_objects_table)
+        layout.addWidget(self.objects_box)
         layout.addLayout(self._status_row())
         layout.addStretch(1)
 
@@ -741,6 +746,35 @@ class DinofuseWidget(QWidget):
 
         self._start("predict", job, self._show_prediction, uses=self._chosen_layers())
 
+    def find_objects(self) -> None:
+        from ..instances import find_objects
+        from ..progress import cancellable
+
+        try:
+            labels, grid, uncertainty, settings, names = self.objects_box.inputs(self.viewer,
+                                                                                 self.session.class_names)
+        except DinofuseError as exc:
+            self._notify_error(str(exc))
+            return
+        job = lambda cancel: cancellable(find_objects(labels, grid, settings, uncertainty=uncertainty,  # noqa: E731
+                                                      class_names=names), cancel)
+        self._start("objects", job, lambda result: self._objects_found(result, grid),
+                    uses=(prediction_layer(self.viewer),))
+
+    def _objects_found(self, result, grid) -> None:
+        self.objects_box.show(self.viewer, result, grid)
+        self.status_label.setText(f"objects: {result[1].summary()}")
+
+    def save_objects_table(self) -> None:
+        try:
+            path = self.objects_box.save_table(self._folder("table"))
+        except OSError as exc:
+            self._notify_error(f"the table was not saved: {exc}")
+            return
+        if path:
+            self._chose("table", path)
+            self.status_label.setText(f"measurements saved to {path}")
+
     def new_model(self) -> None:
         self.session.reset_model()
         self._update_buttons()
@@ -907,7 +941,7 @@ class DinofuseWidget(QWidget):
     def _update_buttons(self) -> None:
         busy = self.worker is not None
         for button in (self.extract_button, self.train_button, self.predict_button, self.new_model_button,
-                       self.load_button, self.new_labels_button):
+                       self.load_button, self.new_labels_button, self.objects_box.find_button):
             button.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.session.model is not None and self.session.info is not None)
         self.predict_button.setEnabled(not busy and self.session.model is not None)
