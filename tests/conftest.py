@@ -13,3 +13,11 @@ def tiny_backbone():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomBackboneWarning)
         return load_backbone("random:tiny", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _private_autosave(tmp_path, monkeypatch):
+    """Annotations autosaved by a fine-tune go to tmp_path, never to the user's data folder."""
+    from napari_dinofuse.annotations import AUTOSAVE_ENV
+
+    monkeypatch.setenv(AUTOSAVE_ENV, str(tmp_path / "autosave" / "annotations.zarr"))

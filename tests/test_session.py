@@ -24,3 +24,37 @@ def test_features_follow_the_data_not_the_array_object(tmp_path):
     assert second is not first
     region = (slice(0, 2), slice(0, 2), slice(0, 4))
     assert not np.array_equal(first.raw_features.read(region), second.raw_features.read(region))
+
+
+def test_painted_strokes_survive_a_crash_and_travel_with_the_model(tmp_path):
+    from napari_dinofuse.annotations import autosave_path, load_annotations
+
+    rng = np.random.default_rng(1)
+    raw = Volume(rng.integers(0, 255, (4, 32, 32), dtype=np.uint8), (8.0, 4.0, 4.0), (0.0, 40.0, -8.0))
+    labels = np.zeros(raw.shape, np.uint8)
+    labels[:, 2:6, 2:30] = 1
+    labels[:, 20:24, 2:30] = 2
+    session = Session()
+    settings = SessionSettings("random:tiny", device="cpu", cache=str(tmp_path / "cache"), fusion="none",
+                               base_channels=4, iterations=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomBackboneWarning)
+        run = session.fine_tune(raw, None, labels, settings)
+        next(run)
+        run.close()  # the viewer closed (or crashed) mid fine-tune: the strokes are already kept
+        kept = load_annotations(autosave_path())
+        assert np.array_equal(kept.data[:], labels) and kept.voxel_size == raw.voxel_size
+        assert kept.offset == raw.offset and session.annotations is None  # no model trained on them yet
+
+        drive(session.fine_tune(raw, None, labels, settings))
+    session.save(tmp_path / "model")
+    loaded = Session()
+    loaded.load(tmp_path / "model")
+    assert np.array_equal(loaded.annotations.data[:], labels) and loaded.annotations.offset == raw.offset
+    loaded.save(tmp_path / "model")  # saved again where it was read from: still whole
+    assert np.array_equal(loaded.annotations.data[:], labels)
+    again = Session()
+    again.load(tmp_path / "model")
+    assert np.array_equal(again.annotations.data[:], labels)
+    loaded.reset_model()
+    assert loaded.annotations is None

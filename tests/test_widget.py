@@ -188,6 +188,13 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.predict_button.isEnabled() and "class" in widget.model_label.text()
     assert widget.status_label.text().startswith("model loaded") and widget.planes_combo.currentText() == "xy"
+    # The strokes it was trained on came with it: restored as a new layer, in place, the saved copy untouched.
+    assert "Restore annotations" in widget.status_label.text()
+    qtbot.mouseClick(widget.restore_button, LEFT)
+    restored = viewer.layers["annotations (restored)"]
+    assert np.array_equal(restored.data, painted_before) and restored.data is not labels.data
+    assert np.allclose(restored.scale, labels.scale) and np.allclose(restored.translate, labels.translate)
+    assert widget.labels_combo.currentText() == "annotations (restored)"
     result = _click_and_wait(qtbot, widget, widget.predict_button)
     assert np.array_equal(result.arrays["labels"], result_whole)
 

@@ -268,9 +268,11 @@ def save_model(
     model: FusedUNet3D,
     info: ModelInfo,
     training_log: list[dict] | None = None,
+    annotations=None,
 ) -> Path:
     """Write ``model`` and ``info`` (stamped with this package version) to ``folder`` atomically,
-    replacing a model already there. Refuses to replace a folder that holds anything else."""
+    replacing a model already there. Refuses to replace a folder that holds anything else.
+    ``annotations`` (a Volume: the labels it was trained on) are kept inside as ``annotations.zarr``."""
     folder = Path(folder).expanduser().absolute()
     if not isinstance(model, FusedUNet3D):
         raise TypeError(f"expected a FusedUNet3D, got {type(model).__name__}")
@@ -302,6 +304,10 @@ def save_model(
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
         _fsync_file(tmp / WEIGHTS_FILE)
         _write_json(tmp / LOG_FILE, list(training_log or []))
+        if annotations is not None:
+            from .annotations import FILE, save_annotations
+
+            save_annotations(tmp / FILE, annotations.data, annotations.grid)
         _write_json(tmp / CONFIG_FILE, config)
         fsync_dir(tmp)
         swap_in(tmp, folder)

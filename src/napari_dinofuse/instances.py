@@ -175,17 +175,18 @@ class _Records:
 
 def _stats(labelled, n: int, start, shape):
     """Per label 1..n of a box at ``start``: voxel count, first voxel (flat raster index in ``shape``) and
-    bounding box (global, stop exclusive)."""
+    bounding box (global, stop exclusive). No sort of the whole box: a few bytes per voxel at most."""
     from scipy import ndimage
 
-    ids, first_local, counts = np.unique(labelled.ravel(), return_index=True, return_counts=True)
-    keep = ids > 0
-    first_zyx = np.stack(np.unravel_index(first_local[keep], labelled.shape), axis=1) + np.asarray(start)
-    first = np.ravel_multi_index(tuple(first_zyx.T), shape)
+    counts = np.bincount(labelled.ravel(), minlength=n + 1)[1:n + 1].astype(np.int64)
     boxes = ndimage.find_objects(labelled, max_label=n)
     lo = np.array([[s.start for s in box] for box in boxes], np.int64) + np.asarray(start)
     hi = np.array([[s.stop for s in box] for box in boxes], np.int64) + np.asarray(start)
-    return counts[keep].astype(np.int64), first.astype(np.int64), lo, hi
+    # The first voxel in z, y, x order of a set is its first within its own box (the order is lexicographic).
+    first_zyx = [np.unravel_index(int(np.argmax(labelled[box].ravel() == k)), labelled[box].shape)
+                 for k, box in enumerate(boxes, start=1)]
+    first = np.ravel_multi_index(tuple((lo + np.asarray(first_zyx, np.int64).reshape(-1, 3)).T), shape)
+    return counts, first.astype(np.int64), lo, hi
 
 
 def _components(mask_block, start, shape):
@@ -227,8 +228,10 @@ def _refine(mask, fill_holes: bool, split_depth_nm: float, voxel_size):
     """The object's voxels after filling holes, and its pieces (labels 1..m in the mask's box)."""
     from scipy import ndimage
 
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+    if fill_holes:  # background pieces that do not reach the box's faces are holes (one labelling pass)
+        background, _ = ndimage.label(~mask)
+        faces = np.concatenate([np.take(background, i, axis=a).ravel() for a in range(3) for i in (0, -1)])
+        mask = mask | ((background > 0) & ~np.isin(background, np.unique(faces)))
     if split_depth_nm <= 0:
         return mask, mask.astype(np.int32)
     from skimage.morphology import h_maxima
@@ -311,20 +314,21 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
             if int(np.prod(obj_hi[obj] - obj_lo[obj])) > refine_limit:
                 unrefined += 1
                 continue
-            crop = np.asarray(read_region(out, box), np.int64)
+            crop = read_region(out, box)  # uint32: ids up to n_ids
             own = crop == obj + 1
             mask, pieces = _refine(own, settings.fill_holes, settings.split_depth_nm, voxel_size)
             outside = ~(mask & (own | (crop == 0)))  # never take another object's voxels
             pieces[outside] = 0
-            present = np.unique(pieces[pieces > 0])
-            pieces = np.searchsorted(present, pieces) + 1  # pieces numbered 1..n
-            pieces[outside] = 0
+            present = np.flatnonzero(np.bincount(pieces.ravel())[1:]) + 1
+            renumber = np.zeros(int(pieces.max()) + 1, np.int32)
+            renumber[present] = np.arange(1, len(present) + 1)
+            pieces = renumber[pieces]  # pieces numbered 1..n
             count_k, first_k, lo_k, hi_k = _stats(pieces, len(present), [s.start for s in box], shape)
             new_ids = np.array([obj + 1] + list(range(n_ids + 1, n_ids + len(present))), np.int64)
             n_ids += len(present) - 1
             obj_count[obj], obj_first[obj], obj_lo[obj], obj_hi[obj] = count_k[0], first_k[0], lo_k[0], hi_k[0]
             extra.extend((obj_cls[obj], count_k[k], first_k[k], lo_k[k], hi_k[k]) for k in range(1, len(present)))
-            out[box] = np.where(outside, crop, new_ids[pieces - 1]).astype(np.uint32)
+            out[box] = np.where(outside, crop, new_ids[pieces - 1].astype(np.uint32))
         if extra:
             cls_e, count_e, first_e, lo_e, hi_e = (np.array(v) for v in zip(*extra))
             obj_cls, obj_count = np.concatenate([obj_cls, cls_e]), np.concatenate([obj_count, count_e])
@@ -340,7 +344,7 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
     voxel_volume = float(np.prod(voxel_size))
     keep = np.flatnonzero(obj_count * voxel_volume >= settings.min_size_nm3)
     keep = keep[np.argsort(obj_first[keep], kind="stable")]
-    final_of = np.zeros(n_ids + 1, np.int64)
+    final_of = np.zeros(n_ids + 1, np.int32)
     final_of[keep + 1] = np.arange(1, len(keep) + 1)
     mapping = final_of if lookup is None else final_of[lookup]
     n = len(keep)
@@ -368,19 +372,22 @@ class _Measures:
         core = tuple(s.stop - s.start for s in block)
         # The block and one more plane on each high side (not yet renumbered: blocks go in raster order, so
         # every high neighbour comes later), 0 beyond the volume: each voxel face is counted once, by the block
-        # holding its low side; faces on the volume's low border are added below.
+        # holding its low side; faces on the volume's low border are added below. int32 ids and per-plane
+        # counts keep the temporaries to a few bytes per voxel.
         grown = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(block, shape))
-        ext = np.zeros(tuple(c + 1 for c in core), np.int64)
-        part = mapping[np.asarray(read_region(out, grown), np.int64)]
+        ext = np.zeros(tuple(c + 1 for c in core), np.int32)
+        part = mapping[np.asarray(read_region(out, grown))]
         ext[tuple(slice(0, n) for n in part.shape)] = part
-        ids = ext[:core[0], :core[1], :core[2]]
+        del part
+        ids = np.ascontiguousarray(ext[:core[0], :core[1], :core[2]])
         out[block] = ids.astype(np.uint32)
         size = len(self.count)
-        self.count += np.bincount(ids.ravel(), minlength=size)
         for axis in range(3):
-            index = np.arange(block[axis].start, block[axis].stop, dtype=float).reshape([-1 if a == axis else 1
-                                                                                        for a in range(3)])
-            self.coords[axis] += np.bincount(ids.ravel(), np.broadcast_to(index, core).ravel(), minlength=size)
+            for i in range(core[axis]):
+                plane = np.bincount(np.take(ids, i, axis=axis).ravel(), minlength=size)
+                self.coords[axis] += plane * float(block[axis].start + i)
+                if axis == 0:
+                    self.count += plane
             area = float(np.prod(self.voxel_size) / self.voxel_size[axis])
             ahead = ext[tuple(slice(1, c + 1) if a == axis else slice(0, c) for a, c in enumerate(core))]
             differ = ids != ahead
@@ -389,14 +396,17 @@ class _Measures:
             if block[axis].start == 0:
                 self.faces += area * np.bincount(np.take(ids, 0, axis=axis).ravel(), minlength=size)
         self.faces[0] = 0
-        inside = ids > 0
-        if self.probability is not None and inside.any():
-            probs = np.asarray(read_region(probabilities, (slice(None), *block)), np.float32)
-            picked = probs.reshape(len(probs), -1)[class_index[ids.ravel()[inside.ravel()]], np.flatnonzero(inside)]
-            self.probability += np.bincount(ids[inside], picked, minlength=size)
-        if self.uncertainty is not None and inside.any():
-            values = np.asarray(read_region(uncertainty, block), np.float64)
-            self.uncertainty += np.bincount(ids[inside], values[inside], minlength=size)
+        inside = np.flatnonzero(ids)
+        if not len(inside):
+            return
+        owner = ids.ravel()[inside]
+        if self.probability is not None:
+            probs = np.asarray(read_region(probabilities, (slice(None), *block)))
+            picked = probs.reshape(len(probs), -1)[class_index[owner], inside]
+            self.probability += np.bincount(owner, picked.astype(np.float64), minlength=size)
+        if self.uncertainty is not None:
+            values = np.asarray(read_region(uncertainty, block)).ravel()[inside]
+            self.uncertainty += np.bincount(owner, values.astype(np.float64), minlength=size)
 
 
 def _table(acc: _Measures, grid: Grid, cls, lo, hi, settings: ObjectSettings, class_names, unrefined: int):

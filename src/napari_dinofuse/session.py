@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -70,6 +71,7 @@ class Session:
     info: ModelInfo | None = None  # of a loaded or trained model (class names, backbone, feature planes)
     validation: float | None = None  # the last fine-tune's best mIoU on held-out strokes
     log: list = field(default_factory=list)
+    annotations: Volume | None = None  # the strokes the current model was trained on (saved with it)
     _backbone_key: tuple | None = None
     _source_key: tuple | None = None
 
@@ -121,6 +123,7 @@ class Session:
 
     def reset_model(self) -> None:
         self.model, self.info, self.log, self.validation = None, None, [], None
+        self.annotations = None
 
     def describe_model(self) -> str:
         if self.model is None:
@@ -140,6 +143,7 @@ class Session:
 
         model, info = load_model(folder)
         self.model, self.info, self.log = model, info, read_training_log(folder)
+        self.annotations = _model_annotations(folder)
         return info.backbone
 
     def backbone_warning(self) -> str:
@@ -154,7 +158,9 @@ class Session:
 
         if self.model is None or self.info is None:
             raise InputError("there is no trained model to save yet: paint and Fine-tune first")
-        save_model(folder, self.model, self.info, self.log)
+        save_model(folder, self.model, self.info, self.log, annotations=self.annotations)
+        if self.annotations is not None:  # read from the saved copy from now on (the old one may be gone)
+            self.annotations = _model_annotations(folder)
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -171,8 +177,11 @@ class Session:
 
         # Refuse bad labels before any slow work (classes the current model has may stay unpainted).
         find_painted(labels, raw.shape, known_classes=self.model.config.num_classes if self.model is not None else 0)
+        annotations = Volume(labels, raw.voxel_size, raw.offset, "annotations")
+        yield from _autosave(annotations)
         source = yield from self._extract(raw, context, settings)
         yield from self._train(source, labels, settings)
+        self.annotations = annotations  # what the current model was trained on: saved with it
         return (yield from self._predict(source, settings, roi))
 
     def _train(self, source, labels, settings):
@@ -220,3 +229,18 @@ class Session:
         return (yield from predict(self.model, source, (z, y, x), tile_shape=tiles.tile_shape, overlap=tiles.overlap,
                                    device=settings.device, sink=MemorySink(skip=("probabilities",))))
 
+
+def _model_annotations(folder):
+    from .annotations import FILE, load_annotations
+
+    return load_annotations(Path(folder) / FILE)
+
+
+def _autosave(annotations: Volume) -> Generator[Progress, None, None]:
+    """Keep a copy of the strokes a fine-tune starts from, so a crash or a closed viewer loses no painting."""
+    from .annotations import autosave_path, save_annotations
+
+    try:
+        save_annotations(autosave_path(), annotations.data, annotations.grid)
+    except OSError as exc:  # a full or read-only disk must not stop the fine-tune: say so
+        yield Progress(0, 1, f"warning: the annotations could not be autosaved ({exc}); save the model to keep them")

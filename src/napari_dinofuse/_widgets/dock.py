@@ -394,6 +394,11 @@ class DinofuseWidget(QWidget):
         self.new_labels_button.setToolTip("An empty Labels layer 'annotations' aligned to the raw: paint 1 = "
                                           "background, 2, 3 … = your classes")
         self.new_labels_button.clicked.connect(self.new_annotation_layer)
+        self.restore_button = QPushButton("Restore annotations")
+        self.restore_button.setToolTip("Add the strokes the current model was trained on (kept in its model "
+                                       "folder), or else those of the last Fine-tune started (autosaved in your "
+                                       "user data folder), as a new Labels layer")
+        self.restore_button.clicked.connect(self.restore_annotations)
         self.iterations_spin = QSpinBox()
         self.iterations_spin.setRange(1, 100_000)
         self.iterations_spin.setValue(defaults.ITERATIONS)
@@ -412,7 +417,10 @@ class DinofuseWidget(QWidget):
         self.loss_plot = LossPlot()
         self.eta_label = QLabel()
         form.addRow("labels", self.labels_combo)
-        form.addRow(self.new_labels_button)
+        row = QHBoxLayout()
+        row.addWidget(self.new_labels_button)
+        row.addWidget(self.restore_button)
+        form.addRow(row)
         form.addRow("iterations", self.iterations_spin)
         form.addRow("learning rate", self.lr_spin)
         form.addRow(self.train_button)
@@ -677,6 +685,32 @@ class DinofuseWidget(QWidget):
         layer.selected_label = 1
         return layer
 
+    def restore_annotations(self):
+        """The model's annotations (else the last autosaved ones) as a new Labels layer; the saved copy is
+        never painted into."""
+        from ..annotations import autosave_path, load_annotations
+        from ..io import read_region
+
+        try:
+            saved, where = self.session.annotations, "the current model"
+            if saved is None:
+                saved, where = load_annotations(autosave_path()), "the last Fine-tune (autosaved)"
+        except (DinofuseError, OSError) as exc:
+            self._notify_error(f"the saved annotations could not be read: {exc}")
+            return None
+        if saved is None:
+            self._notify_error("no saved annotations yet: they are kept when a Fine-tune starts and saved with "
+                               "the model")
+            return None
+        named = {"features": class_features(self.session.class_names)} if self.session.class_names else {}
+        layer = self.viewer.add_labels(read_region(saved.data, (slice(None),)), name="annotations (restored)",
+                                       scale=saved.voxel_size, translate=saved.offset,
+                                       colormap=label_colormap(show_background=True), **named)
+        self.labels_combo.refresh()
+        self.labels_combo.setCurrentText(layer.name)
+        self.status_label.setText(f"annotations of {where} restored as layer {layer.name!r}")
+        return layer
+
     # -- settings ---------------------------------------------------------------------------------
 
     def settings(self) -> SessionSettings:
@@ -912,7 +946,9 @@ class DinofuseWidget(QWidget):
         self.fusion_combo.setCurrentText(self.session.model.config.fusion)
         self.planes_combo.setCurrentText(inference_settings(self.session.info).planes)
         self.base_spin.setValue(self.session.model.config.base_channels)
-        self.status_label.setText(f"model loaded ({self.session.describe_model()})")
+        kept = "; it carries the strokes it was trained on: Restore annotations adds them" if (
+            self.session.annotations is not None) else ""
+        self.status_label.setText(f"model loaded ({self.session.describe_model()}){kept}")
 
     def _on_finished(self) -> None:
         if self._progress is not None:
@@ -941,7 +977,7 @@ class DinofuseWidget(QWidget):
     def _update_buttons(self) -> None:
         busy = self.worker is not None
         for button in (self.extract_button, self.train_button, self.predict_button, self.new_model_button,
-                       self.load_button, self.new_labels_button, self.objects_box.find_button):
+                       self.load_button, self.new_labels_button, self.restore_button, self.objects_box.find_button):
             button.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.session.model is not None and self.session.info is not None)
         self.predict_button.setEnabled(not busy and self.session.model is not None)
