@@ -195,7 +195,9 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     assert np.array_equal(restored.data, painted_before) and restored.data is not labels.data
     assert np.allclose(restored.scale, labels.scale) and np.allclose(restored.translate, labels.translate)
     assert widget.labels_combo.currentText() == "annotations (restored)"
+    layers_before.append(id(restored))  # the one layer Restore adds; predicting again adds none
     result = _click_and_wait(qtbot, widget, widget.predict_button)
+    assert [id(layer) for layer in viewer.layers] == layers_before
     assert np.array_equal(result.arrays["labels"], result_whole)
 
     # "Region around the view": a box around the camera centre, placed where it belongs, same layer updated.
