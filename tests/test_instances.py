@@ -72,6 +72,22 @@ def test_blockwise_equals_whole_volume_on_the_synthetic_sample(split):
         assert table.totals == expected.totals
 
 
+def test_objects_written_into_zarr_through_a_small_chunk_budget_equal_those_in_memory(monkeypatch):
+    import napari_dinofuse.instances as instances
+    from napari_dinofuse.sample_data import make_sample
+
+    sample = make_sample(seed=0)
+    truth = sample.ground_truth
+    settings = ObjectSettings((2, 3, 4), split_depth_nm=8)
+    grid = Grid(truth.shape, sample.raw.voxel_size, sample.raw.offset)
+    in_memory, expected = drive(find_objects(truth, grid, settings, block_shape=(16, 96, 96)))
+    monkeypatch.setattr(instances, "HELD_BYTES", 3 * 8 * 32 * 32 * 4)  # three chunks: held ones are written back
+    store = zarr.create_array(zarr.storage.MemoryStore(), shape=truth.shape, chunks=(8, 32, 32), dtype=np.uint32)
+    out, table = drive(find_objects(truth, grid, settings, out=store, block_shape=(16, 96, 96)))
+    assert out is store and np.array_equal(store[...], in_memory)
+    assert np.array_equal(table.columns["voxels"], expected.columns["voxels"]) and len(table) >= 5
+
+
 def test_a_sphere_is_measured_within_three_percent_in_anisotropic_voxels():
     vs, offset = (8.0, 4.0, 4.0), (100.0, -40.0, 20.0)
     shape, centre, radius = (40, 80, 80), (20.0, 41.0, 39.0), 120.0

@@ -72,17 +72,20 @@ def test_objects_of_a_saved_prediction_become_a_layer_with_measurements(make_nap
     instances = viewer.layers["instances"]
     prediction = viewer.layers["prediction"]
     assert np.allclose(instances.scale, prediction.scale) and np.allclose(instances.translate, prediction.translate)
-    assert int(instances.data.max()) == 3  # the touching pair split in two, plus the one apart
-    assert np.array_equal(instances.data > 0, labels == 3)
+    found = np.asarray(instances.data)  # read lazily from the prediction folder, where they were written
+    assert (tmp_path / "pred.zarr" / "instances" / "measurements.csv").is_file()
+    assert np.array_equal(np.asarray(prediction.data), labels)  # the saved prediction itself is untouched
+    assert int(found.max()) == 3  # the touching pair split in two, plus the one apart
+    assert np.array_equal(found > 0, labels == 3)
     rows = instances.features
     assert list(rows["class_name"]) == ["mitochondrion"] * 3
     ball = 4 / 3 * np.pi * 48**3
     assert rows["volume_nm3"].sum() == pytest.approx(3 * ball, rel=0.05)
     assert np.allclose(rows["mean_uncertainty"], 0.1, atol=1e-3)
-    assert "3 objects" in widget.status_label.text()
+    assert "3 objects" in widget.status_label.text() and "pred.zarr" in widget.status_label.text()
 
     # Hovering an object shows its row.
-    centre = np.argwhere(instances.data == 3).mean(axis=0).round().astype(int)
+    centre = np.argwhere(found == 3).mean(axis=0).round().astype(int)
     world = instances.data_to_world(centre)
     viewer.dims.set_point(0, world[0])
     status = instances.get_status(tuple(world), world=True)["coordinates"]
@@ -100,4 +103,5 @@ def test_objects_of_a_saved_prediction_become_a_layer_with_measurements(make_nap
     box.min_size_spin.setValue(2 * ball)
     qtbot.mouseClick(box.find_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert viewer.layers["instances"] is instances and instances.data.max() == 0 and len(instances.features) == 0
+    assert viewer.layers["instances"] is instances and np.asarray(instances.data).max() == 0
+    assert len(instances.features) == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from itertools import product
@@ -39,6 +40,7 @@ from .progress import Progress
 __all__ = ["ObjectSettings", "ObjectTable", "find_objects", "parse_classes"]
 
 REFINE_LIMIT = 256**3  # voxels in an object's bounding box, at most, to fill or split it (~30 bytes a voxel)
+HELD_BYTES = 256 * 2**20  # zarr chunks of the instances held in memory while objects are refined
 _FACE_TO_AREA = 2 / 3  # mean of |n_z| + |n_y| + |n_x| over isotropic orientations is 3/2: voxel faces overcount
 
 
@@ -305,6 +307,7 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
     # claim go to the same one whatever the blocks were). The output first takes the objects' temporary ids.
     unrefined, n_ids = 0, m
     if refine and m:
+        stored, out = out, (out if isinstance(out, np.ndarray) else _HeldChunks(out, HELD_BYTES))
         for block in blocks:
             out[block] = lookup[np.asarray(read_region(out, block), np.int64)].astype(np.uint32)
         lookup = None  # the output holds temporary ids now
@@ -329,6 +332,9 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
             obj_count[obj], obj_first[obj], obj_lo[obj], obj_hi[obj] = count_k[0], first_k[0], lo_k[0], hi_k[0]
             extra.extend((obj_cls[obj], count_k[k], first_k[k], lo_k[k], hi_k[k]) for k in range(1, len(present)))
             out[box] = np.where(outside, crop, new_ids[pieces - 1].astype(np.uint32))
+        if out is not stored:
+            out.flush()
+            out = stored
         if extra:
             cls_e, count_e, first_e, lo_e, hi_e = (np.array(v) for v in zip(*extra))
             obj_cls, obj_count = np.concatenate([obj_cls, cls_e]), np.concatenate([obj_count, count_e])
@@ -355,6 +361,69 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
         done += 1
         yield Progress(done, total, f"objects: measuring, block {len(blocks) - (total - done)}/{len(blocks)}")
     return out, _table(acc, grid, obj_cls[keep], obj_lo[keep], obj_hi[keep], settings, class_names, unrefined)
+
+
+class _HeldChunks:
+    """A zarr array read and written through whole chunks held in memory, the least recently used written back
+    beyond ``budget`` bytes. Refining objects one box at a time straight on zarr rewrites a whole compressed chunk
+    per object: minutes for a few thousand small objects; objects come in raster order, so chunks are reused."""
+
+    def __init__(self, array, budget: int):
+        self.array, self.budget = array, budget
+        self.shape, self.dtype = tuple(array.shape), array.dtype
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self._held: OrderedDict = OrderedDict()  # chunk index -> [data, written]
+
+    def _pieces(self, box):
+        """(chunk data, where in the chunk, where in the box) for each chunk the box touches."""
+        ranges = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(box, self.chunks)]
+        for index in product(*ranges):
+            lo = [i * c for i, c in zip(index, self.chunks)]
+            if index in self._held:
+                self._held.move_to_end(index)
+            else:
+                whole = tuple(slice(a, min(a + c, n)) for a, c, n in zip(lo, self.chunks, self.shape))
+                self._held[index] = [np.asarray(self.array[whole]), False]
+            a = [max(s.start, l) for s, l in zip(box, lo)]
+            b = [min(s.stop, l + c) for s, l, c in zip(box, lo, self.chunks)]
+            yield (index, tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo)),
+                   tuple(slice(x - s.start, y - s.start) for x, y, s in zip(a, b, box)))
+
+    def __getitem__(self, box) -> np.ndarray:
+        values = np.empty(tuple(s.stop - s.start for s in box), self.dtype)
+        touched = 0
+        for index, in_chunk, in_box in self._pieces(box):
+            values[in_box] = self._held[index][0][in_chunk]
+            touched += 1
+        self._release(keep=touched)
+        return values
+
+    def __setitem__(self, box, values) -> None:
+        values = np.broadcast_to(values, tuple(s.stop - s.start for s in box))
+        touched = 0
+        for index, in_chunk, in_box in self._pieces(box):
+            held = self._held[index]
+            held[0][in_chunk], held[1] = values[in_box], True
+            touched += 1
+        self._release(keep=touched)
+
+    def _release(self, keep: int) -> None:
+        """Write back and drop the least recently used chunks beyond the budget, never the last ``keep``."""
+        size = sum(data.nbytes for data, _ in self._held.values())
+        while size > self.budget and len(self._held) > keep:
+            index, (data, written) = self._held.popitem(last=False)
+            self._write(index, data, written)
+            size -= data.nbytes
+
+    def _write(self, index, data, written) -> None:
+        if written:
+            lo = [i * c for i, c in zip(index, self.chunks)]
+            self.array[tuple(slice(a, a + n) for a, n in zip(lo, data.shape))] = data
+
+    def flush(self) -> None:
+        while self._held:
+            index, (data, written) = self._held.popitem(last=False)
+            self._write(index, data, written)
 
 
 class _Measures:

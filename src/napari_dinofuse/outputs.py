@@ -20,7 +20,7 @@ from .defaults import PREDICTION_KIND
 from .errors import DinofuseError, InputError
 from .geometry import Grid
 
-__all__ = ["MemorySink", "ZarrSink", "create_ome_image", "require_group"]
+__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "create_ome_image", "require_group"]
 
 
 class MemorySink:
@@ -159,3 +159,22 @@ class ZarrSink:
         if self._partial is not None:
             shutil.rmtree(self._partial, ignore_errors=True)
             self._partial = None
+
+
+class StoredPrediction:
+    """A finished prediction folder's outputs as lazily read zarr arrays with their grids: what the widget
+    shows after predicting to disk (the same ``arrays``/``grids`` as a :class:`MemorySink`), plus ``path``."""
+
+    def __init__(self, path):
+        from .defaults import NUM_LEVELS, attention_array
+        from .io import open_volume
+
+        self.path = Path(path).expanduser().absolute()
+        self.arrays: dict = {}
+        self.grids: dict[str, Grid] = {}
+        self.complete = True
+        names = ["labels", "uncertainty"] + [attention_array(k) for k in range(1, NUM_LEVELS + 1)]
+        for name in names:
+            if (self.path / name).is_dir():
+                volume = open_volume(self.path / name, name=name)
+                self.arrays[name], self.grids[name] = volume.data, volume.grid

@@ -198,12 +198,16 @@ class Session:
         self.model, self.info, self.log, self.validation = result.model, result.info, result.log, result.validation
         return result
 
-    def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False
+    def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False, out=None
                 ) -> Generator[Progress, None, object]:
-        """Segment ``roi`` (None: the whole raw) with the current model; returns the sink of layer arrays."""
-        return cancellable(self._predict_action(raw, context, settings, roi), cancel)
+        """Segment ``roi`` (None: the whole raw) with the current model; returns the sink of layer arrays.
 
-    def _predict_action(self, raw, context, settings, roi):
+        With ``out`` (a folder), the prediction is written there as OME-Zarr block by block (memory bounded by
+        a block, any volume size) and returned as lazily read arrays (:class:`~.outputs.StoredPrediction`).
+        """
+        return cancellable(self._predict_action(raw, context, settings, roi, out), cancel)
+
+    def _predict_action(self, raw, context, settings, roi, out=None):
         if self.model is None:
             raise InputError("there is no model yet: paint a few strokes of two classes and click Fine-tune, "
                              "or load a model folder")
@@ -211,7 +215,20 @@ class Session:
         warning = self.backbone_warning()
         if warning:
             yield Progress(0, 1, f"warning: {warning}")
+        if out is not None:
+            return (yield from self._predict_to_disk(source, settings, roi, out))
         return (yield from self._predict(source, settings, roi))
+
+    def _predict_to_disk(self, source, settings, roi, out):
+        from .finetune import inference_settings
+        from .outputs import StoredPrediction, ZarrSink
+        from .predict import predict
+
+        sink = ZarrSink(out)  # refuses to replace anything but an earlier prediction, before any work
+        tiles = inference_settings(self.info)
+        yield from predict(self.model, source, roi, tile_shape=tiles.tile_shape, overlap=tiles.overlap,
+                           device=settings.device, sink=sink, class_names=self.class_names or None)
+        return StoredPrediction(out)
 
     def _predict(self, source, settings, roi):
         from .finetune import inference_settings
@@ -223,8 +240,8 @@ class Session:
         need = memory_estimate(shape, self.model.config.num_classes)
         if need > MAX_RESULT_BYTES:
             raise InputError(f"showing a prediction of {shape} voxels takes ~{need / 2**30:.1f} GiB of memory: "
-                             "predict the region around the view instead, or run `dinofuse predict`, which "
-                             "writes to disk")
+                             "predict the region around the view instead, or Predict to disk… (`dinofuse "
+                             "predict` on the command line), which writes block by block to disk")
         tiles = inference_settings(self.info)
         return (yield from predict(self.model, source, (z, y, x), tile_shape=tiles.tile_shape, overlap=tiles.overlap,
                                    device=settings.device, sink=MemorySink(skip=("probabilities",))))

@@ -434,13 +434,21 @@ class DinofuseWidget(QWidget):
         self.scope_combo = QComboBox()
         self.scope_combo.addItems([WHOLE, AROUND_VIEW])
         self.scope_combo.setToolTip("Also used by the prediction after a Fine-tune. For volumes too large to "
-                                    "hold in memory, run `dinofuse predict`, which writes OME-Zarr to disk")
+                                    "hold in memory, use Predict to disk…")
         self.predict_button = QPushButton("Predict")
         self.predict_button.setToolTip(f"Segment the region with the current model ({_key_text(PREDICT_KEY)} "
                                        "in the viewer)")
         self.predict_button.clicked.connect(self.predict)
+        self.predict_disk_button = QPushButton("Predict to disk…")
+        self.predict_disk_button.setToolTip("Write the prediction of the region as OME-Zarr into a folder you "
+                                            "choose, block by block (any volume size, memory bounded by a block), "
+                                            "then show it read lazily from there; objects are then found on disk")
+        self.predict_disk_button.clicked.connect(self._ask_prediction_folder)
         form.addRow("region", self.scope_combo)
-        form.addRow(self.predict_button)
+        row = QHBoxLayout()
+        row.addWidget(self.predict_button)
+        row.addWidget(self.predict_disk_button)
+        form.addRow(row)
         return box
 
     def _attention_box(self) -> QGroupBox:
@@ -774,30 +782,60 @@ class DinofuseWidget(QWidget):
                     uses=(*self._chosen_layers(), layer))
 
     def predict(self) -> None:
+        """Predict the region into layers held in memory."""
+        self._predict()
+
+    def predict_to_disk(self, path) -> None:
+        """Write the prediction of the region into the folder ``path`` block by block, then show it from there."""
+        self._predict(path)
+
+    def _predict(self, out=None) -> None:
         def job(cancel):
             raw, context, roi = self._inputs()
-            return self.session.predict(raw, context, self._settings, roi, cancel=cancel)
+            return self.session.predict(raw, context, self._settings, roi, cancel=cancel, out=out)
 
-        self._start("predict", job, self._show_prediction, uses=self._chosen_layers())
+        self._start("predict" if out is None else "predict to disk", job, self._show_prediction,
+                    uses=self._chosen_layers())
+
+    def _ask_prediction_folder(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Write the prediction to (an OME-Zarr folder)",
+                                              self._folder("prediction"), "OME-Zarr (*.zarr)")
+        if path:
+            path = path if path.lower().endswith(".zarr") else path + ".zarr"
+            self._chose("prediction", path)
+            self.predict_to_disk(path)
 
     def find_objects(self) -> None:
-        from ..instances import find_objects
+        from ..instances import find_objects, objects_in_prediction
         from ..progress import cancellable
 
         try:
-            labels, grid, uncertainty, settings, names = self.objects_box.inputs(self.viewer,
-                                                                                 self.session.class_names)
+            request = self.objects_box.request(self.viewer, self.session.class_names)
         except DinofuseError as exc:
             self._notify_error(str(exc))
             return
-        job = lambda cancel: cancellable(find_objects(labels, grid, settings, uncertainty=uncertainty,  # noqa: E731
-                                                      class_names=names), cancel)
-        self._start("objects", job, lambda result: self._objects_found(result, grid),
-                    uses=(prediction_layer(self.viewer),))
+        if request.store is not None:  # on disk: written beside the prediction, shown from there
+            def job(cancel):
+                return cancellable(objects_in_prediction(request.store, request.settings), cancel)
 
-    def _objects_found(self, result, grid) -> None:
+            def done(table):
+                from ..io import open_volume
+
+                self._objects_found((open_volume(request.store / "instances").data, table), request.grid,
+                                    where=request.store / "instances")
+        else:
+            def job(cancel):
+                return cancellable(find_objects(request.labels, request.grid, request.settings,
+                                                uncertainty=request.uncertainty, class_names=request.class_names),
+                                   cancel)
+
+            def done(result):
+                self._objects_found(result, request.grid)
+        self._start("objects", job, done, uses=(prediction_layer(self.viewer),))
+
+    def _objects_found(self, result, grid, where=None) -> None:
         self.objects_box.show(self.viewer, result, grid)
-        self.status_label.setText(f"objects: {result[1].summary()}")
+        self.status_label.setText(f"objects: {result[1].summary()}" + (f" (written to {where})" if where else ""))
 
     def save_objects_table(self) -> None:
         try:
@@ -937,6 +975,8 @@ class DinofuseWidget(QWidget):
 
     def _show_prediction(self, sink):
         yield from show_prediction(self.viewer, sink, self.session.class_names)
+        # Where it is stored (predicted to disk), so objects are found there, not in memory.
+        ours(self.viewer, "prediction").metadata["store"] = str(getattr(sink, "path", "") or "")
         self._sync_attention_checks()
 
     def _model_loaded(self, backbone: str) -> None:
@@ -976,11 +1016,13 @@ class DinofuseWidget(QWidget):
 
     def _update_buttons(self) -> None:
         busy = self.worker is not None
-        for button in (self.extract_button, self.train_button, self.predict_button, self.new_model_button,
+        for button in (self.extract_button, self.train_button, self.predict_button, self.predict_disk_button,
+                       self.new_model_button,
                        self.load_button, self.new_labels_button, self.restore_button, self.objects_box.find_button):
             button.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.session.model is not None and self.session.info is not None)
         self.predict_button.setEnabled(not busy and self.session.model is not None)
+        self.predict_disk_button.setEnabled(not busy and self.session.model is not None)
         self.cancel_button.setEnabled(busy)
         self.model_label.setText(self.session.describe_model())
 

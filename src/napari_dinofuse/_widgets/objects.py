@@ -1,10 +1,14 @@
 """The Objects section: objects of chosen classes from the prediction, with their measurements as features.
 
-Only the form lives here; the dock runs the engine's :func:`~napari_dinofuse.instances.find_objects` in its
-worker and hands the result back to :meth:`ObjectsBox.show`.
+Only the form lives here; the dock runs the engine in its worker (:func:`~napari_dinofuse.instances.find_objects`
+in memory, or :func:`~napari_dinofuse.instances.objects_in_prediction` on a prediction folder, memory bounded by a
+block) and hands the result back to :meth:`ObjectsBox.show`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtWidgets import (
@@ -44,6 +48,25 @@ def _beside(viewer, prediction, role: str):
             np.allclose(layer.scale, prediction.scale) and np.allclose(layer.translate, prediction.translate)):
         return None
     return layer.data  # replaced, never written into, by a new prediction: no copy needed
+
+
+@dataclass
+class ObjectsRequest:
+    labels: object  # the class map (numpy, or lazily read from a store)
+    grid: Grid
+    uncertainty: object | None
+    settings: object  # ObjectSettings
+    class_names: list[str] | None
+    store: Path | None  # the prediction folder it was read from: objects are then written there
+
+
+def prediction_store(layer) -> Path | None:
+    """The prediction folder a layer shows (predicted to disk, or opened with the reader), or None."""
+    path = layer.metadata.get("store") or getattr(getattr(layer, "source", None), "path", None)
+    if not path:
+        return None
+    path = Path(path)
+    return path if (path / "labels").is_dir() and (path / "probabilities").is_dir() else None
 
 
 def _layer_class_names(layer) -> list[str]:
@@ -97,18 +120,18 @@ class ObjectsBox(QGroupBox):
         row.addWidget(self.save_button)
         form.addRow(row)
 
-    def inputs(self, viewer, class_names):
-        """(labels, grid, uncertainty or None, settings, class names) read on the main thread; DinofuseError
-        when there is nothing to find objects in or the settings are wrong."""
+    def request(self, viewer, class_names) -> ObjectsRequest:
+        """What to find objects in, and how, read on the main thread; DinofuseError when there is no prediction
+        or the settings are wrong."""
         from ..instances import ObjectSettings, parse_classes
 
         layer = prediction_layer(viewer)
         if layer is None:
             raise DinofuseError("no prediction yet: click Predict (or Fine-tune), or open a saved prediction")
+        store = prediction_store(layer)
         labels = layer.data
         if isinstance(labels, np.ndarray):
             labels = labels.copy()  # the layer may change (a new prediction) while this runs
-        grid = Grid(labels.shape, tuple(layer.scale), tuple(layer.translate))
         names = _layer_class_names(layer) or list(class_names or [])
         num_classes = len(names) if names else int(np.max(labels)) if isinstance(labels, np.ndarray) else 0
         text = self.classes_edit.text().strip()
@@ -117,8 +140,8 @@ class ObjectsBox(QGroupBox):
                                   fill_holes=self.fill_check.isChecked(), split_depth_nm=self.split_spin.value())
         if names:
             settings.check_classes(len(names), names)
-        uncertainty = _beside(viewer, layer, "uncertainty")
-        return labels, grid, uncertainty, settings, names or None
+        grid = Grid(labels.shape, tuple(layer.scale), tuple(layer.translate))
+        return ObjectsRequest(labels, grid, _beside(viewer, layer, "uncertainty"), settings, names or None, store)
 
     def show(self, viewer, result, grid):
         """Add or update the ``instances`` layer, its measurements as the layer's features."""

@@ -1,0 +1,63 @@
+"""Predict to disk: a region too large to hold in memory is written block by block into an OME-Zarr folder the
+user chooses, shown read lazily from there, and objects are then found on disk (real viewer, Xvfb; random tiny
+backbone, NOT DINOv3, as in tests/test_widget.py, whose fixtures and helpers are reused)."""
+
+import numpy as np
+import pytest
+import test_widget as shared
+from qtpy.QtWidgets import QFileDialog
+from test_widget import LEFT, _click_and_wait, _paint_two_classes, _widget
+
+import napari_dinofuse.session as session_module
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+_private_cache, _private_settings, notifications = shared._private_cache, shared._private_settings, shared.notifications
+
+
+def _choose(monkeypatch, path):
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(path), "OME-Zarr (*.zarr)"))
+
+
+def test_predict_to_disk_shows_the_same_prediction_lazily_and_objects_are_found_there(
+        make_napari_viewer, qtbot, notifications, tmp_path, monkeypatch):
+    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    _paint_two_classes(viewer, widget, qtbot)
+    assert not widget.predict_disk_button.isEnabled()  # no model yet
+    in_memory = _click_and_wait(qtbot, widget, widget.train_button, timeout=600).arrays["labels"].copy()
+    assert widget.predict_disk_button.isEnabled()
+
+    # Too large to show in memory (lowered limit): refused with the way out named, the shown prediction kept.
+    monkeypatch.setattr(session_module, "MAX_RESULT_BYTES", 1)
+    _click_and_wait(qtbot, widget, widget.predict_button)
+    assert "Predict to disk" in str(notifications[-1].message)
+    assert np.array_equal(viewer.layers["prediction"].data, in_memory)
+
+    # Predict to disk: the folder gets the prediction, the layers read it lazily, the same labels.
+    _choose(monkeypatch, tmp_path / "big")  # ".zarr" is added
+    layers_before = [id(layer) for layer in viewer.layers]
+    result = _click_and_wait(qtbot, widget, widget.predict_disk_button)
+    assert result.path == tmp_path / "big.zarr" and (tmp_path / "big.zarr" / "labels").is_dir()
+    prediction = viewer.layers["prediction"]
+    assert [id(layer) for layer in viewer.layers] == layers_before  # the same layers, now backed by the folder
+    assert not isinstance(prediction.data, np.ndarray) and np.array_equal(np.asarray(prediction.data), in_memory)
+    assert not isinstance(viewer.layers["uncertainty"].data, np.ndarray)
+
+    # Objects of class 2 are written beside it, on disk, and shown from there.
+    widget.objects_box.classes_edit.setText("2")
+    widget.objects_box.fill_check.setChecked(False)  # holes kept: the objects are exactly the class-2 voxels
+    _click_and_wait(qtbot, widget, widget.objects_box.find_button)
+    instances = viewer.layers["instances"]
+    assert (tmp_path / "big.zarr" / "instances" / "measurements.csv").is_file()
+    assert np.array_equal(np.asarray(instances.data) > 0, in_memory == 2)
+    assert "big.zarr" in widget.status_label.text()
+
+    # A folder that is not a prediction is refused before any work, and nothing in it is touched.
+    other = tmp_path / "notes.zarr"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    _choose(monkeypatch, other)
+    before = len(notifications)
+    _click_and_wait(qtbot, widget, widget.predict_disk_button)
+    assert len(notifications) == before + 1 and "not a dinofuse prediction" in str(notifications[-1].message)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"] and (other / "keep.txt").read_text() == "mine"
+    assert viewer.layers["prediction"] is prediction and np.array_equal(np.asarray(prediction.data), in_memory)
