@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import test_widget as shared
 from qtpy.QtWidgets import QFileDialog
-from test_widget import LEFT, _click_and_wait, _paint_two_classes, _widget
+from test_widget import _click_and_wait, _paint_two_classes, _widget
 
 import napari_dinofuse.session as session_module
 
