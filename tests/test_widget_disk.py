@@ -2,6 +2,7 @@
 user chooses, shown read lazily from there, and objects are then found on disk (real viewer, Xvfb; random tiny
 backbone, NOT DINOv3, as in tests/test_widget.py, whose fixtures and helpers are reused)."""
 
+import dask.array as da
 import numpy as np
 import pytest
 import test_widget as shared
@@ -32,7 +33,10 @@ def test_predict_to_disk_shows_the_same_prediction_lazily_and_objects_are_found_
     assert "Predict to disk" in str(notifications[-1].message)
     assert np.array_equal(viewer.layers["prediction"].data, in_memory)
 
-    # Predict to disk: the folder gets the prediction, the layers read it lazily, the same labels.
+    # Predict to disk, the raw now read lazily too (dask, as a volume larger than memory is opened): the folder
+    # gets the prediction, the layers read it lazily, the same labels.
+    raw = viewer.layers["raw"]
+    raw.data = da.from_array(np.asarray(raw.data), chunks=(8, 64, 64))
     _choose(monkeypatch, tmp_path / "big")  # ".zarr" is added
     layers_before = [id(layer) for layer in viewer.layers]
     result = _click_and_wait(qtbot, widget, widget.predict_disk_button)
