@@ -41,6 +41,9 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
                    "--base-channels", "4")
     assert trained.returncode == 0, trained.stderr
     assert (d / "model" / "config.json").is_file() and (d / "model" / "model.safetensors").is_file()
+    kept = open_volume(d / "model" / "annotations.zarr")  # the strokes it was trained on, placed like the raw
+    assert np.array_equal(np.asarray(kept.data), np.load(d / "labels.npy"))
+    assert kept.voxel_size == pytest.approx(sample.raw.voxel_size) and kept.offset == pytest.approx(sample.raw.offset)
     # Fine-tune the saved model further (--init), keeping its classes.
     again = _run("train", *flags, "--labels", d / "labels.npy", "--out", d / "model2", "--init", d / "model",
                  "--iterations", "4")

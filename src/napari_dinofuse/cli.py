@@ -201,13 +201,14 @@ def _train(args) -> int:
     extraction = ExtractionSettings(args.planes, batch_size=args.batch_size)
     start = StartModel(*load_model(args.init), read_training_log(args.init)) if args.init else None
     raw, context = _volumes(args)
-    labels = open_volume(args.labels, voxel_size=raw.voxel_size, offset=raw.offset, name="labels").data
+    painted = open_volume(args.labels, voxel_size=raw.voxel_size, offset=raw.offset, name="labels")
+    labels = painted.data
     find_painted(labels, raw.shape, known_classes=start.model.config.num_classes if start else 0)
     backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device)
     print(backbone.describe())
     source = _sources(args, backbone, raw, context, extraction)
     result = _follow(fine_tune(source, labels, config, new, start, backbone=backbone), "train")
-    save_model(args.out, result.model, result.info, result.log)
+    save_model(args.out, result.model, result.info, result.log, annotations=painted)  # the strokes travel with it
     print(f"{result.summary()}; model saved to {args.out}")
     return 0
 
