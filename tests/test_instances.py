@@ -214,3 +214,37 @@ def test_a_prediction_without_probabilities_is_refused(tmp_path):
     shutil.rmtree(path / "probabilities")
     with pytest.raises(InputError, match="no probabilities"):
         drive(objects_in_prediction(path, ObjectSettings(2)))
+
+
+def test_saved_results_reopen_in_place_and_a_cancelled_save_leaves_nothing(tmp_path, monkeypatch):
+    import napari_dinofuse.outputs as outputs
+    from napari_dinofuse._reader import read
+    from napari_dinofuse.outputs import save_results
+    from napari_dinofuse.progress import CANCELLED, cancellable
+
+    labels = np.ones((12, 20, 24), np.uint8)
+    labels[2:6, 4:12, 4:12] = 2
+    grid = Grid(labels.shape, (8.0, 4.0, 4.0), (40.0, 8.0, 0.0))
+    objects, table = _objects(labels, ObjectSettings(2), grid.voxel_size, grid.offset)
+    images = {"labels": (labels, grid), "instances": (objects, grid)}
+    monkeypatch.setattr(outputs, "SAVE_SLAB_BYTES", 20 * 24)  # one plane a step: several steps to cancel between
+
+    steps = []
+    cancelled = drive(cancellable(save_results(tmp_path / "r.zarr", images, ["bg", "mito"], table),
+                                  lambda: len(steps) > 2), steps.append)
+    assert cancelled is CANCELLED and list(tmp_path.iterdir()) == []  # nothing half-written, nothing left aside
+
+    folder = drive(save_results(tmp_path / "r.zarr", images, ["bg", "mito"], table))
+    layers = {meta["name"]: (data, meta) for data, meta, _ in read(str(folder))}
+    assert set(layers) == {"prediction", "instances"}
+    assert np.array_equal(np.asarray(layers["prediction"][0]), labels)
+    assert layers["prediction"][1]["translate"] == (40.0, 8.0, 0.0) and list(layers["prediction"][1]["features"]
+                                                                            ["class"]) == ["unpainted", "bg", "mito"]
+    assert np.array_equal(np.asarray(layers["instances"][0]), objects)
+    assert layers["instances"][1]["features"]["voxels"].tolist() == [4 * 8 * 8]
+
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(InputError, match="not a dinofuse prediction"):
+        drive(save_results(tmp_path / "notes", images))
+    with pytest.raises(InputError, match="no prediction"):
+        drive(save_results(tmp_path / "x.zarr", {"instances": (objects, grid)}))

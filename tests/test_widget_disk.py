@@ -10,6 +10,7 @@ from qtpy.QtWidgets import QFileDialog
 from test_widget import _click_and_wait, _paint_two_classes, _widget
 
 import napari_dinofuse.session as session_module
+from napari_dinofuse._reader import read
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 _private_cache, _private_settings, notifications = shared._private_cache, shared._private_settings, shared.notifications
@@ -26,6 +27,14 @@ def test_predict_to_disk_shows_the_same_prediction_lazily_and_objects_are_found_
     assert not widget.predict_disk_button.isEnabled()  # no model yet
     in_memory = _click_and_wait(qtbot, widget, widget.train_button, timeout=600).arrays["labels"].copy()
     assert widget.predict_disk_button.isEnabled()
+
+    # Save results… of the prediction held in memory: the reader opens it again, in place, attention maps too.
+    _choose(monkeypatch, tmp_path / "kept.zarr")
+    folder = _click_and_wait(qtbot, widget, widget.save_results_button)
+    reopened = {meta["name"]: (data, meta) for data, meta, _ in read(str(folder))}
+    assert {"prediction", "uncertainty", "attention level 1"} <= set(reopened)
+    assert np.array_equal(np.asarray(reopened["prediction"][0]), in_memory)
+    assert np.allclose(reopened["prediction"][1]["scale"], viewer.layers["prediction"].scale)
 
     # Too large to show in memory (lowered limit): refused with the way out named, the shown prediction kept.
     monkeypatch.setattr(session_module, "MAX_RESULT_BYTES", 1)

@@ -5,6 +5,7 @@ import pytest
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog
 
+from napari_dinofuse._reader import read
 from napari_dinofuse._widgets import DinofuseWidget
 from napari_dinofuse.geometry import Grid
 from napari_dinofuse.instances import read_table_csv
@@ -98,6 +99,25 @@ def test_objects_of_a_saved_prediction_become_a_layer_with_measurements(make_nap
     saved = read_table_csv((tmp_path / "objects.csv").read_text())
     assert saved["index"].tolist() == [1, 2, 3]
     assert np.allclose(saved["volume_nm3"], rows["volume_nm3"])
+
+    # Save results… into another folder: the reader opens prediction, uncertainty and objects again, in place.
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "results"), ""))
+    qtbot.mouseClick(widget.save_results_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert "results saved to" in widget.status_label.text()
+    reopened = {meta["name"]: (data, meta) for data, meta, _ in read(str(tmp_path / "results.zarr"))}
+    assert set(reopened) == {"prediction", "uncertainty", "instances"}
+    data, meta = reopened["instances"]
+    assert np.array_equal(np.asarray(data), found) and meta["features"]["volume_nm3"].tolist() == pytest.approx(
+        rows["volume_nm3"].tolist())
+    data, meta = reopened["prediction"]
+    assert np.array_equal(np.asarray(data), labels) and list(meta["features"]["class"])[1:] == NAMES
+    assert np.allclose(meta["scale"], prediction.scale) and np.allclose(meta["translate"], prediction.translate)
+    # ...but never over the folder the prediction is shown from.
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "pred.zarr"), ""))
+    qtbot.mouseClick(widget.save_results_button, Qt.MouseButton.LeftButton)
+    assert widget.worker is None and "shown from" in str(notifications[-1].message)
+    assert np.array_equal(np.asarray(prediction.data), labels)
 
     # Again with a minimum size above one ball: the same layer, now empty of small objects.
     box.min_size_spin.setValue(2 * ball)

@@ -82,8 +82,10 @@ def _prediction_outputs(path: Path):
     layers = []
     labels = _open(path / "labels", name="prediction")
     layers.append((labels.data, _placement(labels, name="prediction", **prediction_style(), **named), "labels"))
-    uncertainty = _open(path / "uncertainty", name="uncertainty")
-    layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()), "image"))
+    if (path / "uncertainty").is_dir():
+        uncertainty = _open(path / "uncertainty", name="uncertainty")
+        layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()),
+                       "image"))
     if (path / "instances").is_dir():
         from .instances import read_table_csv
 

@@ -10,7 +10,7 @@ crashed run never looks finished. A sink has
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,9 @@ from .atomic import recover, staging, swap_in
 from .defaults import PREDICTION_KIND
 from .errors import DinofuseError, InputError
 from .geometry import Grid
+from .progress import Progress
 
-__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "create_ome_image", "require_group"]
+__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "create_ome_image", "require_group", "save_results"]
 
 
 class MemorySink:
@@ -145,6 +146,10 @@ class ZarrSink:
     def write(self, name: str, region: Sequence[slice], array: np.ndarray) -> None:
         self._arrays[name][(Ellipsis, *region)] = array
 
+    def write_text(self, relative: str, text: str) -> None:
+        """A text file inside the output (e.g. ``instances/measurements.csv``), swapped in with the rest."""
+        (self._partial / relative).write_text(text, encoding="utf-8")
+
     def finish(self) -> None:
         if self._partial is None:
             raise DinofuseError("nothing was written: create outputs before finishing")
@@ -178,3 +183,41 @@ class StoredPrediction:
             if (self.path / name).is_dir():
                 volume = open_volume(self.path / name, name=name)
                 self.arrays[name], self.grids[name] = volume.data, volume.grid
+
+
+SAVE_SLAB_BYTES = 64 * 2**20  # read and written at once by save_results
+
+
+def save_results(folder, images: dict, class_names=None, table=None) -> Generator[Progress, None, Path]:
+    """Write results shown in the viewer into a prediction folder that the reader opens again in place.
+
+    ``images``: name (``labels``, ``uncertainty``, ``attention/level{k}``, ``instances``) -> (Z, Y, X) array
+    (numpy or lazy) and its :class:`Grid`; ``table``, the objects' :class:`~.instances.ObjectTable`, is kept as
+    ``instances/measurements.csv``. Copied slab by slab (memory bounded whatever the size), written aside and
+    swapped in when complete; only an earlier prediction is ever replaced.
+    """
+    from .io import read_region
+
+    if "labels" not in images:
+        raise InputError("there is no prediction to save: click Predict first")
+    sink = ZarrSink(folder)
+    try:
+        slabs = []
+        for name, (data, grid) in images.items():
+            sink.create(name, data.shape, data.dtype, grid)
+            plane = int(np.prod(data.shape[1:])) * np.dtype(data.dtype).itemsize
+            step = max(1, SAVE_SLAB_BYTES // plane)
+            slabs += [(name, data, slice(z, min(z + step, data.shape[0]))) for z in range(0, data.shape[0], step)]
+            if class_names and name == "labels":
+                sink.set_info(class_names=[str(n) for n in class_names])
+        for done, (name, data, z) in enumerate(slabs, start=1):
+            region = (z, slice(None), slice(None))
+            sink.write(name, region, read_region(data, region))
+            yield Progress(done, len(slabs), f"saving {name}")
+        if table is not None and "instances" in images:
+            sink.write_text("instances/measurements.csv", table.to_csv())
+        sink.finish()
+    except BaseException:  # cancelled, a full disk: nothing half-written is left looking complete
+        sink.abort()
+        raise
+    return sink.path

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import QEvent, QSettings, Qt, QTimer, Signal
@@ -37,12 +38,12 @@ from qtpy.QtWidgets import (
 from .. import defaults
 from ..defaults import BACKBONE_ENV, default_backbone_spec
 from ..display import ATTENTION_LEGEND, attention_style, class_features, fit_camera, label_colormap
-from ..errors import DinofuseError
+from ..errors import DinofuseError, InputError
 from ..geometry import Volume, triple
-from ..progress import CANCELLED
+from ..progress import CANCELLED, cancellable
 from ..session import Session, SessionSettings
 from .loss_plot import LossPlot
-from .objects import ObjectsBox, prediction_layer
+from .objects import ObjectsBox, layer_class_names, prediction_layer, shown_folder, shown_results
 from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
 
 NONE = "(none)"
@@ -449,6 +450,12 @@ class DinofuseWidget(QWidget):
         row.addWidget(self.predict_button)
         row.addWidget(self.predict_disk_button)
         form.addRow(row)
+        self.save_results_button = QPushButton("Save results…")
+        self.save_results_button.setToolTip("Write the prediction, uncertainty, attention maps and objects with "
+                                            "their measurements into an OME-Zarr folder that napari opens again "
+                                            "in place (drag it in, or File > Open Folder)")
+        self.save_results_button.clicked.connect(self._ask_results_folder)
+        form.addRow(self.save_results_button)
         return box
 
     def _attention_box(self) -> QGroupBox:
@@ -805,9 +812,34 @@ class DinofuseWidget(QWidget):
             self._chose("prediction", path)
             self.predict_to_disk(path)
 
+    def _ask_results_folder(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the results to (an OME-Zarr folder)",
+                                              self._folder("prediction"), "OME-Zarr (*.zarr)")
+        if path:
+            path = path if path.lower().endswith(".zarr") else path + ".zarr"
+            self._chose("prediction", path)
+            self.save_results(path)
+
+    def save_results(self, path) -> None:
+        """Write the shown results into the prediction folder ``path`` (in a worker: they may be large)."""
+        from ..outputs import save_results
+
+        def job(cancel):
+            images = shown_results(self.viewer)
+            if not images:
+                raise InputError("there is no prediction to save: click Predict (or Fine-tune) first")
+            layer = prediction_layer(self.viewer)
+            store = shown_folder(layer)
+            if store is not None and store == Path(path).expanduser().absolute():
+                raise InputError(f"the prediction is shown from {store} already: choose another folder")
+            table = self.objects_box.table if "instances" in images else None
+            names = layer_class_names(layer) or self.session.class_names or None
+            return cancellable(save_results(path, images, names, table), cancel)
+
+        self._start("save results", job, lambda folder: self.status_label.setText(f"results saved to {folder}"))
+
     def find_objects(self) -> None:
         from ..instances import find_objects, objects_in_prediction
-        from ..progress import cancellable
 
         try:
             request = self.objects_box.request(self.viewer, self.session.class_names)
@@ -1017,7 +1049,7 @@ class DinofuseWidget(QWidget):
     def _update_buttons(self) -> None:
         busy = self.worker is not None
         for button in (self.extract_button, self.train_button, self.predict_button, self.predict_disk_button,
-                       self.new_model_button,
+                       self.save_results_button, self.new_model_button,
                        self.load_button, self.new_labels_button, self.restore_button, self.objects_box.find_button):
             button.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.session.model is not None and self.session.info is not None)

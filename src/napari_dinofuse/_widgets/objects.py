@@ -50,6 +50,25 @@ def _beside(viewer, prediction, role: str):
     return layer.data  # replaced, never written into, by a new prediction: no copy needed
 
 
+def shown_results(viewer) -> dict:
+    """What Save results… writes: the prediction and, on its grid, the uncertainty, attention maps and objects,
+    as name in the prediction folder -> (data, Grid); {} when there is no prediction."""
+    from ..defaults import NUM_LEVELS, attention_array, attention_layer
+
+    prediction = prediction_layer(viewer)
+    if prediction is None:
+        return {}
+    grid = Grid(prediction.data.shape, tuple(prediction.scale), tuple(prediction.translate))
+    roles = {"labels": None, "uncertainty": "uncertainty", ROLE: ROLE,
+             **{attention_array(k): attention_layer(k) for k in range(1, NUM_LEVELS + 1)}}
+    images = {}
+    for name, role in roles.items():
+        data = prediction.data if role is None else _beside(viewer, prediction, role)
+        if data is not None:
+            images[name] = (data, grid)
+    return images
+
+
 @dataclass
 class ObjectsRequest:
     labels: object  # the class map (numpy, or lazily read from a store)
@@ -60,16 +79,22 @@ class ObjectsRequest:
     store: Path | None  # the prediction folder it was read from: objects are then written there
 
 
-def prediction_store(layer) -> Path | None:
+def shown_folder(layer) -> Path | None:
     """The prediction folder a layer shows (predicted to disk, or opened with the reader), or None."""
     path = layer.metadata.get("store") or getattr(getattr(layer, "source", None), "path", None)
     if not path:
         return None
-    path = Path(path)
-    return path if (path / "labels").is_dir() and (path / "probabilities").is_dir() else None
+    path = Path(path).expanduser().absolute()
+    return path if (path / "labels").is_dir() else None
 
 
-def _layer_class_names(layer) -> list[str]:
+def prediction_store(layer) -> Path | None:
+    """The prediction folder a layer shows if objects can be found there (it has the probabilities), or None."""
+    path = shown_folder(layer)
+    return path if path is not None and (path / "probabilities").is_dir() else None
+
+
+def layer_class_names(layer) -> list[str]:
     """Class names a prediction layer carries: ours in its metadata, a saved one's in its features."""
     names = list(layer.metadata.get("class names", {}).values())
     if not names and "class" in layer.features:
@@ -132,7 +157,7 @@ class ObjectsBox(QGroupBox):
         labels = layer.data
         if isinstance(labels, np.ndarray):
             labels = labels.copy()  # the layer may change (a new prediction) while this runs
-        names = _layer_class_names(layer) or list(class_names or [])
+        names = layer_class_names(layer) or list(class_names or [])
         num_classes = len(names) if names else int(np.max(labels)) if isinstance(labels, np.ndarray) else 0
         text = self.classes_edit.text().strip()
         classes = parse_classes(text, names) if text else tuple(range(2, max(num_classes, 2) + 1))
