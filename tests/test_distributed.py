@@ -1,4 +1,4 @@
-"""Blockwise prediction on a real dask.distributed LocalCluster of 2 worker processes."""
+"""Blockwise prediction and objects on a real dask.distributed LocalCluster of 2 worker processes."""
 
 import warnings
 
@@ -120,6 +120,25 @@ def _wait_until_idle(client, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def test_objects_on_the_cluster_equal_those_of_one_process(setup, tmp_path):
+    import shutil
+
+    from napari_dinofuse.distributed import block_mapper
+    from napari_dinofuse.instances import ObjectSettings, objects_in_prediction
+
+    d, _, _, client = setup
+    settings = ObjectSettings((2, 3), min_size_nm3=2000, split_depth_nm=8)
+    tables = {}
+    for where, mapper in (("here", map), ("cluster", block_mapper(client))):
+        shutil.copytree(d / "single.zarr", tmp_path / f"{where}.zarr")
+        tables[where] = drive(objects_in_prediction(tmp_path / f"{where}.zarr", settings, block_shape=(16, 64, 64),
+                                                    map_blocks=mapper))
+    here = _read(tmp_path / "here.zarr", "instances")
+    assert len(tables["here"]) >= 3 and here.max() == len(tables["here"])  # objects across 8 blocks
+    assert np.array_equal(_read(tmp_path / "cluster.zarr", "instances"), here)
+    assert tables["cluster"].to_csv() == tables["here"].to_csv()
+
+
 def test_cli_runs_on_a_local_cluster(setup):
     import subprocess
     import sys
@@ -130,9 +149,12 @@ def test_cli_runs_on_a_local_cluster(setup):
              "--raw-offset", ",".join(map(str, raw.offset)), "--context", context.path,
              "--context-voxel-size", ",".join(map(str, context.voxel_size)),
              "--context-offset", ",".join(map(str, context.offset)), "--device", "cpu", "--cache", d / "cli-cache",
-             "--model", d / "model", "--out", d / "cli.zarr", "--workers", "2", "--block-shape", "16,64,64"]
+             "--model", d / "model", "--out", d / "cli.zarr", "--workers", "2", "--block-shape", "16,64,64",
+             "--instances", "2"]
     result = subprocess.run([str(Path(sys.executable).with_name("dinofuse")), "predict", *map(str, flags)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "dask dashboard: http" in result.stdout and "8 blocks computed" in result.stdout
     assert zarr.open_group(str(d / "cli.zarr"), mode="r").attrs["dinofuse"]["complete"]
+    assert "instances (with measurements.csv)" in result.stdout  # objects found on the same cluster
+    assert (d / "cli.zarr" / "instances" / "measurements.csv").is_file()

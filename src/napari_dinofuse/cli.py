@@ -238,14 +238,14 @@ def _predict(args) -> int:
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if settings.workers is not None or args.scheduler:
-        _predict_on_cluster(args, backbone, (raw, context), settings, extraction)
-    else:
-        source = _sources(args, backbone, raw, context, extraction)
-        _follow(predict(model, source, args.roi, tile_shape=settings.tile_shape, overlap=settings.overlap,
-                        block_shape=settings.block_shape, attention=args.attention, device=args.device,
-                        sink=ZarrSink(args.out), class_names=info.class_names), "predict")
-        print(f"wrote {args.out}: labels, probabilities, uncertainty" + (
-            ", attention/level1..4" if args.attention and model.config.fusion == "attention" else ""))
+        _predict_on_cluster(args, backbone, (raw, context), settings, extraction, objects)
+        return 0
+    source = _sources(args, backbone, raw, context, extraction)
+    _follow(predict(model, source, args.roi, tile_shape=settings.tile_shape, overlap=settings.overlap,
+                    block_shape=settings.block_shape, attention=args.attention, device=args.device,
+                    sink=ZarrSink(args.out), class_names=info.class_names), "predict")
+    print(f"wrote {args.out}: labels, probabilities, uncertainty" + (
+        ", attention/level1..4" if args.attention and model.config.fusion == "attention" else ""))
     if objects is not None:
         _write_objects(args.out, objects, args)
     return 0
@@ -261,10 +261,17 @@ def _object_settings(args, class_names=None):
                           fill_holes=args.fill_holes, split_depth_nm=args.split)
 
 
-def _write_objects(folder, settings, args) -> None:
+def _write_objects(folder, settings, args, client=None) -> None:
+    """Objects of a prediction folder, their block passes on ``client``'s dask cluster if one is given."""
     from .instances import objects_in_prediction
 
-    table = _follow(objects_in_prediction(folder, settings, block_shape=args.block_shape), "objects")
+    if client is not None:
+        from .distributed import block_mapper
+
+        work = objects_in_prediction(folder, settings, block_shape=args.block_shape, map_blocks=block_mapper(client))
+    else:
+        work = objects_in_prediction(folder, settings, block_shape=args.block_shape)
+    table = _follow(work, "objects")
     print(f"wrote {folder}/instances (with measurements.csv): {table.summary()}")
     if args.measurements:
         table.save_csv(args.measurements)
@@ -275,11 +282,22 @@ def _instances(args) -> int:
     from .instances import open_prediction
 
     names = dict(open_prediction(args.prediction).attrs["dinofuse"]).get("class_names")
-    _write_objects(args.prediction, _object_settings(args, names), args)
+    settings = _object_settings(args, names)
+    if args.workers is None and not args.scheduler:
+        _write_objects(args.prediction, settings, args)
+        return 0
+    from .distributed import connect, require_distributed
+
+    require_distributed()
+    client = connect(args.workers, args.scheduler)
+    try:
+        _write_objects(args.prediction, settings, args, client)
+    finally:
+        client.close()
     return 0
 
 
-def _predict_on_cluster(args, backbone, volumes, settings, extraction) -> None:
+def _predict_on_cluster(args, backbone, volumes, settings, extraction, objects=None) -> None:
     from .cache import FeatureCache
     from .distributed import VolumeRef, connect, prepare_job, require_distributed, run_blockwise
 
@@ -295,10 +313,12 @@ def _predict_on_cluster(args, backbone, volumes, settings, extraction) -> None:
     print(f"dask dashboard: {client.dashboard_link}")
     try:
         stats = _follow(run_blockwise(client, job, units), "cluster")
+        print(f"wrote {args.out}: {stats['computed']} blocks computed, {stats['skipped']} already done "
+              f"(of {stats['blocks']})")
+        if objects is not None:
+            _write_objects(args.out, objects, args, client)
     finally:
         client.close()
-    print(f"wrote {args.out}: {stats['computed']} blocks computed, {stats['skipped']} already done "
-          f"(of {stats['blocks']})")
 
 
 def _demo(args) -> int:
@@ -414,7 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_object_args(objects, "classes to find objects of: label values or class names (e.g. 3,4 or mitochondrion)",
                      required=True)
     objects.add_argument("--block-shape", type=_ints, default=defaults.PREDICT_BLOCK, metavar="Z,Y,X",
-                         help="voxels read at once (default " + ",".join(map(str, defaults.PREDICT_BLOCK)) + ")")
+                         help="voxels per block: a cluster task, or in this process what is read at once (default "
+                              + ",".join(map(str, defaults.PREDICT_BLOCK)) + ")")
+    where = objects.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run the block passes on a local dask cluster of N worker processes")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run the block passes on an existing dask scheduler (workers must reach the folder)")
     objects.set_defaults(func=_instances)
 
     demo = sub.add_parser("demo", help="offline end-to-end demo on the bundled synthetic EM sample",

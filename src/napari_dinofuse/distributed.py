@@ -1,4 +1,4 @@
-"""Blockwise feature extraction and prediction on a dask.distributed cluster.
+"""Blockwise feature extraction, prediction and objects on a dask.distributed cluster.
 
 The driver plans; workers compute. Everything a task needs travels as a small :class:`Job` (paths and
 settings, no arrays): each worker process opens the volumes, the feature cache entries and the model once
@@ -272,6 +272,22 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
     root.attrs["dinofuse"] = {**dict(root.attrs["dinofuse"]), "complete": True}
     return {"blocks": len(plan.blocks), "computed": len(todo), "skipped": len(finished),
             "task_seconds": task_seconds}
+
+
+def block_mapper(client):
+    """``map_blocks`` for :func:`~napari_dinofuse.instances.find_objects` on ``client``'s cluster: one task per
+    block, results in block order; closing it cancels what has not run. No retries: a block task that rewrites
+    ids in place must not run twice (a lost worker fails the run, which leaves the previous objects as they were)."""
+
+    def map_blocks(task, items):
+        futures = client.map(task, list(items), pure=False)
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            client.cancel(futures)
+
+    return map_blocks
 
 
 def require_distributed() -> None:

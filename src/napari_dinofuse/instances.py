@@ -3,14 +3,18 @@
 Memory is bounded by one block (or one object's bounding box, at most a block's worth of voxels), so this runs
 on volumes larger than memory. The passes, each a :class:`~napari_dinofuse.progress.Progress` generator step:
 
-1. **components** per block: the 6-connected components of each chosen class get provisional ids, written into
-   the output; each id's class, size, bounding box and first voxel (in z, y, x raster order) are recorded;
-2. **merge**: provisional ids of one class that touch across a block face are one object;
+1. **components** per block: the 6-connected components of each chosen class get ids within their block,
+   written into the output; each one's class, size, bounding box and first voxel (in z, y, x raster order) are
+   recorded;
+2. **merge**: pieces of one class that touch across a block face are one object; the output gets object ids;
 3. **refine** (optional), per object in its bounding box: enclosed holes filled (only voxels no other object
    owns), touching objects split by a watershed on the distance transform seeded by its maxima that stand out
    by at least ``split_depth_nm`` (a neck that much narrower than the objects it joins);
-4. **number and measure**: objects under the minimum size are dropped, the rest numbered 1..N by their first
-   voxel in raster order, and measured on the way.
+4. **measure and number**: objects under the minimum size are dropped, the rest numbered 1..N by their first
+   voxel in raster order; every block is measured, then renumbered.
+
+The block passes (1, the output of 2, 4) are independent tasks: on a dask cluster they run on the workers
+(:func:`~napari_dinofuse.distributed.block_mapper`); merging and refining run in the calling process.
 
 Every choice depends on the objects only, never on the blocks: blockwise equals whole-volume, voxel for voxel.
 Objects whose bounding box holds more than ``refine_limit`` voxels (default 256³, ~0.5 GB while refined) are
@@ -25,6 +29,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import product
 from pathlib import Path
 
@@ -199,14 +204,17 @@ def _components(mask_block, start, shape):
     return comp, n, (_stats(comp, n, start, shape) if n else None)
 
 
-def _merge(out, blocks, shape, classes_of):
-    """Pairs of provisional ids of one class that touch across a block face -> component of each id."""
+def _merge(out, blocks, shape, classes_of, starts):
+    """Pairs of provisional ids of one class that touch across a block face -> component of each id.
+
+    ``out`` holds each block's ids 1..n; block ``i``'s provisional ids are those plus ``starts[i]``."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(classes_of)
+    index = {tuple(s.start for s in block): i for i, block in enumerate(blocks)}
     pairs = []
-    for block in blocks:
+    for i, block in enumerate(blocks):
         for axis in range(3):
             stop = block[axis].stop
             if stop >= shape[axis]:
@@ -215,9 +223,10 @@ def _merge(out, blocks, shape, classes_of):
             low[axis] = slice(stop - 1, stop)
             high = list(block)
             high[axis] = slice(stop, stop + 1)
+            j = index[tuple(stop if a == axis else s.start for a, s in enumerate(block))]
             a, b = np.asarray(out[tuple(low)]).ravel(), np.asarray(out[tuple(high)]).ravel()
             both = (a > 0) & (b > 0)
-            a, b = a[both].astype(np.int64) - 1, b[both].astype(np.int64) - 1
+            a, b = a[both].astype(np.int64) - 1 + starts[i], b[both].astype(np.int64) - 1 + starts[j]
             same = classes_of[a] == classes_of[b]
             if same.any():
                 pairs.append(np.unique(np.stack([a[same], b[same]], axis=1), axis=0))
@@ -248,12 +257,16 @@ def _refine(mask, fill_holes: bool, split_depth_nm: float, voxel_size):
 
 def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabilities=None, uncertainty=None,
                  class_names: Sequence[str] | None = None, block_shape=PREDICT_BLOCK,
-                 refine_limit: int = REFINE_LIMIT) -> Generator[Progress, None, tuple]:
+                 refine_limit: int = REFINE_LIMIT, map_blocks=map) -> Generator[Progress, None, tuple]:
     """Objects of ``settings.classes`` in the class map ``labels`` (Z, Y, X; k = class k, on ``grid``).
 
     ``out``: a writable (Z, Y, X) uint32 array (numpy or zarr) for the instances; a new numpy array if None.
     ``probabilities`` (K, Z, Y, X) and ``uncertainty`` (Z, Y, X), when given, add each object's mean probability
     of its class and mean uncertainty to the table. Returns ``(out, ObjectTable)``.
+
+    ``map_blocks(task, items)`` runs the per-block passes and yields their results in order: the builtin
+    ``map`` here, :func:`~napari_dinofuse.distributed.block_mapper` on a dask cluster (then the arrays must be
+    zarr arrays every worker opens, and ``out``'s chunks must tile the blocks: no two tasks share a chunk).
     """
 
     shape = tuple(int(n) for n in labels.shape)
@@ -265,31 +278,21 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
     voxel_size = np.asarray(grid.voxel_size)
     blocks = _blocks(shape, block_shape)
     refine = settings.fill_holes or settings.split_depth_nm > 0
-    total = (3 if refine else 2) * len(blocks)
-    done = 0
+    total, done = (5 if refine else 4) * len(blocks), 0
 
-    # 1. components per block, provisional ids
-    records, next_id = _Records(), 0
-    for block in blocks:
-        values = read_region(labels, block)
-        ids = np.zeros(values.shape, np.uint32)
-        start = [s.start for s in block]
-        for cls in settings.classes:
-            comp, n, stats = _components(values == cls, start, shape)
-            if n == 0:
-                continue
-            if next_id + n >= 2**32 - 1:
-                raise InputError("more than 4 billion pieces: choose fewer classes or a minimum size")
-            ids[comp > 0] = comp[comp > 0] + next_id
-            records.add(np.full(n, cls), *stats)
-            next_id += n
-        out[block] = ids
+    # 1. components per block, numbered 1..n within their block; each block's ids start after the blocks before
+    records, starts = _Records(), [0]
+    for stats in map_blocks(partial(_label_block, labels, out, tuple(settings.classes), shape), blocks):
+        records.add(*stats)
+        starts.append(starts[-1] + len(stats[0]))
         done += 1
         yield Progress(done, total, f"objects: components, block {done}/{len(blocks)}")
+    if starts[-1] >= 2**32 - 1:
+        raise InputError("more than 4 billion pieces: choose fewer classes or a minimum size")
 
-    # 2. merge across block faces: provisional id -> object (temporary ids 1..M in the order found)
+    # 2. merge across block faces: provisional id -> object (temporary ids 1..M in the order found), written out
     cls_of, count, first, lo, hi = records.arrays()
-    component = _merge(out, blocks, shape, cls_of) if len(cls_of) else np.zeros(0, np.int64)
+    component = _merge(out, blocks, shape, cls_of, starts) if len(cls_of) else np.zeros(0, np.int64)
     m = int(component.max()) + 1 if len(component) else 0
     obj_cls = np.zeros(m, np.int64)
     obj_cls[component] = cls_of
@@ -300,17 +303,18 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
     obj_hi = np.zeros((m, 3), np.int64)
     np.minimum.at(obj_lo, component, lo)
     np.maximum.at(obj_hi, component, hi)
-    # What the output holds -> temporary object id (1-based; 0 stays 0).
-    lookup = np.concatenate([[0], component + 1]).astype(np.int64)
+    temporary = (component + 1).astype(np.uint32)
+    items = [(block, np.concatenate([[0], temporary[starts[i]:starts[i + 1]]]).astype(np.uint32))
+             for i, block in enumerate(blocks)]
+    for _ in map_blocks(partial(_relabel_block, out), items):
+        done += 1
+        yield Progress(done, total, "objects: merged across blocks")
 
     # 3. refine each object in its box, in raster order of first voxels (so filled holes that two objects could
-    # claim go to the same one whatever the blocks were). The output first takes the objects' temporary ids.
+    # claim go to the same one whatever the blocks were). One process: objects may span blocks.
     unrefined, n_ids = 0, m
     if refine and m:
         stored, out = out, (out if isinstance(out, np.ndarray) else _HeldChunks(out, HELD_BYTES))
-        for block in blocks:
-            out[block] = lookup[np.asarray(read_region(out, block), np.int64)].astype(np.uint32)
-        lookup = None  # the output holds temporary ids now
         extra = []
         for obj in np.argsort(obj_first, kind="stable"):
             box = tuple(slice(int(a), int(b)) for a, b in zip(obj_lo[obj], obj_hi[obj]))
@@ -346,21 +350,59 @@ def find_objects(labels, grid: Grid, settings: ObjectSettings, out=None, probabi
             yield Progress(done, total, f"warning: {unrefined} objects span more than {refine_limit:,} voxels and "
                                         "were not filled or split (their memory would not be bounded)")
 
-    # 4. minimum size, numbering by first voxel, measurements
+    # 4. minimum size, numbering by first voxel, measurements (all blocks read before any is renumbered: a block
+    # measures its faces against its neighbours' ids), then the final ids written
     voxel_volume = float(np.prod(voxel_size))
     keep = np.flatnonzero(obj_count * voxel_volume >= settings.min_size_nm3)
     keep = keep[np.argsort(obj_first[keep], kind="stable")]
-    final_of = np.zeros(n_ids + 1, np.int32)
-    final_of[keep + 1] = np.arange(1, len(keep) + 1)
-    mapping = final_of if lookup is None else final_of[lookup]
-    n = len(keep)
-    acc = _Measures(n, voxel_size, probabilities is not None, uncertainty is not None)
+    mapping = np.zeros(n_ids + 1, np.int32)
+    mapping[keep + 1] = np.arange(1, len(keep) + 1)
     class_index = np.concatenate([[0], obj_cls[keep] - 1])
-    for block in blocks:
-        acc.add(block, shape, mapping, out, class_index, probabilities, uncertainty)
+    acc = _Measures(len(keep), voxel_size, probabilities is not None, uncertainty is not None)
+    measure = partial(_measure_block, out, shape, voxel_size, mapping, class_index, probabilities, uncertainty)
+    for part in map_blocks(measure, blocks):
+        acc.merge(part)
         done += 1
-        yield Progress(done, total, f"objects: measuring, block {len(blocks) - (total - done)}/{len(blocks)}")
+        yield Progress(done, total, "objects: measuring")
+    for _ in map_blocks(partial(_renumber_block, out, mapping), blocks):
+        done += 1
+        yield Progress(done, total, "objects: numbering")
     return out, _table(acc, grid, obj_cls[keep], obj_lo[keep], obj_hi[keep], settings, class_names, unrefined)
+
+
+# -- block tasks: module functions of picklable arguments, so a dask worker can run them -----------------------
+
+def _label_block(labels, out, classes, shape, block):
+    """Components of the chosen classes in one block, numbered 1..n there and written into ``out``; their
+    class, voxel count, first voxel and bounding box (:class:`_Records` fields)."""
+    values = read_region(labels, block)
+    ids = np.zeros(values.shape, np.uint32)
+    start = [s.start for s in block]
+    records, n_ids = _Records(), 0
+    for cls in classes:
+        comp, n, stats = _components(values == cls, start, shape)
+        if n == 0:
+            continue
+        ids[comp > 0] = comp[comp > 0] + n_ids
+        records.add(np.full(n, cls), *stats)
+        n_ids += n
+    out[block] = ids
+    return records.arrays()
+
+
+def _relabel_block(out, item) -> None:
+    block, lookup = item
+    out[block] = lookup[np.asarray(read_region(out, block))]
+
+
+def _renumber_block(out, mapping, block) -> None:
+    out[block] = mapping[np.asarray(read_region(out, block), np.int64)].astype(np.uint32)
+
+
+def _measure_block(out, shape, voxel_size, mapping, class_index, probabilities, uncertainty, block) -> _Measures:
+    part = _Measures(len(class_index) - 1, voxel_size, probabilities is not None, uncertainty is not None)
+    part.add(block, shape, mapping, out, class_index, probabilities, uncertainty)
+    return part
 
 
 class _HeldChunks:
@@ -437,10 +479,16 @@ class _Measures:
         self.probability = np.zeros(n + 1) if with_probability else None
         self.uncertainty = np.zeros(n + 1) if with_uncertainty else None
 
+    def merge(self, other: _Measures) -> None:
+        for name in ("count", "coords", "faces", "probability", "uncertainty"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine += getattr(other, name)
+
     def add(self, block, shape, mapping, out, class_index, probabilities, uncertainty) -> None:
         core = tuple(s.stop - s.start for s in block)
-        # The block and one more plane on each high side (not yet renumbered: blocks go in raster order, so
-        # every high neighbour comes later), 0 beyond the volume: each voxel face is counted once, by the block
+        # The block and one more plane on each high side (ids mapped here: ``out`` is renumbered only after
+        # every block is measured), 0 beyond the volume: each voxel face is counted once, by the block
         # holding its low side; faces on the volume's low border are added below. int32 ids and per-plane
         # counts keep the temporaries to a few bytes per voxel.
         grown = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(block, shape))
@@ -449,7 +497,6 @@ class _Measures:
         ext[tuple(slice(0, n) for n in part.shape)] = part
         del part
         ids = np.ascontiguousarray(ext[:core[0], :core[1], :core[2]])
-        out[block] = ids.astype(np.uint32)
         size = len(self.count)
         for axis in range(3):
             for i in range(core[axis]):
@@ -512,6 +559,11 @@ def _table(acc: _Measures, grid: Grid, cls, lo, hi, settings: ObjectSettings, cl
 
 # -- on a saved prediction ------------------------------------------------------------------------------------
 
+def _tiling_chunks(block_shape) -> tuple:
+    """Chunks of at most 256 per axis that tile the blocks exactly, so block tasks never share a chunk."""
+    return tuple(next(c for c in range(min(b, 256), 0, -1) if b % c == 0) for b in block_shape)
+
+
 def open_prediction(folder):
     """A dinofuse prediction folder's root group, refusing anything else with a clear message."""
     import zarr
@@ -536,7 +588,7 @@ def open_prediction(folder):
 
 
 def objects_in_prediction(folder, settings: ObjectSettings, block_shape=PREDICT_BLOCK,
-                          refine_limit: int = REFINE_LIMIT) -> Generator[Progress, None, ObjectTable]:
+                          refine_limit: int = REFINE_LIMIT, map_blocks=map) -> Generator[Progress, None, ObjectTable]:
     """Find objects in a saved prediction and write them beside its labels: ``instances`` (an OME-Zarr labels
     image, uint32) holding ``measurements.csv``, and the totals per class in its attributes.
 
@@ -565,22 +617,22 @@ def objects_in_prediction(folder, settings: ObjectSettings, block_shape=PREDICT_
     recover(target)
     for stale in siblings(target, "partial"):  # left by a crashed run: never complete
         shutil.rmtree(stale, ignore_errors=True)
-    partial = staging(target, "partial")
+    staged = staging(target, "partial")
     try:
-        group = zarr.open_group(str(partial), mode="w", zarr_format=3)
+        group = zarr.open_group(str(staged), mode="w", zarr_format=3)
         out = create_ome_image(group, "instances", labels.shape, np.uint32, grid,
-                               chunks=tuple(min(b, 256) for b in block_shape))
+                               chunks=_tiling_chunks(block_shape))
         out, table = yield from find_objects(labels.data, grid, settings, out, probabilities, uncertainty, names,
-                                             block_shape, refine_limit)
+                                             block_shape, refine_limit, map_blocks)
         group.attrs["dinofuse"] = {"settings": {"classes": list(settings.classes),
                                                 "min_size_nm3": settings.min_size_nm3,
                                                 "fill_holes": settings.fill_holes,
                                                 "split_depth_nm": settings.split_depth_nm},
                                    "totals": table.totals, "unrefined": table.unrefined}
-        atomic_write_text(partial / "measurements.csv", table.to_csv())
-        swap_in(partial, target)
+        atomic_write_text(staged / "measurements.csv", table.to_csv())
+        swap_in(staged, target)
     except BaseException:  # cancelled (GeneratorExit), a full disk, a bug: the previous instances stay
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
         raise
     if "instances" not in info.get("outputs", []):
         writable = zarr.open_group(str(path), mode="r+")
