@@ -97,3 +97,25 @@ def test_reader_opens_each_volume_of_an_hdf5_file(make_napari_viewer, tmp_path):
     for layer in viewer.layers:
         assert np.allclose(layer.scale, (40, 4, 4)) and np.allclose(layer.translate, (80, 8, 12))
     assert isinstance(viewer.layers["raw"].data, h5py.Dataset)  # napari reads the slices it shows
+
+
+def test_labels_saved_with_the_writer_open_again_as_labels_in_place(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    strokes = np.zeros((6, 20, 30), np.uint8)
+    strokes[2, 5:9, 4:20] = 2
+    strokes[4, 10:12, 3:7] = 1
+    layer = viewer.add_labels(strokes, name="annotations", scale=(8.0, 4.0, 4.0), translate=(16.0, 0.0, 40.0))
+    written = layer.save(str(tmp_path / "strokes.zarr"), plugin="napari-dinofuse")  # File > Save Selected Layers
+    assert written == [str(tmp_path / "strokes.zarr")]
+    again = viewer.open(str(tmp_path / "strokes.zarr"), plugin="napari-dinofuse")[0]
+    assert again._type_string == "labels" and np.array_equal(np.asarray(again.data), strokes)
+    assert np.allclose(again.scale, layer.scale) and np.allclose(again.translate, layer.translate)
+    # Saving again replaces its own earlier file; a folder it did not write is refused and left as it was.
+    layer.data[0, 0, 0] = 1
+    layer.save(str(tmp_path / "strokes.zarr"), plugin="napari-dinofuse")
+    assert viewer.open(str(tmp_path / "strokes.zarr"), plugin="napari-dinofuse")[0].data[0, 0, 0] == 1
+    (tmp_path / "mine.zarr").mkdir()
+    (tmp_path / "mine.zarr" / "notes.txt").write_text("keep")
+    with pytest.raises(Exception, match="not written by napari-dinofuse"):
+        layer.save(str(tmp_path / "mine.zarr"), plugin="napari-dinofuse")
+    assert [p.name for p in (tmp_path / "mine.zarr").iterdir()] == ["notes.txt"]

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .defaults import HDF5_SUFFIXES, NUM_LEVELS, PREDICTION_KIND, VOLUME_SUFFIXES, attention_array, attention_layer
+from .defaults import (
+    ANNOTATIONS_KIND,
+    HDF5_SUFFIXES,
+    NUM_LEVELS,
+    PREDICTION_KIND,
+    VOLUME_SUFFIXES,
+    attention_array,
+    attention_layer,
+)
 
 
 def get_reader(path):
@@ -33,7 +41,19 @@ def read(path) -> list[tuple]:
         if len(volumes) > 1:
             return [layer for volume in volumes for layer in read(volume)]
     volume = _open(path)
-    return [(volume.data, _placement(volume, name=path.stem), "image")]
+    return [(volume.data, _placement(volume, name=path.stem), "labels" if _is_labels(path) else "image")]
+
+
+def _is_labels(path: Path) -> bool:
+    """Labels written by this plugin (annotations, the writer): opened as Labels again."""
+    if path.suffix.lower() != ".zarr" or not path.is_dir():
+        return False
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs.get("dinofuse", {})).get("kind") == ANNOTATIONS_KIND
+    except Exception:  # noqa: BLE001 - a plain array or not zarr: an image
+        return False
 
 
 def _hdf5_volumes(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import recover, siblings, staging, swap_in
+from .defaults import ANNOTATIONS_KIND
 from .geometry import Grid, Volume
 from .io import read_region
 
@@ -57,7 +58,7 @@ def save_annotations(path, labels, grid: Grid) -> Path:
                                  chunks=(min(step, 32), 256, 256))
         for z in range(0, labels.shape[0], step):
             array[z:z + step] = read_region(labels, (slice(z, z + step),))
-        group.attrs["dinofuse"] = {"kind": "napari-dinofuse annotations"}
+        group.attrs["dinofuse"] = {"kind": ANNOTATIONS_KIND}  # the reader opens it as Labels
         swap_in(partial, path)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -20,6 +20,7 @@ NUM_LEVELS = 4  # UNet encoder levels: one context gate (and one attention map) 
 VOLUME_SUFFIXES = (".zarr", ".tif", ".tiff", ".npy", ".h5", ".hdf5")  # what `open_volume` and the napari reader read
 HDF5_SUFFIXES = (".h5", ".hdf5")  # `file.h5/path/to/dataset`: the suffix marks the file part of the path
 PREDICTION_KIND = "napari-dinofuse prediction"  # the `dinofuse.kind` attribute that marks a prediction store
+ANNOTATIONS_KIND = "napari-dinofuse annotations"  # ... and labels it wrote (annotations; the writer): Labels
 LABEL_CONVENTION = "0 = unpainted, k = class k"  # painted labels, on the raw grid
 PREDICTION_LABELS = "class index i is label value i + 1; 0 = unlabelled"  # written into every prediction store
 
