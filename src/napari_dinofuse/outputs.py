@@ -105,6 +105,7 @@ class ZarrSink:
         self._partial: Path | None = None
         self._root = None
         self._arrays: dict = {}
+        self.grids: dict[str, Grid] = {}
         self.complete = False
         recover(self.path)
         self._check_replaceable()
@@ -135,9 +136,15 @@ class ZarrSink:
     def create(self, name: str, shape, dtype, grid: Grid, chunks=None) -> None:
         chunks = chunks if chunks is not None else (1,) * (len(shape) - 3) + self.chunks
         self._arrays[name] = create_ome_image(self._group(name), name, shape, dtype, grid, chunks)
+        self.grids[name] = grid
         info = dict(self._root.attrs["dinofuse"])
         info["outputs"] = [*info["outputs"], name]
         self._root.attrs["dinofuse"] = info
+
+    def being_written(self, name: str):
+        """The array ``name`` while it is written (zarr writes each chunk atomically, so a reader sees whole
+        chunks appear), or None; after the output is swapped in or aborted its files are gone from there."""
+        return self._arrays.get(name)
 
     def set_info(self, **info) -> None:
         """Extra JSON metadata on the root group (e.g. the ROI), next to the ``kind`` marker."""

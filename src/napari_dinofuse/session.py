@@ -38,6 +38,7 @@ __all__ = ["Session", "SessionSettings", "memory_estimate"]
 
 # Whole-volume predictions shown in the viewer live in memory; past this, ask for a region or the CLI.
 MAX_RESULT_BYTES = 4 * 2**30
+DISK_BLOCK = defaults.PREDICT_BLOCK  # predicted at once when predicting to disk (what memory holds)
 
 
 @dataclass
@@ -202,8 +203,9 @@ class Session:
                 ) -> Generator[Progress, None, object]:
         """Segment ``roi`` (None: the whole raw) with the current model; returns the sink of layer arrays.
 
-        With ``out`` (a folder), the prediction is written there as OME-Zarr block by block (memory bounded by
-        a block, any volume size) and returned as lazily read arrays (:class:`~.outputs.StoredPrediction`).
+        With ``out`` (a folder, or a :class:`~.outputs.ZarrSink` on it that the caller watches), the prediction
+        is written there as OME-Zarr block by block (memory bounded by a block, any volume size) and returned as
+        lazily read arrays (:class:`~.outputs.StoredPrediction`).
         """
         return cancellable(self._predict_action(raw, context, settings, roi, out), cancel)
 
@@ -224,11 +226,13 @@ class Session:
         from .outputs import StoredPrediction, ZarrSink
         from .predict import predict
 
-        sink = ZarrSink(out)  # refuses to replace anything but an earlier prediction, before any work
+        # ZarrSink refuses to replace anything but an earlier prediction, before any work.
+        sink = out if isinstance(out, ZarrSink) else ZarrSink(out)
         tiles = inference_settings(self.info)
         yield from predict(self.model, source, roi, tile_shape=tiles.tile_shape, overlap=tiles.overlap,
-                           device=settings.device, sink=sink, class_names=self.class_names or None)
-        return StoredPrediction(out)
+                           block_shape=DISK_BLOCK, device=settings.device, sink=sink,
+                           class_names=self.class_names or None)
+        return StoredPrediction(sink.path)
 
     def _predict(self, source, settings, roi):
         from .finetune import inference_settings

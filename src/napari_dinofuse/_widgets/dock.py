@@ -37,7 +37,14 @@ from qtpy.QtWidgets import (
 
 from .. import defaults
 from ..defaults import BACKBONE_ENV, default_backbone_spec
-from ..display import ATTENTION_LEGEND, attention_style, class_features, fit_camera, label_colormap
+from ..display import (
+    ATTENTION_LEGEND,
+    attention_style,
+    class_features,
+    fit_camera,
+    label_colormap,
+    prediction_style,
+)
 from ..errors import DinofuseError, InputError
 from ..geometry import Volume, triple
 from ..progress import CANCELLED, cancellable
@@ -47,6 +54,7 @@ from .objects import ObjectsBox, layer_class_names, prediction_layer, shown_fold
 from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
 
 NONE = "(none)"
+WRITING = "prediction (being written)"  # the temporary layer of a prediction to disk that runs
 WHOLE, AROUND_VIEW = "whole volume", "region around the view"
 # Below this many raw voxels "Fine-tune" and "Predict" default to the whole volume, above to the view.
 WHOLE_VOLUME_DEFAULT_MAX = 256**3
@@ -173,6 +181,9 @@ class DinofuseWidget(QWidget):
         self._job_started = 0.0
         self._on_done = None  # what the running job's value goes to (see _start)
         self._steps = None  # the rest of on_done's main-thread work, one step per event-loop tick
+        self._writing = None  # the ZarrSink of a prediction to disk that runs: shown while it is written
+        self._writing_layer = None  # its temporary layer; False once the user removed it
+        self._writing_shown = 0.0
         self._step_timer = QTimer(self)  # a child: it dies with the widget, pending steps with it
         self._step_timer.setSingleShot(True)
         self._step_timer.timeout.connect(self._step)
@@ -799,7 +810,13 @@ class DinofuseWidget(QWidget):
     def _predict(self, out=None) -> None:
         def job(cancel):
             raw, context, roi = self._inputs()
-            return self.session.predict(raw, context, self._settings, roi, cancel=cancel, out=out)
+            target = out
+            if out is not None:
+                from ..outputs import ZarrSink
+
+                # Refused here, before any work, if the folder holds anything but an earlier prediction.
+                target = self._writing = ZarrSink(out)
+            return self.session.predict(raw, context, self._settings, roi, cancel=cancel, out=target)
 
         self._start("predict" if out is None else "predict to disk", job, self._show_prediction,
                     uses=self._chosen_layers())
@@ -966,6 +983,8 @@ class DinofuseWidget(QWidget):
             self._progress.total = total
             self._progress.n = int(p.done)
             self._progress.set_description(f"DINOfuse {self._job_name}: {p.message}")
+        if self._writing is not None:
+            self._show_writing()
         if "loss" in p.metrics:
             self.loss_plot.add(p.metrics["loss"], p.metrics["smoothed"])
             seconds = p.metrics["seconds"]
@@ -1005,6 +1024,29 @@ class DinofuseWidget(QWidget):
         self.status_label.setText(message)
         self._notify_warning(message)
 
+    def _show_writing(self) -> None:
+        """While predicting to disk: the labels written so far as a temporary layer, refreshed at most twice a
+        second (blocks appear as they are written; the finished layers replace it)."""
+        labels = self._writing.being_written("labels")
+        now = time.perf_counter()
+        if labels is None or self._writing_layer is False or now - self._writing_shown < 0.5:
+            return
+        self._writing_shown = now
+        if self._writing_layer is None:
+            grid = self._writing.grids["labels"]
+            self._writing_layer = self.viewer.add_labels(labels, name=WRITING, metadata={MARK: WRITING},
+                                                         scale=grid.voxel_size, translate=grid.offset,
+                                                         **prediction_style())
+        elif self._writing_layer in self.viewer.layers:
+            self._writing_layer.refresh()
+        else:
+            self._writing_layer = False  # removed by the user: not brought back
+
+    def _stop_showing_writing(self) -> None:
+        if self._writing_layer and self._writing_layer in self.viewer.layers:
+            self.viewer.layers.remove(self._writing_layer)
+        self._writing, self._writing_layer, self._writing_shown = None, None, 0.0
+
     def _show_prediction(self, sink):
         yield from show_prediction(self.viewer, sink, self.session.class_names)
         # Where it is stored (predicted to disk), so objects are found there, not in memory.
@@ -1040,6 +1082,7 @@ class DinofuseWidget(QWidget):
         except Exception as exc:  # noqa: BLE001 - e.g. napari refusing a layer: say so, free the buttons
             self._notify_error(f"DINOfuse {self._job_name}: showing the result failed: {_describe_error(exc)}")
         self._steps = None
+        self._stop_showing_writing()
         self.worker = None
         self._uses = ()  # the job's layers are not kept alive by the widget
         self._backbone_hint()  # a job may have loaded the backbone
