@@ -196,6 +196,7 @@ def test_paint_fine_tune_predict_updates_the_same_layers(make_napari_viewer, qtb
     assert np.allclose(restored.scale, labels.scale) and np.allclose(restored.translate, labels.translate)
     assert widget.labels_combo.currentText() == "annotations (restored)"
     layers_before.append(id(restored))  # the one layer Restore adds; predicting again adds none
+    windows_before = len(QApplication.topLevelWidgets())  # a new layer brings its own popups; a job none
     result = _click_and_wait(qtbot, widget, widget.predict_button)
     assert [id(layer) for layer in viewer.layers] == layers_before
     assert np.array_equal(result.arrays["labels"], result_whole)

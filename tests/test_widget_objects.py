@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import test_widget as shared
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog
 
@@ -14,21 +15,8 @@ from napari_dinofuse.outputs import ZarrSink
 NAMES = ["background", "membrane", "mitochondrion"]
 
 
-@pytest.fixture(autouse=True)
-def _private_settings(tmp_path):
-    from qtpy.QtCore import QSettings
-
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-
-
-@pytest.fixture
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    yield seen
-    notification_manager.notification_ready.disconnect(seen.append)
+# tests/test_widget.py's fixtures: private settings (autouse) and the notifications seen.
+_private_settings, notifications = shared._private_settings, shared.notifications
 
 
 def _saved_prediction(path):

@@ -454,7 +454,8 @@ class DinofuseWidget(QWidget):
         self.predict_disk_button = QPushButton("Predict to disk…")
         self.predict_disk_button.setToolTip("Write the prediction of the region as OME-Zarr into a folder you "
                                             "choose, block by block (any volume size, memory bounded by a block), "
-                                            "then show it read lazily from there; objects are then found on disk")
+                                            "showing blocks as they are written, then the result read lazily from "
+                                            "there; objects are then found on disk")
         self.predict_disk_button.clicked.connect(self._ask_prediction_folder)
         form.addRow("region", self.scope_combo)
         row = QHBoxLayout()
@@ -822,20 +823,17 @@ class DinofuseWidget(QWidget):
                     uses=self._chosen_layers())
 
     def _ask_prediction_folder(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Write the prediction to (an OME-Zarr folder)",
-                                              self._folder("prediction"), "OME-Zarr (*.zarr)")
-        if path:
-            path = path if path.lower().endswith(".zarr") else path + ".zarr"
-            self._chose("prediction", path)
-            self.predict_to_disk(path)
+        self._ask_zarr_folder("Write the prediction to (an OME-Zarr folder)", self.predict_to_disk)
 
     def _ask_results_folder(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the results to (an OME-Zarr folder)",
-                                              self._folder("prediction"), "OME-Zarr (*.zarr)")
+        self._ask_zarr_folder("Save the results to (an OME-Zarr folder)", self.save_results)
+
+    def _ask_zarr_folder(self, title: str, then) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, title, self._folder("prediction"), "OME-Zarr (*.zarr)")
         if path:
             path = path if path.lower().endswith(".zarr") else path + ".zarr"
             self._chose("prediction", path)
-            self.save_results(path)
+            then(path)
 
     def save_results(self, path) -> None:
         """Write the shown results into the prediction folder ``path`` (in a worker: they may be large)."""
