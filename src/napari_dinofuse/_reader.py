@@ -46,14 +46,9 @@ def read(path) -> list[tuple]:
 
 def _is_labels(path: Path) -> bool:
     """Labels written by this plugin (annotations, the writer): opened as Labels again."""
-    if path.suffix.lower() != ".zarr" or not path.is_dir():
-        return False
-    import zarr
+    from .outputs import store_kind
 
-    try:
-        return dict(zarr.open_group(str(path), mode="r").attrs.get("dinofuse", {})).get("kind") == ANNOTATIONS_KIND
-    except Exception:  # noqa: BLE001 - a plain array or not zarr: an image
-        return False
+    return path.suffix.lower() == ".zarr" and path.is_dir() and store_kind(path) == ANNOTATIONS_KIND
 
 
 def _hdf5_volumes(path: Path) -> list[str]:

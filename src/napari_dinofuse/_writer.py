@@ -7,23 +7,18 @@ from pathlib import Path
 
 
 def write_labels(path: str, data, attributes: dict) -> list[str]:
-    import zarr
-
     from .annotations import save_annotations
     from .defaults import ANNOTATIONS_KIND
     from .errors import DinofuseError
     from .geometry import Grid
+    from .outputs import store_kind
 
     if len(data.shape) != 3:
         raise DinofuseError(f"only 3D (z, y, x) labels can be written as OME-Zarr here, not {len(data.shape)}D")
     target = Path(path).expanduser().absolute()
-    if target.exists():  # never replace the user's other data: only what this writer wrote
-        try:
-            kind = dict(zarr.open_group(str(target), mode="r").attrs.get("dinofuse", {})).get("kind")
-        except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not ours
-            kind = None
-        if kind != ANNOTATIONS_KIND:
-            # Not a ValueError: napari would take that for 'this writer does not apply' and say only that.
-            raise FileExistsError(f"{target} exists and was not written by napari-dinofuse: choose another name")
+    # Never replace the user's other data: only what this writer wrote.
+    if target.exists() and store_kind(target) != ANNOTATIONS_KIND:
+        # Not a ValueError: napari would take that for 'this writer does not apply' and say only that.
+        raise FileExistsError(f"{target} exists and was not written by napari-dinofuse: choose another name")
     grid = Grid(tuple(data.shape), tuple(attributes["scale"]), tuple(attributes["translate"]))
     return [str(save_annotations(target, data, grid))]

@@ -265,13 +265,13 @@ def _write_objects(folder, settings, args, client=None) -> None:
     """Objects of a prediction folder, their block passes on ``client``'s dask cluster if one is given."""
     from .instances import objects_in_prediction
 
+    map_blocks = map
     if client is not None:
         from .distributed import block_mapper
 
-        work = objects_in_prediction(folder, settings, block_shape=args.block_shape, map_blocks=block_mapper(client))
-    else:
-        work = objects_in_prediction(folder, settings, block_shape=args.block_shape)
-    table = _follow(work, "objects")
+        map_blocks = block_mapper(client)
+    table = _follow(objects_in_prediction(folder, settings, block_shape=args.block_shape, map_blocks=map_blocks),
+                    "objects")
     print(f"wrote {folder}/instances (with measurements.csv): {table.summary()}")
     if args.measurements:
         table.save_csv(args.measurements)

@@ -569,22 +569,18 @@ def open_prediction(folder):
     import zarr
 
     from .defaults import PREDICTION_KIND
+    from .outputs import store_kind
 
     path = Path(folder).expanduser().absolute()
     if path.is_file() or not path.exists():
         raise InputError(f"{path} is {'a file' if path.is_file() else 'missing'}: expected a prediction folder "
                          "written by `dinofuse predict` (OUT.zarr)")
-    try:
-        root = zarr.open_group(str(path), mode="r")
-        kind = dict(root.attrs.get("dinofuse", {})).get("kind")
-    except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not a prediction
-        kind = None
-    if kind != PREDICTION_KIND:
+    if store_kind(path) != PREDICTION_KIND:
         raise InputError(f"{path} is not a dinofuse prediction (written by `dinofuse predict`)")
     for name in ("labels", "probabilities"):
         if not (path / name).is_dir():
             raise InputError(f"{path} has no {name}: it is incomplete; predict again to write it")
-    return root
+    return zarr.open_group(str(path), mode="r")
 
 
 def objects_in_prediction(folder, settings: ObjectSettings, block_shape=PREDICT_BLOCK,

@@ -21,7 +21,19 @@ from .errors import DinofuseError, InputError
 from .geometry import Grid
 from .progress import Progress
 
-__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "create_ome_image", "require_group", "save_results"]
+__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "create_ome_image", "require_group", "save_results",
+           "store_kind"]
+
+
+def store_kind(path) -> str | None:
+    """The ``dinofuse.kind`` marker of the zarr group at ``path`` (a prediction, annotations), or None for anything
+    else (missing, not zarr, unmarked): what decides whether the plugin may open or replace a folder as its own."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs.get("dinofuse", {})).get("kind")
+    except Exception:  # noqa: BLE001 - unreadable as a zarr group: certainly not ours
+        return None
 
 
 class MemorySink:
@@ -113,13 +125,7 @@ class ZarrSink:
     def _check_replaceable(self) -> None:
         if not self.path.exists():
             return
-        try:
-            import zarr
-
-            kind = zarr.open_group(str(self.path), mode="r").attrs.get("dinofuse", {}).get("kind")
-        except Exception:  # noqa: BLE001 - unreadable as zarr: certainly not ours
-            kind = None
-        if kind != self.KIND:
+        if store_kind(self.path) != self.KIND:
             raise InputError(f"{self.path} exists and is not a dinofuse prediction: refusing to replace it. "
                              "Choose another output path or remove it yourself")
 
