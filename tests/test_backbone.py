@@ -89,7 +89,7 @@ def test_normalisation_follows_the_checkpoint():
 
 def test_local_folder_round_trip(tmp_path, tiny_backbone):
     folder = tmp_path / "my-dinov3-sat"
-    tiny_backbone.model.save_pretrained(folder)
+    _load("random:tiny", forward="transformers").model.save_pretrained(folder)
     mean, std = NORMALIZATIONS["sat493m"]
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
     assert (folder / "model.safetensors").is_file()
@@ -153,10 +153,66 @@ def test_bf16_weights_keep_the_fingerprint_and_the_features(tiny_backbone):
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     assert all(b.dtype == torch.float32 for b in bf16.model.buffers())  # RoPE frequencies stay fp32
     assert bf16.fingerprint() == tiny_backbone.fingerprint()  # one model, one cache entry, whatever precision
-    assert tiny_backbone.precision == "fp32" and "(bf16)" in bf16.describe()
+    assert tiny_backbone.precision == "fp32" and "(bf16, fused)" in bf16.describe()
     images = torch.rand(2, 48, 64)
     ref, out = tiny_backbone.patch_features(images), bf16.patch_features(images)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert torch.nn.functional.cosine_similarity(out, ref, dim=1).min() > 0.99
     with pytest.raises(BackboneError, match="precision"):
         _load("random:tiny", precision="fp8")
+
+
+def _odd_vit():
+    """A ViT unlike the random:* ones: gated MLP, no key bias, layer scales far from 1."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(3)
+    config = DINOv3ViTConfig(patch_size=16, num_register_tokens=2, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=96, use_gated_mlp=True, hidden_act="silu",
+                             key_bias=False, layerscale_value=1.0)
+    model = DINOv3ViTModel(config)
+    for layer in model.model.layer:  # layer scales that matter (the fused forward folds them into weights)
+        for scale in (layer.layer_scale1, layer.layer_scale2):
+            scale.lambda1.data.uniform_(0.1, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("make", [_odd_vit, lambda: _load("random:vits16", forward="transformers").model])
+def test_fused_forward_computes_what_transformers_does(make):
+    import copy
+
+    from napari_dinofuse.backbone import Backbone, BackboneSpec
+
+    model = make()
+    spec = BackboneSpec("random", "test")
+    reference = Backbone(copy.deepcopy(model), spec, "lvd1689m", torch.device("cpu"), forward="transformers")
+    fused = Backbone(copy.deepcopy(model), spec, "lvd1689m", torch.device("cpu"))
+    assert fused.forward == "fused" and fused.fingerprint() == reference.fingerprint()
+    images = torch.rand(2, 70, 93)  # padded, non-square: the RoPE tables follow the grid
+    ref = reference.patch_features(images)
+    out = fused.patch_features(images)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    bf16 = Backbone(copy.deepcopy(model), spec, "lvd1689m", torch.device("cpu"), precision="bf16")
+    assert torch.nn.functional.cosine_similarity(bf16.patch_features(images), ref, dim=1).min() > 0.99
+
+
+def test_compile_failure_falls_back_to_the_eager_forward_with_one_warning(monkeypatch, tiny_backbone):
+    from napari_dinofuse import backbone as backbone_module
+
+    def broken_compile(module, **kwargs):
+        def run(*args):
+            raise RuntimeError("Compiler: cc not found")
+        return run
+
+    monkeypatch.setattr(backbone_module.torch, "compile", broken_compile)
+    compiled = _load("random:tiny", compile=True)
+    assert "compiled" in compiled.describe()
+    images = torch.rand(3, 32, 48)
+    with pytest.warns(backbone_module.CompileFallbackWarning, match="cc not found"):
+        out = compiled.patch_features(images)
+    assert torch.equal(out, tiny_backbone.patch_features(images))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", backbone_module.CompileFallbackWarning)  # said once, not per batch
+        compiled.patch_features(images)
+    assert "compiled" not in compiled.describe()

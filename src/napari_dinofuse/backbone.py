@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .defaults import BACKBONE_ENV, DEFAULT_BACKBONE, default_backbone_spec  # noqa: F401 - re-exported
+from .defaults import BACKBONE_ENV, COMPILE_ENV, DEFAULT_BACKBONE, default_backbone_spec  # noqa: F401
 from .errors import BackboneError, InputError
 
 PATCH_SIZE = 16
@@ -146,6 +147,11 @@ class BackboneSpec:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "autocast")
+FORWARDS = ("fused", "transformers")
+
+
+class CompileFallbackWarning(UserWarning):
+    """torch.compile failed: the backbone runs eagerly instead."""
 
 
 class Backbone:
@@ -154,26 +160,37 @@ class Backbone:
     ``precision``: ``fp32``; ``bf16`` (weights cast to bfloat16 once: no per-call weight casts, half the
     weight memory, bf16 activations throughout); ``autocast`` (fp32 weights under bf16 autocast: fp32
     residual stream); ``auto``: bf16 on CUDA, fp32 elsewhere.
+    ``forward``: ``fused`` (:class:`~napari_dinofuse.fused_vit.FusedViT`, the default) or ``transformers``
+    (the reference it is tested against). ``compile``: run the forward through ``torch.compile`` (pays off on
+    large volumes on a GPU: each new slice shape compiles once, tens of seconds); a compile failure falls back
+    to the eager forward with one warning.
     """
 
     patch_size = PATCH_SIZE
 
     def __init__(self, model, spec: BackboneSpec, normalization: str, device: torch.device,
-                 precision: str = "auto"):
+                 precision: str = "auto", forward: str = "fused", compile: bool = False):
         if precision not in PRECISIONS:
             raise BackboneError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if forward not in FORWARDS:
+            raise BackboneError(f"unknown forward {forward!r}: choose one of {', '.join(FORWARDS)}")
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
-        self.precision = precision
-        self._fingerprint: str | None = None
+        self.precision, self.forward, self.config = precision, forward, model.config
         model = model.eval().requires_grad_(False)
+        # The weights' identity is that of the checkpoint as loaded, before any fusing or cast: every forward
+        # and precision of one model shares cache entries.
+        self._fingerprint = _weights_hash(model)
+        if forward == "fused":
+            from .fused_vit import FusedViT
+
+            model = FusedViT(model)  # the transformers model is not kept: one copy of the weights
         if precision == "bf16":
-            # The weights' identity is that of the checkpoint as loaded, so the hash is taken before the cast:
-            # bf16 and fp32 runs of one model share cache entries, as autocast runs always did.
-            self._fingerprint = _weights_hash(model)
             for param in model.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32
                 param.data = param.data.to(torch.bfloat16)
         self.model = model.to(device)
+        self._compiled = torch.compile(self.model, dynamic=False) if compile else None
+        self._compiled_batch = 0
         self.spec = spec
         self.device = device
         self.normalization = normalization
@@ -183,22 +200,21 @@ class Backbone:
 
     @property
     def embed_dim(self) -> int:
-        return self.model.config.hidden_size
+        return self.config.hidden_size
 
     @property
     def is_random(self) -> bool:
         return self.spec.kind == "random"
 
     def describe(self) -> str:
-        cfg = self.model.config
+        cfg = self.config
         note = "  RANDOM WEIGHTS, NOT DINOv3" if self.is_random else ""
+        run = self.forward + (", compiled" if self._compiled is not None else "")
         return (f"{self.spec}: {cfg.hidden_size}-d, {cfg.num_hidden_layers} layers, "
-                f"normalisation {self.normalization}, device {self.device} ({self.precision}){note}")
+                f"normalisation {self.normalization}, device {self.device} ({self.precision}, {run}){note}")
 
     def fingerprint(self) -> str:
         """A hash of the weights themselves, so caches never mix features of different models."""
-        if self._fingerprint is None:
-            self._fingerprint = _weights_hash(self.model)
         return self._fingerprint
 
     def preprocess(self, images01: torch.Tensor) -> torch.Tensor:
@@ -226,10 +242,30 @@ class Backbone:
         if self.precision == "bf16":  # also makes the RoPE tables bf16, so q, k and v share a dtype
             x = x.to(torch.bfloat16)
         with self._autocast():
-            tokens = self.model(pixel_values=x).last_hidden_state
-        first_patch = 1 + self.model.config.num_register_tokens  # [CLS, registers, patches row-major]
-        grid = tokens[:, first_patch:].reshape(x.shape[0], gh, gw, -1)
+            tokens = self._tokens(x)
+        grid = tokens.reshape(x.shape[0], gh, gw, -1)
         return grid.permute(0, 3, 1, 2).float()
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, patches, C) final-normed patch tokens, row-major."""
+        if self._compiled is not None:
+            batch = x.shape[0]
+            # Batches padded to the largest one seen: the last, shorter batch of a volume does not recompile.
+            self._compiled_batch = max(self._compiled_batch, batch)
+            padded = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self._compiled_batch - batch))
+            try:
+                return self._compiled(padded)[:batch]
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # no compiler, an unsupported op...: the eager forward computes the same
+                warnings.warn(f"torch.compile of the backbone failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); running it without compiling",
+                              CompileFallbackWarning, stacklevel=3)
+                self._compiled = None
+        if self.forward == "fused":
+            return self.model(x)
+        tokens = self.model(pixel_values=x).last_hidden_state
+        return tokens[:, 1 + self.config.num_register_tokens:]  # [CLS, registers, patches row-major]
 
     def _autocast(self):
         if self.precision == "autocast":
@@ -246,11 +282,13 @@ def _weights_hash(model) -> str:
 
 
 def load_backbone(spec: str | None = None, device: str = "auto", normalization: str | None = None,
-                  offline: bool = False, precision: str = "auto") -> Backbone:
+                  offline: bool = False, precision: str = "auto", forward: str = "fused",
+                  compile: bool | None = None) -> Backbone:
     """Load a frozen DINOv3 from a hub id, a local folder, or ``random:<arch>`` (tests only).
 
     ``offline``: take hub checkpoints only from the local download cache, never from the network.
-    ``precision``: see :class:`Backbone` (default: bf16 weights on CUDA, fp32 elsewhere).
+    ``precision``, ``forward``, ``compile``: see :class:`Backbone` (default: bf16 weights on CUDA, fp32
+    elsewhere; the fused forward; compiled when ``$DINOFUSE_COMPILE`` is 1).
 
     Raises :class:`BackboneError` with one actionable message when the weights cannot be had.
     """
@@ -265,7 +303,9 @@ def load_backbone(spec: str | None = None, device: str = "auto", normalization: 
         folder = Path(parsed.value) if parsed.kind == "local" else None
         model = _pretrained_model(parsed, offline)
         norm = normalization or normalization_for(parsed.value, folder)
-    return Backbone(model, parsed, norm, torch_device, precision)
+    if compile is None:
+        compile = os.environ.get(COMPILE_ENV, "") == "1"
+    return Backbone(model, parsed, norm, torch_device, precision, forward, compile)
 
 
 def random_config(arch: str):

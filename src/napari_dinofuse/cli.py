@@ -26,7 +26,7 @@ def _check_backbone(args) -> int:
     size = args.size
     if not 1 <= size <= 8192:  # only this command has the option: no engine setting checks it
         raise InputError(f"--size {size}: expected a slice side from 1 to 8192 pixels (e.g. 512)")
-    backbone = load_backbone(args.backbone, device=args.device)
+    backbone = load_backbone(args.backbone, device=args.device, compile=args.compile)
     print(backbone.describe())
     start = time.perf_counter()
     features = backbone.patch_features(torch.rand(1, size, size))
@@ -103,6 +103,9 @@ def _add_backbone_args(parser: argparse.ArgumentParser) -> None:
                         help="hub id, local folder, or random:<arch> (default: $DINOFUSE_BACKBONE or "
                              "facebook/dinov3-vitl16-pretrain-sat493m)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="run the ViT through torch.compile: faster on large volumes on a GPU, tens of seconds "
+                             "to compile each new slice size (default: $DINOFUSE_COMPILE=1)")
 
 
 def _add_feature_args(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +165,7 @@ def _extract(args) -> int:
 
     settings = ExtractionSettings(args.planes, args.tile_size, args.batch_size)
     volumes = [v for v in _volumes(args) if v is not None]
-    backbone = load_backbone(args.backbone, device=args.device)
+    backbone = load_backbone(args.backbone, device=args.device, compile=args.compile)
     print(backbone.describe())
     cache = FeatureCache(args.cache)
     for volume in volumes:
@@ -204,7 +207,8 @@ def _train(args) -> int:
     painted = open_volume(args.labels, voxel_size=raw.voxel_size, offset=raw.offset, name="labels")
     labels = painted.data
     find_painted(labels, raw.shape, known_classes=start.model.config.num_classes if start else 0)
-    backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device)
+    backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device,
+                             compile=args.compile)
     print(backbone.describe())
     source = _sources(args, backbone, raw, context, extraction)
     result = _follow(fine_tune(source, labels, config, new, start, backbone=backbone), "train")
@@ -231,7 +235,7 @@ def _predict(args) -> int:
     extraction = ExtractionSettings(args.planes or inference.planes, batch_size=args.batch_size)
     raw, context = _volumes(args)
     snap_roi(args.roi, raw.shape)
-    backbone = load_backbone(args.backbone or info.backbone, device=args.device,
+    backbone = load_backbone(args.backbone or info.backbone, device=args.device, compile=args.compile,
                              normalization=None if args.backbone else info.normalization)
     print(backbone.describe())
     warning = check_backbone_compatible(info, str(backbone.spec), backbone.embed_dim)

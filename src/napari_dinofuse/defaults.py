@@ -9,6 +9,7 @@ import os
 
 DEFAULT_BACKBONE = "facebook/dinov3-vitl16-pretrain-sat493m"
 BACKBONE_ENV = "DINOFUSE_BACKBONE"
+COMPILE_ENV = "DINOFUSE_COMPILE"  # 1: the backbone runs through torch.compile (large volumes on a GPU)
 
 
 def default_backbone_spec() -> str:

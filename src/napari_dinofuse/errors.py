@@ -18,3 +18,7 @@ class GeometryError(DinofuseError, ValueError):
 
 class InputError(DinofuseError, ValueError):
     """Data or settings that cannot be used as given (NaNs, unknown options)."""
+
+
+class MemoryRetryWarning(UserWarning):
+    """The device ran out of memory and the work was retried in smaller pieces (slower, same result)."""
