@@ -225,20 +225,29 @@ def _counting_checksums(monkeypatch):
 
 
 def test_reuse_rechecks_only_units_whose_files_changed(tmp_path, tiny_backbone, monkeypatch):
+    import json
+    import time
+
     volume = _volume(shape=(4, 32, 32))
     cache = FeatureCache(tmp_path)
     entry = compute_features(volume, tiny_backbone, cache)
-    # Markers written clearly after their data (as on any file system with fine timestamps) ...
+    assert not entry._loose("xy")  # the run folded its markers into one file
+    # Markers taken clearly after their data (as on any file system with fine timestamps) ...
+    record_file = entry.path / "done" / "units.json"
+    taken = time.time_ns() - 10 * 10**9
     for unit in range(4):
-        (chunk,) = entry._chunk_files("xy", unit)
-        _set_mtime(entry._marker("xy", unit), chunk.stat().st_mtime_ns + 10**9)
-    # ... except unit 2's, in the same clock tick as its chunk: a rewrite in that tick would keep the
-    # mtime, so its stats prove nothing ("racily clean") and it is checksummed.
-    (chunk2,) = entry._chunk_files("xy", 2)
-    _set_mtime(entry._marker("xy", 2), chunk2.stat().st_mtime_ns)
+        _set_mtime(entry._chunk_files("xy", unit)[0], taken - 10**9)
+    # ... except unit 2's chunk, rewritten in the clock tick they were taken in: a rewrite in that tick
+    # would keep the mtime, so its stats prove nothing ("racily clean") and it is checksummed.
+    _set_mtime(entry._chunk_files("xy", 2)[0], taken)
+    record = json.loads(record_file.read_text())
+    for unit in range(4):
+        record["xy"][str(unit)]["chunks"] = entry._marker_record("xy", unit, "")["chunks"]
+    record_file.write_text(json.dumps(record))
+    _set_mtime(record_file, taken)
     checksums = _counting_checksums(monkeypatch)
     compute_features(volume, tiny_backbone, cache)
-    assert checksums["n"] == 1  # unit 2 only: the others were trusted on two stat calls, not read
+    assert checksums["n"] == 1  # unit 2 only: the others were trusted on stat calls, not read
     checksums["n"] = 0
     compute_features(volume, tiny_backbone, cache, verify="all")
     assert checksums["n"] == 4
@@ -279,15 +288,66 @@ def test_markers_of_the_first_format_are_still_trusted_after_a_check(tmp_path, c
         block = entry.read((slice(unit, unit + 1),))[:, 0]
         digest = checksum(block, "blake2b") if unit < 2 else "0" * 32
         entry._marker("xy", unit).write_text(json.dumps({"blake2b": digest}))
+    (entry.path / "done" / "units.json").unlink()
     calls = counting_backbone.calls["slices"]
     compute_features(volume, counting_backbone, cache)
     assert counting_backbone.calls["slices"] - calls == 1  # unit 2 only
-    record = json.loads(entry._marker("xy", 0).read_text())
-    assert set(record) == {"crc32", "chunks"}  # checked once, then upgraded
+    record = json.loads((entry.path / "done" / "units.json").read_text())
+    assert set(record["xy"]["0"]) == {"crc32", "chunks"}  # checked once, then upgraded and folded
+    assert not entry._loose("xy")
+
+
+def test_markers_of_single_units_are_folded_into_one_file_after_their_checks(tmp_path, counting_backbone,
+                                                                             monkeypatch):
+    import json
+    import time
+
+    volume = _volume(shape=(5, 32, 32))
+    cache = FeatureCache(tmp_path)
+    entry = compute_features(volume, counting_backbone, cache)
+    good = entry.read()
+    folded = entry.path / "done" / "units.json"
+    assert sorted(p.name for p in (entry.path / "done").iterdir()) == ["units.json"]
+    # What an earlier version (or a cancelled run) leaves: one marker per unit, taken after its data, no units.json.
+    taken = time.time_ns() - 10 * 10**9
+    for unit, record in json.loads(folded.read_text())["xy"].items():
+        _set_mtime(entry._chunk_files("xy", int(unit))[0], taken - 10**9)
+        entry._marker("xy", int(unit)).write_text(json.dumps(entry._marker_record("xy", int(unit), record["crc32"])))
+        _set_mtime(entry._marker("xy", int(unit)), taken)
+    folded.unlink()
+    entry._chunk_files("xy", 3)[0].unlink()  # a marker whose data are gone: never folded in as done
+    read = []
+    region = FeatureEntry._unit_region
+    monkeypatch.setattr(FeatureEntry, "_unit_region", lambda self, p, unit: read.append(unit) or region(self, p, unit))
+    calls = counting_backbone.calls["slices"]
+    repaired = compute_features(volume, counting_backbone, cache)
+    assert set(read) == {3} and counting_backbone.calls["slices"] - calls == 1  # the others trusted on stat calls
+    assert np.allclose(repaired.read(), good, atol=1e-2)
+    assert sorted(json.loads(folded.read_text())["xy"]) == ["0", "1", "2", "3", "4"] and not entry._loose("xy")
+    # Damage to a folded unit is seen as before: that unit alone is unmarked and recomputed.
+    victim = entry._chunk_files("xy", 1)[0]
+    victim.write_bytes(victim.read_bytes()[:50])
+    read.clear()
+    compute_features(volume, counting_backbone, cache)
+    assert set(read) == {1} and counting_backbone.calls["slices"] - calls == 2
+    assert np.allclose(entry.read(), good, atol=1e-2)
+    # A unit unmarked by a failed read leaves units.json too.
+    victim.write_bytes(victim.read_bytes()[:50])
+    with pytest.raises(CacheError, match="damaged"):
+        FeatureEntry(entry.path).read()
+    assert entry.done_units("xy") == {0, 2, 3, 4}
+
+
+@pytest.fixture
+def one_writer(monkeypatch):
+    """Batches written in order by one thread (as on a 2-core machine), for tests of what is written when."""
+    from napari_dinofuse import features
+
+    monkeypatch.setattr(features, "writer_threads", lambda: 1)
 
 
 def test_cancel_while_the_writer_is_behind_keeps_exactly_the_computed_slices(tmp_path, counting_backbone,
-                                                                             monkeypatch):
+                                                                             monkeypatch, one_writer):
     import time
 
     volume = _volume(shape=(12, 40, 40))
@@ -310,7 +370,8 @@ def test_cancel_while_the_writer_is_behind_keeps_exactly_the_computed_slices(tmp
     assert np.array_equal(finished.read(), reference.read())
 
 
-def test_a_failed_write_surfaces_and_leaves_no_marker_without_data(tmp_path, counting_backbone, monkeypatch):
+def test_a_failed_write_surfaces_and_leaves_no_marker_without_data(tmp_path, counting_backbone, monkeypatch,
+                                                                   one_writer):
     volume = _volume(shape=(10, 32, 32))
     cache = FeatureCache(tmp_path)
     original = FeatureEntry.write_units
@@ -352,3 +413,139 @@ def test_an_error_mid_volume_keeps_the_batches_before_it(tmp_path, tiny_backbone
         compute_features(volume, tiny_backbone, cache, batch_size=2)
     entry = FeatureEntry(cache.entries()[0].path)
     assert entry.done_units("xy") == {0, 1, 2, 3}  # the batches handed to the writer were written
+
+
+def test_several_writer_threads_store_every_batch_and_stop_on_cancel(tmp_path, counting_backbone, monkeypatch):
+    import time
+
+    from napari_dinofuse import features
+
+    monkeypatch.setattr(features, "writer_threads", lambda: 3)
+    volume = _volume(shape=(14, 40, 40))
+    reference = compute_features(volume, counting_backbone, FeatureCache(tmp_path / "reference"), batch_size=2)
+    original = FeatureEntry.write_units
+
+    def slow(self, *args):  # a slow disk: batches wait for the writers
+        time.sleep(0.1)
+        return original(self, *args)
+
+    monkeypatch.setattr(FeatureEntry, "write_units", slow)
+    cache = FeatureCache(tmp_path / "threads")
+    _cancel_after(extract_features(volume, counting_backbone, cache, batch_size=2), slices=8)
+    assert FeatureEntry(cache.entries()[0].path).done_units("xy") == set(range(8))  # all handed over, written
+    finished = compute_features(volume, counting_backbone, cache, batch_size=2)
+    assert np.array_equal(finished.read(), reference.read())
+
+
+def test_out_of_memory_retries_once_with_half_the_batch(tmp_path, tiny_backbone, monkeypatch):
+    import torch
+
+    from napari_dinofuse.errors import MemoryRetryWarning
+
+    volume = _volume(shape=(8, 32, 32))
+    reference = compute_features(volume, tiny_backbone, FeatureCache(tmp_path / "reference"), batch_size=4)
+    original = tiny_backbone.patch_features
+    sizes = []
+
+    def small_device(images):  # a GPU that holds 2 slices at a time
+        sizes.append(images.shape[0])
+        if images.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(images)
+
+    monkeypatch.setattr(tiny_backbone, "patch_features", small_device)
+    with pytest.warns(MemoryRetryWarning, match="retrying with 2"):
+        entry = compute_features(volume, tiny_backbone, FeatureCache(tmp_path / "retry"), batch_size=4)
+    assert sizes == [4, 2, 2, 2, 2]  # one failed batch of 4, then halves only (8 slices)
+    assert np.array_equal(entry.read(), reference.read())
+
+    def no_device(images):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tiny_backbone, "patch_features", no_device)
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(MemoryRetryWarning):  # retried once, then raised
+        compute_features(_volume(seed=1), tiny_backbone, FeatureCache(tmp_path / "none"), batch_size=4)
+
+
+def _zarr_volume(path, data, chunks, **kwargs):
+    import zarr
+
+    zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype, **kwargs)[:] = data
+    return Volume(zarr.open_array(str(path), mode="r"), voxel_size=(8.0, 4.0, 4.0), name="raw")
+
+
+def _age(folder, seconds=10):
+    """Files written a while ago: younger ones are not trusted to identify an input (see the next tests)."""
+    import time
+
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _set_mtime(path, time.time_ns() - seconds * 10**9)
+
+
+def test_an_unchanged_input_on_disk_is_identified_without_reading_it(tmp_path, counting_backbone, monkeypatch):
+    from napari_dinofuse import features, io
+
+    data = np.random.default_rng(0).integers(0, 4000, (32, 48, 64), dtype=np.uint16)  # percentile intensities
+    volume = _zarr_volume(tmp_path / "raw.zarr", data, chunks=(1, 48, 64))
+    _age(tmp_path / "raw.zarr")
+    cache = FeatureCache(tmp_path / "cache")
+    first = compute_features(volume, counting_backbone, cache)
+    read, ranges = {"voxels": 0}, {"n": 0}
+    read_region, intensity_range = io.read_region, features.intensity_range
+
+    def counted_read(array, region):
+        block = read_region(array, region)
+        read["voxels"] += block.size
+        return block
+
+    def counted_range(*args):
+        ranges["n"] += 1
+        return intensity_range(*args)
+
+    monkeypatch.setattr(io, "read_region", counted_read)
+    monkeypatch.setattr(features, "intensity_range", counted_range)
+    second = compute_features(volume, counting_backbone, cache)
+    assert second.path == first.path and counting_backbone.calls["slices"] == 32
+    assert read["voxels"] <= data.size // 4 and ranges["n"] == 0  # stat calls and a sample of 8 chunks
+    # The same voxels in memory: the same entry (the identity is the content's), found by reading them all.
+    read["voxels"] = 0
+    assert compute_features(Volume(data, (8.0, 4.0, 4.0)), counting_backbone, cache).path == first.path
+    assert read["voxels"] >= data.size
+    read["voxels"] = 0
+    assert compute_features(volume, counting_backbone, cache, verify="all").path == first.path
+    assert read["voxels"] >= data.size and ranges["n"] == 2  # verify="all": the input is read whole again
+
+
+def test_a_rewritten_chunk_on_disk_is_a_new_input(tmp_path, counting_backbone):
+    data = np.random.default_rng(0).integers(0, 256, (32, 32, 32), dtype=np.uint8)
+    # Uncompressed: a rewritten chunk keeps its size. Chunk 2 is not among the 8 sampled (0, 4, 9, ...).
+    volume = _zarr_volume(tmp_path / "raw.zarr", data, chunks=(1, 32, 32), compressors=None)
+    cache = FeatureCache(tmp_path / "cache")
+
+    def rewrite_chunk(z, keep_mtime=False):
+        chunk = tmp_path / "raw.zarr" / "c" / str(z) / "0" / "0"
+        before = chunk.stat()
+        chunk.write_bytes(bytes(255 - b for b in chunk.read_bytes()))
+        assert chunk.stat().st_size == before.st_size
+        if keep_mtime:
+            _set_mtime(chunk, before.st_mtime_ns)
+
+    # Files written just before the input is identified are not trusted later: a rewrite within the same
+    # tick of a coarse clock would keep their size and time ("racily clean") ...
+    first = compute_features(volume, counting_backbone, cache)
+    rewrite_chunk(2, keep_mtime=True)
+    second = compute_features(volume, counting_backbone, cache)
+    assert second.path != first.path and counting_backbone.calls["slices"] == 64
+    # ... older ones are, until one is rewritten, even to the same size.
+    _age(tmp_path / "raw.zarr")
+    compute_features(volume, counting_backbone, cache)
+    rewrite_chunk(2)
+    third = compute_features(volume, counting_backbone, cache)
+    assert third.path == first.path and counting_backbone.calls["slices"] == 64  # back to the first data
+    # A change that keeps a file's size and time shows in the sampled chunks.
+    _age(tmp_path / "raw.zarr")
+    compute_features(volume, counting_backbone, cache)
+    rewrite_chunk(4, keep_mtime=True)
+    fourth = compute_features(volume, counting_backbone, cache)
+    assert fourth.path not in (first.path, second.path) and counting_backbone.calls["slices"] == 96

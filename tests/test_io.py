@@ -13,7 +13,7 @@ import zarr
 
 from napari_dinofuse._reader import get_reader
 from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.io import VolumeReadError, content_hash, open_volume, read_region
+from napari_dinofuse.io import VolumeReadError, content_hash, file_backing, open_volume, read_region, sample_digest
 
 
 def test_npy_is_memory_mapped_not_loaded(tmp_path):
@@ -100,6 +100,53 @@ def test_content_hash_sees_any_change_and_stays_bounded():
     sampled = data.copy()
     sampled[0, 0, 0] ^= 1
     assert content_hash(data, full_limit_bytes=1000) != content_hash(sampled, full_limit_bytes=1000)
+    # Read in whole storage chunks along z, hashed in the same ~2 MB parts: the same identity.
+    big = np.random.default_rng(1).integers(0, 255, (40, 512, 512), dtype=np.uint8)
+    assert content_hash(zarr.create_array({}, data=big, chunks=(12, 256, 256))) == content_hash(big)
+
+
+def test_file_backing_names_every_file_an_array_is_read_from(tmp_path):
+    import dask.array as da
+
+    data = np.arange(4 * 6 * 8, dtype=np.uint8).reshape(4, 6, 8)
+    v3 = zarr.create_array(str(tmp_path / "v3.zarr"), data=data, chunks=(1, 3, 8))
+    where, files = file_backing(zarr.open_array(str(tmp_path / "v3.zarr"), mode="r"))
+    assert where == f"zarr {(tmp_path / 'v3.zarr').resolve()}"
+    assert [f.relative_to(tmp_path / "v3.zarr").as_posix() for f in files[3:]] == [
+        f"c/{z}/{y}/0" for z in range(4) for y in range(2)]  # after zarr.json, .zarray, .zattrs
+    assert all(f.is_file() for f in files[3:])
+    sharded = zarr.create_array(str(tmp_path / "sharded.zarr"), data=data, chunks=(1, 3, 8), shards=(2, 6, 8))
+    assert len(file_backing(sharded)[1]) == 3 + 2  # one file per shard
+    v2 = zarr.create_array(str(tmp_path / "v2.zarr"), data=data, chunks=(2, 6, 8), zarr_format=2)
+    assert sorted(f.name for f in file_backing(v2)[1] if f.is_file()) == [".zarray", ".zattrs", "0.0.0", "1.0.0"]
+    np.save(tmp_path / "raw.npy", data)
+    mapped = np.load(tmp_path / "raw.npy", mmap_mode="r")
+    assert file_backing(mapped)[1] == [(tmp_path / "raw.npy").resolve()]
+    with h5py.File(tmp_path / "raw.h5", "w") as f:
+        f["raw"] = data
+    assert file_backing(open_volume(tmp_path / "raw.h5", voxel_size=1).data)[1] == [(tmp_path / "raw.h5").resolve()]
+    # Arrays whose content can change without their files' times changing are identified by content alone.
+    writable = np.load(tmp_path / "raw.npy", mmap_mode="r+")
+    for array in (data, mapped[1:], writable, da.from_zarr(v3), zarr.create_array({}, data=data)):
+        assert file_backing(array) is None
+
+
+def test_sample_digest_reads_a_few_whole_chunks():
+    data = np.random.default_rng(0).integers(0, 255, (40, 32, 32), dtype=np.uint8)
+    edited = data.copy()
+    edited[39, 31, 31] ^= 1  # the last chunk is always sampled
+    assert sample_digest(data) == sample_digest(data.copy()) != sample_digest(edited)
+    reads = []
+
+    class Counted:  # a chunked array that records what is read
+        shape, dtype, chunks = data.shape, data.dtype, (4, 16, 16)
+
+        def __getitem__(self, region):
+            reads.append(data[region].size)
+            return data[region]
+
+    sample_digest(Counted(), count=5)
+    assert reads == [4 * 16 * 16] * 5
 
 
 # --- OME-Zarr by the ome-zarr library ----------------------------------------------------------------------------

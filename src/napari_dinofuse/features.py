@@ -17,8 +17,10 @@ ViT: the device never waits for the disk, and at most two batches of features wa
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import warnings
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -29,7 +31,7 @@ import torch
 from . import __version__
 from .backbone import PATCH_SIZE, Backbone, intensity_range, to_unit_range
 from .cache import PLANE_SETS, FeatureCache, FeatureEntry
-from .errors import InputError
+from .errors import InputError, MemoryRetryWarning
 from .geometry import Grid, Volume, resample
 from .io import content_hash, read_region
 from .modeling.unet import ContextWindow
@@ -86,12 +88,19 @@ def resolve_intensity_mode(mode: str, dtype) -> str:
 
 
 def feature_signature(volume: Volume, backbone: Backbone, planes: str, tile_size: int,
-                      intensity: str = "auto") -> dict:
-    """Everything the features depend on. Equal signatures share a cache entry; any difference separates them."""
+                      intensity: str = "auto", cache: FeatureCache | None = None, recheck: bool = False) -> dict:
+    """Everything the features depend on. Equal signatures share a cache entry; any difference separates them.
+
+    The data's part depends on its content alone; ``cache`` remembers it for inputs read from local files
+    while they stay as they were (``recheck``: read the content again, see :meth:`FeatureCache.remembered`).
+    """
     mode = resolve_intensity_mode(intensity, volume.dtype)
-    low, high = intensity_range(volume.data, mode)
+    known = (cache if cache is not None else FeatureCache()).remembered(volume.data, {
+        "content_hash": lambda: content_hash(volume.data),
+        f"intensity_range {mode}": lambda: intensity_range(volume.data, mode)}, recheck=recheck)
+    low, high = known[f"intensity_range {mode}"]
     return {
-        "data": content_hash(volume.data),
+        "data": known["content_hash"],
         "shape": list(volume.shape),
         "dtype": str(volume.dtype),
         "voxel_size": list(volume.voxel_size),
@@ -114,14 +123,15 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
 
     ``verify``: which finished units are re-checksummed (and recomputed if damaged) first: ``"changed"``
     those whose chunk files changed since they were marked (stat calls only), ``"all"`` (or True) every
-    one (reads all the features), ``"none"`` (or False) none.
+    one (reads all the features, and the whole input to identify it), ``"none"`` (or False) none.
     """
     verify = {True: "all", False: "none"}.get(verify, verify)
     if verify not in ("changed", "all", "none"):
         raise InputError(f"unknown verify mode {verify!r}: use changed, all or none")
     batch_size = ExtractionSettings(planes, tile_size, batch_size).batch_for(backbone.device)
     yield Progress(0, 1, f"{volume.name}: identifying the data")
-    entry = open_entry(volume, backbone, cache, planes=planes, tile_size=tile_size, intensity=intensity)
+    entry = open_entry(volume, backbone, cache, planes=planes, tile_size=tile_size, intensity=intensity,
+                       recheck=verify == "all")
     if verify != "none":
         for plane in entry.planes:
             entry.verify(plane, full=verify == "all")
@@ -133,17 +143,20 @@ def extract_features(volume: Volume, backbone: Backbone, cache: FeatureCache | N
     for plane, units in todo.items():
         yield from within(fill_units(volume, backbone, entry, plane, units, batch_size), done, total)
         done += len(units) * _slices_per_unit(plane, volume.shape)
+        if units:
+            entry.verify(plane)  # folds the new units' markers into one file: the next run reads that alone
     return entry
 
 
 def open_entry(volume: Volume, backbone: Backbone, cache: FeatureCache | None = None, *, planes: str = "xy",
-               tile_size: int = DEFAULT_TILE_SIZE, intensity: str = "auto") -> FeatureEntry:
-    """The cache entry for ``volume``'s features under these settings (created empty if new)."""
+               tile_size: int = DEFAULT_TILE_SIZE, intensity: str = "auto", recheck: bool = False) -> FeatureEntry:
+    """The cache entry for ``volume``'s features under these settings (created empty if new); ``recheck``:
+    identify the input by reading it, even when its files are as they were."""
     ExtractionSettings(planes, tile_size)  # refuses bad values
-    signature = feature_signature(volume, backbone, planes, tile_size, intensity)
+    cache = cache if cache is not None else FeatureCache()
+    signature = feature_signature(volume, backbone, planes, tile_size, intensity, cache, recheck)
     z, y, x = volume.shape
     shape = (backbone.embed_dim, z, -(-y // PATCH_SIZE), -(-x // PATCH_SIZE))
-    cache = cache if cache is not None else FeatureCache()
     return cache.entry(signature, shape, info={"source": volume.name, "offset": list(volume.offset)})
 
 
@@ -369,6 +382,7 @@ class _SliceExtractor:
 
     def __init__(self, backbone: Backbone, tile_size: int, low: float, high: float, name: str):
         self.backbone, self.tile_size, self.low, self.high, self.name = backbone, tile_size, low, high, name
+        self.max_batch: int | None = None  # set after an out-of-memory: slices per forward from then on
 
     def __call__(self, slices: np.ndarray, dtype=torch.float32) -> np.ndarray:
         return self.start(slices, dtype).result()
@@ -388,12 +402,31 @@ class _SliceExtractor:
         if device.type == "cuda":
             images = images.pin_memory().to(device, non_blocking=True)
         images = to_unit_range(images.to(device), self.low, self.high)
+        try:
+            return _Pending(self._in_batches(images, dtype))
+        except torch.OutOfMemoryError:
+            if self.max_batch is not None or len(images) == 1:
+                raise  # already retried once with half the batch
+            self.max_batch = len(images) // 2
+            warnings.warn(f"{self.name}: out of GPU memory at {len(images)} slices per batch; retrying with "
+                          f"{self.max_batch} (set a smaller batch size to avoid the retry)", MemoryRetryWarning,
+                          stacklevel=2)
+            torch.cuda.empty_cache()
+            return _Pending(self._in_batches(images, dtype))
+
+    def _in_batches(self, images: torch.Tensor, dtype) -> torch.Tensor:
+        step = self.max_batch or len(images)
+        parts = [self._stitched(images[i:i + step], dtype) for i in range(0, len(images), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _stitched(self, images: torch.Tensor, dtype) -> torch.Tensor:
+        """Features of (B, H, W) images on the device, tiled and stitched when wider than the tile size."""
         h, w = images.shape[1:]
         ys, xs = _axis_tiles(h, self.tile_size), _axis_tiles(w, self.tile_size)
         if len(ys) == 1 and len(xs) == 1:
-            return _Pending(self.backbone.patch_features(images).to(dtype))
+            return self.backbone.patch_features(images).to(dtype)
         out = torch.empty((images.shape[0], self.backbone.embed_dim, ys[-1][3], xs[-1][3]), dtype=dtype,
-                          device=device)
+                          device=images.device)
         for ty in ys:
             for tx in xs:
                 tile = images[:, ty[0] * PATCH_SIZE:min(ty[1] * PATCH_SIZE, h),
@@ -401,7 +434,7 @@ class _SliceExtractor:
                 feats = self.backbone.patch_features(tile)
                 out[:, :, ty[2]:ty[3], tx[2]:tx[3]] = feats[:, :, ty[2] - ty[0]:ty[3] - ty[0],
                                                             tx[2] - tx[0]:tx[3] - tx[0]]
-        return _Pending(out)
+        return out
 
 
 class _Pending:
@@ -425,19 +458,23 @@ class _Pending:
 
 
 class _Writer:
-    """Writes batches of finished units on one background thread (data first, then markers).
+    """Writes batches of finished units on background threads (each batch: data first, then markers).
 
-    ``put`` blocks while ``depth`` batches already wait, so host memory stays bounded. ``close`` writes what
-    was handed over (a Cancel keeps every slice computed so far) and then re-raises a write error; after an
-    error nothing more is written, so no marker ever stands for data that was not written.
+    ``threads`` batches are written at once (zarr's codecs and file writes release the GIL; one thread
+    wrote ~275 MB/s on the H200's host, a sixth of what the ViT-L produces). ``put`` blocks while ``threads``
+    batches already wait, so host memory stays bounded. ``close`` writes what was handed over (a Cancel keeps
+    every slice computed so far) and then re-raises a write error; after an error nothing more is written, so
+    no marker ever stands for data that was not written.
     """
 
-    def __init__(self, entry: FeatureEntry, plane: str, depth: int = 1):
+    def __init__(self, entry: FeatureEntry, plane: str, threads: int = 1):
         self.entry, self.plane = entry, plane
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=threads)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="dinofuse-feature-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"dinofuse-feature-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -454,14 +491,21 @@ class _Writer:
         self._queue.put((units, pending))
 
     def close(self, check: bool = True) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
         if check:
             self._check()
 
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def writer_threads() -> int:
+    """Feature writer threads: half the cores (the rest read, launch and run the ViT), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def _axis_tiles(n_pixels: int, tile_size: int) -> list[tuple[int, int, int, int]]:
@@ -497,7 +541,7 @@ def _runs(units: list[int], batch_size: int) -> Iterable[tuple[int, int]]:
 
 def _xy_units(volume, entry, units, batch_size, extractor) -> Iterable[int]:
     """Batch k+1 is read and runs on the device while the writer thread stores batch k."""
-    writer = _Writer(entry, "xy")
+    writer = _Writer(entry, "xy", writer_threads())
     try:
         for z0, z1 in _runs(units, batch_size):
             writer.put(list(range(z0, z1)), extractor.start(read_region(volume.data, slice(z0, z1))))

@@ -7,7 +7,10 @@ memory-mapped when uncompressed. Voxel size and offset come from the file's meta
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -248,7 +251,8 @@ def content_hash(data, full_limit_bytes: int = 256 * 2**20, sample_slices: int =
     ``sample_slices`` evenly spaced whole z-slices plus a strided sample through the rest: any change of
     acquisition, crop, contrast or dtype changes the hash, at a cost independent of the volume size.
     The parts are read and hashed on a few threads (hashlib and zarr's decoders release the GIL; dask arrays
-    parallelise their own reads) and their digests hashed in order: at most 4 slabs of ~2 MB in memory.
+    parallelise their own reads) and their digests hashed in order. Whole parts are ~2 MB slabs, read together
+    up to the storage's next chunk boundary along z (each chunk decoded once): at most 4 reads of 64 MB in memory.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -258,16 +262,74 @@ def content_hash(data, full_limit_bytes: int = 256 * 2**20, sample_slices: int =
     z = data.shape[0]
     workers = 1 if hasattr(data, "dask") else max(1, min(4, os.cpu_count() or 1))
     if nbytes <= full_limit_bytes:
-        step = max(1, (2 * 2**20) // max(1, nbytes // z))  # ~2 MB slabs, the same on every machine
-        parts = [slice(z0, z0 + step) for z0 in range(0, z, step)]
+        step = max(1, (2 * 2**20) // max(1, nbytes // z))  # ~2 MB parts, the same on every machine
+        span = math.lcm(step, _storage_chunks(data)[0])
+        span = span if span * (nbytes // z) <= 64 * 2**20 else step
+        reads = [(slice(z0, z0 + span), step) for z0 in range(0, z, span)]
     else:
-        parts = [int(zi) for zi in np.unique(np.linspace(0, z - 1, sample_slices).round().astype(int))]
-        parts.append(tuple(slice(None, None, max(1, n // 64)) for n in data.shape))
+        reads = [(int(zi), None) for zi in np.unique(np.linspace(0, z - 1, sample_slices).round().astype(int))]
+        reads.append((tuple(slice(None, None, max(1, n // 64)) for n in data.shape), None))
 
-    def part_digest(region) -> bytes:
-        return hashlib.blake2b(np.ascontiguousarray(read_region(data, region)).data, digest_size=16).digest()
+    def part_digests(read) -> list[bytes]:
+        region, step = read
+        block = np.ascontiguousarray(read_region(data, region))
+        parts = [block[i:i + step] for i in range(0, len(block), step)] if step else [block]
+        return [hashlib.blake2b(part.data, digest_size=16).digest() for part in parts]
 
     with ThreadPoolExecutor(workers) as pool:
-        for part in pool.map(part_digest, parts):
-            digest.update(part)
+        for parts in pool.map(part_digests, reads):
+            for part in parts:
+                digest.update(part)
+    return digest.hexdigest()
+
+
+def _storage_chunks(data) -> tuple[int, ...]:
+    """The blocks ``data`` is stored (and best read) in: its chunks, or one z-slice when it has none."""
+    chunks = getattr(data, "chunks", None)
+    if isinstance(chunks, tuple) and len(chunks) == len(data.shape) and all(isinstance(c, int) for c in chunks):
+        return chunks
+    return (1, *data.shape[1:])  # none (numpy, an unchunked HDF5 dataset), or dask's per-axis tuples
+
+
+def file_backing(data) -> tuple[str, list[Path]] | None:
+    """(what ``data`` is, the files it is read from) when it is read straight from local files that only change
+    by being written: a zarr array in a local store (its metadata and every chunk or shard file, present or not), a
+    read-only memory map of a whole array, an HDF5 dataset opened read-only (its file). None for anything else
+    (arrays in memory, dask, remote stores, writable maps, which change without their files' times changing)."""
+    if isinstance(data, np.memmap):
+        if not isinstance(data.base, mmap.mmap) or data.flags.writeable:  # a view of a map, or writable
+            return None
+        path = Path(data.filename).resolve()
+        return f"memmap {path} {data.offset} {data.shape} {data.dtype.str} {data.strides}", [path]
+    if type(data).__module__.startswith("h5py"):
+        handle = data.file
+        if handle.mode != "r" or handle.driver != "sec2":  # written here, or held in memory ("core")
+            return None
+        path = Path(handle.filename).resolve()
+        return f"hdf5 {path} {data.name}", [path]
+    if type(data).__module__.startswith("zarr"):
+        from zarr.storage import LocalStore
+
+        if not isinstance(getattr(data, "store", None), LocalStore):
+            return None
+        folder = (Path(data.store.root) / data.path).resolve()
+        unit = data.shards or data.chunks  # what one file holds
+        grid = itertools.product(*(range(-(-n // c)) for n, c in zip(data.shape, unit)))
+        files = [folder / name for name in ("zarr.json", ".zarray", ".zattrs")]
+        return f"zarr {folder}", files + [folder / data.metadata.encode_chunk_key(c) for c in grid]
+    return None
+
+
+def sample_digest(data, count: int = 8, budget_bytes: int = 8 * 2**20) -> str:
+    """A hash of a few whole storage chunks spread evenly through ``data`` (at most ``count``, about
+    ``budget_bytes`` read): a cheap check of content that complements file sizes and times."""
+    chunks = _storage_chunks(data)
+    grid = [-(-n // c) for n, c in zip(data.shape, chunks)]
+    block_bytes = int(np.prod(chunks)) * np.dtype(data.dtype).itemsize
+    count = int(np.clip(budget_bytes // max(1, block_bytes), 1, count))
+    digest = hashlib.blake2b(digest_size=16)
+    for flat in np.unique(np.linspace(0, int(np.prod(grid)) - 1, count).round().astype(int)):
+        index = np.unravel_index(flat, grid)
+        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
+        digest.update(np.ascontiguousarray(read_region(data, region)).data)
     return digest.hexdigest()

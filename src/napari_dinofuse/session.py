@@ -105,14 +105,19 @@ class Session:
             context.require_covers(raw)
         backbone = yield from self._load_backbone(settings)
         # What the data holds, not where it lives: an array edited in place, or a new one at a reused id(),
-        # must not be served the old features (the content hash takes bounded time: sampled past 256 MB).
+        # must not be served the old features (the content hash takes bounded time: sampled past 256 MB, and
+        # remembered by the cache for unchanged files on disk).
+        from .cache import FeatureCache
+        from .features import extract_sources
         from .io import content_hash
 
-        key = (content_hash(raw.data), raw.grid, content_hash(context.data) if context is not None else None,
+        def identity(volume):
+            return FeatureCache(settings.cache).remembered(volume.data, {"content_hash":
+                                                                         lambda: content_hash(volume.data)})
+
+        key = (identity(raw), raw.grid, identity(context) if context is not None else None,
                context.grid if context is not None else None, settings.planes, settings.cache)
         if self.source is None or self._source_key != key:
-            from .cache import FeatureCache
-            from .features import extract_sources
 
             self.source, self._source_key = None, None
             self.source = yield from extract_sources(raw, context, backbone, FeatureCache(settings.cache),
