@@ -4,7 +4,8 @@
 
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached);
-- inference: voxels/s of the UNet alone and end to end from the cache; peak RSS per tile size;
+- inference: voxels/s of the UNet alone and end to end from the cache (their ratio, and the most the tiles'
+  overlap allows), seconds to read the blocks' features; peak RSS per tile size;
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -21,6 +22,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from napari_dinofuse.defaults import PREDICT_BLOCK
 
 warnings.simplefilter("ignore")
 
@@ -106,14 +109,14 @@ def _sync(device: torch.device) -> None:
 
 def inference(args):
     from napari_dinofuse.backbone import resolve_device
-    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.predict import plan_prediction, predict_to_memory, read_block
     from napari_dinofuse.train import new_model
 
-    sample, source = _setup(args, raw_shape=(64, 256, 256))
+    sample, source = _setup(args, raw_shape=args.volume)
     dev = resolve_device(args.device)
     model = new_model(source, 4, base_channels=args.base_channels).eval().to(dev)
-    tile = (32, 128, 128)
-    inputs = source.tile((slice(0, 32), slice(0, 128), slice(0, 128)), intensity=True, device=dev,
+    tile, overlap = args.tile, (8, 32, 32)
+    inputs = source.tile(tuple(slice(0, n) for n in tile), intensity=True, device=dev,
                          halo=model.intensity_halo)
     # Same precision as predict(): bf16 autocast on CUDA, fp32 elsewhere.
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -124,11 +127,28 @@ def inference(args):
             model(inputs.raw, inputs.context, tile, inputs.intensity)
         _sync(dev)
         unet = 3 * np.prod(tile) / (time.perf_counter() - start)
+    settings = {"tile_shape": tile, "overlap": overlap, "block_shape": args.block}
+    plan = plan_prediction(model, source, None, **settings)
+    # Overlapping tiles compute some voxels several times: were the UNet all, end to end would be 1 / redundancy of it.
+    voxels = np.prod(sample.raw.shape)
+    redundancy = sum(np.prod([s.stop - s.start for s in t]) for _, _, ts in plan.blocks for t in ts) / voxels
     start = time.perf_counter()
-    predict_to_memory(model, source, None, tile_shape=tile, overlap=(8, 32, 32), device=args.device)
-    end_to_end = np.prod(sample.raw.shape) / (time.perf_counter() - start)
-    print(f"inference (base {args.base_channels}): UNet alone {unet / 1e6:.2f} Mvoxel/s, end to end from the cache "
-          f"{end_to_end / 1e6:.2f} Mvoxel/s (tile {tile}, overlap (8, 32, 32))")
+    for index in range(len(plan.blocks)):  # the host part that predict() overlaps with the device
+        read_block(model, source, plan, index, dev)
+    _sync(dev)
+    reads = time.perf_counter() - start
+    start = time.perf_counter()
+    predict_to_memory(model, source, None, device=args.device, **settings)
+    _sync(dev)
+    seconds = time.perf_counter() - start
+    end_to_end = voxels / seconds
+    print(f"inference (base {args.base_channels}, volume {sample.raw.shape}, tile {tile}, overlap {overlap}, "
+          f"{len(plan.blocks)} block(s) of {plan.block_shape}): UNet alone {unet / 1e6:.3g} Mvoxel/s; end to end "
+          f"from the cache {end_to_end / 1e6:.3g} Mvoxel/s ({seconds:.1f} s) = {end_to_end / unet:.2f} of the UNet "
+          f"alone ({1 / redundancy:.2f} if only the UNet took time: the tiles cover the volume {redundancy:.2f} "
+          f"times); reading the blocks' features alone {reads:.2f} s")
+    if not args.rss:
+        return
     for t in ((16, 64, 64), (32, 128, 128), (32, 256, 256)):
         res = _run_child([sys.executable, __file__, "_inference_child", ",".join(map(str, t)),
                           "--backbone", args.backbone, "--device", args.device, "--cache", args.cache,
@@ -140,11 +160,15 @@ def _inference_child(tile: str, args):
     from napari_dinofuse.predict import predict_to_memory
     from napari_dinofuse.train import new_model
 
-    sample, source = _setup(args, raw_shape=(64, 256, 256))
+    _, source = _setup(args, raw_shape=(64, 256, 256))
     model = new_model(source, 4, base_channels=args.base_channels).eval()
     t = tuple(int(v) for v in tile.split(","))
     predict_to_memory(model, source, None, tile_shape=t, overlap=(8, 32, 32), block_shape=t, device=args.device)
     print(json.dumps({"rss_mib": _rss_mib()}))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
 
 
 def main():
@@ -157,6 +181,10 @@ def main():
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--volume", type=_ints, default=(64, 256, 256), help="inference: the volume's z,y,x shape")
+    parser.add_argument("--block", type=_ints, default=PREDICT_BLOCK, help="inference: prediction block z,y,x")
+    parser.add_argument("--tile", type=_ints, default=(32, 128, 128), help="inference: prediction tile z,y,x")
+    parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "_projection_child":

@@ -1,5 +1,8 @@
 """Blockwise sliding-window prediction (random tiny ViT + random tiny UNet: real code paths, fake weights)."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -7,14 +10,15 @@ import torch.nn.functional as F
 import zarr
 from torch import nn
 
+import napari_dinofuse.predict as predict_module
 from napari_dinofuse.cache import FeatureCache
-from napari_dinofuse.errors import InputError
+from napari_dinofuse.errors import InputError, MemoryRetryWarning
 from napari_dinofuse.features import FeatureSource, compute_features
 from napari_dinofuse.geometry import Volume
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
-from napari_dinofuse.outputs import ZarrSink
-from napari_dinofuse.predict import predict, predict_to_memory, snap_roi
+from napari_dinofuse.outputs import MemorySink, ZarrSink
+from napari_dinofuse.predict import plan_prediction, predict, predict_block, predict_to_memory, snap_roi
 from napari_dinofuse.progress import drive
 
 SHAPE = (20, 80, 96)
@@ -291,8 +295,6 @@ def test_block_reads_equal_the_per_tile_reads(source, roi):
     """Raw features and intensities read once per block and sliced per tile equal one-tile reads (incl. slices
     before the volume, edge-padded, and intensity tiles padded to whole patches); every tile of a block shares
     the block's context window, placed on the tile's own voxel grid."""
-    from napari_dinofuse.predict import plan_prediction
-
     plan = plan_prediction(_model("concat", intensity_stem=True), source, roi, **SMALL)
     assert any(outer[0].start < 0 for _, outer, _ in plan.blocks) == (roi is not None)
     halo = (3, 5, 5)
@@ -337,8 +339,6 @@ def test_blocks_cover_every_attention_level_exactly_once(source, roi):
     """Each block writes its core's part of every attention level: together the parts partition each level's
     output (a gap would leave zeros in the map, an overlap a seam where the later block wins), and each part
     lies inside the block's own level accumulator."""
-    from napari_dinofuse.predict import plan_prediction
-
     plan = plan_prediction(_model("attention"), source, roi, **SMALL)
     assert len(plan.blocks) > 1 and plan.factors
     outputs = {name: shape for name, shape, *_ in plan.outputs()}
@@ -351,3 +351,132 @@ def test_blocks_cover_every_attention_level_exactly_once(source, roi):
             assert all(0 <= s.start < s.stop <= n for s, n in zip(local, accumulator)), (index, local)
             assert [s.stop - s.start for s in out] == [s.stop - s.start for s in local]
         assert (covered == 1).all(), (level, np.unique(covered))
+
+
+def _serial(model, source, **settings):
+    """predict()'s outputs computed block after block on this thread: the reference for the overlapped run."""
+    plan = plan_prediction(model, source, None, **settings)
+    sink = MemorySink()
+    for name, shape, dtype, grid, chunks in plan.outputs():
+        sink.create(name, shape, dtype, grid, chunks)
+    for index in range(len(plan.blocks)):
+        for name, region, array in drive(predict_block(model, source, plan, index, torch.device("cpu"))):
+            sink.write(name, region, array)
+    return sink
+
+
+def test_overlapped_reads_and_writes_give_the_serial_result(source, monkeypatch):
+    """Reads run on one thread, one block ahead, and writes on another, in block order: bit for bit the serial
+    result (the real UNet with context and intensities, so every read path runs in the reader thread)."""
+    model = _model("attention", intensity_stem=True)
+    settings = {**SMALL, "tile_shape": (16, 64, 64)}
+    serial = _serial(model, source, **settings)
+    threads, written = set(), []
+    read, write = FeatureSource.block, MemorySink.write
+
+    def logged_read(self, *args, **kwargs):
+        threads.add(("read", threading.current_thread().name.split("_")[0]))
+        return read(self, *args, **kwargs)
+
+    def logged_write(self, name, region, array):
+        threads.add(("write", threading.current_thread().name.split("_")[0]))
+        written.append((name, region))
+        return write(self, name, region, array)
+
+    monkeypatch.setattr(FeatureSource, "block", logged_read)
+    monkeypatch.setattr(MemorySink, "write", logged_write)
+    out = predict_to_memory(model, source, device="cpu", **settings)
+    assert threads == {("read", "dinofuse-read"), ("write", "dinofuse-write")}
+    plan = plan_prediction(model, source, None, **settings)
+    assert [r for name, r in written if name == "labels"] == [
+        tuple(slice(c.start, c.stop) for c in core) for core, _, _ in plan.blocks]  # block order
+    assert out.complete and out.arrays.keys() == serial.arrays.keys()
+    for name, array in serial.arrays.items():
+        np.testing.assert_array_equal(out.arrays[name], array, err_msg=name)
+
+
+def test_a_failed_read_surfaces_and_leaves_no_output(tmp_path, model, source, monkeypatch):
+    read, calls = FeatureSource.block, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureSource, "block", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        drive(predict(model, source, device="cpu", sink=ZarrSink(tmp_path / "OUT.zarr"), **SMALL))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _out_of_memory_above(monkeypatch, size):
+    """_run_tile raises torch.OutOfMemoryError for tiles larger than ``size`` in y or x; returns the raises."""
+    run, raised = predict_module._run_tile, []
+
+    def limited(model, features, tile, with_attention):
+        if max(tile[1].stop - tile[1].start, tile[2].stop - tile[2].start) > size:
+            raised.append(tile)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return run(model, features, tile, with_attention)
+
+    monkeypatch.setattr(predict_module, "_run_tile", limited)
+    return raised
+
+
+def test_out_of_memory_retries_the_block_once_with_smaller_tiles(model, source, monkeypatch):
+    """Tiles of 96 in y/x run out of memory: the first block is retried with tiles of 48 (the overlap, 32,
+    still leaves a step), which the rest of the run keeps; the blocks and outputs stay those of the plan. The
+    blocks' halos (the first overlap) are kept too, so the result is exactly a run with tiles of 48 from the start."""
+    direct = predict_to_memory(model, source, device="cpu", **SMALL)
+    raised = _out_of_memory_above(monkeypatch, 48)
+    with pytest.warns(MemoryRetryWarning, match=r"tiles of \(16, 48, 48\)") as caught:
+        retried = predict_to_memory(model, source, device="cpu", **{**SMALL, "tile_shape": (16, 96, 96)})
+    assert len(raised) == 1 and len(caught) == 1
+    assert retried.complete and retried.arrays.keys() == direct.arrays.keys()
+    for name, array in direct.arrays.items():
+        np.testing.assert_array_equal(retried.arrays[name], array, err_msg=name)
+
+
+def test_a_second_out_of_memory_raises_and_leaves_no_output(tmp_path, model, source, monkeypatch):
+    raised = _out_of_memory_above(monkeypatch, 16)
+    with pytest.warns(MemoryRetryWarning), pytest.raises(torch.OutOfMemoryError):
+        drive(predict(model, source, device="cpu", sink=ZarrSink(tmp_path / "OUT.zarr"),
+                      **{**SMALL, "tile_shape": (16, 96, 96)}))
+    assert len(raised) == 2  # the tile of 96, then the retry's tile of 48
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cancel_waits_for_the_write_in_flight_before_aborting(tmp_path, model, source, monkeypatch):
+    """Block 1's results are written while block 2 runs: a cancel then lets that write end before the sink is
+    aborted (never deleting a folder under a running write) and leaves nothing."""
+    events, write, abort = [], ZarrSink.write, ZarrSink.abort
+
+    def slow_write(self, name, region, array):
+        time.sleep(0.05)
+        write(self, name, region, array)
+        events.append("write")
+
+    def logged_abort(self):
+        events.append("abort")
+        abort(self)
+
+    monkeypatch.setattr(ZarrSink, "write", slow_write)
+    monkeypatch.setattr(ZarrSink, "abort", logged_abort)
+    gen = predict(model, source, device="cpu", sink=ZarrSink(tmp_path / "OUT.zarr"), **SMALL)
+    while not next(gen).message.startswith("block 2/"):
+        pass
+    gen.close()
+    assert events == ["write"] * (3 + 4) + ["abort"]  # block 1's labels, probabilities, uncertainty, 4 levels
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smaller_tiles_keep_the_blocks_and_leave_a_step(model, source):
+    plan = plan_prediction(model, source, None, tile_shape=(16, 64, 64), overlap=(8, 48, 48), block_shape=(16, 512, 64))
+    smaller = predict_module._smaller_tiles(plan)
+    assert smaller.tile_shape == (16, 32, 32) and smaller.overlap == (8, 16, 16)  # 48 would leave no step
+    assert [b[:2] for b in smaller.blocks] == [b[:2] for b in plan.blocks]  # cores and outer regions
+    for _, outer, tiles in smaller.blocks:
+        assert all(o.start <= s.start and s.stop <= o.stop and s.stop - s.start <= t
+                   for tile in tiles for s, o, t in zip(tile, outer, smaller.tile_shape))
+    assert predict_module._smaller_tiles(predict_module._smaller_tiles(smaller)) is None  # 16: the patch size

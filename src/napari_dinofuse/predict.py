@@ -1,9 +1,10 @@
 """Sliding-window segmentation of a volume (or an ROI of it) with a :class:`FusedUNet3D`.
 
 :func:`predict` is a generator like extraction: it yields :class:`Progress` between tiles and returns its
-sink. Memory is bounded by one *block*, never by the volume: the ROI is cut into blocks, each grown by a
-halo of ``overlap`` voxels; inside a block's grown (outer) region overlapping tiles are predicted and their
-softmax probabilities blended with a raised-cosine window, and only the block's core goes to the sink.
+sink. Memory is bounded by a few *blocks* (one computed, the next one's features read, the previous one's
+results written meanwhile), never by the volume: the ROI is cut into blocks, each grown by a halo of
+``overlap`` voxels; inside a block's grown (outer) region overlapping tiles are predicted and their softmax
+probabilities blended with a raised-cosine window, and only the block's core goes to the sink.
 
 Alignment. The ROI's y/x start is snapped *down* to the 16-pixel patch grid (the output covers the snapped
 ROI: see :func:`snap_roi`). Blocks and tiles start, relative to the ROI start, on :func:`alignment` (the
@@ -25,8 +26,11 @@ Sinks (where the outputs go) live in :mod:`~napari_dinofuse.outputs`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
@@ -43,7 +47,7 @@ from .defaults import (
     PREDICTION_LABELS,
     attention_array,
 )
-from .errors import InputError
+from .errors import InputError, MemoryRetryWarning
 from .features import BlockFeatures, FeatureSource
 from .geometry import Grid
 from .modeling.unet import UNetConfig
@@ -61,7 +65,7 @@ from .tiling import (
 )
 
 __all__ = ["PredictionPlan", "PredictionSettings", "attention_names", "plan_prediction", "predict",
-           "predict_block", "predict_to_memory", "snap_roi"]
+           "predict_block", "predict_to_memory", "read_block", "snap_roi"]
 
 _Slices = tuple[slice, slice, slice]
 
@@ -211,14 +215,23 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDIC
                           block_shape, factors, blocks, align)
 
 
-def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device
+def read_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device) -> BlockFeatures:
+    """What block ``index``'s tiles read: its features and one context window around it, on ``dev``."""
+    cfg = model.config
+    return source.block(plan.blocks[index][1], dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
+                        margin_nm=cfg.context_margin_nm, halo=model.intensity_halo)
+
+
+def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device,
+                  features: BlockFeatures | None = None
                   ) -> Generator[Progress, None, list[tuple[str, _Slices, np.ndarray]]]:
     """Compute block ``index`` of ``plan`` (the model already in eval mode on ``dev``).
 
-    Yields progress after each tile; returns ``(name, region relative to the ROI, array)`` for every output.
+    ``features``: the block's :func:`read_block` if already read (None: read here). Yields progress after each
+    tile; returns ``(name, region relative to the ROI, array)`` for every output.
     """
     core, outer, tiles = plan.blocks[index]
-    cfg, overlap, roi_start = model.config, plan.overlap, plan.roi_start
+    overlap, roi_start = plan.overlap, plan.roi_start
     with_attention = bool(plan.factors)
     outer_start = np.array([s.start for s in outer])  # z may be < 0: see _plan_block
     outer_shape = [s.stop - s.start for s in outer]
@@ -228,10 +241,8 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
                              origin=real_start)
     # Level-k coordinates relative to the outer start (both lie on the level grid).
     att_accs = [BlendAccumulator([-(-n // k) for n, k in zip(outer_shape, f)], 1, dev) for f in plan.factors]
-    # The block's features (and one context window around it) are read once and kept on the device; tiles
-    # are sliced from them.
-    features = source.block(outer, dev, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
-                            margin_nm=cfg.context_margin_nm, halo=model.intensity_halo)
+    # The block's features are read once and kept on the device; tiles are sliced from them.
+    features = features if features is not None else read_block(model, source, plan, index, dev)
     for i, tile in enumerate(tiles):
         probs, maps = _run_tile(model, features, tile, with_attention)
         probs_acc.add(tile, probs, _window(tuple(probs.shape[1:]), overlap))
@@ -275,6 +286,9 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and ``block_shape`` are
     rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the blocks' halo.
     Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
+    Host work overlaps the device: block i+1's features are read while block i's tiles run, and block i-1's
+    results are written meanwhile. If the device runs out of memory, the block is retried once with tiles
+    halved in y/x (see :func:`_smaller_tiles`), kept for the rest of the run; a second time raises.
     ``model`` is moved to ``device`` and left there; its train/eval mode is restored. ``class_names`` (of label
     values 1..K) are stored with the output, so a saved prediction opens with its classes named.
     """
@@ -285,7 +299,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     sink = sink if sink is not None else MemorySink()
     total = sum(len(tiles) for _, _, tiles in plan.blocks)
     was_training = model.training
-    done = 0
+    done, shrunk, count = 0, False, len(plan.blocks)
     try:
         yield Progress(0, total, f"predicting {total} tile(s) over {roi_to_str(plan.roi)}")
         model.eval().to(dev)
@@ -293,12 +307,37 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
             sink.create(name, shape, dtype, grid, chunks)
         sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes, labels=PREDICTION_LABELS,
                       **named)
-        for index, (_, _, tiles) in enumerate(plan.blocks):
-            results = yield from within(predict_block(model, source, plan, index, dev), done, total,
-                                        f"block {index + 1}/{len(plan.blocks)}")
-            done += len(tiles)
-            for name, region, array in results:
-                sink.write(name, region, array)
+        # One thread each: reads stay one block ahead and writes at most one block behind (memory stays bounded
+        # by a few blocks), and the sink gets its writes in block order. Leaving the `with` (an error, a cancel)
+        # waits for both threads, so the sink is aborted only once nothing writes to it any more.
+        with ThreadPoolExecutor(1, "dinofuse-read") as reader, ThreadPoolExecutor(1, "dinofuse-write") as writer:
+            ahead, written = reader.submit(read_block, model, source, plan, 0, dev), None
+            for index in range(count):
+                features = ahead.result()  # a failed read surfaces here
+                if index + 1 < count:
+                    ahead = reader.submit(read_block, model, source, plan, index + 1, dev)
+                while True:
+                    try:
+                        results = yield from within(predict_block(model, source, plan, index, dev, features), done,
+                                                    total, f"block {index + 1}/{count}")
+                        break
+                    except torch.OutOfMemoryError:
+                        smaller = None if shrunk else _smaller_tiles(plan)
+                        if smaller is None:
+                            raise
+                    # Out of the except clause, so the failed tiles' tensors (held by its traceback) are freed.
+                    warnings.warn(f"out of {dev.type} memory with tiles of {plan.tile_shape}: continuing with tiles "
+                                  f"of {smaller.tile_shape}, overlap {smaller.overlap} (set smaller tiles to avoid "
+                                  "the retry)", MemoryRetryWarning)
+                    plan, shrunk = smaller, True
+                    total = done + sum(len(tiles) for _, _, tiles in plan.blocks[index:])
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                done += len(plan.blocks[index][2])
+                if written is not None:
+                    written.result()  # a failed write surfaces here
+                written = writer.submit(_write, sink, results)
+            written.result()
         sink.finish()
     except BaseException:  # GeneratorExit (cancel) included: never leave a half-written output looking done
         sink.abort()
@@ -324,18 +363,43 @@ def predict_to_memory(model, source: FeatureSource, roi=None, **kwargs) -> Memor
     return drive(predict(model, source, roi, sink=MemorySink(), **kwargs))
 
 
+def _write(sink, results) -> None:
+    for name, region, array in results:
+        sink.write(name, region, array)
+
+
 def _plan_block(block, roi_start, shape, tile_shape, overlap, align):
     """(core, aligned outer region, tiles touching the core) of one block, in volume voxels."""
-    outer, per_axis = [], []
-    for c, o, r, n, t, ov, a in zip(block.core, block.outer, roi_start, shape, tile_shape, overlap, align):
+    outer = []
+    for o, r, n, a in zip(block.outer, roi_start, shape, align):
         # Grow onto the grid. Near the volume start (an ROI starting at 0 < z < 8) that can begin before
         # the volume: those slices are edge-padded, so the ROI's first slices keep the context they have.
-        start = r + (o.start - r) // a * a
-        stop = min(n, r + -(-(o.stop - r) // a) * a)
-        outer.append(slice(start, stop))
-        tiles = [(start + lo, start + hi) for lo, hi in aligned_tiles(stop - start, t, ov, a)]
+        outer.append(slice(r + (o.start - r) // a * a, min(n, r + -(-(o.stop - r) // a) * a)))
+    return block.core, tuple(outer), _tiles(block.core, outer, tile_shape, overlap, align)
+
+
+def _tiles(core, outer, tile_shape, overlap, align) -> list[_Slices]:
+    """The tiles of ``outer`` (starts on ``align``) that touch ``core``."""
+    per_axis = []
+    for c, o, t, ov, a in zip(core, outer, tile_shape, overlap, align):
+        tiles = [(o.start + lo, o.start + hi) for lo, hi in aligned_tiles(o.stop - o.start, t, ov, a)]
         per_axis.append([slice(lo, hi) for lo, hi in tiles if lo < c.stop and hi > c.start])
-    return block.core, tuple(outer), list(product(*per_axis))
+    return list(product(*per_axis))
+
+
+def _smaller_tiles(plan: PredictionPlan) -> PredictionPlan | None:
+    """``plan`` with its tiles halved in y/x (rounded up to the alignment), the overlap shrunk only where the
+    tiles would otherwise have no step; None when they cannot shrink. Blocks (cores, outer regions) stay, so
+    the outputs and the features already read do not change."""
+    tile, overlap = list(plan.tile_shape), list(plan.overlap)
+    for axis in (1, 2):
+        a = plan.align[axis]
+        tile[axis] = -(-(tile[axis] // 2) // a) * a
+        overlap[axis] = min(overlap[axis], tile[axis] - a)
+    if tile == list(plan.tile_shape):
+        return None
+    blocks = tuple((core, outer, _tiles(core, outer, tile, overlap, plan.align)) for core, outer, _ in plan.blocks)
+    return dataclasses.replace(plan, tile_shape=tuple(tile), overlap=tuple(overlap), blocks=blocks)
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
