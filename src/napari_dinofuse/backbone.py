@@ -189,7 +189,8 @@ class Backbone:
             for param in model.parameters():  # parameters only: buffers (RoPE frequencies) stay fp32
                 param.data = param.data.to(torch.bfloat16)
         self.model = model.to(device)
-        self._compiled = torch.compile(self.model, dynamic=False) if compile else None
+        compiled = model.encode if forward == "fused" else model
+        self._compiled = torch.compile(compiled, dynamic=False) if compile else None
         self._compiled_batch = 0
         self.spec = spec
         self.device = device
@@ -248,13 +249,12 @@ class Backbone:
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, patches, C) final-normed patch tokens, row-major."""
+        batch = x.shape[0]
         if self._compiled is not None:
-            batch = x.shape[0]
             # Batches padded to the largest one seen: the last, shorter batch of a volume does not recompile.
             self._compiled_batch = max(self._compiled_batch, batch)
-            padded = F.pad(x, (0, 0, 0, 0, 0, 0, 0, self._compiled_batch - batch))
             try:
-                return self._compiled(padded)[:batch]
+                return self._run(self._compiled, F.pad(x, (0, 0, 0, 0, 0, 0, 0, self._compiled_batch - batch)))[:batch]
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # no compiler, an unsupported op...: the eager forward computes the same
@@ -262,9 +262,12 @@ class Backbone:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); running it without compiling",
                               CompileFallbackWarning, stacklevel=3)
                 self._compiled = None
-        if self.forward == "fused":
-            return self.model(x)
-        tokens = self.model(pixel_values=x).last_hidden_state
+        return self._run(self.model.encode if self.forward == "fused" else self.model, x)
+
+    def _run(self, forward, x: torch.Tensor) -> torch.Tensor:
+        if self.forward == "fused":  # the RoPE tables are made outside any compiled code
+            return forward(x, *self.model.rope_tables(x.shape[2] // PATCH_SIZE, x.shape[3] // PATCH_SIZE, x.device))
+        tokens = forward(pixel_values=x).last_hidden_state
         return tokens[:, 1 + self.config.num_register_tokens:]  # [CLS, registers, patches row-major]
 
     def _autocast(self):

@@ -45,21 +45,25 @@ class FusedViT(nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = pixels.shape
-        gh, gw = h // self.patch_size, w // self.patch_size
+        _, _, h, w = pixels.shape
+        return self.encode(pixels, *self.rope_tables(h // self.patch_size, w // self.patch_size, pixels.device))
+
+    def encode(self, pixels: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The forward with the RoPE tables given: what ``torch.compile`` compiles (a table cache inside the
+        compiled code would be guarded on, and its first insertion would force a recompilation)."""
         x = self.patch_embed(pixels.to(self.prefix.dtype)).flatten(2).transpose(1, 2)
-        x = torch.cat([self.prefix.expand(b, -1, -1), x], dim=1)
-        cos, sin = self._rope_tables(gh, gw, x.dtype, x.device)
+        x = torch.cat([self.prefix.expand(x.shape[0], -1, -1), x], dim=1)
         for layer in self.layers:
             x = layer(x, cos, sin, self.num_heads, self.head_dim, self.act)
         return self.norm(x[:, self.prefix.shape[1]:])
 
-    def _rope_tables(self, gh: int, gw: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, gh: int, gw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin (tokens, 1, 1, D) for every token: the prefix tokens get cos 1, sin 0.
 
         transformers rotates ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x2, x1)``;
         that is ``x * cos + roll(x, D/2) * s`` with ``s = (-sin1, sin2)``.
         """
+        dtype = self.prefix.dtype  # the activations' dtype: q and k keep theirs
         key = (gh, gw, dtype, device)
         if key not in self._rope:
             ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) / gh * 2 - 1
