@@ -131,11 +131,16 @@ def test_small_model_fits_the_painted_voxels(sample, source):
     assert error(logits) < 0.7 * error(balanced), (error(logits), error(balanced))
 
 
-def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, source):
+def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, source, monkeypatch):
+    import threading
+
+    from napari_dinofuse import train
+
     labels = sample.scribbles(seed=0)
     config = TrainConfig(iterations=12, tile_shape=(16, 48, 48), seed=3)
     logs = []
-    for _ in range(2):
+    for depth in (1, 3):  # tiles prepared 1 or 3 steps ahead on a thread: the same draws, the same training
+        monkeypatch.setattr(train, "PREFETCH_STEPS", depth)
         trainer = Trainer(new_model(source, 4, base_channels=4), source, labels, config)
         drive(trainer.run())
         logs.append([entry["loss"] for entry in trainer.log])
@@ -150,6 +155,7 @@ def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, sour
             break
     run.close()  # Cancel
     assert len(trainer.log) == 6
+    assert not any(t.name.startswith("dinofuse-train-tiles") for t in threading.enumerate())  # prefetch stopped
     assert not model.training  # ready for inference
     assert torch.equal(model.class_prior, torch.full((4,), 0.25))  # not estimated: equal shares, no correction
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
