@@ -154,7 +154,8 @@ def main() -> None:
     print(f"backbone load {loading:.2f} s (the weights' hash included), once per loaded backbone (not in the "
           "pipeline time)")
     print(f"bare backbone      : {bare_slices / bare:8.2f} slices/s (on-device slices in, features left there)")
-    print(f"extraction pipeline: {args.slices / first:8.2f} slices/s  -> ratio {args.slices / first * bare / bare_slices:.2f} "
+    ratio = args.slices / first * bare / bare_slices
+    print(f"extraction pipeline: {args.slices / first:8.2f} slices/s  -> ratio {ratio:.2f} "
           f"of bare (goal >= 0.95); {writer_threads()} writer threads busy {writing[0]:.2f} s in all "
           f"({1000 * writing[0] / args.slices:.1f} ms/slice)")
     print(f"cache hit          : {second:8.3f} s vs {first:.2f} s -> {first / second:.0f}x faster (goal >= 200x)")

@@ -200,17 +200,13 @@ class FeatureEntry:
 
     def write_units(self, plane: str, units, blocks) -> None:
         """Write several units' features, then (only then) their markers."""
-        units, blocks = list(units), [np.ascontiguousarray(b, dtype=np.float16) for b in blocks]
+        blocks = [np.ascontiguousarray(b, dtype=np.float16) for b in blocks]
         array = self._arrays[plane]
-        if len(units) > 1 and units == list(range(units[0], units[0] + len(units))):
-            # One zarr call for a run of units: zarr encodes and writes their chunks concurrently (one call per
-            # unit went through zarr's event loop one chunk at a time: ~275 MB/s on the H200's host).
-            region = [slice(None)] * 4
-            region[_UNIT_AXIS[plane]] = slice(units[0], units[-1] + 1)
-            array[tuple(region)] = np.stack(blocks, axis=_UNIT_AXIS[plane])
-        else:
-            for unit, block in zip(units, blocks):
-                array[self._unit_region(plane, unit)] = block
+        # One zarr call per unit. One call per batch (zarr writing its chunks concurrently) measured slower on
+        # the H200 (pipeline 0.28 of the bare ViT vs 0.45; docs/benchmarks.md): all zarr calls share one event
+        # loop, and a long write there holds up the main thread's reads of the next batch.
+        for unit, block in zip(units, blocks):
+            array[self._unit_region(plane, unit)] = block
         for unit, block in zip(units, blocks):
             self._write_marker(plane, unit, checksum(block))
 

@@ -11,8 +11,9 @@ block and linearly interpolated along z onto the same grid, and a read averages 
 :func:`extract_features` is a generator: it yields :class:`Progress` between batches, so any driver can
 show progress and stop it (``close()``) at a batch boundary; every finished unit stays in the cache.
 
-xy batches are written by one background thread (:class:`_Writer`) while the next batch runs through the
-ViT: the device never waits for the disk, and at most two batches of features wait in host memory.
+xy batches are written by background threads (:class:`_Writer`) while the next batch runs through the
+ViT: the device waits for the disk only when all writers are busy, and host memory holds at most a few batches
+per writer thread.
 """
 
 from __future__ import annotations
