@@ -1,22 +1,46 @@
 #!/usr/bin/env bash
-# Short GPU re-measurement of feature extraction (~90 s of device time; gpu_check.sh is the full ~7 min check):
-#   1. bench_features, random:vitl16, 256 slices of 512^2: bare forward vs extraction pipeline, writer thread
-#      share, cache hit (stat checks) and cache hit with every unit re-checksummed; no RSS children.
-#   2. check_cuda_backbone, random:vitl16: bf16-weight features vs fp32 CPU (cosine > 0.99), then forward speed
-#      with bf16 weights vs fp32 weights under bf16 autocast (same weights), and the top CUDA kernels.
+# Short GPU measurement of issue 13's figures (~7 min of device time; gpu_check.sh is the older, longer check):
+#   1. check_cuda_backbone, random:vitl16: fused / transformers / fused+torch.compile forwards vs the fp32 CPU
+#      reference (per-patch cosine), their speed at batch 16/32/64, compile time, top CUDA kernels.
+#   2. bench_features, 512 slices of 512^2: bare on-device forward vs extraction pipeline, writer threads,
+#      cache hit.
+#   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction).
+#   4. bench_features again with --compile, if the budget allows.
 # Run from the repo root:  bash benchmarks/gpu_quick.sh      (GPU_QUICK_SMOKE=1: tiny sizes on the CPU)
 # Log: $OUT/gpu_quick.log ($OUT: the device tool's output folder; /tmp/gpu_quick elsewhere).
+# Wheels in .whl/ (zarr and its needs: the device image lacks them) are installed to /tmp/site.
+# GPU_QUICK_STEPS: which steps to run (default: all of check_cuda_backbone bench_features inference finetune
+# bench_features_compiled).
 
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_quick}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+BUDGET=${GPU_QUICK_BUDGET:-450}
 if [ "${GPU_QUICK_SMOKE:-0}" = 1 ]; then
-    DEV=cpu; BB=random:tiny; FEAT=(--slices 8 --size 64); CHECK=(--slices 1 --sizes 64 --speed 1)
+    DEV=cpu; BB=random:tiny; FEAT=(--slices 8 --size 64 --batch-size 4)
+    CHECK=(--slices 1 --sizes 64 --speed 1 --batches 2); MODEL=(--backbone random:tiny --base-channels 4)
+    TUNE=(--iterations 3); VOLUME=()
 else
-    DEV=cuda; BB=random:vitl16; FEAT=(--slices 256 --size 512); CHECK=(--slices 2 --sizes 512 --speed 4 --profile)
+    DEV=cuda; BB=random:vitl16; FEAT=(--slices 512 --size 512)
+    CHECK=(--slices 2 --sizes 512,504 --speed 8 --batches 16,32,64 --compile --profile)
+    MODEL=(--backbone random:vitl16 --base-channels 32); TUNE=(); VOLUME=(--volume 96,512,512 --tile ${GPU_QUICK_TILE:-32,128,128})
 fi
+
+# step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
+STEPS=${GPU_QUICK_STEPS:-check_cuda_backbone bench_features inference finetune bench_features_compiled}
+step() {
+    local name=$1 limit=$2
+    shift 2
+    case " $STEPS " in *" $name "*) ;; *) return ;; esac
+    local left=$((BUDGET - SECONDS))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then echo "=== $name: SKIPPED (${left}s of the budget left)"; return; fi
+    echo "=== $name (timeout ${limit}s, t=${SECONDS}s)"
+    timeout -k 5 "$limit" "$@"
+    echo "=== $name: rc=$? at t=${SECONDS}s"
+}
 
 main() {
     echo "gpu_quick: $(date -u +%FT%TZ), device $DEV, repo $(git rev-parse --short HEAD 2>/dev/null)"
@@ -24,14 +48,16 @@ main() {
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             || echo "WARNING: wheel install failed"
         export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+        $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     fi
     export PYTHONUNBUFFERED=1
-    echo "=== bench_features $BB (t=${SECONDS}s)"
-    timeout -k 5 70 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
-    echo "=== bench_features: rc=$? at t=${SECONDS}s"
-    echo "=== check_cuda_backbone $BB (t=${SECONDS}s)"
-    timeout -k 5 55 $PY benchmarks/check_cuda_backbone.py --backbone "$BB" --device "$DEV" "${CHECK[@]}"
-    echo "=== check_cuda_backbone: rc=$? at t=${SECONDS}s"
+    step check_cuda_backbone 200 $PY benchmarks/check_cuda_backbone.py --backbone "$BB" --device "$DEV" "${CHECK[@]}"
+    step bench_features 100 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
+    step inference 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss "${VOLUME[@]}"
+    step finetune 60 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}"
+    step bench_features_compiled 120 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" \
+        --no-rss --compile
 }
 
 main 2>&1 | grep -v "^USDT:" | tee "$OUT/gpu_quick.log"
