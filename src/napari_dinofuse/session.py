@@ -118,7 +118,6 @@ class Session:
         key = (identity(raw), raw.grid, identity(context) if context is not None else None,
                context.grid if context is not None else None, settings.planes, settings.cache)
         if self.source is None or self._source_key != key:
-
             self.source, self._source_key = None, None
             self.source = yield from extract_sources(raw, context, backbone, FeatureCache(settings.cache),
                                                      planes=settings.planes)
