@@ -549,3 +549,26 @@ def test_a_rewritten_chunk_on_disk_is_a_new_input(tmp_path, counting_backbone):
     rewrite_chunk(4, keep_mtime=True)
     fourth = compute_features(volume, counting_backbone, cache)
     assert fourth.path not in (first.path, second.path) and counting_backbone.calls["slices"] == 96
+
+
+@pytest.mark.parametrize("planes", ["xy", "ortho"])
+def test_chunks_written_without_zarr_are_the_files_zarr_writes(tmp_path, tiny_backbone, monkeypatch, planes):
+    """The writer threads store chunk files themselves (zarr's one event loop serialised them); a reader, zarr
+    included, must not be able to tell: same bytes, CRC32C and edge-chunk padding, for every plane family."""
+    from napari_dinofuse import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_MAX_CHUNK_BYTES", 64 * 4 * 2 * 2)  # several chunks a unit, xy's cut at x
+    volume = _volume(shape=(5, 50, 70))
+    direct = compute_features(volume, tiny_backbone, FeatureCache(tmp_path / "direct"), planes=planes)
+    assert all(direct._direct.values())
+    monkeypatch.setattr(FeatureEntry, "_write_chunks", lambda self, plane, unit, block:
+                        self._arrays[plane].__setitem__(self._unit_region(plane, unit), block))
+    through_zarr = compute_features(volume, tiny_backbone, FeatureCache(tmp_path / "zarr"), planes=planes)
+    for plane in direct.planes:
+        array = direct._arrays[plane]
+        assert plane != "xy" or array.chunks == (64, 1, 4, 2)  # 3 chunks a slice, the last one cut
+        for unit in range(direct.unit_count(plane)):
+            ours, theirs = direct._chunk_files(plane, unit), through_zarr._chunk_files(plane, unit)
+            assert len(ours) > 1 and [p.read_bytes() for p in ours] == [p.read_bytes() for p in theirs]
+    assert np.array_equal(direct.read(), through_zarr.read())
+    assert not list((tmp_path / "direct").rglob("*.tmp"))  # no temporary files left behind

@@ -16,14 +16,20 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "fsync_dir", "recover", "siblings", "staging", "swap_in"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir", "recover", "siblings", "staging", "swap_in"]
 
 
 def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename."""
+    atomic_write_bytes(path, [text.encode("utf-8")], fsync)
+
+
+def atomic_write_bytes(path: Path, parts, fsync: bool = True) -> None:
+    """Write the bytes-like ``parts`` one after another to ``path`` through a temporary sibling and a rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        for part in parts:
+            f.write(part)
         if fsync:
             f.flush()
             os.fsync(f.fileno())
