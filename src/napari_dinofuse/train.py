@@ -403,6 +403,19 @@ def estimate_class_prior(posteriors, floor: float = 1e-3) -> np.ndarray:
 # -- training -----------------------------------------------------------------------------------------------
 
 
+def _tensors(tile: tuple[TileInputs, torch.Tensor], convert) -> tuple[TileInputs, torch.Tensor]:
+    """A training tile (inputs, labels) with ``convert`` applied to each of its tensors."""
+    inputs, labels = tile
+
+    def each(t):
+        return None if t is None else convert(t)
+
+    ctx = inputs.context
+    if ctx is not None:
+        ctx = ctx._replace(features=convert(ctx.features), image=each(ctx.image))
+    return TileInputs(convert(inputs.raw), ctx, each(inputs.intensity)), convert(labels)
+
+
 def _whole_patches(region) -> tuple[int, int, int]:
     z, y, x = (s.stop - s.start for s in region)
     return z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE
@@ -554,6 +567,7 @@ class Trainer:
         weights = class_weights(self.train_painted)
         if weights.numel() < model.config.num_classes:
             weights = F.pad(weights, (0, model.config.num_classes - weights.numel()))
+        weights = weights.to(device)  # once: a copy per step would make the host wait for the device
         rng = np.random.default_rng(cfg.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         warmup = max(1, min(25, cfg.iterations // 10))
@@ -570,12 +584,17 @@ class Trainer:
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
 
+        # On a GPU, tiles are made in pinned host memory and copied over by this thread without waiting: a
+        # copy from ordinary memory makes the host wait until the device has finished what it was given.
+        pinned = device.type == "cuda"
+
         def step_tiles(step):
             # One batch per step, its tiles centred on different classes: a step does not pull every
             # prediction towards the single class one tile happened to show.
             first = (step - 1) * cfg.tiles_per_step
-            return [self._batch(self.sample_region(rng, classes[(first + i) % len(classes)]), device, rng)
-                    for i in range(cfg.tiles_per_step)]
+            tiles = [self._batch(self.sample_region(rng, classes[(first + i) % len(classes)]),
+                                 torch.device("cpu") if pinned else device, rng) for i in range(cfg.tiles_per_step)]
+            return [_tensors(tile, torch.Tensor.pin_memory) for tile in tiles] if pinned else tiles
 
         start = time.perf_counter()
         # The next steps' tiles (cache reads, context windows, augmentation) are prepared on a thread while this
@@ -588,6 +607,8 @@ class Trainer:
                 for step in range(1, cfg.iterations + 1):
                     optimizer.zero_grad(set_to_none=True)
                     tiles = ahead.popleft().result()
+                    if pinned:
+                        tiles = [_tensors(tile, lambda t: t.to(device, non_blocking=True)) for tile in tiles]
                     if step + PREFETCH_STEPS <= cfg.iterations:
                         ahead.append(prefetch.submit(step_tiles, step + PREFETCH_STEPS))
                     labels = torch.cat([t[1] for t in tiles])
