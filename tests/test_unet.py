@@ -269,6 +269,27 @@ def test_output_does_not_depend_on_the_batch_or_the_mode():
         torch.testing.assert_close(model.train()(raw, window, OUT_SHAPE).logits, both.logits)
 
 
+@pytest.mark.parametrize("fusion", ["attention", "concat"])
+def test_tiles_with_their_own_windows_get_what_each_gets_alone(fusion):
+    """Training batches tiles from different places, each with its own context window; windows of one shape run
+    the context branch together. Each tile must still see its own window at its own place in the world."""
+    model = make_model(fusion, context_evidence=True).eval()
+    raw = make_feats(batch=3)[0]
+    placed = [make_window(seed=s) for s in (2, 3, 4)]
+    placed[1] = placed[1]._replace(grid=Grid(WINDOW.shape, 16.0, (-40.0, -60.0, -88.0)))  # same shape, moved
+    placed[2] = placed[2]._replace(features=placed[2].features[:, :, :, :3], image=placed[2].image[:, :, :, :48],
+                                   grid=Grid((6, 48, 48), 16.0, (-40.0, -100.0, -120.0)))  # another shape
+    with torch.no_grad():
+        together = model(raw, placed, OUT_SHAPE, auxiliary=True)
+        for i, window in enumerate(placed):
+            alone = model(raw[i:i + 1], window, OUT_SHAPE, auxiliary=True)
+            torch.testing.assert_close(together.logits[i:i + 1], alone.logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(together.context_logits[i:i + 1], alone.context_logits, atol=1e-5, rtol=1e-4)
+            for a_together, a_alone in zip(together.attention, alone.attention):
+                torch.testing.assert_close(a_together[i:i + 1], a_alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(together.logits[0], together.logits[1])  # the moved window changed tile 1
+
+
 def test_intensity_stem():
     model = make_model("none", intensity_stem=True).eval()
     raw, _ = make_feats()

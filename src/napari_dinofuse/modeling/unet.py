@@ -463,7 +463,7 @@ class FusedUNet3D(nn.Module):
         evidence = cfg.context_evidence and self.context_head is not None
         if use_context:
             head = auxiliary or evidence
-            per_window = [self._context(w, padded, head) for w in windows]
+            per_window = self._contexts(windows, padded, head)
             parts = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in zip(*per_window)]
             if head:
                 context_logits = self._crop(parts.pop(), out_shape, (1, 1, 1))
@@ -494,21 +494,49 @@ class FusedUNet3D(nn.Module):
         return UNetOutput(logits=logits, attention=tuple(attention),
                           context_logits=context_logits if auxiliary else None)
 
-    def _context(self, window: ContextWindow, padded, auxiliary: bool = False) -> list[torch.Tensor]:
-        """The context branch for one window: [its map on the tile's grid] ("concat") or the gate logits on
+    def _contexts(self, windows: list[ContextWindow], padded, auxiliary: bool = False) -> list[list[torch.Tensor]]:
+        """The context branch for each window: [its map on the tile's grid] ("concat") or the gate logits on
         each level's grid of the tile ("attention"); with ``auxiliary``, the context head's logits on the
-        tile's grid last."""
-        context_map = self.context_encoder(window)
-        # The tile's padded voxel grid in the world; level k's grid coarsens it.
-        tile = Grid(padded, window.target.voxel_size, window.target.offset)
-        if self.config.fusion == "concat":
-            out = [self._sample(self.context_to_input(context_map), window.grid, tile)]
-        else:
-            out = [self._sample(self.fusions[k].gate(self.context_pyramid[k](context_map)), window.grid,
-                                tile.coarsen(f)) for k, f in enumerate(self.config.level_factors)]
-        if auxiliary:
-            out.append(self._sample(self.context_head(context_map), window.grid, tile))
+        tile's grid last.
+
+        Windows of one shape run the branch as one batch (it is per voxel: nothing mixes across a batch), and only
+        the sampling onto each tile is per window: a training step on a GPU is bound by the host launching the
+        kernels, one launch per op of the batch rather than per window.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(windows):
+            groups.setdefault((tuple(w.features.shape[1:]), None if w.image is None else tuple(w.image.shape[1:])),
+                              []).append(i)
+        out: list = [None] * len(windows)
+        for members in groups.values():
+            group = [windows[i] for i in members]
+            batch = group[0]
+            if len(group) > 1:
+                batch = batch._replace(features=torch.cat([w.features for w in group]),
+                                       image=None if batch.image is None else torch.cat([w.image for w in group]))
+            maps = self._context_maps(batch, auxiliary)
+            first = 0
+            for i, w in zip(members, group):
+                n = w.features.shape[0]
+                out[i] = self._sample_maps([m[first:first + n] for m in maps], w, padded)
+                first += n
         return out
+
+    def _context_maps(self, window: ContextWindow, auxiliary: bool) -> list[torch.Tensor]:
+        """What :meth:`_contexts` samples onto a tile, on the window's own grid."""
+        context_map = self.context_encoder(window)
+        if self.config.fusion == "concat":
+            maps = [self.context_to_input(context_map)]
+        else:
+            maps = [self.fusions[k].gate(self.context_pyramid[k](context_map)) for k in range(NUM_LEVELS)]
+        if auxiliary:
+            maps.append(self.context_head(context_map))
+        return maps
+
+    def _sample_maps(self, maps: list[torch.Tensor], window: ContextWindow, padded) -> list[torch.Tensor]:
+        tile = Grid(padded, window.target.voxel_size, window.target.offset)  # level k's grid coarsens it
+        levels = [tile] if self.config.fusion == "concat" else [tile.coarsen(f) for f in self.config.level_factors]
+        return [self._sample(m, window.grid, target) for m, target in zip(maps, levels + [tile])]
 
     @staticmethod
     def _sample(values: torch.Tensor, grid: Grid, target: Grid) -> torch.Tensor:
