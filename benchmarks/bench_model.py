@@ -85,6 +85,7 @@ def _setup(args, raw_shape=(32, 256, 256), seed=0):
 
 
 def finetune(args):
+    from napari_dinofuse.backbone import resolve_device
     from napari_dinofuse.predict import predict_to_memory
     from napari_dinofuse.progress import drive
     from napari_dinofuse.train import TrainConfig, Trainer, new_model
@@ -100,6 +101,26 @@ def finetune(args):
     print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}): {len(trainer.log) / trained:.2f} it/s; "
           f"start -> updated prediction of 128^3 after {len(trainer.log)} iterations: {total:.1f} s "
           f"(training {trained:.1f} s, prediction {total - trained:.1f} s)")
+    steps = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=7, device=args.device)).run()
+    next(steps)  # the first step moves the model and starts the tile thread
+    waits = _host_waits(resolve_device(args.device), lambda: [next(steps) for _ in range(5)])
+    steps.close()
+    if waits is not None:
+        print(f"  host waits for the device per training step: {waits / 5:.1f} (1 expected: the loss shown)")
+
+
+def _host_waits(device: torch.device, run) -> int | None:
+    """How often ``run()`` made the host wait for the device (CUDA's sync debug mode); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _sync(device: torch.device) -> None:
@@ -127,6 +148,7 @@ def inference(args):
             model(inputs.raw, inputs.context, tile, inputs.intensity)
         _sync(dev)
         unet = 3 * np.prod(tile) / (time.perf_counter() - start)
+        waits = _host_waits(dev, lambda: model(inputs.raw, inputs.context, tile, inputs.intensity))
     settings = {"tile_shape": tile, "overlap": overlap, "block_shape": args.block}
     plan = plan_prediction(model, source, None, **settings)
     # Overlapping tiles compute some voxels several times: were the UNet all, end to end would be 1 / redundancy of it.
@@ -146,7 +168,8 @@ def inference(args):
           f"{len(plan.blocks)} block(s) of {plan.block_shape}): UNet alone {unet / 1e6:.3g} Mvoxel/s; end to end "
           f"from the cache {end_to_end / 1e6:.3g} Mvoxel/s ({seconds:.1f} s) = {end_to_end / unet:.2f} of the UNet "
           f"alone ({1 / redundancy:.2f} if only the UNet took time: the tiles cover the volume {redundancy:.2f} "
-          f"times); reading the blocks' features alone {reads:.2f} s")
+          f"times); reading the blocks' features alone {reads:.2f} s" +
+          ("" if waits is None else f"; host waits for the device per UNet forward: {waits}"))
     if not args.rss:
         return
     for t in ((16, 64, 64), (32, 128, 128), (32, 256, 256)):
