@@ -81,6 +81,17 @@ def test_tiles_cover_every_voxel_with_aligned_starts_and_the_requested_overlap(l
         assert stop - start >= overlap or stop == length
 
 
+@pytest.mark.parametrize("length, tile, overlap, align", [(544, 256, 32, 16), (72, 64, 8, 8), (333, 128, 32, 16),
+                                                          (100, 32, 8, 1)])
+def test_tiles_are_no_larger_than_their_number_needs(length, tile, overlap, align):
+    """A block's voxels that two tiles cover are computed twice: tiles shrink to what their number needs."""
+    tiles = aligned_tiles(length, tile, overlap, align)
+    size = max(stop - start for start, stop in tiles)
+    assert len(aligned_tiles(length, size - align, overlap, align)) > len(tiles)
+    if (length, tile) == (544, 256):  # three tiles either way; at 256 they would overlap by 88-96 voxels
+        assert len(tiles) == 3 and size == 208
+
+
 def test_tiles_that_cannot_advance_are_refused():
     with pytest.raises(ValueError, match="overlap"):
         aligned_tiles(100, 16, 8, 16)  # one step of 8 voxels cannot land on a 16-voxel grid
