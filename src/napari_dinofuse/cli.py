@@ -226,7 +226,7 @@ def _predict(args) -> int:
     from .predict import PredictionSettings, predict, snap_roi
 
     model, info = load_model(args.model)
-    inference = inference_settings(info)
+    inference = inference_settings(info, args.device)
     objects = _object_settings(args, info.class_names)
     if objects is not None:
         objects.check_classes(model.config.num_classes, info.class_names)

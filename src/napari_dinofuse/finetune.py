@@ -143,7 +143,10 @@ class InferenceSettings(NamedTuple):
     overlap: tuple[int, int, int]
 
 
-def inference_settings(info: ModelInfo | None) -> InferenceSettings:
-    """How every driver predicts with a model (tiles are free to choose: predictions do not depend on them)."""
-    return InferenceSettings(info.planes if info is not None else "xy", defaults.PREDICT_TILE,
-                             defaults.PREDICT_OVERLAP)
+def inference_settings(info: ModelInfo | None, device: str = "auto") -> InferenceSettings:
+    """How every driver predicts with a model on ``device`` (tiles are free to choose: predictions do not depend
+    on them, so each device gets the tile it runs fastest)."""
+    from .backbone import resolve_device
+
+    return InferenceSettings(info.planes if info is not None else "xy",
+                             defaults.predict_tile(resolve_device(device).type), defaults.PREDICT_OVERLAP)

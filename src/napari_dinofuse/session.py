@@ -232,7 +232,7 @@ class Session:
 
         # ZarrSink refuses to replace anything but an earlier prediction, before any work.
         sink = out if isinstance(out, ZarrSink) else ZarrSink(out)
-        tiles = inference_settings(self.info)
+        tiles = inference_settings(self.info, settings.device)
         yield from predict(self.model, source, roi, tile_shape=tiles.tile_shape, overlap=tiles.overlap,
                            block_shape=DISK_BLOCK, device=settings.device, sink=sink,
                            class_names=self.class_names or None)
@@ -250,7 +250,7 @@ class Session:
             raise InputError(f"showing a prediction of {shape} voxels takes ~{need / 2**30:.1f} GiB of memory: "
                              "predict the region around the view instead, or Predict to disk… (`dinofuse "
                              "predict` on the command line), which writes block by block to disk")
-        tiles = inference_settings(self.info)
+        tiles = inference_settings(self.info, settings.device)
         return (yield from predict(self.model, source, (z, y, x), tile_shape=tiles.tile_shape, overlap=tiles.overlap,
                                    device=settings.device, sink=MemorySink(skip=("probabilities",))))
 
