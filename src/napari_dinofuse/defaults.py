@@ -56,11 +56,10 @@ PREDICT_TILE = (32, 128, 128)
 # prediction end to end was 2.6x faster (H200, docs/benchmarks.md); out of memory, tiles are halved and retried.
 GPU_PREDICT_TILE = (64, 256, 256)
 PREDICT_OVERLAP = (8, 32, 32)
+# Blocks of prediction: the features of one are read at once (and held on the device), one per cluster task.
+PREDICT_BLOCK = (64, 512, 512)
 
 
 def predict_tile(device_type: str) -> tuple[int, int, int]:
     """The prediction tile for a device type ("cuda", "cpu", "mps")."""
     return GPU_PREDICT_TILE if device_type == "cuda" else PREDICT_TILE
-
-# Blocks of prediction: the features of one are read at once (and held on the device), one per cluster task.
-PREDICT_BLOCK = (64, 512, 512)

@@ -188,7 +188,7 @@ def aligned_tiles(length: int, tile: int, overlap: int, align: int = 1) -> list[
 
     As few tiles as ``tile`` allows, each only as large as that number needs (the smallest multiple of
     ``align`` that needs no more of them): 544 voxels take three tiles of 208 rather than of 256, overlapping by
-    32-48 voxels instead of 88-96, so fewer voxels are computed twice."""
+    32-48 voxels instead of 112, so fewer voxels are computed twice."""
     if length <= tile:
         return [(0, length)]
     step = (tile - overlap) // align * align
