@@ -415,6 +415,30 @@ def test_an_error_mid_volume_keeps_the_batches_before_it(tmp_path, tiny_backbone
     assert entry.done_units("xy") == {0, 1, 2, 3}  # the batches handed to the writer were written
 
 
+def test_a_read_error_ahead_surfaces_and_keeps_the_batches_before_it(tmp_path, tiny_backbone, monkeypatch):
+    """Input batches are read on a thread one batch ahead: a failing read (a file gone, a network share down)
+    still stops the run with its own error, keeps what was computed, and leaves no thread behind."""
+    import threading
+
+    from napari_dinofuse import features
+
+    volume = _volume(shape=(8, 32, 32))
+    original, reads = features.read_region, []
+
+    def failing_third_read(data, region):
+        reads.append(region)
+        if len(reads) == 3:
+            raise OSError(5, "Input/output error")
+        return original(data, region)
+
+    monkeypatch.setattr(features, "read_region", failing_third_read)
+    with pytest.raises(OSError, match="Input/output"):
+        compute_features(volume, tiny_backbone, FeatureCache(tmp_path), batch_size=2)
+    entry = FeatureEntry(FeatureCache(tmp_path).entries()[0].path)
+    assert entry.done_units("xy") == {0, 1, 2, 3}
+    assert not [t for t in threading.enumerate() if t.name.startswith("dinofuse-feature-reader")]
+
+
 def test_several_writer_threads_store_every_batch_and_stop_on_cancel(tmp_path, counting_backbone, monkeypatch):
     import time
 

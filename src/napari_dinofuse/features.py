@@ -23,6 +23,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Generator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -388,9 +389,8 @@ class _SliceExtractor:
     def __call__(self, slices: np.ndarray, dtype=torch.float32) -> np.ndarray:
         return self.start(slices, dtype).result()
 
-    @torch.inference_mode()
-    def start(self, slices: np.ndarray, dtype=torch.float16) -> _Pending:
-        """Launch the features of ``slices``; on CUDA this returns before the device has finished."""
+    def host_batch(self, slices: np.ndarray) -> torch.Tensor:
+        """``slices`` checked and ready to go to the device (pinned memory on CUDA); any thread may call it."""
         array = np.ascontiguousarray(slices)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"{self.name} contains NaN or infinite values: fill or mask them first")
@@ -399,10 +399,14 @@ class _SliceExtractor:
         elif not array.flags.writeable:  # torch wants writable memory (read-only memory maps)
             array = array.copy()
         images = torch.from_numpy(array)
-        device = self.backbone.device
-        if device.type == "cuda":
-            images = images.pin_memory().to(device, non_blocking=True)
-        images = to_unit_range(images.to(device), self.low, self.high)
+        return images.pin_memory() if self.backbone.device.type == "cuda" else images
+
+    @torch.inference_mode()
+    def start(self, slices: np.ndarray | torch.Tensor, dtype=torch.float16) -> _Pending:
+        """Launch the features of ``slices`` (or of a :meth:`host_batch`); on CUDA this returns before the
+        device has finished."""
+        images = slices if isinstance(slices, torch.Tensor) else self.host_batch(slices)
+        images = to_unit_range(images.to(self.backbone.device, non_blocking=True), self.low, self.high)
         try:
             return _Pending(self._in_batches(images, dtype))
         except torch.OutOfMemoryError:
@@ -541,15 +545,28 @@ def _runs(units: list[int], batch_size: int) -> Iterable[tuple[int, int]]:
 
 
 def _xy_units(volume, entry, units, batch_size, extractor) -> Iterable[int]:
-    """Batch k+1 is read and runs on the device while the writer thread stores batch k."""
+    """Batch k runs on the device while a thread reads batch k+1 (into pinned memory on CUDA) and the writer
+    threads store batch k-1: this thread only launches."""
     writer = _Writer(entry, "xy", writer_threads())
+    runs = list(_runs(units, batch_size))
+    reader = ThreadPoolExecutor(1, "dinofuse-feature-reader")
+
+    def read(run):
+        return reader.submit(lambda: extractor.host_batch(read_region(volume.data, slice(*run))))
+
     try:
-        for z0, z1 in _runs(units, batch_size):
-            writer.put(list(range(z0, z1)), extractor.start(read_region(volume.data, slice(z0, z1))))
+        ahead = read(runs[0]) if runs else None
+        for i, (z0, z1) in enumerate(runs):
+            images = ahead.result()
+            if i + 1 < len(runs):
+                ahead = read(runs[i + 1])
+            writer.put(list(range(z0, z1)), extractor.start(images))
             yield z1 - z0
     except BaseException:  # an error, or close() (Cancel): store what was computed, keep the first error
         writer.close(check=False)
         raise
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
     writer.close()
 
 
