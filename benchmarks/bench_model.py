@@ -4,6 +4,8 @@
 
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached);
+  a warm step's time next to the time its tiles take on the tile thread, host waits per step; with --profile,
+  host and device time per step, kernel launches and the top ops by host time;
 - inference: voxels/s of the UNet alone and end to end from the cache (their ratio, and the most the tiles'
   overlap allows), seconds to read the blocks' features; peak RSS per tile size;
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
@@ -101,12 +103,47 @@ def finetune(args):
     print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}): {len(trainer.log) / trained:.2f} it/s; "
           f"start -> updated prediction of 128^3 after {len(trainer.log)} iterations: {total:.1f} s "
           f"(training {trained:.1f} s, prediction {total - trained:.1f} s)")
-    steps = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=7, device=args.device)).run()
-    next(steps)  # the first step moves the model and starts the tile thread
-    waits = _host_waits(resolve_device(args.device), lambda: [next(steps) for _ in range(5)])
-    steps.close()
+    device = resolve_device(args.device)
+    trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=1000, device=args.device))
+    prepared = [0.0]
+    make_tile = trainer._batch
+
+    def timed_tile(*a):  # on the tile thread
+        start = time.perf_counter()
+        tile = make_tile(*a)
+        prepared[0] += time.perf_counter() - start
+        return tile
+
+    trainer._batch = timed_tile
+    steps = trainer.run()
+    for _ in range(10):  # warm: the model moved, the tile thread started, kernels chosen for the shapes seen
+        next(steps)
+    _sync(device)
+    prepared[0], start = 0.0, time.perf_counter()
+    for _ in range(10):
+        next(steps)
+    _sync(device)
+    print(f"  a warm training step: {100 * (time.perf_counter() - start):.0f} ms; making its tiles (on the tile "
+          f"thread): {100 * prepared[0]:.0f} ms")
+    waits = _host_waits(device, lambda: [next(steps) for _ in range(5)])
     if waits is not None:
         print(f"  host waits for the device per training step: {waits / 5:.1f} (1 expected: the loss shown)")
+    if args.profile:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                next(steps)
+            _sync(device)
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
+        device_time = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels
+        print(f"  per step: host {events.self_cpu_time_total / 5e3:.0f} ms, device {device_time / 5e3:.0f} ms, "
+              f"{launches / 5:.0f} kernel launches")
+        print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    steps.close()
 
 
 def _host_waits(device: torch.device, run) -> int | None:
@@ -208,6 +245,7 @@ def main():
     parser.add_argument("--block", type=_ints, default=PREDICT_BLOCK, help="inference: prediction block z,y,x")
     parser.add_argument("--tile", type=_ints, default=(32, 128, 128), help="inference: prediction tile z,y,x")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
+    parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "_projection_child":

@@ -4,7 +4,8 @@
 #      reference (per-patch cosine), their speed at batch 16/32/64, compile time, top CUDA kernels.
 #   2. bench_features, 512 slices of 512^2: bare on-device forward vs extraction pipeline, writer threads,
 #      cache hit.
-#   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction).
+#   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction; a warm
+#      step, its tiles' time, host waits, and a torch profile of five steps).
 #   4. bench_features again with --compile, if the budget allows.
 # Run from the repo root:  bash benchmarks/gpu_quick.sh      (GPU_QUICK_SMOKE=1: tiny sizes on the CPU)
 # Log: $OUT/gpu_quick.log ($OUT: the device tool's output folder; /tmp/gpu_quick elsewhere).
@@ -55,7 +56,7 @@ main() {
     step check_cuda_backbone 200 $PY benchmarks/check_cuda_backbone.py --backbone "$BB" --device "$DEV" "${CHECK[@]}"
     step bench_features 100 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
     step inference 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss "${VOLUME[@]}"
-    step finetune 60 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}"
+    step finetune 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" --profile
     step bench_features_compiled 120 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" \
         --no-rss --compile
 }
