@@ -26,7 +26,7 @@ if [ "${GPU_QUICK_SMOKE:-0}" = 1 ]; then
 else
     DEV=cuda; BB=random:vitl16; FEAT=(--slices 512 --size 512)
     CHECK=(--slices 2 --sizes 512,504 --speed 8 --batches 16,32,64 --compile --profile)
-    MODEL=(--backbone random:vitl16 --base-channels 32); TUNE=(); VOLUME=(--volume 96,512,512 --tile ${GPU_QUICK_TILE:-32,128,128})
+    MODEL=(--backbone random:vitl16 --base-channels 32); TUNE=(); VOLUME=(--volume 96,512,512 --tile ${GPU_QUICK_TILE:-64,256,256})
 fi
 
 # step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
