@@ -48,7 +48,7 @@ def _read(path, name):
 def _job(setup, tiny_backbone, out, cache, **extra):
     d, raw, context, _ = setup
     return prepare_job(raw, context, d / "model", d / out, tiny_backbone, FeatureCache(d / cache), device="cpu",
-                       **SETTINGS, **extra)
+                       **{**SETTINGS, **extra})
 
 
 def test_cluster_output_equals_single_process(setup, tiny_backbone):
@@ -63,6 +63,42 @@ def test_cluster_output_equals_single_process(setup, tiny_backbone):
                            _read(d / "single.zarr", name).astype(np.float32), atol=2e-3), name
     attrs = zarr.open_group(str(d / "cluster.zarr"), mode="r").attrs["dinofuse"]
     assert attrs["complete"] and attrs["class_names"] == load_model(d / "model")[1].class_names
+
+
+def test_a_block_out_of_memory_is_retried_once_with_smaller_tiles(setup, tiny_backbone, monkeypatch):
+    """A cluster task, like predict(), retries a block that ran out of device memory once with tiles halved in
+    y/x, and its worker keeps them; the block is then exactly what tiles of that size give from the start."""
+    import torch
+
+    from napari_dinofuse import distributed
+    from napari_dinofuse import predict as predict_module
+    from napari_dinofuse.errors import MemoryRetryWarning
+
+    d = setup[0]
+    run, raised = predict_module._run_tile, []
+
+    def out_of_memory_above_32(model, features, tile, with_attention):
+        if tile[1].stop - tile[1].start > 32:
+            raised.append(tile)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return run(model, features, tile, with_attention)
+
+    outputs = {}
+    monkeypatch.setattr(distributed, "_WORKER_CACHE", {})  # this process acts as the worker
+    for out, tiles in (("oom-small.zarr", (16, 32, 32)), ("oom.zarr", SETTINGS["tile_shape"])):
+        job, extraction = _job(setup, tiny_backbone, out, "ref-cache", tile_shape=tiles)
+        assert not extraction
+        distributed.prepare_output(job, distributed._source_and_plan(job, load_model(d / "model")[0])[1])
+        monkeypatch.setattr(predict_module, "_run_tile", out_of_memory_above_32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            distributed.predict_task(job, 0)
+            distributed.predict_task(job, 1)
+        retries = [w for w in caught if issubclass(w.category, MemoryRetryWarning)]
+        outputs[out] = _read(d / out, "probabilities")[..., :16, :64, :]  # blocks 0 and 1
+        assert len(retries) == (out == "oom.zarr")  # once: block 1 runs with the smaller tiles straight away
+    assert len(raised) == 1
+    np.testing.assert_array_equal(outputs["oom.zarr"], outputs["oom-small.zarr"])
 
 
 def test_a_killed_worker_does_not_stop_the_run(setup, tiny_backbone):

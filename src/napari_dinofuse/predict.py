@@ -326,13 +326,9 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
                         if smaller is None:
                             raise
                     # Out of the except clause, so the failed tiles' tensors (held by its traceback) are freed.
-                    warnings.warn(f"out of {dev.type} memory with tiles of {plan.tile_shape}: continuing with tiles "
-                                  f"of {smaller.tile_shape}, overlap {smaller.overlap} (set smaller tiles to avoid "
-                                  "the retry)", MemoryRetryWarning)
+                    retrying_smaller(plan, smaller, dev)
                     plan, shrunk = smaller, True
                     total = done + sum(len(tiles) for _, _, tiles in plan.blocks[index:])
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
                 done += len(plan.blocks[index][2])
                 if written is not None:
                     written.result()  # a failed write surfaces here
@@ -385,6 +381,15 @@ def _tiles(core, outer, tile_shape, overlap, align) -> list[_Slices]:
         tiles = [(o.start + lo, o.start + hi) for lo, hi in aligned_tiles(o.stop - o.start, t, ov, a)]
         per_axis.append([slice(lo, hi) for lo, hi in tiles if lo < c.stop and hi > c.start])
     return list(product(*per_axis))
+
+
+def retrying_smaller(plan: PredictionPlan, smaller: PredictionPlan, dev: torch.device) -> None:
+    """Say that a block ran out of ``dev``'s memory and is retried with ``smaller``'s tiles; free the cache."""
+    warnings.warn(f"out of {dev.type} memory with tiles of {plan.tile_shape}: continuing with tiles of "
+                  f"{smaller.tile_shape}, overlap {smaller.overlap} (set smaller tiles to avoid the retry)",
+                  MemoryRetryWarning, stacklevel=3)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _smaller_tiles(plan: PredictionPlan) -> PredictionPlan | None:
