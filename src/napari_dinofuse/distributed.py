@@ -156,10 +156,8 @@ def predict_task(job: Job, index: int) -> float:
     """Compute block ``index`` and write it, then its completion record; returns the seconds it took."""
     import time
 
-    import torch
-
     from .atomic import atomic_write_text
-    from .predict import _smaller_tiles, predict_block, retrying_smaller
+    from .predict import predict_block_retrying
 
     record = Path(job.out) / ".blocks" / f"{index:07d}"
     if record.exists():  # finished by an earlier attempt
@@ -169,18 +167,9 @@ def predict_task(job: Job, index: int) -> float:
         Path(job.fault_once).write_text("killed")
         os._exit(1)  # a worker dying mid-task (fault injection in tests)
     model, source, plan, dev, arrays = _predict_state(job)
-    for attempt in range(2):
-        try:
-            results = drive(predict_block(model, source, plan, index, dev))
-            break
-        except torch.OutOfMemoryError:
-            smaller = None if attempt else _smaller_tiles(plan)
-            if smaller is None:
-                raise
-        # As predict() does: once with tiles halved in y/x, kept for this worker's next blocks.
-        retrying_smaller(plan, smaller, dev)
-        plan = smaller
-        _WORKER_CACHE[("predict", job.key)] = (model, source, plan, dev, arrays)
+    results, used = drive(predict_block_retrying(model, source, plan, index, dev))
+    if used is not plan:  # out of memory once: this worker's next blocks keep the smaller tiles
+        _WORKER_CACHE[("predict", job.key)] = (model, source, used, dev, arrays)
     for name, region, array in results:
         arrays[name][(Ellipsis, *region)] = array
     atomic_write_text(record, job.key)

@@ -387,7 +387,7 @@ class _SliceExtractor:
         self.max_batch: int | None = None  # set after an out-of-memory: slices per forward from then on
 
     def __call__(self, slices: np.ndarray, dtype=torch.float32) -> np.ndarray:
-        return self.start(slices, dtype).result()
+        return self.start(self.host_batch(slices), dtype).result()
 
     def host_batch(self, slices: np.ndarray) -> torch.Tensor:
         """``slices`` checked and ready to go to the device (pinned memory on CUDA); any thread may call it."""
@@ -402,10 +402,8 @@ class _SliceExtractor:
         return images.pin_memory() if self.backbone.device.type == "cuda" else images
 
     @torch.inference_mode()
-    def start(self, slices: np.ndarray | torch.Tensor, dtype=torch.float16) -> _Pending:
-        """Launch the features of ``slices`` (or of a :meth:`host_batch`); on CUDA this returns before the
-        device has finished."""
-        images = slices if isinstance(slices, torch.Tensor) else self.host_batch(slices)
+    def start(self, images: torch.Tensor, dtype=torch.float16) -> _Pending:
+        """Launch the features of a :meth:`host_batch`; on CUDA this returns before the device has finished."""
         images = to_unit_range(images.to(self.backbone.device, non_blocking=True), self.low, self.high)
         try:
             return _Pending(self._in_batches(images, dtype))

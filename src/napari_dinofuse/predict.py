@@ -316,19 +316,9 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
                 features = ahead.result()  # a failed read surfaces here
                 if index + 1 < count:
                     ahead = reader.submit(read_block, model, source, plan, index + 1, dev)
-                while True:
-                    try:
-                        results = yield from within(predict_block(model, source, plan, index, dev, features), done,
-                                                    total, f"block {index + 1}/{count}")
-                        break
-                    except torch.OutOfMemoryError:
-                        smaller = None if shrunk else _smaller_tiles(plan)
-                        if smaller is None:
-                            raise
-                    # Out of the except clause, so the failed tiles' tensors (held by its traceback) are freed.
-                    retrying_smaller(plan, smaller, dev)
-                    plan, shrunk = smaller, True
-                    total = done + sum(len(tiles) for _, _, tiles in plan.blocks[index:])
+                results, used = yield from predict_block_retrying(model, source, plan, index, dev, features,
+                                                                  shrunk, done, f"block {index + 1}/{count}")
+                plan, shrunk = used, shrunk or used is not plan
                 done += len(plan.blocks[index][2])
                 if written is not None:
                     written.result()  # a failed write surfaces here
@@ -383,13 +373,29 @@ def _tiles(core, outer, tile_shape, overlap, align) -> list[_Slices]:
     return list(product(*per_axis))
 
 
-def retrying_smaller(plan: PredictionPlan, smaller: PredictionPlan, dev: torch.device) -> None:
-    """Say that a block ran out of ``dev``'s memory and is retried with ``smaller``'s tiles; free the cache."""
-    warnings.warn(f"out of {dev.type} memory with tiles of {plan.tile_shape}: continuing with tiles of "
-                  f"{smaller.tile_shape}, overlap {smaller.overlap} (set smaller tiles to avoid the retry)",
-                  MemoryRetryWarning, stacklevel=3)
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+def predict_block_retrying(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device,
+                           features: BlockFeatures | None = None, shrunk: bool = False, done: int = 0,
+                           message: str = "") -> Generator[Progress, None, tuple[list, PredictionPlan]]:
+    """:func:`predict_block`, and if ``dev`` runs out of memory (and the plan has not ``shrunk`` already), once more
+    with tiles halved in y/x (:func:`_smaller_tiles`), with a warning. Yields progress as ``done`` + tiles of
+    the rest of the run (``plan``'s blocks from ``index`` on, recounted after a retry); returns (the block's
+    results, the plan that computed them: the caller keeps the smaller tiles for its next blocks)."""
+    while True:
+        total = done + sum(len(tiles) for _, _, tiles in plan.blocks[index:])
+        try:
+            return (yield from within(predict_block(model, source, plan, index, dev, features), done, total,
+                                      message)), plan
+        except torch.OutOfMemoryError:
+            smaller = None if shrunk else _smaller_tiles(plan)
+            if smaller is None:
+                raise
+        # Out of the except clause, so the failed tiles' tensors (held by its traceback) are freed.
+        warnings.warn(f"out of {dev.type} memory with tiles of {plan.tile_shape}: continuing with tiles of "
+                      f"{smaller.tile_shape}, overlap {smaller.overlap} (set smaller tiles to avoid the retry)",
+                      MemoryRetryWarning, stacklevel=2)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        plan, shrunk = smaller, True
 
 
 def _smaller_tiles(plan: PredictionPlan) -> PredictionPlan | None:
