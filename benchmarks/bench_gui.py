@@ -40,10 +40,10 @@ def main() -> None:
     store = QSettings(f"{tempfile.mkdtemp()}/dinofuse.ini", QSettings.Format.IniFormat)
     widget = DinofuseWidget(viewer, settings=store)
     viewer.window.add_dock_widget(widget)
-    widget.backbone_edit.setText(args.backbone)
-    widget.device_combo.setCurrentText(args.device)
-    widget.base_spin.setValue(args.base_channels)
-    widget.iterations_spin.setValue(args.iterations)
+    widget.features_box.backbone_edit.setText(args.backbone)
+    widget.features_box.device_combo.setCurrentText(args.device)
+    widget.model_box.base_spin.setValue(args.base_channels)
+    widget.train_box.iterations_spin.setValue(args.iterations)
     labels = widget.new_annotation_layer()
     labels.data[:] = make_sample(seed=0).scribbles(seed=0)  # as if painted (the user's strokes)
     labels.refresh()
@@ -58,15 +58,15 @@ def main() -> None:
         gaps.append(now - last[0])
         ends.append(now)
         if now - last[0] > 0.05:
-            slow.append((now - last[0], widget.status_label.text()[:70]))
+            slow.append((now - last[0], widget.status_row.status_label.text()[:70]))
         last[0] = now
 
     probe = QTimer()
     probe.timeout.connect(tick)
     probe.start(10)
     phases = {}
-    for name, button in (("extract features", widget.extract_button), ("fine-tune + predict", widget.train_button),
-                         ("predict again", widget.predict_button)):
+    for name, button in (("extract features", widget.features_box.extract_button), ("fine-tune + predict", widget.train_box.train_button),
+                         ("predict again", widget.predict_box.predict_button)):
         for _ in range(20):
             QApplication.processEvents()
         gaps.clear()
@@ -90,7 +90,7 @@ def main() -> None:
             inside = [g for g, t in zip(gaps, ends) if losses[0] < t <= losses[-1]]
             phases["  training steps only"] = (losses[-1] - losses[0], np.array(inside) * 1000)
         if not hasattr(widget.last_result, "arrays") and name != "extract features":
-            raise SystemExit(f"{name} did not finish: {widget.status_label.text()}")
+            raise SystemExit(f"{name} did not finish: {widget.status_row.status_label.text()}")
     probe.stop()
 
     log = widget.session.log

@@ -31,17 +31,17 @@ def main(out: Path) -> None:
     store = QSettings(f"{tempfile.mkdtemp()}/dinofuse.ini", QSettings.Format.IniFormat)
     widget = DinofuseWidget(viewer, settings=store)
     viewer.window.add_dock_widget(widget, name="DINOfuse", area="right")
-    widget.backbone_edit.setText("random:vits16")
+    widget.features_box.backbone_edit.setText("random:vits16")
     # The shipped recipe (base width, iterations) as a user gets it: the picture shows what the defaults give.
     labels = widget.new_annotation_layer()
     labels.data[:] = make_sample(seed=0).scribbles(seed=0)
     labels.refresh()
-    widget.train_button.click()
+    widget.train_box.train_button.click()
     while widget.worker is not None:
         QApplication.processEvents()
         time.sleep(0.01)
     if not hasattr(widget.last_result, "arrays"):
-        raise SystemExit(f"fine-tune failed: {widget.status_label.text()}")
+        raise SystemExit(f"fine-tune failed: {widget.status_row.status_label.text()}")
     viewer.layers["context"].visible = False
     viewer.layers["prediction"].opacity = 0.45
     viewer.reset_view(layers=[viewer.layers["raw"]])

@@ -10,6 +10,7 @@ from napari_dinofuse.display import (
     class_features,
     fit_camera,
     label_colormap,
+    view_region,
 )
 
 
@@ -24,6 +25,22 @@ def test_fit_camera_shows_the_whole_box_centred():
     assert np.isclose(zoom, 0.95 * 0.5)
     center, zoom = fit_camera([0, 5, 5], [0, 5, 5], (500, 500), ndisplay=3)
     assert center == (0.0, 5.0, 5.0) and np.isfinite(zoom)
+
+
+def test_the_region_around_the_view_is_what_the_canvas_shows_in_raw_voxels():
+    # Raw 64 x 1000 x 1000 voxels of (8, 4, 4) nm at (80, 1000, 2000) nm; the view at slice 20, centred on voxel
+    # (300, 400), 2 screen pixels per nm in a 400 x 800 canvas: 100 x 200 nm shown, 25 x 50 voxels.
+    shape, voxel, offset = (64, 1000, 1000), (8, 4, 4), (80, 1000, 2000)
+    z, center = 80 + 20 * 8, (1000 + 300 * 4, 2000 + 400 * 4)
+    region = view_region(shape, voxel, offset, z, center, 2.0, (400, 800))
+    assert region[0] == slice(4, 36)  # 16 slices either side
+    assert region[1] == slice(300 - 32, 300 + 32)  # 12.5 voxels half-height: at least 32 either side
+    # Zoomed out (0.05 px/nm: 8000 x 16000 nm shown): capped at 512 voxels either side, cut at the raw's edge.
+    region = view_region(shape, voxel, offset, z, center, 0.05, (400, 800))
+    assert region[1] == slice(0, 300 + 512) and region[2] == slice(0, 400 + 512)
+    # A view outside the raw still gives a region inside it, never an empty one.
+    far = view_region(shape, voxel, offset, -1e6, (-1e6, 1e7), 2.0, (400, 800))
+    assert all(0 <= s.start < s.stop <= n for s, n in zip(far, shape))
 
 
 def test_one_colour_per_class_and_a_transparent_prediction_background():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from napari_dinofuse.backbone import to_unit_range
-from napari_dinofuse.cache import CacheError, FeatureCache, FeatureEntry
-from napari_dinofuse.errors import DinofuseError
+from napari_dinofuse.cache import FeatureCache, FeatureEntry
+from napari_dinofuse.errors import CacheError, DinofuseError
 from napari_dinofuse.features import compute_features, extract_features, feature_grid
 from napari_dinofuse.geometry import Volume
 

@@ -12,8 +12,8 @@ import tifffile
 import zarr
 
 from napari_dinofuse._reader import get_reader
-from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.io import VolumeReadError, content_hash, file_backing, open_volume, read_region, sample_digest
+from napari_dinofuse.errors import GeometryError, VolumeReadError
+from napari_dinofuse.io import content_hash, file_backing, open_volume, read_region, sample_digest
 
 
 def test_npy_is_memory_mapped_not_loaded(tmp_path):

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .errors import DinofuseError
+from .errors import CacheError
 from .io import file_backing, sample_digest
 
 FORMAT_VERSION = 2  # 2: CRC32C per chunk, CRC-32 + file stats in markers (1 still reads)
@@ -53,10 +53,6 @@ _MAX_CHUNK_BYTES = 32 * 2**20
 # Input files modified less than this before their stats were taken are not trusted: a rewrite within the same
 # tick of a coarse clock (FAT: 2 s) would keep both size and time.
 _RACY_NS = 2 * 10**9
-
-
-class CacheError(DinofuseError):
-    """A cache folder that cannot be used."""
 
 
 def default_cache_dir() -> Path:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .atomic import fsync_dir, recover, siblings, staging, swap_in
-from .errors import DinofuseError
+from .errors import CheckpointError
 from .modeling.unet import FusedUNet3D, UNetConfig
 
 __all__ = [
@@ -75,10 +75,6 @@ WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "training_log.json"
 _MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE)
 _UPGRADE_HINT = "upgrade napari-dinofuse (pip install -U napari-dinofuse)"
-
-
-class CheckpointError(DinofuseError):
-    """A model folder cannot be read or written as asked."""
 
 
 # -- metadata ---------------------------------------------------------------------------

@@ -20,5 +20,17 @@ class InputError(DinofuseError, ValueError):
     """Data or settings that cannot be used as given (NaNs, unknown options)."""
 
 
+class VolumeReadError(DinofuseError):
+    """A file that cannot be opened as a volume."""
+
+
+class CacheError(DinofuseError):
+    """A cache folder that cannot be used."""
+
+
+class CheckpointError(DinofuseError):
+    """A model folder cannot be read or written as asked."""
+
+
 class MemoryRetryWarning(UserWarning):
     """The device ran out of memory and the work was retried in smaller pieces (slower, same result)."""

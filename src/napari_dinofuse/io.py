@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .defaults import HDF5_SUFFIXES, VOLUME_SUFFIXES
-from .errors import DinofuseError, GeometryError
+from .errors import DinofuseError, GeometryError, VolumeReadError
 from .geometry import Volume
 
 # Length units as NGFF (UDUNITS names), OME-XML (symbols) and ImageJ/Fiji (which writes µm as the escaped
@@ -25,10 +25,6 @@ from .geometry import Volume
 _UNIT_TO_NM = {"nanometer": 1.0, "nm": 1.0, "micrometer": 1e3, "micron": 1e3, "um": 1e3, "µm": 1e3, "μm": 1e3,
                "\\u00b5m": 1e3, "millimeter": 1e6, "mm": 1e6, "angstrom": 0.1, "å": 0.1, "picometer": 1e-3,
                "pm": 1e-3}
-
-
-class VolumeReadError(DinofuseError):
-    """A file that cannot be opened as a volume."""
 
 
 def open_volume(path, voxel_size=None, offset=None, name: str | None = None, level: int = 0,

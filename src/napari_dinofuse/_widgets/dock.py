@@ -16,48 +16,28 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from qtpy.QtCore import QEvent, QSettings, Qt, QTimer, Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QSlider,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtCore import QEvent, QSettings, QTimer, Signal
+from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from .. import defaults
-from ..defaults import BACKBONE_ENV, default_backbone_spec
-from ..display import (
-    ATTENTION_LEGEND,
-    attention_style,
-    class_features,
-    fit_camera,
-    label_colormap,
-    prediction_style,
-)
+from ..defaults import BACKBONE_ENV
+from ..display import class_features, fit_camera, label_colormap, prediction_style
 from ..errors import DinofuseError, InputError
-from ..geometry import Volume, triple
+from ..geometry import Volume
 from ..progress import CANCELLED, cancellable
 from ..session import Session, SessionSettings
-from .loss_plot import LossPlot
+from .attention_box import AttentionBox
+from .data_box import DataBox
+from .features_box import FeaturesBox
+from .fields import level0
+from .model_box import ModelBox
 from .objects import ObjectsBox, layer_class_names, prediction_layer, shown_folder, shown_results
-from .results import ATTENTION_LAYERS, MARK, ours, show_prediction
+from .predict_box import PredictBox
+from .results import MARK, ours, show_prediction
+from .status_row import StatusRow
+from .train_box import TrainBox
 
-NONE = "(none)"
 WRITING = "prediction (being written)"  # the temporary layer of a prediction to disk that runs
-WHOLE, AROUND_VIEW = "whole volume", "region around the view"
-# Below this many raw voxels "Fine-tune" and "Predict" default to the whole volume, above to the view.
-WHOLE_VOLUME_DEFAULT_MAX = 256**3
 SNAPSHOT_MAX_BYTES = 2**30  # labels up to this size are copied before training (the user may paint on)
 # Viewer shortcuts while the dock is shown (napari key names; none is bound by napari itself).
 FINE_TUNE_KEY, PREDICT_KEY = "Control-Shift-F", "Control-Shift-R"
@@ -67,26 +47,6 @@ def user_settings() -> QSettings:
     """Qt's per-user settings store (~/.config/napari-dinofuse/dinofuse.ini on Linux): it outlives napari
     sessions and is not a file in the working directory. Tests point it elsewhere with QSettings.setPath."""
     return QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope, "napari-dinofuse", "dinofuse")
-
-
-def _key_text(key: str) -> str:
-    return key.replace("Control", "Ctrl").replace("-", "+")
-
-
-def _xyz_text(values) -> str:
-    return ", ".join(f"{float(v):g}" for v in values)
-
-
-def _parse_xyz(text: str, what: str, positive: bool = False) -> tuple[float, float, float]:
-    """Three numbers 'z, y, x' (nm) typed in a field; whether they are finite (and, with ``positive``, above 0)
-    is the geometry's rule (:func:`~napari_dinofuse.geometry.triple`). Anything else is a DinofuseError."""
-    try:
-        values = tuple(float(v) for v in text.replace(";", ",").split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise DinofuseError(f"{what}: enter three numbers 'z, y, x' in nm, got {text!r}")
-    return triple(values, what, positive)
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -99,11 +59,6 @@ def _describe_error(exc: BaseException) -> str:
         return str(exc)
     traceback.print_exception(exc)
     return f"unexpected {name}: {exc} (details in the terminal log)"
-
-
-def _level0(layer):
-    """The full-resolution array of a layer (level 0 of a multiscale one)."""
-    return layer.data[0] if layer.multiscale else layer.data
 
 
 def _check_labels(name: str, labels, raw: Volume) -> None:
@@ -120,49 +75,6 @@ def _check_labels(name: str, labels, raw: Volume) -> None:
 class _Failed:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-class _LayerCombo(QComboBox):
-    """Layers of one kind (Image or Labels) in the viewer, kept in sync with the layer list.
-
-    The choice follows the layer itself (item data = its id), so renaming the chosen layer keeps it chosen.
-    A stand-in choice (the first layer, because none was named ``prefer``) gives way to a ``prefer`` layer when
-    one appears (the sample adds the context before the raw); a layer chosen by the user or a script stays.
-    """
-
-    def __init__(self, viewer, kind: str, allow_none: bool = False, prefer: str | None = None):
-        super().__init__()
-        self.viewer, self.kind, self.allow_none, self.prefer = viewer, kind, allow_none, prefer
-        self.stand_in = False
-        # refresh() blocks signals: this sees only choices made from outside (a click, setCurrentText).
-        self.currentIndexChanged.connect(lambda _: setattr(self, "stand_in", False))
-        self.refresh()
-
-    def layers(self):
-        return [layer for layer in self.viewer.layers
-                if type(layer).__name__ == self.kind and layer.metadata.get(MARK) is None]
-
-    def refresh(self) -> None:
-        chosen, text = self.currentData(), self.currentText()
-        self.blockSignals(True)
-        self.clear()
-        if self.allow_none:
-            self.addItem(NONE, None)
-        for layer in self.layers():
-            self.addItem(layer.name, id(layer))
-        index = self.findData(chosen) if chosen is not None else -1
-        preferred = self.findText(self.prefer) if self.prefer is not None else -1
-        if index < 0 or self.stand_in:
-            index = preferred
-            self.stand_in = preferred < 0 and self.count() > (1 if self.allow_none else 0)
-        self.setCurrentIndex(max(index, 0))
-        self.blockSignals(False)
-        if self.currentText() != text:
-            self.currentTextChanged.emit(self.currentText())
-
-    def layer(self):
-        wanted = self.currentData()
-        return next((layer for layer in self.layers() if id(layer) == wanted), None)
 
 
 class DinofuseWidget(QWidget):
@@ -194,21 +106,22 @@ class DinofuseWidget(QWidget):
         self.last_result = None  # what the last job returned (the sink, CANCELLED, or a _Failed)
         self._fitted = None  # id of the raw layer the camera was last fitted to
         self._bound = []  # viewer shortcuts this dock bound
-        self._last_good = {}  # voxel-size / offset field -> its last valid text
 
-        layout = QVBoxLayout(self)
-        layout.addWidget(self._data_box())
-        layout.addWidget(self._features_box())
-        layout.addWidget(self._model_box())
-        layout.addWidget(self._train_box())
-        layout.addWidget(self._predict_box())
-        layout.addWidget(self._attention_box())
+        # The forms (one per file); this class wires their buttons to the session's jobs.
+        self.data_box = DataBox(self.viewer, self._notify_error)
+        self.features_box = FeaturesBox()
+        self.model_box = ModelBox()
+        self.train_box = TrainBox(self.viewer, FINE_TUNE_KEY)
+        self.predict_box = PredictBox(PREDICT_KEY)
+        self.attention_box = AttentionBox(self.viewer)
         self.objects_box = ObjectsBox(self)
-        self.objects_box.find_button.clicked.connect(self.find_objects)
-        self.objects_box.save_button.clicked.connect(self.save_objects_table)
-        layout.addWidget(self.objects_box)
-        layout.addLayout(self._status_row())
+        self.status_row = StatusRow()
+        layout = QVBoxLayout(self)
+        for part in (self.data_box, self.features_box, self.model_box, self.train_box, self.predict_box,
+                     self.attention_box, self.objects_box, self.status_row):
+            layout.addWidget(part)
         layout.addStretch(1)
+        self._connect()
 
         # Closing napari mid-run: the worker stops at its next batch (the event outlives the widget).
         self.destroyed.connect(self._cancel.set)
@@ -226,21 +139,48 @@ class DinofuseWidget(QWidget):
         self._update_buttons()
         self._bind_keys(True)  # also before the viewer window is first shown
 
+    def _connect(self) -> None:
+        """Each form's buttons and choices to what they do."""
+        data, features, model, train, predict = (self.data_box, self.features_box, self.model_box, self.train_box,
+                                                 self.predict_box)
+        data.raw_combo.currentTextChanged.connect(lambda _: self._prefill("raw"))
+        data.context_combo.currentTextChanged.connect(lambda _: self._prefill("context"))
+        for folder, button in data.open_buttons.items():
+            button.clicked.connect(lambda _=False, folder=folder: self._open_files(folder))
+        features.backbone_edit.textChanged.connect(self._backbone_hint)
+        features.backbone_folder_button.clicked.connect(self._choose_backbone_folder)
+        features.extract_button.clicked.connect(self.extract)
+        model.new_model_button.clicked.connect(self.new_model)
+        model.load_button.clicked.connect(lambda: self._ask_folder(self.load_model, "Load a model folder"))
+        model.save_button.clicked.connect(lambda: self._ask_folder(self.save_model, "Save the model to a folder"))
+        train.new_labels_button.clicked.connect(self.new_annotation_layer)
+        train.restore_button.clicked.connect(self.restore_annotations)
+        train.train_button.clicked.connect(self.fine_tune)
+        predict.predict_button.clicked.connect(self.predict)
+        predict.predict_disk_button.clicked.connect(self._ask_prediction_folder)
+        predict.save_results_button.clicked.connect(self._ask_results_folder)
+        self.objects_box.find_button.clicked.connect(self.find_objects)
+        self.objects_box.save_button.clicked.connect(self.save_objects_table)
+        self.status_row.cancel_button.clicked.connect(self.cancel)
+        self._backbone_hint()
+
     # -- remembered between napari sessions -------------------------------------------------------
 
     def _remembered(self):
         """(key, getter, setter, change signal) of every setting that persists."""
         combo = lambda c: (c.currentText, c.setCurrentText, c.currentTextChanged)  # noqa: E731
+        features, model = self.features_box, self.model_box
         return [
-            ("backbone", self.backbone_edit.text, self.backbone_edit.setText, self.backbone_edit.editingFinished),
-            ("device", *combo(self.device_combo)),
-            ("planes", *combo(self.planes_combo)),
-            ("cache", self.cache_edit.text, self.cache_edit.setText, self.cache_edit.editingFinished),
-            ("fusion", *combo(self.fusion_combo)),
-            ("base channels", self.base_spin.value, lambda v: self.base_spin.setValue(int(v)),
-             self.base_spin.valueChanged),
-            ("intensity stem", self.stem_check.isChecked, lambda v: self.stem_check.setChecked(str(v) == "true"),
-             self.stem_check.toggled),
+            ("backbone", features.backbone_edit.text, features.backbone_edit.setText,
+             features.backbone_edit.editingFinished),
+            ("device", *combo(features.device_combo)),
+            ("planes", *combo(features.planes_combo)),
+            ("cache", features.cache_edit.text, features.cache_edit.setText, features.cache_edit.editingFinished),
+            ("fusion", *combo(model.fusion_combo)),
+            ("base channels", model.base_spin.value, lambda v: model.base_spin.setValue(int(v)),
+             model.base_spin.valueChanged),
+            ("intensity stem", model.stem_check.isChecked, lambda v: model.stem_check.setChecked(str(v) == "true"),
+             model.stem_check.toggled),
         ]
 
     def _restore(self) -> None:
@@ -253,7 +193,7 @@ class DinofuseWidget(QWidget):
                 except (TypeError, ValueError):  # a hand-edited store: keep the default
                     pass
             changed.connect(lambda *_, key=key: self._remember(key))
-        self._show_cache_size()
+        self.features_box.show_cache_size()
 
     def _remember(self, key: str) -> None:
         value = dict((k, get) for k, get, _, _ in self._remembered())[key]()
@@ -267,255 +207,6 @@ class DinofuseWidget(QWidget):
         if path:
             self.store.setValue(f"last folder/{key}", os.path.dirname(os.path.abspath(str(path).rstrip("/"))))
 
-    # -- layout -----------------------------------------------------------------------------------
-
-    def _data_box(self) -> QGroupBox:
-        box = QGroupBox("Data")
-        form = QFormLayout(box)
-        self.raw_combo = _LayerCombo(self.viewer, "Image", prefer="raw")
-        self.context_combo = _LayerCombo(self.viewer, "Image", allow_none=True, prefer="context")
-        self.raw_voxel, self.raw_offset = QLineEdit(), QLineEdit()
-        self.context_voxel, self.context_offset = QLineEdit(), QLineEdit()
-        open_row = QHBoxLayout()
-        for text, folder in (("Open .tif / .h5 / .npy…", False), ("Open .zarr…", True)):
-            button = QPushButton(text)
-            button.setToolTip("Open volumes as layers, placed by their voxel size and offset (drag-and-drop "
-                              "works too)")
-            button.clicked.connect(lambda _=False, folder=folder: self._open_files(folder))
-            open_row.addWidget(button)
-        self.raw_combo.setToolTip("The image to segment (3D, z y x): the only layer you paint on and predict")
-        self.context_combo.setToolTip("A wider, coarser image around the raw that the model may look at "
-                                      "('(none)': raw only)")
-        for edit, what in ((self.raw_voxel, "raw"), (self.context_voxel, "context")):
-            edit.setToolTip(f"Size of one {what} voxel in nm, three numbers 'z, y, x' (e.g. '8, 4, 4'); "
-                            "filled in from the layer's scale")
-        for edit, what in ((self.raw_offset, "raw"), (self.context_offset, "context")):
-            edit.setToolTip(f"Where the {what}'s first voxel lies, in nm 'z, y, x': places the raw inside the "
-                            "context; filled in from the layer's translate")
-        form.addRow("raw", self.raw_combo)
-        form.addRow("  voxel size (nm, z, y, x)", self.raw_voxel)
-        form.addRow("  offset (nm)", self.raw_offset)
-        form.addRow("context", self.context_combo)
-        form.addRow("  voxel size (nm, z, y, x)", self.context_voxel)
-        form.addRow("  offset (nm)", self.context_offset)
-        self.data_status = QLabel()
-        self.data_status.setWordWrap(True)
-        form.addRow(open_row)
-        form.addRow(self.data_status)
-        self.raw_combo.currentTextChanged.connect(lambda _: self._prefill("raw"))
-        self.context_combo.currentTextChanged.connect(lambda _: self._prefill("context"))
-        for edit, what, positive in ((self.raw_voxel, "raw voxel size", True), (self.raw_offset, "raw offset", False),
-                                     (self.context_voxel, "context voxel size", True),
-                                     (self.context_offset, "context offset", False)):
-            edit.editingFinished.connect(lambda edit=edit, what=what, positive=positive:
-                                         self._check_field(edit, what, positive))
-        return box
-
-    def _features_box(self) -> QGroupBox:
-        box = QGroupBox("Features (DINOv3)")
-        form = QFormLayout(box)
-        self.backbone_edit = QLineEdit(default_backbone_spec())
-        self.backbone_edit.setToolTip("A hub id (gated: accept the licence and log in), a local folder with "
-                                      "the weights, or random:<tiny|vits16|vitb16|vitl16> (NOT DINOv3: tests "
-                                      "and offline demos only)")
-        self.backbone_edit.textChanged.connect(self._backbone_hint)
-        self.backbone_folder_button = QPushButton("Choose folder…")
-        self.backbone_folder_button.setToolTip("A folder with DINOv3 weights as transformers' save_pretrained "
-                                               "writes them (config.json + model.safetensors), e.g. copied from "
-                                               "a machine that has hub access")
-        self.backbone_folder_button.clicked.connect(self._choose_backbone_folder)
-        self.backbone_note = QLabel()
-        self.backbone_note.setWordWrap(True)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-        self.device_combo.setToolTip("Where the backbone and the model run: auto picks a GPU (cuda, mps) when "
-                                     "there is one, else the cpu")
-        self.planes_combo = QComboBox()
-        self.planes_combo.addItems(["xy", "ortho"])
-        self.planes_combo.setToolTip("xy: one pass over the z slices; ortho: xy + xz + yz (3x the time and disk)")
-        self.cache_edit = QLineEdit()
-        self.cache_edit.setPlaceholderText("default (DINOFUSE_CACHE or your user cache folder)")
-        self.cache_edit.setToolTip("Folder for the extracted features (can take several GB per volume); "
-                                   "reused by later runs and after Cancel")
-        self.cache_edit.editingFinished.connect(self._show_cache_size)
-        self.cache_size = QLabel()
-        self.extract_button = QPushButton("Extract features")
-        self.extract_button.setToolTip("Compute (or find in the cache) the backbone features of the raw and "
-                                       "context now; optional: Fine-tune and Predict do it when needed")
-        self.extract_button.clicked.connect(self.extract)
-        row = QHBoxLayout()
-        row.addWidget(self.backbone_edit, 1)
-        row.addWidget(self.backbone_folder_button)
-        form.addRow("backbone", row)
-        form.addRow(self.backbone_note)
-        form.addRow("device", self.device_combo)
-        form.addRow("planes", self.planes_combo)
-        form.addRow("cache folder", self.cache_edit)
-        form.addRow(self.cache_size)
-        form.addRow(self.extract_button)
-        self._backbone_hint()
-        self._show_cache_size()
-        return box
-
-    def _model_box(self) -> QGroupBox:
-        box = QGroupBox("Model")
-        form = QFormLayout(box)
-        self.model_label = QLabel()
-        self.model_label.setWordWrap(True)
-        self.fusion_combo = QComboBox()
-        self.fusion_combo.addItems(["attention", "concat", "none"])
-        self.fusion_combo.setToolTip("attention: context gates the raw skips (shows attention maps); concat: "
-                                     "ablation; none: raw only")
-        self.base_spin = QSpinBox()
-        self.base_spin.setRange(2, 128)
-        self.base_spin.setValue(defaults.BASE_CHANNELS)
-        self.base_spin.setToolTip("UNet width (channels at the first level) of a new model: 16 suits a "
-                                  "laptop, 32-128 a GPU")
-        self.stem_check = QCheckBox("raw-intensity stem (sharper boundaries)")
-        self.stem_check.setChecked(True)
-        self.stem_check.setToolTip("A new model also reads the raw intensities at full resolution (a fixed "
-                                   "filter bank), for sharper boundaries than the 16-voxel backbone patches")
-        row = QHBoxLayout()
-        self.new_model_button = QPushButton("New")
-        self.new_model_button.setToolTip("Forget the current model: the next Fine-tune starts from scratch "
-                                         "with the settings above")
-        self.load_button = QPushButton("Load…")
-        self.load_button.setToolTip("Load a model folder (config.json + model.safetensors) to predict or "
-                                    "fine-tune further")
-        self.save_button = QPushButton("Save…")
-        self.save_button.setToolTip("Save the current model to a folder (for `dinofuse predict` or later)")
-        self.new_model_button.clicked.connect(self.new_model)
-        self.load_button.clicked.connect(lambda: self._ask_folder(self.load_model, "Load a model folder"))
-        self.save_button.clicked.connect(lambda: self._ask_folder(self.save_model, "Save the model to a folder"))
-        for button in (self.new_model_button, self.load_button, self.save_button):
-            row.addWidget(button)
-        form.addRow(self.model_label)
-        form.addRow("fusion", self.fusion_combo)
-        form.addRow("base channels", self.base_spin)
-        form.addRow(self.stem_check)
-        form.addRow(row)
-        return box
-
-    def _train_box(self) -> QGroupBox:
-        box = QGroupBox("Fine-tune")
-        form = QFormLayout(box)
-        self.labels_combo = _LayerCombo(self.viewer, "Labels", prefer="annotations")
-        self.labels_combo.setToolTip("The Labels layer with your strokes on the raw's grid: 0 = unpainted, 1 = "
-                                     "background, 2, 3 … = your classes")
-        self.new_labels_button = QPushButton("New annotation layer")
-        self.new_labels_button.setToolTip("An empty Labels layer 'annotations' aligned to the raw: paint 1 = "
-                                          "background, 2, 3 … = your classes")
-        self.new_labels_button.clicked.connect(self.new_annotation_layer)
-        self.restore_button = QPushButton("Restore annotations")
-        self.restore_button.setToolTip("Add the strokes the current model was trained on (kept in its model "
-                                       "folder), or else those of the last Fine-tune started (autosaved in your "
-                                       "user data folder), as a new Labels layer")
-        self.restore_button.clicked.connect(self.restore_annotations)
-        self.iterations_spin = QSpinBox()
-        self.iterations_spin.setRange(1, 100_000)
-        self.iterations_spin.setValue(defaults.ITERATIONS)
-        self.iterations_spin.setToolTip("Training steps (one step: a few tiles around your strokes); every stroke "
-                                        "trains")
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(5)
-        self.lr_spin.setRange(1e-5, 1.0)
-        self.lr_spin.setSingleStep(1e-4)
-        self.lr_spin.setValue(defaults.LEARNING_RATE)
-        self.lr_spin.setToolTip("Peak learning rate of the optimiser (no unit), after a warm-up, then decaying")
-        self.train_button = QPushButton("Fine-tune")
-        self.train_button.setToolTip(f"Train on the painted voxels, then update the prediction "
-                                     f"({_key_text(FINE_TUNE_KEY)} in the viewer)")
-        self.train_button.clicked.connect(self.fine_tune)
-        self.loss_plot = LossPlot()
-        self.eta_label = QLabel()
-        form.addRow("labels", self.labels_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.new_labels_button)
-        row.addWidget(self.restore_button)
-        form.addRow(row)
-        form.addRow("iterations", self.iterations_spin)
-        form.addRow("learning rate", self.lr_spin)
-        form.addRow(self.train_button)
-        form.addRow(self.loss_plot)
-        form.addRow(self.eta_label)
-        return box
-
-    def _predict_box(self) -> QGroupBox:
-        box = QGroupBox("Predict")
-        form = QFormLayout(box)
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItems([WHOLE, AROUND_VIEW])
-        self.scope_combo.setToolTip("Also used by the prediction after a Fine-tune. For volumes too large to "
-                                    "hold in memory, use Predict to disk…")
-        self.predict_button = QPushButton("Predict")
-        self.predict_button.setToolTip(f"Segment the region with the current model ({_key_text(PREDICT_KEY)} "
-                                       "in the viewer)")
-        self.predict_button.clicked.connect(self.predict)
-        self.predict_disk_button = QPushButton("Predict to disk…")
-        self.predict_disk_button.setToolTip("Write the prediction of the region as OME-Zarr into a folder you "
-                                            "choose, block by block (any volume size, memory bounded by a block), "
-                                            "showing blocks as they are written, then the result read lazily from "
-                                            "there; objects are then found on disk")
-        self.predict_disk_button.clicked.connect(self._ask_prediction_folder)
-        form.addRow("region", self.scope_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.predict_button)
-        row.addWidget(self.predict_disk_button)
-        form.addRow(row)
-        self.save_results_button = QPushButton("Save results…")
-        self.save_results_button.setToolTip("Write the prediction, uncertainty, attention maps and objects with "
-                                            "their measurements into an OME-Zarr folder that napari opens again "
-                                            "in place (drag it in, or File > Open Folder)")
-        self.save_results_button.clicked.connect(self._ask_results_folder)
-        form.addRow(self.save_results_button)
-        return box
-
-    def _attention_box(self) -> QGroupBox:
-        box = QGroupBox("Attention maps (where the context steered)")
-        layout = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.attention_checks = []
-        for k, role in enumerate(ATTENTION_LAYERS, start=1):
-            check = QCheckBox(f"level {k}")
-            check.setToolTip(f"Show '{role}': the context gate at the k-th encoder level (coarser than the raw by "
-                             "that level's pooling)")
-            check.toggled.connect(lambda on, role=role: self._set_attention(role, visible=on))
-            self.attention_checks.append(check)
-            row.addWidget(check)
-        layout.addLayout(row)
-        legend = QLabel(ATTENTION_LEGEND)  # what the colours mean, where the maps are switched on
-        legend.setWordWrap(True)
-        layout.addWidget(legend)
-        self.attention_legend = legend
-        opacity_row = QHBoxLayout()
-        opacity_row.addWidget(QLabel("opacity"))
-        self.attention_opacity = QSlider(Qt.Orientation.Horizontal)
-        self.attention_opacity.setRange(0, 100)
-        self.attention_opacity.setValue(round(100 * attention_style(1)["opacity"]))
-        self.attention_opacity.setToolTip("Opacity of the attention layers, 0-100 %")
-        self.attention_opacity.valueChanged.connect(
-            lambda v: [self._set_attention(role, opacity=v / 100) for role in ATTENTION_LAYERS])
-        opacity_row.addWidget(self.attention_opacity)
-        layout.addLayout(opacity_row)
-        return box
-
-    def _status_row(self) -> QVBoxLayout:
-        column = QVBoxLayout()
-        self.status_label = QLabel("ready")
-        self.status_label.setWordWrap(True)
-        row = QHBoxLayout()
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop after the current batch; the cache and the last good model stay")
-        self.cancel_button.clicked.connect(self.cancel)
-        row.addWidget(self.progress_bar)
-        row.addWidget(self.cancel_button)
-        column.addWidget(self.status_label)
-        column.addLayout(row)
-        return column
-
     # -- data -------------------------------------------------------------------------------------
 
     def _on_layer_inserted(self, event) -> None:
@@ -526,30 +217,18 @@ class DinofuseWidget(QWidget):
         if self.worker is not None and any(event.value is layer for layer in self._uses):
             self._lost.append(event.value.name)
             self._cancel.set()
-            self.status_label.setText(f"layer {event.value.name!r} was removed: stopping {self._job_name}…")
+            self.status_row.say(f"layer {event.value.name!r} was removed: stopping {self._job_name}…")
 
     def _refresh_layers(self, event=None) -> None:
-        for combo in (self.raw_combo, self.context_combo, self.labels_combo):
-            combo.refresh()
-        self._check_data()
+        self.data_box.refresh()
+        self.train_box.labels_combo.refresh()
 
     def _prefill(self, role: str) -> None:
-        combo = self.raw_combo if role == "raw" else self.context_combo
-        voxel, offset = (self.raw_voxel, self.raw_offset) if role == "raw" else (self.context_voxel,
-                                                                                  self.context_offset)
-        layer = combo.layer()
-        voxel.setText(_xyz_text(layer.scale[-3:]) if layer is not None else "")
-        offset.setText(_xyz_text(layer.translate[-3:]) if layer is not None else "")
-        for edit in (voxel, offset):
-            self._last_good[edit] = edit.text()
-        voxel.setEnabled(layer is not None)
-        offset.setEnabled(layer is not None)
+        layer = self.data_box.prefill(role)
         if role == "raw" and layer is not None:
-            big = int(np.prod(_level0(layer).shape)) > WHOLE_VOLUME_DEFAULT_MAX
-            self.scope_combo.setCurrentText(AROUND_VIEW if big else WHOLE)
+            self.predict_box.default_scope(level0(layer).shape)
             if id(layer) != self._fitted:  # a newly chosen raw, not a rename of the same one
                 self.show_raw(layer)
-        self._check_data()
 
     def _camera(self):
         scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera there
@@ -582,64 +261,6 @@ class DinofuseWidget(QWidget):
         camera = self._camera()
         camera.center, camera.zoom = center, zoom
 
-    def volumes(self):
-        """(raw, context or None) as Volumes over the chosen layers with the voxel sizes shown here."""
-        raw_layer, context_layer = self.raw_combo.layer(), self.context_combo.layer()
-        if raw_layer is None:
-            raise DinofuseError("choose a raw image layer (or open a volume, or File > Open Sample > DINOfuse)")
-        for layer in (raw_layer, context_layer):
-            if layer is not None and getattr(layer, "rgb", False):
-                raise DinofuseError(f"layer {layer.name!r} is an RGB image: dinofuse segments grayscale 3D volumes "
-                                    "(EM has one channel); convert it to grayscale first")
-            if layer is not None and layer.ndim != 3:
-                raise DinofuseError(f"layer {layer.name!r} is {layer.ndim}D: dinofuse segments 3D volumes (z, y, x); "
-                                    "choose a 3D image layer")
-        raw = Volume(_level0(raw_layer), _parse_xyz(self.raw_voxel.text(), "raw voxel size", positive=True),
-                     _parse_xyz(self.raw_offset.text(), "raw offset"), raw_layer.name)
-        context = None
-        if context_layer is not None:
-            if context_layer is raw_layer:
-                raise DinofuseError("the context must be a different layer from the raw (or '(none)')")
-            context = Volume(_level0(context_layer),
-                             _parse_xyz(self.context_voxel.text(), "context voxel size", positive=True),
-                             _parse_xyz(self.context_offset.text(), "context offset"), context_layer.name)
-            context.require_covers(raw)
-        return raw, context
-
-    def _check_field(self, edit: QLineEdit, what: str, positive: bool) -> None:
-        """A typo in a voxel size or offset is said at once and undone: the last good value stays in force."""
-        if edit.text() == self._last_good.get(edit):
-            return
-        try:
-            values = _parse_xyz(edit.text(), what, positive)
-        except DinofuseError as exc:
-            edit.setText(self._last_good.get(edit, ""))
-            self._notify_error(f"{exc}; kept {edit.text() or 'the previous value'!s}")
-            return
-        edit.setText(_xyz_text(values))
-        self._last_good[edit] = edit.text()
-        self._check_data()
-
-    def _check_data(self) -> None:
-        """Say plainly what is wrong with the data choice (or what will be segmented)."""
-        try:
-            raw, context = self.volumes()
-        except (DinofuseError, ValueError) as exc:
-            self.data_status.setText(f"⚠ {exc}")
-            self.data_status.setStyleSheet("color: #ff8c69")
-            return
-        notes = [f"raw {raw.shape}, {raw.dtype}"]
-        if tuple(raw.voxel_size) == (1.0, 1.0, 1.0):
-            notes.append("⚠ raw voxel size missing (scale 1): enter it in nm")
-        if context is None:
-            notes.append("no context: fusion falls back to 'none'")
-        else:
-            notes.append(f"context {context.shape} covers the raw")
-            if tuple(context.voxel_size) == (1.0, 1.0, 1.0):
-                notes.append("⚠ context voxel size missing (scale 1): enter it in nm")
-        self.data_status.setText("; ".join(notes))
-        self.data_status.setStyleSheet("color: #ff8c69" if any("⚠" in n for n in notes) else "")
-
     def _open_files(self, folder: bool) -> None:
         if folder:
             chosen = QFileDialog.getExistingDirectory(self, "Open a .zarr / OME-Zarr volume", self._folder("data"))
@@ -657,55 +278,25 @@ class DinofuseWidget(QWidget):
                                                   self._folder("backbone"))
         if folder:
             self._chose("backbone", folder)
-            self.backbone_edit.setText(folder)
+            self.features_box.backbone_edit.setText(folder)
 
     def _backbone_hint(self) -> None:
-        """What the backbone field will load, or (once loaded) what it loaded: DINOv3 or random weights."""
-        spec = self.backbone_edit.text().strip()
-        loaded = self.session.backbone
-        random = spec.startswith("random:")
-        if loaded is not None and self.session.loaded_backbone_spec == spec:
-            random = loaded.is_random
-            text = f"loaded: {loaded.describe()}" if random else f"loaded: DINOv3, {loaded.describe()}"
-        elif random:
-            text = "⚠ RANDOM WEIGHTS, NOT DINOv3: for tests and offline demos only"
-        else:
-            text = ("official DINOv3 hub ids are gated: accept the licence on the model's hub page, then "
-                    "`hf auth login`; or, on a machine with access, save_pretrained the model to a folder and "
-                    "choose that folder here")
-        self.backbone_note.setText(text)
-        self.backbone_note.setStyleSheet("color: #ff8c69" if random else "")
-
-    def _show_cache_size(self) -> None:
-        from ..cache import FeatureCache, format_bytes
-
-        try:
-            cache = FeatureCache(self.cache_edit.text().strip() or None)
-            # Said before Extract fails on it: the nearest existing folder on the path must be a writable folder.
-            there = next(p for p in (cache.root, *cache.root.parents) if p.exists())
-            if not there.is_dir():
-                self.cache_size.setText(f"⚠ cache folder {cache.root} cannot be created: {there} is a file")
-            elif not os.access(there, os.W_OK | os.X_OK):
-                self.cache_size.setText(f"⚠ cache folder {cache.root} is not writable")
-            else:
-                self.cache_size.setText(f"{cache.root}: {format_bytes(cache.size_bytes())} cached")
-        except (OSError, DinofuseError) as exc:
-            self.cache_size.setText(f"⚠ cache folder: {exc}")
+        self.features_box.show_backbone(self.session.backbone, self.session.loaded_backbone_spec)
 
     def new_annotation_layer(self):
         """An empty Labels layer named 'annotations' on the raw's grid, selected with the paint brush."""
-        raw_layer = self.raw_combo.layer()
+        raw_layer = self.data_box.raw_combo.layer()
         if raw_layer is None:
             self._notify_error("choose or open a raw image layer first")
             return None
         # np.zeros maps untouched pages lazily: a big volume costs memory only where painted.
         # The same class colours as the prediction (background visible here: its strokes must show).
         named = {"features": class_features(self.session.class_names)} if self.session.class_names else {}
-        layer = self.viewer.add_labels(np.zeros(_level0(raw_layer).shape, np.uint8), name="annotations",
+        layer = self.viewer.add_labels(np.zeros(level0(raw_layer).shape, np.uint8), name="annotations",
                                        scale=raw_layer.scale, translate=raw_layer.translate,
                                        colormap=label_colormap(show_background=True), **named)
-        self.labels_combo.refresh()
-        self.labels_combo.setCurrentText(layer.name)
+        self.train_box.labels_combo.refresh()
+        self.train_box.labels_combo.setCurrentText(layer.name)
         self.viewer.layers.selection.active = layer
         layer.mode = "paint"
         layer.brush_size = 6
@@ -733,69 +324,54 @@ class DinofuseWidget(QWidget):
         layer = self.viewer.add_labels(read_region(saved.data, (slice(None),)), name="annotations (restored)",
                                        scale=saved.voxel_size, translate=saved.offset,
                                        colormap=label_colormap(show_background=True), **named)
-        self.labels_combo.refresh()
-        self.labels_combo.setCurrentText(layer.name)
-        self.status_label.setText(f"annotations of {where} restored as layer {layer.name!r}")
+        self.train_box.labels_combo.refresh()
+        self.train_box.labels_combo.setCurrentText(layer.name)
+        self.status_row.say(f"annotations of {where} restored as layer {layer.name!r}")
         return layer
 
     # -- settings ---------------------------------------------------------------------------------
 
     def settings(self) -> SessionSettings:
-        backbone = self.backbone_edit.text().strip()
-        if not backbone:
-            raise DinofuseError("enter a backbone: a hub id, a local folder or random:<arch>")
-        return SessionSettings(backbone=backbone, device=self.device_combo.currentText(),
-                               planes=self.planes_combo.currentText(), cache=self.cache_edit.text().strip() or None,
-                               fusion=self.fusion_combo.currentText(), base_channels=self.base_spin.value(),
-                               intensity_stem=self.stem_check.isChecked(), iterations=self.iterations_spin.value(),
-                               learning_rate=self.lr_spin.value())
+        features, model, train = self.features_box, self.model_box, self.train_box
+        return SessionSettings(backbone=features.backbone_spec(), device=features.device_combo.currentText(),
+                               planes=features.planes_combo.currentText(), cache=features.cache_folder(),
+                               fusion=model.fusion_combo.currentText(), base_channels=model.base_spin.value(),
+                               intensity_stem=model.stem_check.isChecked(), iterations=train.iterations_spin.value(),
+                               learning_rate=train.lr_spin.value())
 
     def region(self, raw):
         """The prediction region in raw voxels: None (whole volume) or slices around the current view."""
-        scope = self.scope_combo.currentText()
-        if scope == WHOLE:
-            return None
-        voxel, offset = np.array(raw.voxel_size), np.array(raw.offset)
-        z = (self.viewer.dims.point[-3] - offset[0]) / voxel[0]
         camera = self._camera()
-        center = (np.array(camera.center[-2:]) - offset[1:]) / voxel[1:]
-        canvas = self._canvas_size()
-        half = np.clip(canvas / 2 / max(camera.zoom, 1e-6) / voxel[1:], 32, 512)
-        lo = [z - 16, *(center - half)]
-        hi = [z + 16, *(center + half)]
-        roi = []
-        for a, b, n in zip(lo, hi, raw.shape):
-            a, b = int(np.clip(np.floor(a), 0, n - 1)), int(np.clip(np.ceil(b), 1, n))
-            roi.append(slice(a, max(b, a + 1)))
-        return tuple(roi)
+        return self.predict_box.region(raw, self.viewer.dims.point[-3], camera.center, camera.zoom,
+                                       self._canvas_size())
 
     # -- actions ----------------------------------------------------------------------------------
 
     def extract(self) -> None:
         def job(cancel):
-            raw, context = self.volumes()
+            raw, context = self.data_box.volumes()
             return self.session.extract(raw, context, self._settings, cancel=cancel)
 
-        self._start("extract", job, lambda source: self._show_cache_size(), uses=self._chosen_layers())
+        self._start("extract", job, lambda source: self.features_box.show_cache_size(), uses=self._chosen_layers())
 
     def fine_tune(self) -> None:
         if self.worker is not None:  # a second click (or key press) must not reset the running job's plot
             self._notify_error("another task is running: wait for it or click Cancel")
             return
         try:
-            layer = self.labels_combo.layer()
+            layer = self.train_box.labels_combo.layer()
             if layer is None:
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
             raw, context, roi = self._inputs()
-            labels = _level0(layer)
+            labels = level0(layer)
             if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
                 labels = labels.copy()  # the user may keep painting while this trains
             _check_labels(layer.name, labels, raw)
         except (DinofuseError, ValueError) as exc:
             self._notify_error(str(exc))
             return
-        self.loss_plot.reset(self.iterations_spin.value())
+        self.train_box.loss_plot.reset(self.train_box.iterations_spin.value())
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
                                                                        cancel=cancel), self._show_prediction,
                     uses=(*self._chosen_layers(), layer))
@@ -851,7 +427,7 @@ class DinofuseWidget(QWidget):
             names = layer_class_names(layer) or self.session.class_names or None
             return cancellable(save_results(path, images, names, table), cancel)
 
-        self._start("save results", job, lambda folder: self.status_label.setText(f"results saved to {folder}"))
+        self._start("save results", job, lambda folder: self.status_row.say(f"results saved to {folder}"))
 
     def find_objects(self) -> None:
         from ..instances import find_objects, objects_in_prediction
@@ -882,7 +458,7 @@ class DinofuseWidget(QWidget):
 
     def _objects_found(self, result, grid, where=None) -> None:
         self.objects_box.show(self.viewer, result, grid)
-        self.status_label.setText(f"objects: {result[1].summary()}" + (f" (written to {where})" if where else ""))
+        self.status_row.say(f"objects: {result[1].summary()}" + (f" (written to {where})" if where else ""))
 
     def save_objects_table(self) -> None:
         try:
@@ -892,7 +468,7 @@ class DinofuseWidget(QWidget):
             return
         if path:
             self._chose("table", path)
-            self.status_label.setText(f"measurements saved to {path}")
+            self.status_row.say(f"measurements saved to {path}")
 
     def new_model(self) -> None:
         self.session.reset_model()
@@ -910,12 +486,12 @@ class DinofuseWidget(QWidget):
             yield from ()
             self.session.save(folder)
 
-        self._start("save model", job, lambda _: self.status_label.setText(f"model saved to {folder}"))
+        self._start("save model", job, lambda _: self.status_row.say(f"model saved to {folder}"))
 
     def cancel(self) -> None:
         if self.worker is not None:
             self._cancel.set()
-            self.status_label.setText("cancelling after the current batch…")
+            self.status_row.say("cancelling after the current batch…")
 
     def _ask_folder(self, action, title: str) -> None:
         folder = QFileDialog.getExistingDirectory(self, title, self._folder("model"))
@@ -926,10 +502,10 @@ class DinofuseWidget(QWidget):
     # -- running jobs -----------------------------------------------------------------------------
 
     def _chosen_layers(self) -> tuple:
-        return tuple(layer for layer in (self.raw_combo.layer(), self.context_combo.layer()) if layer is not None)
+        return self.data_box.chosen_layers()
 
     def _inputs(self):
-        raw, context = self.volumes()
+        raw, context = self.data_box.volumes()
         return raw, context, self.region(raw)
 
     def _start(self, name: str, make_job, on_done, uses=()) -> None:
@@ -965,18 +541,17 @@ class DinofuseWidget(QWidget):
         self.worker.returned.connect(self._on_returned)
         self.worker.finished.connect(self._on_finished)
         self._progress = progress(total=0, desc=f"DINOfuse: {name}")
-        self.status_label.setText(f"{name}…")
-        self.progress_bar.setRange(0, 0)
+        self.status_row.say(f"{name}…")
+        self.status_row.busy()
         self._update_buttons()
         self.worker.start()
 
     def _on_progress(self, p) -> None:
-        self.status_label.setText(f"{self._job_name}: {p.message}")
+        self.status_row.say(f"{self._job_name}: {p.message}")
         if p.message.startswith("warning: "):
             self._notify_warning(p.message[len("warning: "):])
         total = max(int(p.total), 1)
-        self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(int(p.done))
+        self.status_row.show_progress(p.done, total)
         if self._progress is not None:
             self._progress.total = total
             self._progress.n = int(p.done)
@@ -984,13 +559,7 @@ class DinofuseWidget(QWidget):
         if self._writing is not None:
             self._show_writing()
         if "loss" in p.metrics:
-            self.loss_plot.add(p.metrics["loss"], p.metrics["smoothed"])
-            seconds = p.metrics["seconds"]
-            left = seconds / max(p.done, 1) * (p.total - p.done)
-            best = p.metrics.get("best_validation")
-            scored = f"; held-out strokes mIoU {best:.2f} (best so far)" if best is not None else ""
-            self.eta_label.setText(f"iteration {p.done}/{p.total}, {seconds:.0f} s, at most {left:.0f} s left "
-                                   f"(then the prediction){scored}")
+            self.train_box.show_step(p)
 
     def _on_returned(self, result) -> None:
         self.last_result = result
@@ -1000,12 +569,12 @@ class DinofuseWidget(QWidget):
         if self._lost:
             self._report_lost(result)
         elif isinstance(result, _Failed):
-            self.status_label.setText(f"{self._job_name} failed: {_describe_error(result.exc)}")
+            self.status_row.say(f"{self._job_name} failed: {_describe_error(result.exc)}")
             self._notify_error(f"DINOfuse {self._job_name}: {_describe_error(result.exc)}")
         elif result is CANCELLED:
-            self.status_label.setText(f"{self._job_name} cancelled: the cache and the last good model are intact")
+            self.status_row.say(f"{self._job_name} cancelled: the cache and the last good model are intact")
         else:
-            self.status_label.setText(f"{self._job_name} done in {seconds:.0f} s")
+            self.status_row.say(f"{self._job_name} done in {seconds:.0f} s")
             steps = self._on_done(result)
             self._steps = steps if inspect.isgenerator(steps) else None
 
@@ -1019,7 +588,7 @@ class DinofuseWidget(QWidget):
             message = f"DINOfuse {self._job_name} finished, but {removed}: its result is not shown"
             if self.session.model is not self._model_before:
                 message += "; the new model is kept: Predict shows it"
-        self.status_label.setText(message)
+        self.status_row.say(message)
         self._notify_warning(message)
 
     def _show_writing(self) -> None:
@@ -1049,25 +618,23 @@ class DinofuseWidget(QWidget):
         yield from show_prediction(self.viewer, sink, self.session.class_names)
         # Where it is stored (predicted to disk), so objects are found there, not in memory.
         ours(self.viewer, "prediction").metadata["store"] = str(getattr(sink, "path", "") or "")
-        self._sync_attention_checks()
+        self.attention_box.sync()
 
     def _model_loaded(self, backbone: str) -> None:
         from ..finetune import inference_settings  # torch is loaded by now
 
-        self.backbone_edit.setText(backbone)
-        self.fusion_combo.setCurrentText(self.session.model.config.fusion)
-        self.planes_combo.setCurrentText(inference_settings(self.session.info).planes)
-        self.base_spin.setValue(self.session.model.config.base_channels)
+        self.features_box.backbone_edit.setText(backbone)
+        self.features_box.planes_combo.setCurrentText(inference_settings(self.session.info).planes)
+        self.model_box.show_model(self.session.model.config)
         kept = "; it carries the strokes it was trained on: Restore annotations adds them" if (
             self.session.annotations is not None) else ""
-        self.status_label.setText(f"model loaded ({self.session.describe_model()}){kept}")
+        self.status_row.say(f"model loaded ({self.session.describe_model()}){kept}")
 
     def _on_finished(self) -> None:
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1)
+        self.status_row.finished()
         self._step()
 
     def _step(self) -> None:
@@ -1089,15 +656,17 @@ class DinofuseWidget(QWidget):
 
     def _update_buttons(self) -> None:
         busy = self.worker is not None
-        for button in (self.extract_button, self.train_button, self.predict_button, self.predict_disk_button,
-                       self.save_results_button, self.new_model_button,
-                       self.load_button, self.new_labels_button, self.restore_button, self.objects_box.find_button):
+        model, predict, train = self.model_box, self.predict_box, self.train_box
+        for button in (self.features_box.extract_button, train.train_button, train.new_labels_button,
+                       train.restore_button, predict.save_results_button, model.new_model_button, model.load_button,
+                       self.objects_box.find_button):
             button.setEnabled(not busy)
-        self.save_button.setEnabled(not busy and self.session.model is not None and self.session.info is not None)
-        self.predict_button.setEnabled(not busy and self.session.model is not None)
-        self.predict_disk_button.setEnabled(not busy and self.session.model is not None)
-        self.cancel_button.setEnabled(busy)
-        self.model_label.setText(self.session.describe_model())
+        trained = self.session.model is not None
+        model.save_button.setEnabled(not busy and trained and self.session.info is not None)
+        predict.predict_button.setEnabled(not busy and trained)
+        predict.predict_disk_button.setEnabled(not busy and trained)
+        self.status_row.cancel_button.setEnabled(busy)
+        model.model_label.setText(self.session.describe_model())
 
     def wait(self, timeout: float = 60.0) -> bool:
         """Process events until the running job (if any) ends; True if none is left running."""
@@ -1138,7 +707,8 @@ class DinofuseWidget(QWidget):
 
     def _bind_keys(self, on: bool) -> None:
         # click(): a disabled button (a job running, no model) ignores the key as it ignores the mouse.
-        for key, button in ((FINE_TUNE_KEY, self.train_button), (PREDICT_KEY, self.predict_button)):
+        for key, button in ((FINE_TUNE_KEY, self.train_box.train_button),
+                            (PREDICT_KEY, self.predict_box.predict_button)):
             if on and key not in self._bound:
                 try:
                     self.viewer.bind_key(key, lambda viewer, button=button: button.click())
@@ -1149,30 +719,12 @@ class DinofuseWidget(QWidget):
                 self.viewer.bind_key(key, None)
                 self._bound.remove(key)
 
-    # -- attention overlays -----------------------------------------------------------------------
-
-    def _set_attention(self, role: str, **props) -> None:
-        layer = ours(self.viewer, role)
-        if layer is not None:
-            for key, value in props.items():
-                setattr(layer, key, value)
-
-    def _sync_attention_checks(self) -> None:
-        for check, role in zip(self.attention_checks, ATTENTION_LAYERS):
-            layer = ours(self.viewer, role)
-            check.setEnabled(layer is not None)
-            check.blockSignals(True)
-            check.setChecked(layer is not None and layer.visible)
-            check.blockSignals(False)
-            if layer is not None:
-                layer.opacity = self.attention_opacity.value() / 100
-
     # -- notifications ----------------------------------------------------------------------------
 
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
 
-        self.status_label.setText(f"⚠ {message}")
+        self.status_row.say(f"⚠ {message}")
         show_error(message)
 
     def _notify_warning(self, message: str) -> None:

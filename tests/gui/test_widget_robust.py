@@ -1,24 +1,21 @@
 """A widget that cannot be broken: what a user may do in a real napari viewer while a job runs, or with inputs
 that cannot be used, ends in one clear notification and leaves the layers and the last good model as they were.
 
-Same set-up as tests/test_widget.py (random tiny backbone, NOT DINOv3; a small UNet; Xvfb); its fixtures and
-helpers are reused from there.
+Same set-up as tests/gui/test_widget.py (random tiny backbone, NOT DINOv3; a small UNet; Xvfb): fixtures in
+tests/gui/conftest.py, helpers in tests/gui/dock_helpers.py.
 """
 
 import os
 
 import numpy as np
 import pytest
-import test_widget as shared
+from dock_helpers import LEFT, click_and_wait, make_dock, paint_two_classes, real_threads
 from qtpy.QtCore import QThreadPool
-from test_widget import LEFT, _click_and_wait, _paint_two_classes, _real_threads, _widget
 
 from napari_dinofuse._widgets import DinofuseWidget
 from napari_dinofuse.progress import CANCELLED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-# tests/test_widget.py's fixtures, the autouse ones (private cache and settings) included.
-_private_cache, _private_settings, notifications = shared._private_cache, shared._private_settings, shared.notifications
 
 
 def _layers(viewer) -> dict:
@@ -48,28 +45,28 @@ def _no_traceback(seen) -> bool:
 
 
 def _configure(widget, iterations: int) -> None:
-    widget.backbone_edit.setText("random:tiny")
-    widget.device_combo.setCurrentText("cpu")
-    widget.base_spin.setValue(4)
-    widget.iterations_spin.setValue(iterations)
-    widget.lr_spin.setValue(3e-3)
+    widget.features_box.backbone_edit.setText("random:tiny")
+    widget.features_box.device_combo.setCurrentText("cpu")
+    widget.model_box.base_spin.setValue(4)
+    widget.train_box.iterations_spin.setValue(iterations)
+    widget.train_box.lr_spin.setValue(3e-3)
 
 
 # -- 1. layers removed, renamed or chosen anew while a job runs -----------------------------------------------
 
 def test_removing_an_input_layer_mid_fine_tune_stops_it_and_keeps_the_last_good_model(
         make_napari_viewer, qtbot, notifications):
-    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
-    _paint_two_classes(viewer, widget, qtbot)
-    assert hasattr(_click_and_wait(qtbot, widget, widget.train_button, timeout=600), "arrays")  # the last good model
+    viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
+    paint_two_classes(viewer, widget, qtbot)
+    assert hasattr(click_and_wait(qtbot, widget, widget.train_box.train_button, timeout=600), "arrays")  # the last good model
     model, weights = widget.session.model, _weights(widget.session.model)
-    widget.iterations_spin.setValue(100_000)
+    widget.train_box.iterations_spin.setValue(100_000)
 
     for name in ("annotations", "context", "raw"):
         layer = viewer.layers[name]
         before = len(notifications)
-        qtbot.mouseClick(widget.train_button, LEFT)
-        qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 1, timeout=600_000)
+        qtbot.mouseClick(widget.train_box.train_button, LEFT)
+        qtbot.waitUntil(lambda: len(widget.train_box.loss_plot.losses) >= 1, timeout=600_000)
         viewer.layers.remove(layer)
         others = _layers(viewer)  # the prediction of the last good model included
         qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
@@ -81,24 +78,24 @@ def test_removing_an_input_layer_mid_fine_tune_stops_it_and_keeps_the_last_good_
         assert _no_traceback(seen)
         _assert_untouched(viewer, others)
         assert widget.session.model is model and _same_weights(model, weights), name
-        assert widget.train_button.isEnabled() and not widget.cancel_button.isEnabled()
+        assert widget.train_box.train_button.isEnabled() and not widget.status_row.cancel_button.isEnabled()
         viewer.layers.append(layer)  # the user brings it back: chosen again, as it was
-        assert {widget.raw_combo.currentText(), widget.context_combo.currentText(),
-                widget.labels_combo.currentText()} == {"raw", "context", "annotations"}
+        assert {widget.data_box.raw_combo.currentText(), widget.data_box.context_combo.currentText(),
+                widget.train_box.labels_combo.currentText()} == {"raw", "context", "annotations"}
 
-    result = _click_and_wait(qtbot, widget, widget.predict_button, timeout=600)  # the last good model still predicts
+    result = click_and_wait(qtbot, widget, widget.predict_box.predict_button, timeout=600)  # the last good model still predicts
     assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
 
 
 def test_removing_an_input_layer_mid_extraction_stops_it(make_napari_viewer, qtbot, notifications, tmp_path):
-    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
-    widget.planes_combo.setCurrentText("ortho")  # long enough to act half-way
+    viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
+    widget.features_box.planes_combo.setCurrentText("ortho")  # long enough to act half-way
     for name in ("context", "raw"):
-        widget.cache_edit.setText(str(tmp_path / f"cache without {name}"))  # features not there yet
+        widget.features_box.cache_edit.setText(str(tmp_path / f"cache without {name}"))  # features not there yet
         layer = viewer.layers[name]
         before = len(notifications)
-        qtbot.mouseClick(widget.extract_button, LEFT)
-        qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=60_000)
+        qtbot.mouseClick(widget.features_box.extract_button, LEFT)
+        qtbot.waitUntil(lambda: widget.status_row.progress_bar.value() > 0, timeout=60_000)
         viewer.layers.remove(layer)
         others = _layers(viewer)
         qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
@@ -110,24 +107,24 @@ def test_removing_an_input_layer_mid_extraction_stops_it(make_napari_viewer, qtb
         assert _no_traceback(seen)
         _assert_untouched(viewer, others)
         viewer.layers.append(layer)
-        assert (widget.raw_combo.currentText(), widget.context_combo.currentText()) == ("raw", "context")
+        assert (widget.data_box.raw_combo.currentText(), widget.data_box.context_combo.currentText()) == ("raw", "context")
 
-    widget.planes_combo.setCurrentText("xy")  # (a third of the work of ortho)
-    result = _click_and_wait(qtbot, widget, widget.extract_button, timeout=600)  # the widget extracts as before
+    widget.features_box.planes_combo.setCurrentText("xy")  # (a third of the work of ortho)
+    result = click_and_wait(qtbot, widget, widget.features_box.extract_button, timeout=600)  # the widget extracts as before
     assert result is not CANCELLED and widget.session.source is result
 
 
 def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_viewer, qtbot, notifications):
-    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
-    labels = _paint_two_classes(viewer, widget, qtbot)
+    viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
+    labels = paint_two_classes(viewer, widget, qtbot)
     raw = viewer.layers["raw"]
     before = len(notifications)
 
-    qtbot.mouseClick(widget.train_button, LEFT)
+    qtbot.mouseClick(widget.train_box.train_button, LEFT)
     assert widget.worker is not None
     raw.name = "my raw"
     labels.name = "strokes"
-    assert widget.raw_combo.layer() is raw and widget.labels_combo.layer() is labels  # still chosen
+    assert widget.data_box.raw_combo.layer() is raw and widget.train_box.labels_combo.layer() is labels  # still chosen
     qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
     assert hasattr(widget.last_result, "arrays")
     prediction = viewer.layers["prediction"]
@@ -136,10 +133,10 @@ def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_
 
     # Another raw (and no context) chosen while Predict runs: the running job predicts what it started with.
     state = _layers(viewer)
-    qtbot.mouseClick(widget.predict_button, LEFT)
+    qtbot.mouseClick(widget.predict_box.predict_button, LEFT)
     assert widget.worker is not None
-    widget.raw_combo.setCurrentText("context")
-    widget.context_combo.setCurrentText("(none)")
+    widget.data_box.raw_combo.setCurrentText("context")
+    widget.data_box.context_combo.setCurrentText("(none)")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
     result = widget.last_result
     assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
@@ -148,14 +145,14 @@ def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_
         if layer.name in ("context", "my raw", "strokes"):
             assert np.array_equal(layer.data, state[id(layer)][1])
     assert len(notifications) == before and _no_traceback(notifications)
-    assert (widget.raw_combo.currentText(), widget.context_combo.currentText()) == ("context", "(none)")
+    assert (widget.data_box.raw_combo.currentText(), widget.data_box.context_combo.currentText()) == ("context", "(none)")
 
 
 # -- 2. inputs that cannot be used ----------------------------------------------------------------------------
 
 def test_unusable_inputs_are_refused_before_any_work(make_napari_viewer, qtbot, notifications):
-    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=5)
-    labels = _paint_two_classes(viewer, widget, qtbot)
+    viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
+    labels = paint_two_classes(viewer, widget, qtbot)
     raw = viewer.layers["raw"]
     viewer.add_image(np.zeros((8, 64, 64, 3), np.uint8), name="colour stack", rgb=True)
     viewer.add_image(np.zeros((2, 8, 64, 64), np.uint8), name="time series")
@@ -169,14 +166,14 @@ def test_unusable_inputs_are_refused_before_any_work(make_napari_viewer, qtbot, 
     threads = QThreadPool.globalInstance().activeThreadCount()
 
     cases = [  # (raw, labels, buttons, what the message must say besides the layer's name)
-        ("colour stack", "annotations", (widget.extract_button, widget.train_button), "RGB"),
-        ("time series", "annotations", (widget.extract_button, widget.train_button), "4D"),
-        ("raw", "half size", (widget.train_button,), "shape"),
-        ("raw", "with -1", (widget.train_button,), "negative"),
+        ("colour stack", "annotations", (widget.features_box.extract_button, widget.train_box.train_button), "RGB"),
+        ("time series", "annotations", (widget.features_box.extract_button, widget.train_box.train_button), "4D"),
+        ("raw", "half size", (widget.train_box.train_button,), "shape"),
+        ("raw", "with -1", (widget.train_box.train_button,), "negative"),
     ]
     for raw_name, labels_name, buttons, what in cases:
-        widget.raw_combo.setCurrentText(raw_name)
-        widget.labels_combo.setCurrentText(labels_name)
+        widget.data_box.raw_combo.setCurrentText(raw_name)
+        widget.train_box.labels_combo.setCurrentText(labels_name)
         culprit = raw_name if raw_name != "raw" else labels_name
         for button in buttons:
             before = len(notifications)
@@ -195,11 +192,11 @@ def test_unusable_inputs_are_refused_before_any_work(make_napari_viewer, qtbot, 
 # -- 3. the dock closed while a job runs -----------------------------------------------------------------------
 
 def test_closing_the_dock_mid_job_stops_it_and_a_new_dock_carries_on(make_napari_viewer, qtbot, notifications):
-    viewer, widget = _widget(make_napari_viewer, qtbot, iterations=100_000)
-    _paint_two_classes(viewer, widget, qtbot)
+    viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=100_000)
+    paint_two_classes(viewer, widget, qtbot)
     cancel = widget._cancel
-    qtbot.mouseClick(widget.train_button, LEFT)
-    qtbot.waitUntil(lambda: len(widget.loss_plot.losses) >= 1, timeout=600_000)
+    qtbot.mouseClick(widget.train_box.train_button, LEFT)
+    qtbot.waitUntil(lambda: len(widget.train_box.loss_plot.losses) >= 1, timeout=600_000)
     state = _layers(viewer)
     viewer.window.remove_dock_widget(widget)  # what the dock's close button does
     qtbot.waitUntil(cancel.is_set, timeout=10_000)
@@ -207,25 +204,25 @@ def test_closing_the_dock_mid_job_stops_it_and_a_new_dock_carries_on(make_napari
     qtbot.wait(100)  # its last signals are delivered
     assert widget.last_result is CANCELLED
     _assert_untouched(viewer, state)  # the closed dock shows nothing
-    threads = len(_real_threads())
+    threads = len(real_threads())
 
     second = DinofuseWidget(viewer)
     viewer.window.add_dock_widget(second)
     _configure(second, iterations=5)
-    assert second.labels_combo.currentText() == "annotations"
-    assert hasattr(_click_and_wait(qtbot, second, second.train_button, timeout=600), "arrays")
-    result = _click_and_wait(qtbot, second, second.predict_button, timeout=600)
+    assert second.train_box.labels_combo.currentText() == "annotations"
+    assert hasattr(click_and_wait(qtbot, second, second.train_box.train_button, timeout=600), "arrays")
+    result = click_and_wait(qtbot, second, second.predict_box.predict_button, timeout=600)
     assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
-    assert QThreadPool.globalInstance().waitForDone(10_000) and len(_real_threads()) <= threads
+    assert QThreadPool.globalInstance().waitForDone(10_000) and len(real_threads()) <= threads
     assert _no_traceback(notifications)
 
 
 # -- 4. a cache folder that cannot be written -----------------------------------------------------------------
 
 def _extract_into(qtbot, widget, folder):
-    widget.cache_edit.setText(str(folder))
-    widget.cache_edit.editingFinished.emit()
-    return _click_and_wait(qtbot, widget, widget.extract_button, timeout=600)
+    widget.features_box.cache_edit.setText(str(folder))
+    widget.features_box.cache_edit.editingFinished.emit()
+    return click_and_wait(qtbot, widget, widget.features_box.extract_button, timeout=600)
 
 
 def _complete_entries(folder) -> list:
@@ -236,7 +233,7 @@ def _complete_entries(folder) -> list:
 
 def test_a_cache_folder_that_cannot_be_written_stops_extract_with_its_name(
         make_napari_viewer, qtbot, notifications, tmp_path):
-    _, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+    _, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
     blocker = tmp_path / "a file"
     blocker.write_text("not a folder")
     for bad in (blocker, blocker / "cache"):  # the folder is a file, or lies under one: it cannot be created
@@ -245,8 +242,8 @@ def test_a_cache_folder_that_cannot_be_written_stops_extract_with_its_name(
         seen = notifications[before:]
         assert len(seen) == 1 and seen[0].severity == "error", [str(n.message) for n in seen]
         assert str(bad) in str(seen[0].message) and _no_traceback(seen), str(seen[0].message)
-        assert widget.session.source is None and widget.extract_button.isEnabled()
-        assert "⚠" in widget.cache_size.text() and str(bad) in widget.cache_size.text()
+        assert widget.session.source is None and widget.features_box.extract_button.isEnabled()
+        assert "⚠" in widget.features_box.cache_size.text() and str(bad) in widget.features_box.cache_size.text()
 
     blocker.unlink()  # the user frees the path: the same folder now works
     assert _extract_into(qtbot, widget, blocker) is widget.session.source is not None
@@ -260,7 +257,7 @@ def test_a_read_only_cache_folder_stops_extract_with_its_name(make_napari_viewer
     try:
         if os.access(folder, os.W_OK):
             pytest.skip("this user can write into a read-only folder (root): chmod proves nothing here")
-        _, widget = _widget(make_napari_viewer, qtbot, iterations=5)
+        _, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
         before = len(notifications)
         _extract_into(qtbot, widget, folder)
         seen = notifications[before:]

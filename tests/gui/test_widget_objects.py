@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import test_widget as shared
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog
 
@@ -15,8 +14,6 @@ from napari_dinofuse.outputs import ZarrSink
 NAMES = ["background", "membrane", "mitochondrion"]
 
 
-# tests/test_widget.py's fixtures: private settings (autouse) and the notifications seen.
-_private_settings, notifications = shared._private_settings, shared.notifications
 
 
 def _saved_prediction(path):
@@ -71,7 +68,7 @@ def test_objects_of_a_saved_prediction_become_a_layer_with_measurements(make_nap
     ball = 4 / 3 * np.pi * 48**3
     assert rows["volume_nm3"].sum() == pytest.approx(3 * ball, rel=0.05)
     assert np.allclose(rows["mean_uncertainty"], 0.1, atol=1e-3)
-    assert "3 objects" in widget.status_label.text() and "pred.zarr" in widget.status_label.text()
+    assert "3 objects" in widget.status_row.status_label.text() and "pred.zarr" in widget.status_row.status_label.text()
 
     # Hovering an object shows its row.
     centre = np.argwhere(found == 3).mean(axis=0).round().astype(int)
@@ -90,9 +87,9 @@ def test_objects_of_a_saved_prediction_become_a_layer_with_measurements(make_nap
 
     # Save results… into another folder: the reader opens prediction, uncertainty and objects again, in place.
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "results"), ""))
-    qtbot.mouseClick(widget.save_results_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.predict_box.save_results_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert "results saved to" in widget.status_label.text()
+    assert "results saved to" in widget.status_row.status_label.text()
     reopened = {meta["name"]: (data, meta) for data, meta, _ in read(str(tmp_path / "results.zarr"))}
     assert set(reopened) == {"prediction", "uncertainty", "instances"}
     data, meta = reopened["instances"]
@@ -103,7 +100,7 @@ def test_objects_of_a_saved_prediction_become_a_layer_with_measurements(make_nap
     assert np.allclose(meta["scale"], prediction.scale) and np.allclose(meta["translate"], prediction.translate)
     # ...but never over the folder the prediction is shown from.
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "pred.zarr"), ""))
-    qtbot.mouseClick(widget.save_results_button, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.predict_box.save_results_button, Qt.MouseButton.LeftButton)
     assert widget.worker is None and "shown from" in str(notifications[-1].message)
     assert np.array_equal(np.asarray(prediction.data), labels)
 
