@@ -18,7 +18,8 @@ from napari_dinofuse.geometry import Volume
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
 from napari_dinofuse.outputs import MemorySink, ZarrSink
-from napari_dinofuse.predict import plan_prediction, predict, predict_block, predict_to_memory, snap_roi
+from napari_dinofuse.predict import predict, predict_block, predict_to_memory
+from napari_dinofuse.prediction_plan import plan_prediction, smaller_tiles, snap_roi
 from napari_dinofuse.progress import drive
 
 SHAPE = (20, 80, 96)
@@ -473,10 +474,10 @@ def test_a_cancel_waits_for_the_write_in_flight_before_aborting(tmp_path, model,
 
 def test_smaller_tiles_keep_the_blocks_and_leave_a_step(model, source):
     plan = plan_prediction(model, source, None, tile_shape=(16, 64, 64), overlap=(8, 48, 48), block_shape=(16, 512, 64))
-    smaller = predict_module._smaller_tiles(plan)
+    smaller = smaller_tiles(plan)
     assert smaller.tile_shape == (16, 32, 32) and smaller.overlap == (8, 16, 16)  # 48 would leave no step
     assert [b[:2] for b in smaller.blocks] == [b[:2] for b in plan.blocks]  # cores and outer regions
     for _, outer, tiles in smaller.blocks:
         assert all(o.start <= s.start and s.stop <= o.stop and s.stop - s.start <= t
                    for tile in tiles for s, o, t in zip(tile, outer, smaller.tile_shape))
-    assert predict_module._smaller_tiles(predict_module._smaller_tiles(smaller)) is None  # 16: the patch size
+    assert smaller_tiles(smaller_tiles(smaller)) is None  # 16: the patch size
