@@ -167,7 +167,8 @@ def _sync(device: torch.device) -> None:
 
 def inference(args):
     from napari_dinofuse.backbone import resolve_device
-    from napari_dinofuse.predict import plan_prediction, predict_to_memory, read_block
+    from napari_dinofuse.predict import predict_to_memory, read_block
+    from napari_dinofuse.prediction_plan import plan_prediction
     from napari_dinofuse.train import new_model
 
     sample, source = _setup(args, raw_shape=args.volume)

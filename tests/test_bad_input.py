@@ -24,7 +24,7 @@ from napari_dinofuse.features import ExtractionSettings
 from napari_dinofuse.finetune import NewModel
 from napari_dinofuse.geometry import Volume
 from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
-from napari_dinofuse.predict import PredictionSettings
+from napari_dinofuse.prediction_plan import PredictionSettings
 from napari_dinofuse.train import TrainConfig, find_painted
 
 DINOFUSE = str(Path(sys.executable).with_name("dinofuse"))

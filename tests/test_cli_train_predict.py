@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from PIL import Image
 
 from napari_dinofuse.io import open_volume
 
@@ -126,6 +127,6 @@ def test_demo_runs_offline_and_reports_iou(tmp_path):
                              "--raw-shape", "16,128,128"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "IoU on unpainted voxels" in result.stdout and "nuclear granule" in result.stdout
-    png = (tmp_path / "demo" / "demo.png").read_bytes()
-    assert png.startswith(b"\x89PNG")
+    with Image.open(tmp_path / "demo" / "demo.png") as figure:  # two rows of four 128x128 panels, 4-pixel gaps
+        assert figure.format == "PNG" and figure.mode == "RGB" and figure.size == (4 * 128 + 3 * 4, 2 * 128 + 4)
     assert (tmp_path / "demo" / "prediction-attention.zarr" / "attention" / "level4").is_dir()

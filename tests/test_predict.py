@@ -18,7 +18,8 @@ from napari_dinofuse.geometry import Volume
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
 from napari_dinofuse.outputs import MemorySink, ZarrSink
-from napari_dinofuse.predict import plan_prediction, predict, predict_block, predict_to_memory, snap_roi
+from napari_dinofuse.predict import predict, predict_block, predict_to_memory
+from napari_dinofuse.prediction_plan import plan_prediction, snap_roi
 from napari_dinofuse.progress import drive
 
 SHAPE = (20, 80, 96)
@@ -334,25 +335,6 @@ def test_the_context_window_reaches_the_margin(source):
         source.context_window(target, -5.0)
 
 
-@pytest.mark.parametrize("roi", [None, (slice(3, 17), slice(20, 71), slice(5, 90))])
-def test_blocks_cover_every_attention_level_exactly_once(source, roi):
-    """Each block writes its core's part of every attention level: together the parts partition each level's
-    output (a gap would leave zeros in the map, an overlap a seam where the later block wins), and each part
-    lies inside the block's own level accumulator."""
-    plan = plan_prediction(_model("attention"), source, roi, **SMALL)
-    assert len(plan.blocks) > 1 and plan.factors
-    outputs = {name: shape for name, shape, *_ in plan.outputs()}
-    for level, factors in enumerate(plan.factors):
-        covered = np.zeros(outputs[f"attention/level{level + 1}"], int)
-        for index, (_, outer, _) in enumerate(plan.blocks):
-            out, local = plan.level_regions(index, level)
-            covered[out] += 1
-            accumulator = [-(-(s.stop - s.start) // k) for s, k in zip(outer, factors)]
-            assert all(0 <= s.start < s.stop <= n for s, n in zip(local, accumulator)), (index, local)
-            assert [s.stop - s.start for s in out] == [s.stop - s.start for s in local]
-        assert (covered == 1).all(), (level, np.unique(covered))
-
-
 def _serial(model, source, **settings):
     """predict()'s outputs computed block after block on this thread: the reference for the overlapped run."""
     plan = plan_prediction(model, source, None, **settings)
@@ -470,13 +452,3 @@ def test_a_cancel_waits_for_the_write_in_flight_before_aborting(tmp_path, model,
     assert events == ["write"] * (3 + 4) + ["abort"]  # block 1's labels, probabilities, uncertainty, 4 levels
     assert list(tmp_path.iterdir()) == []
 
-
-def test_smaller_tiles_keep_the_blocks_and_leave_a_step(model, source):
-    plan = plan_prediction(model, source, None, tile_shape=(16, 64, 64), overlap=(8, 48, 48), block_shape=(16, 512, 64))
-    smaller = predict_module._smaller_tiles(plan)
-    assert smaller.tile_shape == (16, 32, 32) and smaller.overlap == (8, 16, 16)  # 48 would leave no step
-    assert [b[:2] for b in smaller.blocks] == [b[:2] for b in plan.blocks]  # cores and outer regions
-    for _, outer, tiles in smaller.blocks:
-        assert all(o.start <= s.start and s.stop <= o.stop and s.stop - s.start <= t
-                   for tile in tiles for s, o, t in zip(tile, outer, smaller.tile_shape))
-    assert predict_module._smaller_tiles(predict_module._smaller_tiles(smaller)) is None  # 16: the patch size

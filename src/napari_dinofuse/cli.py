@@ -223,7 +223,8 @@ def _predict(args) -> int:
     from .features import ExtractionSettings
     from .finetune import inference_settings
     from .outputs import ZarrSink
-    from .predict import PredictionSettings, predict, snap_roi
+    from .predict import predict
+    from .prediction_plan import PredictionSettings, snap_roi
 
     model, info = load_model(args.model)
     inference = inference_settings(info, args.device)

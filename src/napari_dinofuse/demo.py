@@ -7,16 +7,17 @@ figure. A driver: everything it does goes through the engine's public functions.
 
 from __future__ import annotations
 
+import io
 import json
-import struct
 import warnings
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import defaults
+from .atomic import atomic_write_bytes
 from .backbone import default_backbone_spec, load_backbone
 from .cache import FeatureCache
 from .checkpoint import save_model
@@ -106,7 +107,9 @@ def run_demo(out, backbone: str | None = None, device: str = "auto", iterations:
         mark = "  <- context-dependent" if k in CONTEXT_DEPENDENT_CLASSES else ""
         say(f"  {CLASS_NAMES[k]:<24}" + "".join(f"{c[k]:16.3f}" for c in columns.values()) + mark)
     figure = out / "demo.png"
-    write_png(figure, _figure(sample, results))
+    png = io.BytesIO()
+    Image.fromarray(_figure(sample, results)).save(png, format="PNG")
+    atomic_write_bytes(figure, [png.getbuffer()])
     say(f"\nwrote {out}/prediction-attention.zarr, prediction-none.zarr, model-attention/, model-none/ and "
         f"{figure.name} (top: raw, ground truth, prediction with context, without; bottom: attention levels 1-4)")
     summary = {name: {CLASS_NAMES[k]: v for k, v in c.items()} for name, c in columns.items()}
@@ -141,16 +144,3 @@ def _heat(x: np.ndarray) -> np.ndarray:
     """A black-red-yellow-white ramp for attention maps."""
     x = np.clip(x, 0, 1)[..., None]
     return (255 * np.clip(np.concatenate([3 * x, 3 * x - 1, 3 * x - 2], -1), 0, 1)).astype(np.uint8)
-
-
-def write_png(path, rgb: np.ndarray) -> None:
-    """A minimal RGB PNG writer (no imaging dependency for a headless demo)."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + np.ascontiguousarray(rgb[y]).tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)

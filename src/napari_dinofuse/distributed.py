@@ -6,7 +6,7 @@ and keeps them for all its tasks. Two phases:
 
 1. **features**: the missing units of the raw's and the context's cache entries are filled by tasks of a
    few slices each (units are independent, written data-then-marker: see ``cache.py``);
-2. **prediction**: one task per block of :func:`~napari_dinofuse.predict.plan_prediction`. A task writes its
+2. **prediction**: one task per block of :func:`~napari_dinofuse.prediction_plan.plan_prediction`. A task writes its
    block's core into every output of the OME-Zarr (chunks follow the blocks, so no two tasks share a chunk),
    then a completion record ``OUT.zarr/.blocks/<index>``. A task retried after its worker died writes the
    same bytes; a rerun of the command skips blocks that have a record. The output is marked complete when
@@ -108,7 +108,7 @@ def _source_and_plan(job: Job, model):
     """The job's features and block plan; deterministic, so driver and workers agree block for block."""
     from .cache import FeatureEntry
     from .features import FeatureSource
-    from .predict import plan_prediction
+    from .prediction_plan import plan_prediction
 
     context = job.context.open() if job.context else None
     source = FeatureSource(job.raw.open(), FeatureEntry(Path(job.raw_entry)), context,

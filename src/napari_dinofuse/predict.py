@@ -1,4 +1,4 @@
-"""Sliding-window segmentation of a volume (or an ROI of it) with a :class:`FusedUNet3D`.
+"""Sliding-window segmentation of a volume (or an ROI of it) with a :class:`FusedUNet3D`: running a plan.
 
 :func:`predict` is a generator like extraction: it yields :class:`Progress` between tiles and returns its
 sink. Memory is bounded by a few *blocks* (one computed, the next one's features read, the previous one's
@@ -6,11 +6,9 @@ results written meanwhile), never by the volume: the ROI is cut into blocks, eac
 ``overlap`` voxels; inside a block's grown (outer) region overlapping tiles are predicted and their softmax
 probabilities blended with a raised-cosine window, and only the block's core goes to the sink.
 
-Alignment. The ROI's y/x start is snapped *down* to the 16-pixel patch grid (the output covers the snapped
-ROI: see :func:`snap_roi`). Blocks and tiles start, relative to the ROI start, on :func:`alignment` (the
-deepest UNet level's grid in z, the patch grid in y/x), so each tile sits on the feature patch grid and on
-every UNet level's grid: a tile's attention maps then land exactly on the ROI's level-k grid. Tiles may have
-any size: the model's normalisation statistics are fixed, and each block's tiles share one context window.
+Where the blocks and tiles go (and how they are aligned to the patch grid and the UNet's levels) is decided
+beforehand by :func:`~napari_dinofuse.prediction_plan.plan_prediction`; this module only carries a
+:class:`~napari_dinofuse.prediction_plan.PredictionPlan` out.
 
 Outputs (names in the sink), all over the snapped ROI:
 
@@ -26,193 +24,25 @@ Sinks (where the outputs go) live in :mod:`~napari_dinofuse.outputs`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import lru_cache
-from itertools import product
 
 import numpy as np
 import torch
 
 from .backbone import PATCH_SIZE, resolve_device
-from .defaults import (
-    NUM_LEVELS,
-    PREDICT_BLOCK,
-    PREDICT_OVERLAP,
-    PREDICT_TILE,
-    PREDICTION_LABELS,
-    attention_array,
-)
-from .errors import InputError, MemoryRetryWarning
+from .defaults import PREDICT_BLOCK, PREDICT_OVERLAP, PREDICT_TILE, PREDICTION_LABELS
+from .errors import MemoryRetryWarning
 from .features import BlockFeatures, FeatureSource
-from .geometry import Grid
-from .modeling.unet import UNetConfig
 from .outputs import MemorySink
+from .prediction_plan import PredictionPlan, attention_names, label_dtype, plan_prediction, smaller_tiles
 from .progress import Progress, drive, within
-from .tiling import (
-    BlendAccumulator,
-    aligned_tiles,
-    blending_weights,
-    ints3,
-    iter_blocks,
-    normalize_roi,
-    parse_roi,
-    roi_to_str,
-)
+from .tiling import BlendAccumulator, Slices3, blending_weights, roi_to_str
 
-__all__ = ["PredictionPlan", "PredictionSettings", "attention_names", "plan_prediction", "predict",
-           "predict_block", "predict_to_memory", "read_block", "snap_roi"]
-
-_Slices = tuple[slice, slice, slice]
-
-
-def alignment(config: UNetConfig) -> tuple[int, int, int]:
-    """Tile/block starts relative to the ROI start: on the deepest UNet level's grid, and y/x on the patch grid."""
-    deepest = config.level_factors[-1]
-    return deepest[0], math.lcm(PATCH_SIZE, deepest[1]), math.lcm(PATCH_SIZE, deepest[2])
-
-
-def attention_names() -> list[str]:
-    return [attention_array(k) for k in range(1, NUM_LEVELS + 1)]
-
-
-def snap_roi(roi, shape) -> _Slices:
-    """Concrete ROI slices with the y/x start moved down onto the 16-pixel patch grid.
-
-    ``roi``: None (whole volume), 3 slices, or a ``"z0:z1,y0:y1,x0:x1"`` string. Features exist per patch,
-    so a tile must start on a patch; growing the ROI (rather than shifting it) keeps every asked voxel.
-    """
-    roi = parse_roi(roi, shape) if isinstance(roi, str) else normalize_roi(roi, shape)
-    z, y, x = roi
-    return (z, slice(y.start // PATCH_SIZE * PATCH_SIZE, y.stop), slice(x.start // PATCH_SIZE * PATCH_SIZE, x.stop))
-
-
-def _round_up(values, multiples) -> tuple[int, int, int]:
-    return tuple(-(-v // m) * m for v, m in zip(values, multiples))
-
-
-def _label_dtype(num_classes: int) -> np.dtype:
-    return np.min_scalar_type(num_classes)  # unsigned; uint8 up to 255 classes
-
-
-# -- prediction -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PredictionSettings:
-    """How a prediction is cut into tiles and blocks, and where it runs; validated on creation, so every driver
-    refuses bad values before any slow work with the same message.
-
-    ``tile_shape``, ``overlap`` and ``block_shape``: 1 or 3 (z, y, x) voxel counts. ``workers``: None runs in
-    this process; N >= 1 runs blockwise on a local dask cluster of N processes.
-    """
-
-    tile_shape: tuple[int, int, int] = PREDICT_TILE
-    overlap: tuple[int, int, int] = PREDICT_OVERLAP
-    block_shape: tuple[int, int, int] = PREDICT_BLOCK
-    workers: int | None = None
-
-    def __post_init__(self) -> None:
-        for name, minimum in (("tile_shape", 1), ("overlap", 0), ("block_shape", 1)):
-            try:
-                object.__setattr__(self, name, ints3(getattr(self, name), name, minimum))
-            except ValueError as exc:
-                raise InputError(f"prediction setting {exc}") from None
-        for axis, t, o in zip("zyx", self.tile_shape, self.overlap):
-            if o >= t:
-                raise InputError(f"prediction settings overlap = {self.overlap}, tile_shape = {self.tile_shape}: the "
-                                 f"overlap along {axis} ({o}) must be smaller than the tile ({t}), e.g. a quarter of it")
-        w = self.workers
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-            raise InputError(f"prediction setting workers = {w!r}: expected a whole number >= 1 (leave it out "
-                             "to predict in this process)")
-
-
-@dataclass(frozen=True)
-class PredictionPlan:
-    """Where everything goes: the snapped ROI, its output grids, and the blocks with their tiles.
-
-    Deterministic for a given model config, volume and settings, so a dask worker rebuilding it computes
-    exactly the blocks the driver planned.
-    """
-
-    roi: _Slices
-    roi_grid: Grid
-    num_classes: int
-    tile_shape: tuple[int, int, int]
-    overlap: tuple[int, int, int]
-    block_shape: tuple[int, int, int]
-    factors: tuple[tuple[int, int, int], ...]  # attention levels' voxel sizes in raw voxels; () without attention
-    blocks: tuple  # (core, outer, tiles) per block, volume voxels
-    align: tuple[int, int, int] = (8, PATCH_SIZE, PATCH_SIZE)  # see alignment()
-
-    @property
-    def roi_start(self) -> np.ndarray:
-        return np.array([s.start for s in self.roi])
-
-    def outputs(self) -> list[tuple[str, tuple, np.dtype, Grid, tuple]]:
-        """(name, shape, dtype, grid, chunks) of every output; chunks follow the blocks, so parallel
-        block writers never share a chunk."""
-        shape = self.roi_grid.shape
-        found = [("labels", shape, _label_dtype(self.num_classes), self.roi_grid, self.block_shape),
-                 ("probabilities", (self.num_classes, *shape), np.dtype(np.float16), self.roi_grid,
-                  (1, *self.block_shape)),
-                 ("uncertainty", shape, np.dtype(np.float16), self.roi_grid, self.block_shape)]
-        for name, f in zip(attention_names(), self.factors):
-            found.append((name, tuple(-(-n // k) for n, k in zip(shape, f)), np.dtype(np.float16),
-                          self.roi_grid.coarsen(f), tuple(b // k for b, k in zip(self.block_shape, f))))
-        return found
-
-    def level_regions(self, index: int, level: int) -> tuple[_Slices, _Slices]:
-        """Where block ``index``'s core lies on attention level ``level``'s grid (0-based in ``factors``):
-        (region of the level's output array, which is relative to the ROI; the same voxels in the block's
-        level accumulator, which starts at the block's outer start). Cores start on every level's grid
-        (see :func:`alignment`), so the blocks' regions partition the level's output."""
-        core, outer, _ = self.blocks[index]
-        f = self.factors[level]
-        roi_start = self.roi_start
-        rel = [(c.start - r, c.stop - r) for c, r in zip(core, roi_start)]
-        out = tuple(slice(a // k, -(-b // k)) for (a, b), k in zip(rel, f))
-        shift = [(o.start - r) // k for o, r, k in zip(outer, roi_start, f)]
-        return out, tuple(slice(s.start - d, s.stop - d) for s, d in zip(out, shift))
-
-
-def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
-                    block_shape=PREDICT_BLOCK, attention: bool = True) -> PredictionPlan:
-    """Validate the settings against the model and the features, and cut the ROI into blocks and tiles."""
-    cfg = model.config
-    raw_volume = source.raw
-    roi = snap_roi(roi, raw_volume.shape)
-    align = alignment(cfg)
-    settings = PredictionSettings(tile_shape, overlap, block_shape)
-    tile_shape, overlap = _round_up(settings.tile_shape, align), settings.overlap
-    block_shape = _round_up(settings.block_shape, align)
-    for t, o, a, axis in zip(tile_shape, overlap, align, "zyx"):
-        if t - o < a:
-            raise InputError(f"overlap {o} along {axis} leaves tiles of {t} no step: the overlap must be at most "
-                             f"the tile size minus {a}")
-    use_context = cfg.fusion != "none"
-    if use_context and source.context is None:
-        raise InputError(f"this model fuses context (fusion={cfg.fusion!r}) but no context volume was given")
-    if source.channels[0] != cfg.raw_channels:
-        raise InputError(f"the features have {source.channels[0]} channels but the model expects "
-                         f"{cfg.raw_channels}: extract features with the backbone the model was trained on")
-    if use_context and source.channels[1] != cfg.context_channels:
-        raise InputError(f"the context features have {source.channels[1]} channels but the model expects "
-                         f"{cfg.context_channels}")
-    if cfg.patch_size != PATCH_SIZE:
-        raise InputError(f"the model expects {cfg.patch_size}-pixel patches, the features have {PATCH_SIZE}")
-    roi_start = np.array([s.start for s in roi])
-    roi_stop = np.array([s.stop for s in roi])
-    factors = cfg.level_factors if attention and cfg.fusion == "attention" else ()
-    blocks = tuple(_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap, align)
-                   for b in iter_blocks(raw_volume.shape, block_shape, overlap, roi))
-    return PredictionPlan(roi, raw_volume.grid.crop(roi_start, roi_stop), cfg.num_classes, tile_shape, overlap,
-                          block_shape, factors, blocks, align)
+__all__ = ["predict", "predict_block", "predict_to_memory", "read_block"]
 
 
 def read_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device) -> BlockFeatures:
@@ -224,7 +54,7 @@ def read_block(model, source: FeatureSource, plan: PredictionPlan, index: int, d
 
 def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device,
                   features: BlockFeatures | None = None
-                  ) -> Generator[Progress, None, list[tuple[str, _Slices, np.ndarray]]]:
+                  ) -> Generator[Progress, None, list[tuple[str, Slices3, np.ndarray]]]:
     """Compute block ``index`` of ``plan`` (the model already in eval mode on ``dev``).
 
     ``features``: the block's :func:`read_block` if already read (None: read here). Yields progress after each
@@ -233,7 +63,7 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     core, outer, tiles = plan.blocks[index]
     overlap, roi_start = plan.overlap, plan.roi_start
     with_attention = bool(plan.factors)
-    outer_start = np.array([s.start for s in outer])  # z may be < 0: see _plan_block
+    outer_start = np.array([s.start for s in outer])  # z may be < 0: see prediction_plan._plan_block
     outer_shape = [s.stop - s.start for s in outer]
     real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
     # Blending happens on the device: a tile's probabilities never leave it, only the block's result does.
@@ -263,7 +93,7 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
         labels = np.argmax(probs16_host, axis=0) + 1
     else:
         labels = _host((torch.argmax(probs16, dim=0) + 1).to(torch.int32))
-    results = [("labels", region, labels.astype(_label_dtype(plan.num_classes))),
+    results = [("labels", region, labels.astype(label_dtype(plan.num_classes))),
                ("probabilities", region, probs16_host),
                ("uncertainty", region, _host(_normalised_entropy(probs).half()))]
     for level, (name, acc) in enumerate(zip(attention_names(), att_accs)):
@@ -282,13 +112,13 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
             ) -> Generator[Progress, None, object]:
     """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
 
-    The output covers :func:`snap_roi` of ``roi`` (y/x start moved down to a multiple of 16), on the grid
-    ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and ``block_shape`` are
-    rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the blocks' halo.
-    Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
+    The output covers :func:`~napari_dinofuse.prediction_plan.snap_roi` of ``roi`` (y/x start moved down to a
+    multiple of 16), on the grid ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and
+    ``block_shape`` are rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the
+    blocks' halo. Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).
     Host work overlaps the device: block i+1's features are read while block i's tiles run, and block i-1's
     results are written meanwhile. If the device runs out of memory, the block is retried once with tiles
-    halved in y/x (see :func:`_smaller_tiles`), kept for the rest of the run; a second time raises.
+    halved in y/x (see :func:`smaller_tiles`), kept for the rest of the run; a second time raises.
     ``model`` is moved to ``device`` and left there; its train/eval mode is restored. ``class_names`` (of label
     values 1..K) are stored with the output, so a saved prediction opens with its classes named.
     """
@@ -354,30 +184,11 @@ def _write(sink, results) -> None:
         sink.write(name, region, array)
 
 
-def _plan_block(block, roi_start, shape, tile_shape, overlap, align):
-    """(core, aligned outer region, tiles touching the core) of one block, in volume voxels."""
-    outer = []
-    for o, r, n, a in zip(block.outer, roi_start, shape, align):
-        # Grow onto the grid. Near the volume start (an ROI starting at 0 < z < 8) that can begin before
-        # the volume: those slices are edge-padded, so the ROI's first slices keep the context they have.
-        outer.append(slice(r + (o.start - r) // a * a, min(n, r + -(-(o.stop - r) // a) * a)))
-    return block.core, tuple(outer), _tiles(block.core, outer, tile_shape, overlap, align)
-
-
-def _tiles(core, outer, tile_shape, overlap, align) -> list[_Slices]:
-    """The tiles of ``outer`` (starts on ``align``) that touch ``core``."""
-    per_axis = []
-    for c, o, t, ov, a in zip(core, outer, tile_shape, overlap, align):
-        tiles = [(o.start + lo, o.start + hi) for lo, hi in aligned_tiles(o.stop - o.start, t, ov, a)]
-        per_axis.append([slice(lo, hi) for lo, hi in tiles if lo < c.stop and hi > c.start])
-    return list(product(*per_axis))
-
-
 def predict_block_retrying(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device,
                            features: BlockFeatures | None = None, shrunk: bool = False, done: int = 0,
                            message: str = "") -> Generator[Progress, None, tuple[list, PredictionPlan]]:
     """:func:`predict_block`, and if ``dev`` runs out of memory (and the plan has not ``shrunk`` already), once more
-    with tiles halved in y/x (:func:`_smaller_tiles`), with a warning. Yields progress as ``done`` + tiles of
+    with tiles halved in y/x (:func:`smaller_tiles`), with a warning. Yields progress as ``done`` + tiles of
     the rest of the run (``plan``'s blocks from ``index`` on, recounted after a retry); returns (the block's
     results, the plan that computed them: the caller keeps the smaller tiles for its next blocks)."""
     while True:
@@ -386,7 +197,7 @@ def predict_block_retrying(model, source: FeatureSource, plan: PredictionPlan, i
             return (yield from within(predict_block(model, source, plan, index, dev, features), done, total,
                                       message)), plan
         except torch.OutOfMemoryError:
-            smaller = None if shrunk else _smaller_tiles(plan)
+            smaller = None if shrunk else smaller_tiles(plan)
             if smaller is None:
                 raise
         # Out of the except clause, so the failed tiles' tensors (held by its traceback) are freed.
@@ -398,26 +209,11 @@ def predict_block_retrying(model, source: FeatureSource, plan: PredictionPlan, i
         plan, shrunk = smaller, True
 
 
-def _smaller_tiles(plan: PredictionPlan) -> PredictionPlan | None:
-    """``plan`` with its tiles halved in y/x (rounded up to the alignment), the overlap shrunk only where the
-    tiles would otherwise have no step; None when they cannot shrink. Blocks (cores, outer regions) stay, so
-    the outputs and the features already read do not change."""
-    tile, overlap = list(plan.tile_shape), list(plan.overlap)
-    for axis in (1, 2):
-        a = plan.align[axis]
-        tile[axis] = -(-(tile[axis] // 2) // a) * a
-        overlap[axis] = min(overlap[axis], tile[axis] - a)
-    if tile == list(plan.tile_shape):
-        return None
-    blocks = tuple((core, outer, _tiles(core, outer, tile, overlap, plan.align)) for core, outer, _ in plan.blocks)
-    return dataclasses.replace(plan, tile_shape=tuple(tile), overlap=tuple(overlap), blocks=blocks)
-
-
 def _host(tensor: torch.Tensor) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def _run_tile(model, features: BlockFeatures, tile: _Slices, with_attention: bool):
+def _run_tile(model, features: BlockFeatures, tile: Slices3, with_attention: bool):
     """Softmax (K, z, y, x) and channel-mean attention maps [(1, ceil(z/f), ...)] of one tile, float32
     tensors on the block's device."""
     size = tuple(s.stop - s.start for s in tile)

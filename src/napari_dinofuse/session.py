@@ -241,7 +241,8 @@ class Session:
     def _predict(self, source, settings, roi):
         from .finetune import inference_settings
         from .outputs import MemorySink
-        from .predict import predict, snap_roi
+        from .predict import predict
+        from .prediction_plan import snap_roi
 
         z, y, x = snap_roi(roi, source.raw.shape)
         shape = (z.stop - z.start, y.stop - y.start, x.stop - x.start)
