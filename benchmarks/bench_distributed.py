@@ -30,14 +30,14 @@ def main() -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     block = tuple(int(v) for v in args.block.split(","))
 
-    from napari_dinofuse.backbone import load_backbone
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.checkpoint import save_model
     from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
-    from napari_dinofuse.features import extract_sources
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import extract_sources
+    from napari_dinofuse.modeling.checkpoint import save_model
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.sample_data import make_sample
-    from napari_dinofuse.train import model_info, new_model
+    from napari_dinofuse.synthetic.sample import make_sample
+    from napari_dinofuse.training.train import model_info, new_model
 
     work = Path(tempfile.mkdtemp())
     sample = make_sample(seed=0, raw_shape=shape)

@@ -45,9 +45,9 @@ def _peak_rss_child(args) -> None:
 
     import zarr
 
-    from napari_dinofuse.backbone import load_backbone
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.features import compute_features
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import compute_features
     from napari_dinofuse.geometry import Volume
 
     warnings.simplefilter("ignore")
@@ -75,9 +75,9 @@ def main() -> None:
 
     import torch
 
-    from napari_dinofuse.backbone import load_backbone, to_unit_range
-    from napari_dinofuse.cache import FeatureCache, format_bytes
-    from napari_dinofuse.features import extract_features, writer_threads
+    from napari_dinofuse.features.backbone import load_backbone, to_unit_range
+    from napari_dinofuse.features.cache import FeatureCache, format_bytes
+    from napari_dinofuse.features.extract import extract_features, writer_threads
     from napari_dinofuse.geometry import Volume
     from napari_dinofuse.progress import drive
 
@@ -108,7 +108,7 @@ def main() -> None:
     del slices
 
     # Time the writer thread's share (data + markers), to tell a disk-bound pipeline from a device-bound one.
-    from napari_dinofuse.cache import FeatureEntry
+    from napari_dinofuse.features.cache import FeatureEntry
 
     writing = [0.0]
     write_units = FeatureEntry.write_units

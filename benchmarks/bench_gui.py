@@ -31,8 +31,8 @@ def main() -> None:
     from qtpy.QtCore import QSettings, QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_dinofuse._widgets import DinofuseWidget
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse._napari.widgets import DinofuseWidget
+    from napari_dinofuse.synthetic.sample import make_sample
 
     viewer = napari.Viewer(show=True)
     viewer.open_sample("napari-dinofuse", "synthetic_em")

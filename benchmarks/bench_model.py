@@ -74,11 +74,11 @@ def _projection_child(variant: str, channels: int):
 
 
 def _setup(args, raw_shape=(32, 256, 256), seed=0):
-    from napari_dinofuse.backbone import load_backbone
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.features import extract_sources
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import extract_sources
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.synthetic.sample import make_sample
 
     sample = make_sample(seed=seed, raw_shape=raw_shape)
     backbone = load_backbone(args.backbone, device=args.device)
@@ -87,10 +87,10 @@ def _setup(args, raw_shape=(32, 256, 256), seed=0):
 
 
 def finetune(args):
-    from napari_dinofuse.backbone import resolve_device
-    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.features.backbone import resolve_device
+    from napari_dinofuse.inference.predict import predict_to_memory
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.train import TrainConfig, Trainer, new_model
+    from napari_dinofuse.training.train import TrainConfig, Trainer, new_model
 
     sample, source = _setup(args, raw_shape=(128, 128, 128))
     model = new_model(source, 4, base_channels=args.base_channels)
@@ -166,10 +166,10 @@ def _sync(device: torch.device) -> None:
 
 
 def inference(args):
-    from napari_dinofuse.backbone import resolve_device
-    from napari_dinofuse.predict import predict_to_memory, read_block
-    from napari_dinofuse.prediction_plan import plan_prediction
-    from napari_dinofuse.train import new_model
+    from napari_dinofuse.features.backbone import resolve_device
+    from napari_dinofuse.inference.plan import plan_prediction
+    from napari_dinofuse.inference.predict import predict_to_memory, read_block
+    from napari_dinofuse.training.train import new_model
 
     sample, source = _setup(args, raw_shape=args.volume)
     dev = resolve_device(args.device)
@@ -218,8 +218,8 @@ def inference(args):
 
 
 def _inference_child(tile: str, args):
-    from napari_dinofuse.predict import predict_to_memory
-    from napari_dinofuse.train import new_model
+    from napari_dinofuse.inference.predict import predict_to_memory
+    from napari_dinofuse.training.train import new_model
 
     _, source = _setup(args, raw_shape=(64, 256, 256))
     model = new_model(source, 4, base_channels=args.base_channels).eval()

@@ -29,8 +29,8 @@ CLASSES = (2, 3, 4)
 
 def _write_prediction(path: Path, scale: int) -> tuple[int, ...]:
     from napari_dinofuse.geometry import Grid
-    from napari_dinofuse.outputs import ZarrSink
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.inference.outputs import ZarrSink
+    from napari_dinofuse.synthetic.sample import make_sample
 
     sample = make_sample(seed=0)
     truth = sample.ground_truth
@@ -58,7 +58,7 @@ def _write_prediction(path: Path, scale: int) -> tuple[int, ...]:
 
 
 def _run_blockwise(path: str, block: tuple[int, ...], split: float) -> dict:
-    from napari_dinofuse.instances import ObjectSettings, objects_in_prediction
+    from napari_dinofuse.inference.instances import ObjectSettings, objects_in_prediction
     from napari_dinofuse.progress import drive
 
     start = time.perf_counter()

@@ -18,16 +18,16 @@ import warnings
 
 import numpy as np
 
-from napari_dinofuse.backbone import load_backbone
 from napari_dinofuse.baseline import forest_rows
-from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.demo import iou_unpainted
-from napari_dinofuse.features import extract_sources
-from napari_dinofuse.finetune import NewModel, fine_tune
-from napari_dinofuse.predict import predict_to_memory
+from napari_dinofuse.features.backbone import load_backbone
+from napari_dinofuse.features.cache import FeatureCache
+from napari_dinofuse.features.extract import extract_sources
+from napari_dinofuse.inference.predict import predict_to_memory
 from napari_dinofuse.progress import drive
-from napari_dinofuse.sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
-from napari_dinofuse.train import TrainConfig
+from napari_dinofuse.synthetic.sample import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
+from napari_dinofuse.training.finetune import NewModel, fine_tune
+from napari_dinofuse.training.train import TrainConfig
 
 CLASSES = range(1, len(CLASS_NAMES))
 

@@ -46,7 +46,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
-    from napari_dinofuse.backbone import Backbone, BackboneSpec, _pretrained_model, _random_model, to_unit_range
+    from napari_dinofuse.features.backbone import (
+        Backbone,
+        BackboneSpec,
+        _pretrained_model,
+        _random_model,
+        to_unit_range,
+    )
 
     warnings.simplefilter("ignore")
     spec = BackboneSpec.parse(args.backbone)

@@ -17,13 +17,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    from napari_dinofuse.backbone import load_backbone
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.features import compute_features, extract_sources
-    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import compute_features, extract_sources
+    from napari_dinofuse.inference.predict import predict_to_memory
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.sample_data import make_sample
-    from napari_dinofuse.train import TrainConfig, Trainer, new_model
+    from napari_dinofuse.synthetic.sample import make_sample
+    from napari_dinofuse.training.train import TrainConfig, Trainer, new_model
 
     sample = make_sample(seed=0)
     feats = {}

@@ -21,8 +21,8 @@ def main(out: Path) -> None:
     from qtpy.QtCore import QSettings
     from qtpy.QtWidgets import QApplication
 
-    from napari_dinofuse._widgets import DinofuseWidget
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse._napari.widgets import DinofuseWidget
+    from napari_dinofuse.synthetic.sample import make_sample
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1500, 950)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_dinofuse.backbone import (
+from napari_dinofuse.errors import BackboneError
+from napari_dinofuse.features.backbone import (
     NORMALIZATIONS,
     RandomBackboneWarning,
     intensity_range,
@@ -19,7 +20,6 @@ from napari_dinofuse.backbone import (
     resolve_device,
     to_unit_range,
 )
-from napari_dinofuse.errors import BackboneError
 
 
 def _load(spec, **kwargs):
@@ -50,7 +50,7 @@ def test_random_specs_are_seeded_across_processes_and_announced():
     with pytest.warns(RandomBackboneWarning, match="NOT DINOv3"):
         backbone = load_backbone("random:tiny", device="cpu")
     code = ("import warnings; warnings.simplefilter('ignore')\n"
-            "from napari_dinofuse.backbone import load_backbone\n"
+            "from napari_dinofuse.features.backbone import load_backbone\n"
             "print(load_backbone('random:tiny', device='cpu').fingerprint())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert other.returncode == 0, other.stderr
@@ -115,7 +115,7 @@ def test_wrong_folders_get_actionable_errors(tmp_path):
 
 
 def test_hub_unreachable_is_one_clear_error():
-    code = ("from napari_dinofuse.backbone import load_backbone\n"
+    code = ("from napari_dinofuse.features.backbone import load_backbone\n"
             "try:\n    load_backbone('facebook/dinov3-vitb16-pretrain-lvd1689m', device='cpu')\n"
             "except Exception as e:\n    print(type(e).__name__, '|', e)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -181,7 +181,7 @@ def _odd_vit():
 def test_fused_forward_computes_what_transformers_does(make):
     import copy
 
-    from napari_dinofuse.backbone import Backbone, BackboneSpec
+    from napari_dinofuse.features.backbone import Backbone, BackboneSpec
 
     model = make()
     spec = BackboneSpec("random", "test")

@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from napari_dinofuse import backbone, cli, demo
-from napari_dinofuse.checkpoint import ModelInfo, save_model
 from napari_dinofuse.errors import DinofuseError, InputError
-from napari_dinofuse.features import ExtractionSettings
-from napari_dinofuse.finetune import NewModel
+from napari_dinofuse.features.extract import ExtractionSettings
 from napari_dinofuse.geometry import Volume
+from napari_dinofuse.inference.plan import PredictionSettings
 from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
-from napari_dinofuse.prediction_plan import PredictionSettings
-from napari_dinofuse.train import TrainConfig, find_painted
+from napari_dinofuse.modeling.checkpoint import ModelInfo, save_model
+from napari_dinofuse.training.finetune import NewModel
+from napari_dinofuse.training.train import TrainConfig, find_painted
 
 DINOFUSE = str(Path(sys.executable).with_name("dinofuse"))
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -333,8 +333,8 @@ AWKWARD_RAW = {
 
 @pytest.mark.parametrize("name", AWKWARD_RAW)
 def test_awkward_raw_volumes_are_extracted(tiny_backbone, tmp_path, name):
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.features import compute_features
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import compute_features
 
     data = AWKWARD_RAW[name]
     entry = compute_features(Volume(data, (8, 4, 4), name="raw"), tiny_backbone, FeatureCache(tmp_path),

@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 
 import napari_dinofuse
 from napari_dinofuse import checkpoint
-from napari_dinofuse.checkpoint import (
+from napari_dinofuse.geometry import Grid
+from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
+from napari_dinofuse.modeling.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     ModelInfo,
@@ -19,8 +21,6 @@ from napari_dinofuse.checkpoint import (
     read_training_log,
     save_model,
 )
-from napari_dinofuse.geometry import Grid
-from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
 from napari_dinofuse.modeling.unet import ContextWindow
 
 OUT_SHAPE = (2, 8, 8)

@@ -76,7 +76,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(volumes, problem, expected):
 def test_extract_verify_rechecks_every_unit_and_repairs(volumes):
     import os
 
-    from napari_dinofuse.cache import FeatureCache, FeatureEntry
+    from napari_dinofuse.features.cache import FeatureCache, FeatureEntry
 
     cache = volumes / "cache"
     assert _run("extract", *_flags(volumes, cache)).returncode == 0

@@ -21,7 +21,7 @@ def _run(*args):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.synthetic.sample import make_sample
 
     d = tmp_path_factory.mktemp("cli")
     sample = make_sample(seed=1, raw_shape=(16, 128, 128))
@@ -76,13 +76,13 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
 
 
 def test_predict_from_a_saved_model_is_bitwise_reproducible(files):
-    from napari_dinofuse.backbone import load_backbone
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.checkpoint import load_model, save_model
-    from napari_dinofuse.features import extract_sources
-    from napari_dinofuse.predict import predict_to_memory
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import extract_sources
+    from napari_dinofuse.inference.predict import predict_to_memory
+    from napari_dinofuse.modeling.checkpoint import load_model, save_model
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.train import model_info, new_model
+    from napari_dinofuse.training.train import model_info, new_model
 
     d, sample, _ = files
     import warnings

@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 import zarr
 
-from napari_dinofuse.cache import FeatureCache
-from napari_dinofuse.checkpoint import load_model, save_model
 from napari_dinofuse.distributed import VolumeRef, connect, prepare_job, run_blockwise
-from napari_dinofuse.features import extract_sources
-from napari_dinofuse.outputs import ZarrSink
-from napari_dinofuse.predict import predict
+from napari_dinofuse.features.cache import FeatureCache
+from napari_dinofuse.features.extract import extract_sources
+from napari_dinofuse.inference.outputs import ZarrSink
+from napari_dinofuse.inference.predict import predict
+from napari_dinofuse.modeling.checkpoint import load_model, save_model
 from napari_dinofuse.progress import drive
-from napari_dinofuse.train import model_info, new_model
+from napari_dinofuse.training.train import model_info, new_model
 
 SETTINGS = dict(tile_shape=(16, 48, 48), overlap=(8, 16, 16), block_shape=(16, 64, 64))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_backbone):
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.synthetic.sample import make_sample
 
     d = tmp_path_factory.mktemp("dist")
     sample = make_sample(seed=2, raw_shape=(32, 128, 128))
@@ -160,7 +160,7 @@ def test_objects_on_the_cluster_equal_those_of_one_process(setup, tmp_path):
     import shutil
 
     from napari_dinofuse.distributed import block_mapper
-    from napari_dinofuse.instances import ObjectSettings, objects_in_prediction
+    from napari_dinofuse.inference.instances import ObjectSettings, objects_in_prediction
 
     d, _, _, client = setup
     settings = ObjectSettings((2, 3), min_size_nm3=2000, split_depth_nm=8)

@@ -7,10 +7,10 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from napari_dinofuse.backbone import to_unit_range
-from napari_dinofuse.cache import FeatureCache, FeatureEntry
 from napari_dinofuse.errors import CacheError, DinofuseError
-from napari_dinofuse.features import compute_features, extract_features, feature_grid
+from napari_dinofuse.features.backbone import to_unit_range
+from napari_dinofuse.features.cache import FeatureCache, FeatureEntry
+from napari_dinofuse.features.extract import compute_features, extract_features, feature_grid
 from napari_dinofuse.geometry import Volume
 
 
@@ -109,7 +109,7 @@ def test_changed_data_or_settings_get_a_separate_entry(tmp_path, tiny_backbone):
 def test_changed_model_gets_a_separate_entry(tmp_path, tiny_backbone):
     import warnings
 
-    from napari_dinofuse.backbone import load_backbone
+    from napari_dinofuse.features.backbone import load_backbone
 
     cache = FeatureCache(tmp_path)
     volume = _volume(shape=(2, 32, 32))
@@ -211,7 +211,7 @@ def _set_mtime(path, mtime_ns):
 
 
 def _counting_checksums(monkeypatch):
-    import napari_dinofuse.cache as cache_module
+    import napari_dinofuse.features.cache as cache_module
 
     counted = {"n": 0}
     original = cache_module.checksum
@@ -279,7 +279,7 @@ def test_damage_that_keeps_size_and_mtime_is_refused_on_read_then_recomputed(tmp
 def test_markers_of_the_first_format_are_still_trusted_after_a_check(tmp_path, counting_backbone):
     import json
 
-    from napari_dinofuse.cache import checksum
+    from napari_dinofuse.features.cache import checksum
 
     volume = _volume(shape=(3, 32, 32))
     cache = FeatureCache(tmp_path)

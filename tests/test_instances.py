@@ -6,8 +6,14 @@ import zarr
 
 from napari_dinofuse.errors import InputError
 from napari_dinofuse.geometry import Grid
-from napari_dinofuse.instances import ObjectSettings, find_objects, objects_in_prediction, parse_classes, read_table_csv
-from napari_dinofuse.outputs import ZarrSink
+from napari_dinofuse.inference.instances import (
+    ObjectSettings,
+    find_objects,
+    objects_in_prediction,
+    parse_classes,
+    read_table_csv,
+)
+from napari_dinofuse.inference.outputs import ZarrSink
 from napari_dinofuse.progress import drive
 
 WHOLE = (512, 512, 512)
@@ -53,7 +59,7 @@ def test_an_object_across_block_borders_keeps_one_id_and_classes_never_merge():
 
 @pytest.mark.parametrize("split", [0.0, 8.0])
 def test_blockwise_equals_whole_volume_on_the_synthetic_sample(split):
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.synthetic.sample import make_sample
 
     sample = make_sample(seed=0)
     truth = sample.ground_truth
@@ -73,8 +79,8 @@ def test_blockwise_equals_whole_volume_on_the_synthetic_sample(split):
 
 
 def test_objects_written_into_zarr_through_a_small_chunk_budget_equal_those_in_memory(monkeypatch):
-    import napari_dinofuse.instances as instances
-    from napari_dinofuse.sample_data import make_sample
+    import napari_dinofuse.inference.instances as instances
+    from napari_dinofuse.synthetic.sample import make_sample
 
     sample = make_sample(seed=0)
     truth = sample.ground_truth
@@ -150,7 +156,7 @@ def _prediction(path, labels, class_names=("background", "membrane", "mito")):
 
 
 def test_objects_beside_a_saved_prediction_open_with_their_measurements(tmp_path):
-    from napari_dinofuse._reader import read
+    from napari_dinofuse._napari.reader import read
 
     labels = np.ones((16, 32, 32), np.uint8)
     labels[2:6, 4:12, 4:12] = 3
@@ -217,9 +223,9 @@ def test_a_prediction_without_probabilities_is_refused(tmp_path):
 
 
 def test_saved_results_reopen_in_place_and_a_cancelled_save_leaves_nothing(tmp_path, monkeypatch):
-    import napari_dinofuse.outputs as outputs
-    from napari_dinofuse._reader import read
-    from napari_dinofuse.outputs import save_results
+    import napari_dinofuse.inference.outputs as outputs
+    from napari_dinofuse._napari.reader import read
+    from napari_dinofuse.inference.outputs import save_results
     from napari_dinofuse.progress import CANCELLED, cancellable
 
     labels = np.ones((12, 20, 24), np.uint8)

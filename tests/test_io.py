@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import zarr
 
-from napari_dinofuse._reader import get_reader
+from napari_dinofuse._napari.reader import get_reader
 from napari_dinofuse.errors import GeometryError, VolumeReadError
 from napari_dinofuse.io import content_hash, file_backing, open_volume, read_region, sample_digest
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_dinofuse.sample_data import make_sample
+from napari_dinofuse.synthetic.sample import make_sample
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,12 @@ def test_sample_data_opens_raw_and_context_aligned(make_napari_viewer, sample):
 def test_reader_places_volumes_and_predictions(make_napari_viewer, sample, tmp_path, tiny_backbone):
     import zarr
 
-    from napari_dinofuse.cache import FeatureCache
-    from napari_dinofuse.features import extract_sources
-    from napari_dinofuse.outputs import ZarrSink
-    from napari_dinofuse.predict import predict
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import extract_sources
+    from napari_dinofuse.inference.outputs import ZarrSink
+    from napari_dinofuse.inference.predict import predict
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.train import new_model
+    from napari_dinofuse.training.train import new_model
 
     group = zarr.open_group(str(tmp_path / "raw.zarr"), mode="w")
     group.create_array("0", data=np.asarray(sample.raw.data))

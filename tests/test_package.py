@@ -51,9 +51,9 @@ def test_distribution_metadata_for_the_plugin_manager():
 
 
 @pytest.mark.parametrize("modules", [
-    "napari_dinofuse._reader, napari_dinofuse.io",  # opening a file in napari
-    "napari_dinofuse._widgets, napari_dinofuse.session",  # building the dock widget
-    "napari_dinofuse._sample_data",  # napari's sample-data menu
+    "napari_dinofuse._napari.reader, napari_dinofuse.io",  # opening a file in napari
+    "napari_dinofuse._napari.widgets, napari_dinofuse.session",  # building the dock widget
+    "napari_dinofuse._napari.sample_data",  # napari's sample-data menu
 ])
 def test_what_napari_loads_at_start_imports_no_torch(modules):
     """torch takes seconds to import: napari's start-up and the widget's first paint must not wait for it."""

@@ -10,16 +10,16 @@ import torch.nn.functional as F
 import zarr
 from torch import nn
 
-import napari_dinofuse.predict as predict_module
-from napari_dinofuse.cache import FeatureCache
+import napari_dinofuse.inference.predict as predict_module
 from napari_dinofuse.errors import InputError, MemoryRetryWarning
-from napari_dinofuse.features import FeatureSource, compute_features
+from napari_dinofuse.features.cache import FeatureCache
+from napari_dinofuse.features.extract import FeatureSource, compute_features
 from napari_dinofuse.geometry import Volume
+from napari_dinofuse.inference.outputs import MemorySink, ZarrSink
+from napari_dinofuse.inference.plan import plan_prediction, snap_roi
+from napari_dinofuse.inference.predict import predict, predict_block, predict_to_memory
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.unet import FusedUNet3D, UNetConfig, UNetOutput
-from napari_dinofuse.outputs import MemorySink, ZarrSink
-from napari_dinofuse.predict import predict, predict_block, predict_to_memory
-from napari_dinofuse.prediction_plan import plan_prediction, snap_roi
 from napari_dinofuse.progress import drive
 
 SHAPE = (20, 80, 96)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from napari_dinofuse.geometry import Volume
+from napari_dinofuse.inference.plan import plan_prediction, smaller_tiles
 from napari_dinofuse.modeling.unet import UNetConfig
-from napari_dinofuse.prediction_plan import plan_prediction, smaller_tiles
 
 SHAPE = (20, 80, 96)
 SMALL = {"tile_shape": (16, 48, 48), "overlap": (8, 32, 32), "block_shape": (16, 512, 64)}

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from napari_dinofuse.errors import GeometryError
 from napari_dinofuse.geometry import Grid
-from napari_dinofuse.sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
+from napari_dinofuse.synthetic.sample import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
 
 MITO, GRANULE = CONTEXT_DEPENDENT_CLASSES
 SEEDS = (0, 1, 2)

@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 
-from napari_dinofuse.backbone import RandomBackboneWarning
+from napari_dinofuse.features.backbone import RandomBackboneWarning
 from napari_dinofuse.geometry import Volume
 from napari_dinofuse.progress import drive
 from napari_dinofuse.session import Session, SessionSettings

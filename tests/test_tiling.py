@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.tiling import (
+from napari_dinofuse.inference.tiling import (
     BlendAccumulator,
     Block,
     aligned_tiles,

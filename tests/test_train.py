@@ -5,15 +5,15 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from napari_dinofuse.backbone import to_unit_range
-from napari_dinofuse.cache import FeatureCache
 from napari_dinofuse.errors import InputError
-from napari_dinofuse.features import FeatureSource, compute_features
-from napari_dinofuse.finetune import NewModel, StartModel, fine_tune
+from napari_dinofuse.features.backbone import to_unit_range
+from napari_dinofuse.features.cache import FeatureCache
+from napari_dinofuse.features.extract import FeatureSource, compute_features
 from napari_dinofuse.geometry import resample
-from napari_dinofuse.predict import predict_to_memory
+from napari_dinofuse.inference.predict import predict_to_memory
 from napari_dinofuse.progress import drive
-from napari_dinofuse.train import (
+from napari_dinofuse.training.finetune import NewModel, StartModel, fine_tune
+from napari_dinofuse.training.train import (
     TrainConfig,
     Trainer,
     adapt_classes,
@@ -29,7 +29,7 @@ from napari_dinofuse.train import (
 
 @pytest.fixture(scope="module")
 def sample():
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.synthetic.sample import make_sample
 
     return make_sample(seed=0, raw_shape=(16, 128, 128))
 
@@ -302,7 +302,7 @@ def test_fusion_needs_a_context(sample, tiny_backbone, tmp_path):
     assert new_model(raw_only, 4, fusion="none").config.fusion == "none"
 
 
-# -- the one fine-tuning path (finetune.py) ------------------------------------------------------------------
+# -- the one fine-tuning path (training/finetune.py) ---------------------------------------------------------
 
 QUICK = TrainConfig(iterations=3, tile_shape=(8, 32, 32), tiles_per_step=2, validation_share=0)
 

@@ -41,7 +41,7 @@ def save_annotations(path, labels, grid: Grid) -> Path:
     """Write ``labels`` (Z, Y, X, any array-like, on ``grid``) to the OME-Zarr ``path`` atomically."""
     import zarr
 
-    from .outputs import create_ome_image
+    from .io import create_ome_image
 
     path = Path(path).expanduser().absolute()
     recover(path)

@@ -21,7 +21,7 @@ from .progress import drive
 def _check_backbone(args) -> int:
     import torch
 
-    from .backbone import load_backbone
+    from .features.backbone import load_backbone
 
     size = args.size
     if not 1 <= size <= 8192:  # only this command has the option: no engine setting checks it
@@ -159,9 +159,9 @@ def _volumes(args):
 
 
 def _extract(args) -> int:
-    from .backbone import load_backbone
-    from .cache import FeatureCache, format_bytes
-    from .features import ExtractionSettings, extract_features
+    from .features.backbone import load_backbone
+    from .features.cache import FeatureCache, format_bytes
+    from .features.extract import ExtractionSettings, extract_features
 
     settings = ExtractionSettings(args.planes, args.tile_size, args.batch_size)
     volumes = [v for v in _volumes(args) if v is not None]
@@ -181,20 +181,20 @@ def _extract(args) -> int:
 
 def _sources(args, backbone, raw, context, settings):
     """Extract or reuse the features of raw (+ context), with a progress bar."""
-    from .cache import FeatureCache
-    from .features import extract_sources
+    from .features.cache import FeatureCache
+    from .features.extract import extract_sources
 
     return _follow(extract_sources(raw, context, backbone, FeatureCache(args.cache), planes=settings.planes,
                                    batch_size=settings.batch_size), "features")
 
 
 def _train(args) -> int:
-    from .backbone import load_backbone
-    from .checkpoint import load_model, read_training_log, save_model
-    from .features import ExtractionSettings
-    from .finetune import NewModel, StartModel, fine_tune
+    from .features.backbone import load_backbone
+    from .features.extract import ExtractionSettings
     from .io import open_volume
-    from .train import TrainConfig, find_painted
+    from .modeling.checkpoint import load_model, read_training_log, save_model
+    from .training.finetune import NewModel, StartModel, fine_tune
+    from .training.train import TrainConfig, find_painted
 
     # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
@@ -218,13 +218,13 @@ def _train(args) -> int:
 
 
 def _predict(args) -> int:
-    from .backbone import load_backbone
-    from .checkpoint import check_backbone_compatible, load_model
-    from .features import ExtractionSettings
-    from .finetune import inference_settings
-    from .outputs import ZarrSink
-    from .predict import predict
-    from .prediction_plan import PredictionSettings, snap_roi
+    from .features.backbone import load_backbone
+    from .features.extract import ExtractionSettings
+    from .inference.outputs import ZarrSink
+    from .inference.plan import PredictionSettings, snap_roi
+    from .inference.predict import predict
+    from .modeling.checkpoint import check_backbone_compatible, load_model
+    from .training.finetune import inference_settings
 
     model, info = load_model(args.model)
     inference = inference_settings(info, args.device)
@@ -258,7 +258,7 @@ def _predict(args) -> int:
 
 def _object_settings(args, class_names=None):
     """The objects options as settings, or None when no classes were asked for."""
-    from .instances import ObjectSettings, parse_classes
+    from .inference.instances import ObjectSettings, parse_classes
 
     if args.instances is None:
         return None
@@ -268,7 +268,7 @@ def _object_settings(args, class_names=None):
 
 def _write_objects(folder, settings, args, client=None) -> None:
     """Objects of a prediction folder, their block passes on ``client``'s dask cluster if one is given."""
-    from .instances import objects_in_prediction
+    from .inference.instances import objects_in_prediction
 
     map_blocks = map
     if client is not None:
@@ -284,7 +284,7 @@ def _write_objects(folder, settings, args, client=None) -> None:
 
 
 def _instances(args) -> int:
-    from .instances import open_prediction
+    from .inference.instances import open_prediction
 
     names = dict(open_prediction(args.prediction).attrs["dinofuse"]).get("class_names")
     settings = _object_settings(args, names)
@@ -303,8 +303,8 @@ def _instances(args) -> int:
 
 
 def _predict_on_cluster(args, backbone, volumes, settings, extraction, objects=None) -> None:
-    from .cache import FeatureCache
     from .distributed import VolumeRef, connect, prepare_job, require_distributed, run_blockwise
+    from .features.cache import FeatureCache
 
     require_distributed()
     # Workers reopen the files with the voxel size and offset resolved here.
@@ -336,7 +336,7 @@ def _demo(args) -> int:
 
 
 def _cache(args) -> int:
-    from .cache import FeatureCache, format_bytes
+    from .features.cache import FeatureCache, format_bytes
 
     cache = FeatureCache(args.cache)
     entries = cache.entries()

@@ -18,17 +18,17 @@ from PIL import Image
 
 from . import defaults
 from .atomic import atomic_write_bytes
-from .backbone import default_backbone_spec, load_backbone
-from .cache import FeatureCache
-from .checkpoint import save_model
 from .errors import BackboneError
-from .features import extract_sources
-from .finetune import NewModel, fine_tune
-from .outputs import ZarrSink
-from .predict import predict
+from .features.backbone import default_backbone_spec, load_backbone
+from .features.cache import FeatureCache
+from .features.extract import extract_sources
+from .inference.outputs import ZarrSink
+from .inference.predict import predict
+from .modeling.checkpoint import save_model
 from .progress import drive
-from .sample_data import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
-from .train import TrainConfig
+from .synthetic.sample import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
+from .training.finetune import NewModel, fine_tune
+from .training.train import TrainConfig
 
 FALLBACK_BACKBONE = "random:vits16"
 DEMO_ITERATIONS = defaults.ITERATIONS  # two models and a forest in a few minutes on a 2-core CPU

@@ -5,14 +5,14 @@ settings, no arrays): each worker process opens the volumes, the feature cache e
 and keeps them for all its tasks. Two phases:
 
 1. **features**: the missing units of the raw's and the context's cache entries are filled by tasks of a
-   few slices each (units are independent, written data-then-marker: see ``cache.py``);
-2. **prediction**: one task per block of :func:`~napari_dinofuse.prediction_plan.plan_prediction`. A task writes its
+   few slices each (units are independent, written data-then-marker: see ``features/cache.py``);
+2. **prediction**: one task per block of :func:`~napari_dinofuse.inference.plan.plan_prediction`. A task writes its
    block's core into every output of the OME-Zarr (chunks follow the blocks, so no two tasks share a chunk),
    then a completion record ``OUT.zarr/.blocks/<index>``. A task retried after its worker died writes the
    same bytes; a rerun of the command skips blocks that have a record. The output is marked complete when
    every block is.
 
-Unlike the single-process :class:`~napari_dinofuse.outputs.ZarrSink`, the output is written in place (that is
+Unlike the single-process :class:`~napari_dinofuse.inference.outputs.ZarrSink`, the output is written in place (that is
 what makes a 10-hour run restartable); ``complete`` in its ``dinofuse`` attributes tells a finished one.
 """
 
@@ -96,7 +96,7 @@ def _backbone(spec: str, normalization: str, device: str):
     if key not in _WORKER_CACHE:
         import warnings
 
-        from .backbone import load_backbone
+        from .features.backbone import load_backbone
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the driver already said it if the backbone is random
@@ -106,9 +106,9 @@ def _backbone(spec: str, normalization: str, device: str):
 
 def _source_and_plan(job: Job, model):
     """The job's features and block plan; deterministic, so driver and workers agree block for block."""
-    from .cache import FeatureEntry
-    from .features import FeatureSource
-    from .prediction_plan import plan_prediction
+    from .features.cache import FeatureEntry
+    from .features.extract import FeatureSource
+    from .inference.plan import plan_prediction
 
     context = job.context.open() if job.context else None
     source = FeatureSource(job.raw.open(), FeatureEntry(Path(job.raw_entry)), context,
@@ -124,8 +124,8 @@ def _predict_state(job: Job):
         import torch
         import zarr
 
-        from .backbone import resolve_device
-        from .checkpoint import load_model
+        from .features.backbone import resolve_device
+        from .modeling.checkpoint import load_model
 
         dev = resolve_device(job.device)
         if dev.type == "cpu":
@@ -140,8 +140,8 @@ def _predict_state(job: Job):
 def extract_task(volume: VolumeRef, entry_path: str, plane: str, units: list[int], backbone: str,
                  normalization: str, device: str, batch_size: int) -> int:
     """Fill some units of a feature cache entry; returns how many."""
-    from .cache import FeatureEntry
-    from .features import fill_units
+    from .features.cache import FeatureEntry
+    from .features.extract import fill_units
 
     key = ("volume", volume)
     if key not in _WORKER_CACHE:
@@ -157,7 +157,7 @@ def predict_task(job: Job, index: int) -> float:
     import time
 
     from .atomic import atomic_write_text
-    from .predict import predict_block_retrying
+    from .inference.predict import predict_block_retrying
 
     record = Path(job.out) / ".blocks" / f"{index:07d}"
     if record.exists():  # finished by an earlier attempt
@@ -180,11 +180,12 @@ def predict_task(job: Job, index: int) -> float:
 
 def prepare_output(job: Job, plan, class_names=None) -> set[int]:
     """Create ``job.out`` for ``plan`` (or reuse the one an interrupted run of the same job left), naming the
-    classes as :func:`~napari_dinofuse.predict.predict` does; returns the blocks already done."""
+    classes as :func:`~napari_dinofuse.inference.predict.predict` does; returns the blocks already done."""
     import zarr
 
-    from .outputs import ZarrSink, create_ome_image, require_group
-    from .predict import class_names_info
+    from .inference.outputs import ZarrSink, require_group
+    from .inference.predict import class_names_info
+    from .io import create_ome_image
 
     named = class_names_info(class_names, plan.num_classes)
     out = Path(job.out)
@@ -211,7 +212,7 @@ def prepare_job(raw: VolumeRef, context: VolumeRef | None, model_dir, out, backb
                 **settings) -> tuple[Job, list[tuple]]:
     """The :class:`Job` for predicting ``raw`` with the model in ``model_dir`` into ``out``, and the feature
     units still missing in ``cache`` (a folder every worker can reach, e.g. on a shared file system)."""
-    from .features import missing_units, open_entry
+    from .features.extract import missing_units, open_entry
 
     raw_volume = raw.open()
     context_volume = context.open() if context is not None else None
@@ -245,7 +246,7 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
     """
     from distributed import as_completed
 
-    from .checkpoint import load_model
+    from .modeling.checkpoint import load_model
 
     futures = []
     try:
@@ -278,7 +279,7 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
 
 
 def block_mapper(client):
-    """``map_blocks`` for :func:`~napari_dinofuse.instances.find_objects` on ``client``'s cluster: one task per
+    """``map_blocks`` for :func:`~napari_dinofuse.inference.instances.find_objects` on ``client``'s cluster: one task per
     block, results in block order; closing it cancels what has not run. No retries: a block task that rewrites
     ids in place must not run twice (a lost worker fails the run, which leaves the previous objects as they were)."""
 

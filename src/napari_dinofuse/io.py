@@ -2,6 +2,7 @@
 
 Nothing here loads a whole volume: zarr stays zarr, HDF5 stays an h5py dataset, npy is memory-mapped, TIFF is
 memory-mapped when uncompressed. Voxel size and offset come from the file's metadata unless given explicitly.
+The one OME-Zarr image writer (:func:`create_ome_image`) of every store the package writes lives here too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from .defaults import HDF5_SUFFIXES, VOLUME_SUFFIXES
 from .errors import DinofuseError, GeometryError, VolumeReadError
-from .geometry import Volume
+from .geometry import Grid, Volume
 
 # Length units as NGFF (UDUNITS names), OME-XML (symbols) and ImageJ/Fiji (which writes µm as the escaped
 # text \u00B5m) spell them; keys lower-case, as looked up.
@@ -329,3 +330,19 @@ def sample_digest(data, count: int = 8, budget_bytes: int = 8 * 2**20) -> str:
         region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
         digest.update(np.ascontiguousarray(read_region(data, region)).data)
     return digest.hexdigest()
+
+
+def create_ome_image(group, name: str, shape, dtype, grid: Grid, chunks):
+    """A single-level OME-Zarr 0.5 image in ``group``: array ``0`` plus multiscales metadata placing it in nm."""
+    shape = tuple(int(v) for v in shape)
+    lead = len(shape) - 3
+    chunks = tuple(max(1, min(int(c), v)) for c, v in zip(chunks, shape))
+    array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+                               dimension_names=["c", "z", "y", "x"][-len(shape):], overwrite=True)
+    axes = [{"name": "c", "type": "channel"}] * lead + [
+        {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
+    transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
+                  {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [
+        {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
+    return array

@@ -29,9 +29,9 @@ from .geometry import Volume
 from .progress import Progress, cancellable
 
 if TYPE_CHECKING:  # torch-free at import: the widget imports this module
-    from .backbone import Backbone
-    from .checkpoint import ModelInfo
-    from .features import FeatureSource
+    from .features.backbone import Backbone
+    from .features.extract import FeatureSource
+    from .modeling.checkpoint import ModelInfo
     from .modeling.unet import FusedUNet3D
 
 __all__ = ["Session", "SessionSettings", "memory_estimate"]
@@ -81,7 +81,7 @@ class Session:
     def _load_backbone(self, settings: SessionSettings) -> Generator[Progress, None, object]:
         key = (settings.backbone, settings.device)
         if self.backbone is None or self._backbone_key != key:
-            from .backbone import load_backbone
+            from .features.backbone import load_backbone
 
             yield Progress(0, 1, f"loading backbone {settings.backbone}")
             self.backbone, self._backbone_key = None, None
@@ -107,8 +107,8 @@ class Session:
         # What the data holds, not where it lives: an array edited in place, or a new one at a reused id(),
         # must not be served the old features (the content hash takes bounded time: sampled past 256 MB, and
         # remembered by the cache for unchanged files on disk).
-        from .cache import FeatureCache
-        from .features import extract_sources
+        from .features.cache import FeatureCache
+        from .features.extract import extract_sources
         from .io import content_hash
 
         def identity(volume):
@@ -144,7 +144,7 @@ class Session:
 
     def load(self, folder) -> str:
         """Load a model folder (safetensors + JSON); returns the backbone spec it was trained with."""
-        from .checkpoint import load_model, read_training_log
+        from .modeling.checkpoint import load_model, read_training_log
 
         model, info = load_model(folder)
         self.model, self.info, self.log = model, info, read_training_log(folder)
@@ -152,14 +152,14 @@ class Session:
         return info.backbone
 
     def backbone_warning(self) -> str:
-        from .checkpoint import check_backbone_compatible
+        from .modeling.checkpoint import check_backbone_compatible
 
         if self.info is None or self.backbone is None:
             return ""
         return check_backbone_compatible(self.info, str(self.backbone.spec), self.backbone.embed_dim) or ""
 
     def save(self, folder) -> None:
-        from .checkpoint import save_model
+        from .modeling.checkpoint import save_model
 
         if self.model is None or self.info is None:
             raise InputError("there is no trained model to save yet: paint and Fine-tune first")
@@ -178,7 +178,7 @@ class Session:
         return cancellable(self._fine_tune(raw, context, labels, settings, roi), cancel)
 
     def _fine_tune(self, raw, context, labels, settings, roi):
-        from .train import find_painted
+        from .training.train import find_painted
 
         # Refuse bad labels before any slow work (classes the current model has may stay unpainted).
         find_painted(labels, raw.shape, known_classes=self.model.config.num_classes if self.model is not None else 0)
@@ -190,8 +190,8 @@ class Session:
         return (yield from self._predict(source, settings, roi))
 
     def _train(self, source, labels, settings):
-        from .finetune import NewModel, StartModel, fine_tune
-        from .train import TrainConfig
+        from .training.finetune import NewModel, StartModel, fine_tune
+        from .training.train import TrainConfig
 
         config = TrainConfig(iterations=settings.iterations, learning_rate=settings.learning_rate,
                              seed=settings.seed, device=settings.device)
@@ -226,9 +226,9 @@ class Session:
         return (yield from self._predict(source, settings, roi))
 
     def _predict_to_disk(self, source, settings, roi, out):
-        from .finetune import inference_settings
-        from .outputs import StoredPrediction, ZarrSink
-        from .predict import predict
+        from .inference.outputs import StoredPrediction, ZarrSink
+        from .inference.predict import predict
+        from .training.finetune import inference_settings
 
         # ZarrSink refuses to replace anything but an earlier prediction, before any work.
         sink = out if isinstance(out, ZarrSink) else ZarrSink(out)
@@ -239,10 +239,10 @@ class Session:
         return StoredPrediction(sink.path)
 
     def _predict(self, source, settings, roi):
-        from .finetune import inference_settings
-        from .outputs import MemorySink
-        from .predict import predict
-        from .prediction_plan import snap_roi
+        from .inference.outputs import MemorySink
+        from .inference.plan import snap_roi
+        from .inference.predict import predict
+        from .training.finetune import inference_settings
 
         z, y, x = snap_roi(roi, source.raw.shape)
         shape = (z.stop - z.start, y.stop - y.start, x.stop - x.start)

@@ -36,8 +36,8 @@ def trained_model(tmp_path_factory):
     the dock's test settings (random tiny backbone, NOT DINOv3; base 4), saved with its strokes, and the strokes."""
     from napari_dinofuse.annotations import AUTOSAVE_ENV
     from napari_dinofuse.progress import drive
-    from napari_dinofuse.sample_data import make_sample
     from napari_dinofuse.session import Session, SessionSettings
+    from napari_dinofuse.synthetic.sample import make_sample
 
     folder = tmp_path_factory.mktemp("trained")
     sample = make_sample(seed=0)

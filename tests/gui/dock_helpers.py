@@ -5,7 +5,7 @@ import threading
 import numpy as np
 from qtpy.QtCore import Qt
 
-from napari_dinofuse._widgets import DinofuseWidget
+from napari_dinofuse._napari.widgets import DinofuseWidget
 
 LEFT = Qt.MouseButton.LeftButton
 
@@ -47,7 +47,7 @@ def paint_two_classes(viewer, widget, qtbot):
 
     Mitochondria are class 3 of the ground truth; painted as 2, since classes must be 1..K, every one painted.
     """
-    from napari_dinofuse.sample_data import make_sample
+    from napari_dinofuse.synthetic.sample import make_sample
 
     truth = make_sample(seed=0).ground_truth
     truth = np.where(truth == 3, 2, np.where(truth == 1, 1, 0))

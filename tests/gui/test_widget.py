@@ -12,7 +12,7 @@ from dock_helpers import LEFT, click_and_wait, load_and_wait, make_dock, paint_t
 from qtpy.QtCore import QThreadPool, QTimer
 from qtpy.QtWidgets import QApplication, QFileDialog
 
-from napari_dinofuse._widgets import DinofuseWidget
+from napari_dinofuse._napari.widgets import DinofuseWidget
 from napari_dinofuse.defaults import NUM_LEVELS
 from napari_dinofuse.progress import CANCELLED
 
@@ -302,7 +302,7 @@ def test_closing_the_viewer_mid_training_stops_the_worker(make_napari_viewer, qt
 def test_out_of_gpu_memory_says_what_to_do():
     import torch
 
-    from napari_dinofuse._widgets.dock import _describe_error
+    from napari_dinofuse._napari.widgets.dock import _describe_error
 
     message = _describe_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "base channels" in message and "cpu" in message
@@ -340,7 +340,7 @@ def test_every_control_explains_itself_and_the_shortcuts_follow_the_dock(make_na
     from napari.utils.key_bindings import coerce_keybinding
     from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider
 
-    from napari_dinofuse._widgets.dock import FINE_TUNE_KEY, PREDICT_KEY
+    from napari_dinofuse._napari.widgets.dock import FINE_TUNE_KEY, PREDICT_KEY
 
     viewer, widget = make_dock(make_napari_viewer, qtbot)
     inputs = [w for kind in (QAbstractButton, QAbstractSpinBox, QComboBox, QLineEdit, QSlider)
@@ -425,7 +425,7 @@ def test_typos_and_impatient_clicks_change_nothing(make_napari_viewer, qtbot, no
 
 
 def test_voxel_sizes_and_offsets_are_three_finite_numbers():
-    from napari_dinofuse._widgets.fields import parse_xyz
+    from napari_dinofuse._napari.widgets.fields import parse_xyz
     from napari_dinofuse.errors import DinofuseError
 
     assert parse_xyz("8, 4,4", "v", positive=True) == (8.0, 4.0, 4.0)

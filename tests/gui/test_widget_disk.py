@@ -9,8 +9,8 @@ from dock_helpers import LEFT, click_and_wait, make_dock, paint_two_classes
 from qtpy.QtWidgets import QFileDialog
 
 import napari_dinofuse.session as session_module
-from napari_dinofuse._reader import read
-from napari_dinofuse._widgets.dock import WRITING
+from napari_dinofuse._napari.reader import read
+from napari_dinofuse._napari.widgets.dock import WRITING
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

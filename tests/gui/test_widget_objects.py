@@ -5,11 +5,11 @@ import pytest
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog
 
-from napari_dinofuse._reader import read
-from napari_dinofuse._widgets import DinofuseWidget
+from napari_dinofuse._napari.reader import read
+from napari_dinofuse._napari.widgets import DinofuseWidget
 from napari_dinofuse.geometry import Grid
-from napari_dinofuse.instances import read_table_csv
-from napari_dinofuse.outputs import ZarrSink
+from napari_dinofuse.inference.instances import read_table_csv
+from napari_dinofuse.inference.outputs import ZarrSink
 
 NAMES = ["background", "membrane", "mitochondrion"]
 

@@ -12,7 +12,7 @@ import pytest
 from dock_helpers import LEFT, click_and_wait, make_dock, paint_two_classes, real_threads
 from qtpy.QtCore import QThreadPool
 
-from napari_dinofuse._widgets import DinofuseWidget
+from napari_dinofuse._napari.widgets import DinofuseWidget
 from napari_dinofuse.progress import CANCELLED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -226,7 +226,7 @@ def _extract_into(qtbot, widget, folder):
 
 
 def _complete_entries(folder) -> list:
-    from napari_dinofuse.cache import FeatureCache
+    from napari_dinofuse.features.cache import FeatureCache
 
     return [e for e in FeatureCache(folder).entries() if e.fraction_done == 1.0]
 

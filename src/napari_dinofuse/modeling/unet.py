@@ -372,7 +372,7 @@ class FusedUNet3D(nn.Module):
         ``class_prior``: each class's share of the volume, added (as log(prior * K)) to the logits at inference
         only. Training sees the classes about equally often (tiles centred on each class in turn, a few strokes
         each), so its posteriors assume equal shares; with a thin membrane at 3 % of the volume every rare class
-        is then over-predicted. Estimated after training (:func:`~napari_dinofuse.train.estimate_class_prior`);
+        is then over-predicted. Estimated after training (:func:`~napari_dinofuse.training.train.estimate_class_prior`);
         uniform (no correction) until then.
         """
         base = self.level_channels[0]

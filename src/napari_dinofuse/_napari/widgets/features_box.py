@@ -6,8 +6,8 @@ import os
 
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton
 
-from ..defaults import default_backbone_spec
-from ..errors import DinofuseError
+from ...defaults import default_backbone_spec
+from ...errors import DinofuseError
 from .data_box import WARNING_STYLE
 
 
@@ -80,7 +80,7 @@ class FeaturesBox(QGroupBox):
         self.backbone_note.setStyleSheet(WARNING_STYLE if random else "")
 
     def show_cache_size(self) -> None:
-        from ..cache import FeatureCache, format_bytes
+        from ...features.cache import FeatureCache, format_bytes
 
         try:
             cache = FeatureCache(self.cache_folder())

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .defaults import PREDICT_BLOCK
-from .errors import InputError
-from .geometry import Grid
-from .io import read_region
-from .progress import Progress
+from ..atomic import atomic_write_text
+from ..defaults import PREDICT_BLOCK
+from ..errors import InputError
+from ..geometry import Grid
+from ..io import read_region
+from ..progress import Progress
 
 __all__ = ["ObjectSettings", "ObjectTable", "find_objects", "parse_classes"]
 
@@ -568,7 +568,7 @@ def open_prediction(folder):
     """A dinofuse prediction folder's root group, refusing anything else with a clear message."""
     import zarr
 
-    from .defaults import PREDICTION_KIND
+    from ..defaults import PREDICTION_KIND
     from .outputs import store_kind
 
     path = Path(folder).expanduser().absolute()
@@ -594,9 +594,8 @@ def objects_in_prediction(folder, settings: ObjectSettings, block_shape=PREDICT_
 
     import zarr
 
-    from .atomic import recover, siblings, staging, swap_in
-    from .io import open_volume
-    from .outputs import create_ome_image
+    from ..atomic import recover, siblings, staging, swap_in
+    from ..io import create_ome_image, open_volume
 
     root = open_prediction(folder)
     path = Path(folder).expanduser().absolute()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout
 
-from ..display import ATTENTION_LEGEND, attention_style
+from ...display import ATTENTION_LEGEND, attention_style
 from .results import ATTENTION_LAYERS, ours
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton
 
-from ..errors import DinofuseError
-from ..geometry import Volume
+from ...errors import DinofuseError
+from ...geometry import Volume
 from .fields import LayerCombo, level0, parse_xyz, xyz_text
 
 WARNING_STYLE = "color: #ff8c69"

@@ -1,7 +1,7 @@
 """The Objects section: objects of chosen classes from the prediction, with their measurements as features.
 
-Only the form lives here; the dock runs the engine in its worker (:func:`~napari_dinofuse.instances.find_objects`
-in memory, or :func:`~napari_dinofuse.instances.objects_in_prediction` on a prediction folder, memory bounded by a
+Only the form lives here; the dock runs the engine in its worker (:func:`~napari_dinofuse.inference.instances.find_objects`
+in memory, or :func:`~napari_dinofuse.inference.instances.objects_in_prediction` on a prediction folder, memory bounded by a
 block) and hands the result back to :meth:`ObjectsBox.show`.
 """
 
@@ -22,8 +22,8 @@ from qtpy.QtWidgets import (
     QPushButton,
 )
 
-from ..errors import DinofuseError
-from ..geometry import Grid
+from ...errors import DinofuseError
+from ...geometry import Grid
 from .results import MARK, ours
 
 ROLE = "instances"
@@ -53,7 +53,7 @@ def _beside(viewer, prediction, role: str):
 def shown_results(viewer) -> dict:
     """What Save results… writes: the prediction and, on its grid, the uncertainty, attention maps and objects,
     as name in the prediction folder -> (data, Grid); {} when there is no prediction."""
-    from ..defaults import NUM_LEVELS, attention_array, attention_layer
+    from ...defaults import NUM_LEVELS, attention_array, attention_layer
 
     prediction = prediction_layer(viewer)
     if prediction is None:
@@ -148,7 +148,7 @@ class ObjectsBox(QGroupBox):
     def request(self, viewer, class_names) -> ObjectsRequest:
         """What to find objects in, and how, read on the main thread; DinofuseError when there is no prediction
         or the settings are wrong."""
-        from ..instances import ObjectSettings, parse_classes
+        from ...inference.instances import ObjectSettings, parse_classes
 
         layer = prediction_layer(viewer)
         if layer is None:

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .atomic import fsync_dir, recover, siblings, staging, swap_in
-from .errors import CheckpointError
-from .modeling.unet import FusedUNet3D, UNetConfig
+from .. import __version__
+from ..atomic import fsync_dir, recover, siblings, staging, swap_in
+from ..errors import CheckpointError
+from .unet import FusedUNet3D, UNetConfig
 
 __all__ = [
     "CONFIG_FILE",
@@ -301,7 +301,7 @@ def save_model(
         _fsync_file(tmp / WEIGHTS_FILE)
         _write_json(tmp / LOG_FILE, list(training_log or []))
         if annotations is not None:
-            from .annotations import FILE, save_annotations
+            from ..annotations import FILE, save_annotations
 
             save_annotations(tmp / FILE, annotations.data, annotations.grid)
         _write_json(tmp / CONFIG_FILE, config)

@@ -5,7 +5,7 @@ and the ROI cut into *blocks* (a core that partitions the ROI, grown by a halo o
 outer region) with the overlapping *tiles* of each block's outer region. :func:`plan_prediction` makes one
 from a model, its features and :class:`PredictionSettings`, refusing a mismatch before any slow work; it is
 deterministic, so a dask worker rebuilding it gets exactly the driver's blocks. Running a plan is
-:mod:`~napari_dinofuse.predict`'s job.
+:mod:`~napari_dinofuse.inference.predict`'s job.
 
 Alignment. The ROI's y/x start is snapped *down* to the 16-pixel patch grid (the output covers the snapped
 ROI: see :func:`snap_roi`). Blocks and tiles start, relative to the ROI start, on :func:`alignment` (the
@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .backbone import PATCH_SIZE
-from .defaults import NUM_LEVELS, PREDICT_BLOCK, PREDICT_OVERLAP, PREDICT_TILE, attention_array
-from .errors import InputError
-from .geometry import Grid
+from ..defaults import NUM_LEVELS, PREDICT_BLOCK, PREDICT_OVERLAP, PREDICT_TILE, attention_array
+from ..errors import InputError
+from ..features.backbone import PATCH_SIZE
+from ..geometry import Grid
 from .tiling import Slices3, aligned_tiles, ints3, iter_blocks, normalize_roi, parse_roi
 
 if TYPE_CHECKING:
-    from .features import FeatureSource
-    from .modeling.unet import UNetConfig
+    from ..features.extract import FeatureSource
+    from ..modeling.unet import UNetConfig
 
 __all__ = ["PredictionPlan", "PredictionSettings", "alignment", "attention_names", "label_dtype",
            "plan_prediction", "smaller_tiles", "snap_roi"]

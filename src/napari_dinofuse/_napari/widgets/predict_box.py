@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton
 
-from ..display import view_region
+from ...display import view_region
 from .fields import key_text
 
 WHOLE, AROUND_VIEW = "whole volume", "region around the view"

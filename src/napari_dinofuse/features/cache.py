@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .errors import CacheError
-from .io import file_backing, sample_digest
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..errors import CacheError
+from ..io import file_backing, sample_digest
 
 FORMAT_VERSION = 2  # 2: CRC32C per chunk, CRC-32 + file stats in markers (1 still reads)
 CACHE_ENV = "DINOFUSE_CACHE"

@@ -19,13 +19,13 @@ import numpy as np
 from qtpy.QtCore import QEvent, QSettings, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
-from .. import defaults
-from ..defaults import BACKBONE_ENV
-from ..display import class_features, fit_camera, label_colormap, prediction_style
-from ..errors import DinofuseError, InputError
-from ..geometry import Volume
-from ..progress import CANCELLED, cancellable
-from ..session import Session, SessionSettings
+from ... import defaults
+from ...defaults import BACKBONE_ENV
+from ...display import class_features, fit_camera, label_colormap, prediction_style
+from ...errors import DinofuseError, InputError
+from ...geometry import Volume
+from ...progress import CANCELLED, cancellable
+from ...session import Session, SessionSettings
 from .attention_box import AttentionBox
 from .data_box import DataBox
 from .features_box import FeaturesBox
@@ -306,8 +306,8 @@ class DinofuseWidget(QWidget):
     def restore_annotations(self):
         """The model's annotations (else the last autosaved ones) as a new Labels layer; the saved copy is
         never painted into."""
-        from ..annotations import autosave_path, load_annotations
-        from ..io import read_region
+        from ...annotations import autosave_path, load_annotations
+        from ...io import read_region
 
         try:
             saved, where = self.session.annotations, "the current model"
@@ -389,7 +389,7 @@ class DinofuseWidget(QWidget):
             raw, context, roi = self._inputs()
             target = out
             if out is not None:
-                from ..outputs import ZarrSink
+                from ...inference.outputs import ZarrSink
 
                 # Refused here, before any work, if the folder holds anything but an earlier prediction.
                 target = self._writing = ZarrSink(out)
@@ -413,7 +413,7 @@ class DinofuseWidget(QWidget):
 
     def save_results(self, path) -> None:
         """Write the shown results into the prediction folder ``path`` (in a worker: they may be large)."""
-        from ..outputs import save_results
+        from ...inference.outputs import save_results
 
         def job(cancel):
             images = shown_results(self.viewer)
@@ -430,7 +430,7 @@ class DinofuseWidget(QWidget):
         self._start("save results", job, lambda folder: self.status_row.say(f"results saved to {folder}"))
 
     def find_objects(self) -> None:
-        from ..instances import find_objects, objects_in_prediction
+        from ...inference.instances import find_objects, objects_in_prediction
 
         try:
             request = self.objects_box.request(self.viewer, self.session.class_names)
@@ -442,7 +442,7 @@ class DinofuseWidget(QWidget):
                 return cancellable(objects_in_prediction(request.store, request.settings), cancel)
 
             def done(table):
-                from ..io import open_volume
+                from ...io import open_volume
 
                 self._objects_found((open_volume(request.store / "instances").data, table), request.grid,
                                     where=request.store / "instances")
@@ -621,7 +621,7 @@ class DinofuseWidget(QWidget):
         self.attention_box.sync()
 
     def _model_loaded(self, backbone: str) -> None:
-        from ..finetune import inference_settings  # torch is loaded by now
+        from ...training.finetune import inference_settings  # torch is loaded by now
 
         self.features_box.backbone_edit.setText(backbone)
         self.features_box.planes_combo.setCurrentText(inference_settings(self.session.info).planes)

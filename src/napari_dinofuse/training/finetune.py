@@ -1,8 +1,8 @@
 """The one fine-tuning path of every driver (dock widget, ``dinofuse train``, the demo, the benchmarks).
 
 :func:`fine_tune` builds a new model (or copies a given one and adapts its output heads to the painted
-classes), trains it with :class:`~napari_dinofuse.train.Trainer` and describes it for saving. Drivers only parse
-their input into a :class:`~napari_dinofuse.train.TrainConfig` and :class:`NewModel` and show the progress.
+classes), trains it with :class:`~napari_dinofuse.training.train.Trainer` and describes it for saving. Drivers only parse
+their input into a :class:`~napari_dinofuse.training.train.TrainConfig` and :class:`NewModel` and show the progress.
 :func:`inference_settings` is the matching one place that says how a saved model predicts.
 """
 
@@ -14,12 +14,12 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from . import defaults
-from .checkpoint import ModelInfo, check_backbone_compatible
-from .errors import InputError
-from .features import FeatureSource
-from .modeling.unet import FUSION_MODES, FusedUNet3D
-from .progress import Progress
+from .. import defaults
+from ..errors import InputError
+from ..features.extract import FeatureSource
+from ..modeling.checkpoint import ModelInfo, check_backbone_compatible
+from ..modeling.unet import FUSION_MODES, FusedUNet3D
+from ..progress import Progress
 from .train import TrainConfig, Trainer, adapt_classes, find_painted, model_info, new_model
 
 # Wider UNets than this do not fit any GPU at the training tile size; a larger value is a typo.
@@ -146,7 +146,7 @@ class InferenceSettings(NamedTuple):
 def inference_settings(info: ModelInfo | None, device: str = "auto") -> InferenceSettings:
     """How every driver predicts with a model on ``device`` (tiles are free to choose: predictions do not depend
     on them, so each device gets the tile it runs fastest)."""
-    from .backbone import resolve_device
+    from ..features.backbone import resolve_device
 
     return InferenceSettings(info.planes if info is not None else "xy",
                              defaults.predict_tile(resolve_device(device).type), defaults.PREDICT_OVERLAP)

@@ -26,8 +26,8 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.spatial import cKDTree
 
-from .errors import GeometryError
-from .geometry import Grid, Volume
+from ..errors import GeometryError
+from ..geometry import Grid, Volume
 
 __all__ = ["CLASS_NAMES", "CONTEXT_DEPENDENT_CLASSES", "SyntheticSample", "make_sample"]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import GeometryError
+from ..errors import GeometryError
 
 __all__ = [
     "BlendAccumulator",

@@ -6,8 +6,8 @@ share a name is left alone and ours gets napari's next free name.
 
 from __future__ import annotations
 
-from ..defaults import NUM_LEVELS, attention_array, attention_layer
-from ..display import attention_style, class_features, prediction_style, uncertainty_style
+from ...defaults import NUM_LEVELS, attention_array, attention_layer
+from ...display import attention_style, class_features, prediction_style, uncertainty_style
 
 MARK = "napari-dinofuse"
 ATTENTION_LAYERS = [attention_layer(k) for k in range(1, NUM_LEVELS + 1)]

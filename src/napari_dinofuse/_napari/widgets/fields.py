@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox
 
-from ..errors import DinofuseError
-from ..geometry import triple
+from ...errors import DinofuseError
+from ...geometry import triple
 from .results import MARK
 
 NONE = "(none)"

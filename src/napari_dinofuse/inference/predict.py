@@ -7,8 +7,8 @@ results written meanwhile), never by the volume: the ROI is cut into blocks, eac
 probabilities blended with a raised-cosine window, and only the block's core goes to the sink.
 
 Where the blocks and tiles go (and how they are aligned to the patch grid and the UNet's levels) is decided
-beforehand by :func:`~napari_dinofuse.prediction_plan.plan_prediction`; this module only carries a
-:class:`~napari_dinofuse.prediction_plan.PredictionPlan` out.
+beforehand by :func:`~napari_dinofuse.inference.plan.plan_prediction`; this module only carries a
+:class:`~napari_dinofuse.inference.plan.PredictionPlan` out.
 
 Outputs (names in the sink), all over the snapped ROI:
 
@@ -19,7 +19,7 @@ Outputs (names in the sink), all over the snapped ROI:
 * ``attention/level1..4`` float16, for "attention"-fusion models: the channel-mean gate of each encoder
   level at its own resolution, on the grid ``roi_grid.coarsen(config.level_factors[k - 1])``.
 
-Sinks (where the outputs go) live in :mod:`~napari_dinofuse.outputs`.
+Sinks (where the outputs go) live in :mod:`~napari_dinofuse.inference.outputs`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .backbone import PATCH_SIZE, resolve_device
-from .defaults import PREDICT_BLOCK, PREDICT_OVERLAP, PREDICT_TILE, PREDICTION_LABELS
-from .errors import MemoryRetryWarning
-from .features import BlockFeatures, FeatureSource
+from ..defaults import PREDICT_BLOCK, PREDICT_OVERLAP, PREDICT_TILE, PREDICTION_LABELS
+from ..errors import MemoryRetryWarning
+from ..features.backbone import PATCH_SIZE, resolve_device
+from ..features.extract import BlockFeatures, FeatureSource
+from ..progress import Progress, drive, within
 from .outputs import MemorySink
-from .prediction_plan import PredictionPlan, attention_names, label_dtype, plan_prediction, smaller_tiles
-from .progress import Progress, drive, within
+from .plan import PredictionPlan, attention_names, label_dtype, plan_prediction, smaller_tiles
 from .tiling import BlendAccumulator, Slices3, blending_weights, roi_to_str
 
 __all__ = ["predict", "predict_block", "predict_to_memory", "read_block"]
@@ -63,7 +63,7 @@ def predict_block(model, source: FeatureSource, plan: PredictionPlan, index: int
     core, outer, tiles = plan.blocks[index]
     overlap, roi_start = plan.overlap, plan.roi_start
     with_attention = bool(plan.factors)
-    outer_start = np.array([s.start for s in outer])  # z may be < 0: see prediction_plan._plan_block
+    outer_start = np.array([s.start for s in outer])  # z may be < 0: see plan._plan_block
     outer_shape = [s.stop - s.start for s in outer]
     real_start = np.maximum(outer_start, 0)  # voxels before the volume are never kept
     # Blending happens on the device: a tile's probabilities never leave it, only the block's result does.
@@ -112,7 +112,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
             ) -> Generator[Progress, None, object]:
     """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
 
-    The output covers :func:`~napari_dinofuse.prediction_plan.snap_roi` of ``roi`` (y/x start moved down to a
+    The output covers :func:`~napari_dinofuse.inference.plan.snap_roi` of ``roi`` (y/x start moved down to a
     multiple of 16), on the grid ``source.raw.grid.crop(start, stop)`` of that snapped ROI. ``tile_shape`` and
     ``block_shape`` are rounded up to multiples of (8, 16, 16); ``overlap`` is both the tiles' overlap and the
     blocks' halo. Closing the generator stops at a tile boundary and aborts the sink (nothing is marked complete).

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import recover, staging, swap_in
-from .defaults import PREDICTION_KIND
-from .errors import DinofuseError, InputError
-from .geometry import Grid
-from .progress import Progress
+from ..atomic import recover, staging, swap_in
+from ..defaults import PREDICTION_KIND
+from ..errors import DinofuseError, InputError
+from ..geometry import Grid
+from ..io import create_ome_image
+from ..progress import Progress
 
-__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "create_ome_image", "require_group", "save_results",
+__all__ = ["MemorySink", "StoredPrediction", "ZarrSink", "require_group", "save_results",
            "store_kind"]
 
 
@@ -69,22 +70,6 @@ class MemorySink:
 
     def abort(self) -> None:
         pass
-
-
-def create_ome_image(group, name: str, shape, dtype, grid: Grid, chunks):
-    """A single-level OME-Zarr 0.5 image in ``group``: array ``0`` plus multiscales metadata placing it in nm."""
-    shape = tuple(int(v) for v in shape)
-    lead = len(shape) - 3
-    chunks = tuple(max(1, min(int(c), v)) for c, v in zip(chunks, shape))
-    array = group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-                               dimension_names=["c", "z", "y", "x"][-len(shape):], overwrite=True)
-    axes = [{"name": "c", "type": "channel"}] * lead + [
-        {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"]
-    transforms = [{"type": "scale", "scale": [1.0] * lead + list(grid.voxel_size)},
-                  {"type": "translation", "translation": [0.0] * lead + list(grid.offset)}]
-    group.attrs["ome"] = {"version": "0.5", "multiscales": [
-        {"name": name, "axes": axes, "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]}
-    return array
 
 
 def require_group(root, name: str):
@@ -184,8 +169,8 @@ class StoredPrediction:
     shows after predicting to disk (the same ``arrays``/``grids`` as a :class:`MemorySink`), plus ``path``."""
 
     def __init__(self, path):
-        from .defaults import NUM_LEVELS, attention_array
-        from .io import open_volume
+        from ..defaults import NUM_LEVELS, attention_array
+        from ..io import open_volume
 
         self.path = Path(path).expanduser().absolute()
         self.arrays: dict = {}
@@ -209,7 +194,7 @@ def save_results(folder, images: dict, class_names=None, table=None) -> Generato
     ``instances/measurements.csv``. Copied slab by slab (memory bounded whatever the size), written aside and
     swapped in when complete; only an earlier prediction is ever replaced.
     """
-    from .io import read_region
+    from ..io import read_region
 
     if "labels" not in images:
         raise InputError("there is no prediction to save: click Predict first")

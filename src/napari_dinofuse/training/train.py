@@ -3,7 +3,7 @@
 Labels live on the raw grid: 0 = not painted (never enters the loss), k >= 1 = class k (logit k - 1).
 Training tiles are drawn around painted voxels (most of a volume is unpainted), class-balanced, augmented
 (:func:`augment`); their inputs come from the cache (the backbone is never called here), with a context window
-around each tile (:class:`~napari_dinofuse.features.FeatureSource`). Whole strokes are held out
+around each tile (:class:`~napari_dinofuse.features.extract.FeatureSource`). Whole strokes are held out
 (:func:`split_strokes`) to score the model and stop early; the test voxels of a benchmark are never seen.
 
 :class:`Trainer` runs as a generator of :class:`~napari_dinofuse.progress.Progress`; when the driver
@@ -24,16 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, defaults
-from .backbone import PATCH_SIZE, resolve_device
-from .checkpoint import ModelInfo
-from .errors import InputError
-from .features import FeatureSource, TileInputs, sample_images
-from .geometry import Grid
-from .modeling.filters import scale_sigmas
-from .modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling
-from .progress import Progress
-from .tiling import ints3, iter_blocks
+from .. import __version__, defaults
+from ..errors import InputError
+from ..features.backbone import PATCH_SIZE, resolve_device
+from ..features.extract import FeatureSource, TileInputs, sample_images
+from ..geometry import Grid
+from ..inference.tiling import ints3, iter_blocks
+from ..modeling.checkpoint import ModelInfo
+from ..modeling.filters import scale_sigmas
+from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling
+from ..progress import Progress
 
 PREFETCH_STEPS = 2  # training steps whose tiles are prepared ahead (host memory: a few tiles)
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 @lru_cache(maxsize=1)
 def _sample():
-    from .sample_data import make_sample
+    from ..synthetic.sample import make_sample
 
     return make_sample(seed=0)
 
@@ -20,7 +20,7 @@ def synthetic_em() -> list[tuple]:
 
 
 def synthetic_em_ground_truth() -> list[tuple]:
-    from .display import class_features, label_colormap
+    from ..display import class_features, label_colormap
 
     sample = _sample()
     # The class colours of the annotations and the prediction; class_names[0] names label 0 (unlabelled).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox
 
-from .. import defaults
+from ... import defaults
 from .fields import LayerCombo, key_text
 from .loss_plot import LossPlot
 

@@ -3,7 +3,7 @@
 Slices go through the 2D ViT in batches; slices wider than ``tile_size`` are cut into tiles aligned to
 the 16-pixel patch grid, overlapping by at least two patches, and stitched at patch resolution (each
 patch taken from the tile where it lies farthest from an edge). Features are stored at patch resolution,
-float16, ``(C, Z, ceil(Y/16), ceil(X/16))``, in a :class:`~napari_dinofuse.cache.FeatureCache` entry.
+float16, ``(C, Z, ceil(Y/16), ceil(X/16))``, in a :class:`~napari_dinofuse.features.cache.FeatureCache` entry.
 
 ``ortho`` also runs the ViT on xz and yz planes; their features are block-averaged over each 16-plane
 block and linearly interpolated along z onto the same grid, and a read averages the three.
@@ -30,14 +30,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
+from ..errors import InputError, MemoryRetryWarning
+from ..geometry import Grid, Volume, resample
+from ..io import content_hash, read_region
+from ..modeling.unet import ContextWindow
+from ..progress import Progress, drive, within
 from .backbone import PATCH_SIZE, Backbone, intensity_range, to_unit_range
 from .cache import PLANE_SETS, FeatureCache, FeatureEntry
-from .errors import InputError, MemoryRetryWarning
-from .geometry import Grid, Volume, resample
-from .io import content_hash, read_region
-from .modeling.unet import ContextWindow
-from .progress import Progress, drive, within
 
 DEFAULT_TILE_SIZE = 1024
 CONTEXT_POOLING = 4  # the context encoder pools by at most 2 x 2 per axis

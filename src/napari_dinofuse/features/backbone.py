@@ -1,6 +1,6 @@
 """The frozen DINOv3 ViT: loading (hub id | local folder | ``random:<arch>``), preprocessing, patch grid.
 
-Everything here works on 2D slices; walking a volume slice by slice is ``features.py``'s job.
+Everything here works on 2D slices; walking a volume slice by slice is ``extract.py``'s job.
 torch and transformers are imported here, never by the package's ``__init__``.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .defaults import BACKBONE_ENV, COMPILE_ENV, DEFAULT_BACKBONE, default_backbone_spec  # noqa: F401
-from .errors import BackboneError, InputError
+from ..defaults import BACKBONE_ENV, COMPILE_ENV, DEFAULT_BACKBONE, default_backbone_spec  # noqa: F401
+from ..errors import BackboneError, InputError
 
 PATCH_SIZE = 16
 
@@ -160,7 +160,7 @@ class Backbone:
     ``precision``: ``fp32``; ``bf16`` (weights cast to bfloat16 once: no per-call weight casts, half the
     weight memory, bf16 activations throughout); ``autocast`` (fp32 weights under bf16 autocast: fp32
     residual stream); ``auto``: bf16 on CUDA, fp32 elsewhere.
-    ``forward``: ``fused`` (:class:`~napari_dinofuse.fused_vit.FusedViT`, the default) or ``transformers``
+    ``forward``: ``fused`` (:class:`~napari_dinofuse.features.fused_vit.FusedViT`, the default) or ``transformers``
     (the reference it is tested against). ``compile``: run the forward through ``torch.compile`` (pays off on
     large volumes on a GPU: each new slice shape compiles once, tens of seconds); a compile failure falls back
     to the eager forward with one warning.

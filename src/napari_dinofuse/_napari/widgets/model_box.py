@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSpinBox
 
-from .. import defaults
+from ... import defaults
 
 
 class ModelBox(QGroupBox):

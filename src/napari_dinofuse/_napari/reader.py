@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .defaults import (
+from ..defaults import (
     ANNOTATIONS_KIND,
     HDF5_SUFFIXES,
     NUM_LEVELS,
@@ -46,13 +46,13 @@ def read(path) -> list[tuple]:
 
 def _is_labels(path: Path) -> bool:
     """Labels written by this plugin (annotations, the writer): opened as Labels again."""
-    from .outputs import store_kind
+    from ..inference.outputs import store_kind
 
     return path.suffix.lower() == ".zarr" and path.is_dir() and store_kind(path) == ANNOTATIONS_KIND
 
 
 def _hdf5_volumes(path: Path) -> list[str]:
-    from .io import hdf5_volumes
+    from ..io import hdf5_volumes
 
     try:
         return hdf5_volumes(path)
@@ -61,8 +61,8 @@ def _hdf5_volumes(path: Path) -> list[str]:
 
 
 def _open(path: Path, **kwargs):
-    from .errors import GeometryError
-    from .io import open_volume
+    from ..errors import GeometryError
+    from ..io import open_volume
 
     try:
         return open_volume(path, **kwargs)
@@ -89,7 +89,7 @@ def _prediction_outputs(path: Path):
         return None
     if attrs.get("kind") != PREDICTION_KIND:
         return None
-    from .display import attention_style, class_features, prediction_style, uncertainty_style
+    from ..display import attention_style, class_features, prediction_style, uncertainty_style
 
     # The dock's styles and the model's class names: a saved prediction opens looking like a fresh one.
     names = attrs.get("class_names")
@@ -102,7 +102,7 @@ def _prediction_outputs(path: Path):
         layers.append((uncertainty.data, _placement(uncertainty, name="uncertainty", **uncertainty_style()),
                        "image"))
     if (path / "instances").is_dir():
-        from .instances import read_table_csv
+        from ..inference.instances import read_table_csv
 
         objects = _open(path / "instances", name="instances")
         table = path / "instances" / "measurements.csv"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 
 def write_labels(path: str, data, attributes: dict) -> list[str]:
-    from .annotations import save_annotations
-    from .defaults import ANNOTATIONS_KIND
-    from .errors import DinofuseError
-    from .geometry import Grid
-    from .outputs import store_kind
+    from ..annotations import save_annotations
+    from ..defaults import ANNOTATIONS_KIND
+    from ..errors import DinofuseError
+    from ..geometry import Grid
+    from ..inference.outputs import store_kind
 
     if len(data.shape) != 3:
         raise DinofuseError(f"only 3D (z, y, x) labels can be written as OME-Zarr here, not {len(data.shape)}D")
