@@ -11,6 +11,13 @@ Guarantees the GUI relies on:
 * the labels passed in are only read (the widget passes a snapshot, so the user can keep painting);
 * a fine-tune that is cancelled or fails leaves the previous model untouched ("last good model");
 * the features of one raw/context pair are computed (or checked in the cache) once per session.
+
+Lifecycle. Data is not "set" on a session and then forgotten to be reset: every action takes the raw and
+context it works on, and the session keeps the features of the last pair under a key of what the data *holds*
+(content hash, grids, planes, cache), so a new layer, an array edited in place or another backbone gets new
+features, and the same data gets the kept ones. The model's lifecycle is explicit: :meth:`Session.fine_tune`
+replaces it only once a new one is trained, :meth:`Session.load` replaces it, :meth:`Session.reset_model`
+forgets it (and the strokes it was trained on).
 """
 
 from __future__ import annotations
