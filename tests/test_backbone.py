@@ -198,7 +198,7 @@ def test_fused_forward_computes_what_transformers_does(make):
 
 
 def test_compile_failure_falls_back_to_the_eager_forward_with_one_warning(monkeypatch, tiny_backbone):
-    from napari_dinofuse import backbone as backbone_module
+    from napari_dinofuse.features import backbone as backbone_module
 
     def broken_compile(module, **kwargs):
         def run(*args):

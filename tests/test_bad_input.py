@@ -17,8 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from napari_dinofuse import backbone, cli, demo
+from napari_dinofuse import cli, demo
 from napari_dinofuse.errors import DinofuseError, InputError
+from napari_dinofuse.features import backbone
 from napari_dinofuse.features.extract import ExtractionSettings
 from napari_dinofuse.geometry import Volume
 from napari_dinofuse.inference.plan import PredictionSettings

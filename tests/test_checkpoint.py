@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import napari_dinofuse
-from napari_dinofuse import checkpoint
 from napari_dinofuse.geometry import Grid
-from napari_dinofuse.modeling import FusedUNet3D, UNetConfig
+from napari_dinofuse.modeling import FusedUNet3D, UNetConfig, checkpoint
 from napari_dinofuse.modeling.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,

@@ -71,8 +71,8 @@ def test_a_block_out_of_memory_is_retried_once_with_smaller_tiles(setup, tiny_ba
     import torch
 
     from napari_dinofuse import distributed
-    from napari_dinofuse import predict as predict_module
     from napari_dinofuse.errors import MemoryRetryWarning
+    from napari_dinofuse.inference import predict as predict_module
 
     d = setup[0]
     run, raised = predict_module._run_tile, []

@@ -341,7 +341,7 @@ def test_markers_of_single_units_are_folded_into_one_file_after_their_checks(tmp
 @pytest.fixture
 def one_writer(monkeypatch):
     """Batches written in order by one thread (as on a 2-core machine), for tests of what is written when."""
-    from napari_dinofuse import features
+    from napari_dinofuse.features import extract as features
 
     monkeypatch.setattr(features, "writer_threads", lambda: 1)
 
@@ -420,7 +420,7 @@ def test_a_read_error_ahead_surfaces_and_keeps_the_batches_before_it(tmp_path, t
     still stops the run with its own error, keeps what was computed, and leaves no thread behind."""
     import threading
 
-    from napari_dinofuse import features
+    from napari_dinofuse.features import extract as features
 
     volume = _volume(shape=(8, 32, 32))
     original, reads = features.read_region, []
@@ -442,7 +442,7 @@ def test_a_read_error_ahead_surfaces_and_keeps_the_batches_before_it(tmp_path, t
 def test_several_writer_threads_store_every_batch_and_stop_on_cancel(tmp_path, counting_backbone, monkeypatch):
     import time
 
-    from napari_dinofuse import features
+    from napari_dinofuse.features import extract as features
 
     monkeypatch.setattr(features, "writer_threads", lambda: 3)
     volume = _volume(shape=(14, 40, 40))
@@ -508,7 +508,8 @@ def _age(folder, seconds=10):
 
 
 def test_an_unchanged_input_on_disk_is_identified_without_reading_it(tmp_path, counting_backbone, monkeypatch):
-    from napari_dinofuse import features, io
+    from napari_dinofuse import io
+    from napari_dinofuse.features import extract as features
 
     data = np.random.default_rng(0).integers(0, 4000, (32, 48, 64), dtype=np.uint16)  # percentile intensities
     volume = _zarr_volume(tmp_path / "raw.zarr", data, chunks=(1, 48, 64))
@@ -579,7 +580,7 @@ def test_a_rewritten_chunk_on_disk_is_a_new_input(tmp_path, counting_backbone):
 def test_chunks_written_without_zarr_are_the_files_zarr_writes(tmp_path, tiny_backbone, monkeypatch, planes):
     """The writer threads store chunk files themselves (zarr's one event loop serialised them); a reader, zarr
     included, must not be able to tell: same bytes, CRC32C and edge-chunk padding, for every plane family."""
-    from napari_dinofuse import cache as cache_module
+    from napari_dinofuse.features import cache as cache_module
 
     monkeypatch.setattr(cache_module, "_MAX_CHUNK_BYTES", 64 * 4 * 2 * 2)  # several chunks a unit, xy's cut at x
     volume = _volume(shape=(5, 50, 70))

@@ -134,7 +134,7 @@ def test_small_model_fits_the_painted_voxels(sample, source):
 def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, source, monkeypatch):
     import threading
 
-    from napari_dinofuse import train
+    from napari_dinofuse.training import train
 
     labels = sample.scribbles(seed=0)
     config = TrainConfig(iterations=12, tile_shape=(16, 48, 48), seed=3)
