@@ -279,8 +279,8 @@ def run_blockwise(client, job: Job, extraction: list[tuple]) -> Generator[Progre
 
 
 def block_mapper(client):
-    """``map_blocks`` for :func:`~napari_dinofuse.inference.instances.find_objects` on ``client``'s cluster: one task per
-    block, results in block order; closing it cancels what has not run. No retries: a block task that rewrites
+    """``map_blocks`` for :func:`~napari_dinofuse.inference.instances.find_objects` on ``client``'s cluster: one
+    task per block, results in block order; closing it cancels what has not run. No retries: a block task that rewrites
     ids in place must not run twice (a lost worker fails the run, which leaves the previous objects as they were)."""
 
     def map_blocks(task, items):

@@ -203,7 +203,8 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     assert click_and_wait(qtbot, widget, widget.features_box.extract_button) is not CANCELLED  # resumes from the cache
     assert widget.session.source is not None
     note = widget.features_box.backbone_note.text()  # which backbone ran, and that it is not DINOv3
-    assert note.startswith(f"loaded: {widget.features_box.backbone_edit.text()}") and "RANDOM WEIGHTS, NOT DINOv3" in note
+    assert note.startswith(f"loaded: {widget.features_box.backbone_edit.text()}")
+    assert "RANDOM WEIGHTS, NOT DINOv3" in note
 
     labels = paint_two_classes(viewer, widget, qtbot)
     qtbot.mouseClick(widget.train_box.train_button, LEFT)
@@ -274,7 +275,8 @@ def test_wrong_inputs_give_notifications(make_napari_viewer, qtbot, notification
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *args, **kwargs: str(folder))
     qtbot.mouseClick(widget.features_box.backbone_folder_button, LEFT)
     assert widget.features_box.backbone_edit.text() == str(folder)
-    assert "hf auth login" in widget.features_box.backbone_note.text() and "save_pretrained" in widget.features_box.backbone_note.text()
+    note = widget.features_box.backbone_note.text()
+    assert "hf auth login" in note and "save_pretrained" in note
     click_and_wait(qtbot, widget, widget.features_box.extract_button)
     assert "save_pretrained" in errors()[-1] and "loaded" not in widget.features_box.backbone_note.text()
 
@@ -349,8 +351,10 @@ def test_every_control_explains_itself_and_the_shortcuts_follow_the_dock(make_na
     assert len(inputs) > 25
     unexplained = [w.text() if hasattr(w, "text") else type(w).__name__ for w in inputs if not w.toolTip().strip()]
     assert not unexplained, unexplained
-    assert "Ctrl+Shift+F" in widget.train_box.train_button.toolTip() and "Ctrl+Shift+R" in widget.predict_box.predict_button.toolTip()
-    assert "0.5" in widget.attention_box.attention_legend.text() and not widget.attention_box.attention_legend.isHidden()
+    assert "Ctrl+Shift+F" in widget.train_box.train_button.toolTip()
+    assert "Ctrl+Shift+R" in widget.predict_box.predict_button.toolTip()
+    legend = widget.attention_box.attention_legend
+    assert "0.5" in legend.text() and not legend.isHidden()
 
     fine_tune, predict = coerce_keybinding(FINE_TUNE_KEY), coerce_keybinding(PREDICT_KEY)
     assert fine_tune in viewer.keymap and predict in viewer.keymap
@@ -382,7 +386,8 @@ def test_the_next_dock_remembers_the_settings(make_napari_viewer, qtbot, tmp_pat
 
     second = DinofuseWidget(viewer)  # as in the next napari session
     assert second.features_box.backbone_edit.text() == str(tmp_path / "my-dinov3")
-    assert second.features_box.cache_edit.text() == str(tmp_path / "features") and "features" in second.features_box.cache_size.text()
+    assert second.features_box.cache_edit.text() == str(tmp_path / "features")
+    assert "features" in second.features_box.cache_size.text()
     assert (second.features_box.device_combo.currentText(), second.features_box.planes_combo.currentText(),
             second.model_box.fusion_combo.currentText()) == ("cpu", "ortho", "concat")
     assert second.model_box.base_spin.value() == 24 and not second.model_box.stem_check.isChecked()

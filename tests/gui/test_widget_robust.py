@@ -58,7 +58,8 @@ def test_removing_an_input_layer_mid_fine_tune_stops_it_and_keeps_the_last_good_
         make_napari_viewer, qtbot, notifications):
     viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=5)
     paint_two_classes(viewer, widget, qtbot)
-    assert hasattr(click_and_wait(qtbot, widget, widget.train_box.train_button, timeout=600), "arrays")  # the last good model
+    # The last good model:
+    assert hasattr(click_and_wait(qtbot, widget, widget.train_box.train_button, timeout=600), "arrays")
     model, weights = widget.session.model, _weights(widget.session.model)
     widget.train_box.iterations_spin.setValue(100_000)
 
@@ -83,7 +84,8 @@ def test_removing_an_input_layer_mid_fine_tune_stops_it_and_keeps_the_last_good_
         assert {widget.data_box.raw_combo.currentText(), widget.data_box.context_combo.currentText(),
                 widget.train_box.labels_combo.currentText()} == {"raw", "context", "annotations"}
 
-    result = click_and_wait(qtbot, widget, widget.predict_box.predict_button, timeout=600)  # the last good model still predicts
+    # The last good model still predicts:
+    result = click_and_wait(qtbot, widget, widget.predict_box.predict_button, timeout=600)
     assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
 
 
@@ -107,10 +109,12 @@ def test_removing_an_input_layer_mid_extraction_stops_it(make_napari_viewer, qtb
         assert _no_traceback(seen)
         _assert_untouched(viewer, others)
         viewer.layers.append(layer)
-        assert (widget.data_box.raw_combo.currentText(), widget.data_box.context_combo.currentText()) == ("raw", "context")
+        data = widget.data_box
+        assert (data.raw_combo.currentText(), data.context_combo.currentText()) == ("raw", "context")
 
     widget.features_box.planes_combo.setCurrentText("xy")  # (a third of the work of ortho)
-    result = click_and_wait(qtbot, widget, widget.features_box.extract_button, timeout=600)  # the widget extracts as before
+    # The widget extracts as before:
+    result = click_and_wait(qtbot, widget, widget.features_box.extract_button, timeout=600)
     assert result is not CANCELLED and widget.session.source is result
 
 
@@ -145,7 +149,8 @@ def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_
         if layer.name in ("context", "my raw", "strokes"):
             assert np.array_equal(layer.data, state[id(layer)][1])
     assert len(notifications) == before and _no_traceback(notifications)
-    assert (widget.data_box.raw_combo.currentText(), widget.data_box.context_combo.currentText()) == ("context", "(none)")
+    data = widget.data_box
+    assert (data.raw_combo.currentText(), data.context_combo.currentText()) == ("context", "(none)")
 
 
 # -- 2. inputs that cannot be used ----------------------------------------------------------------------------

@@ -1,1 +1,2 @@
-"""The synthetic EM sample: a world rendered at raw and context resolution with ground truth and scribbles (`sample`)."""
+"""The synthetic EM sample: a world rendered at raw and context resolution with ground truth and scribbles (`sample`).
+"""

@@ -1,8 +1,9 @@
 """The one fine-tuning path of every driver (dock widget, ``dinofuse train``, the demo, the benchmarks).
 
 :func:`fine_tune` builds a new model (or copies a given one and adapts its output heads to the painted
-classes), trains it with :class:`~napari_dinofuse.training.train.Trainer` and describes it for saving. Drivers only parse
-their input into a :class:`~napari_dinofuse.training.train.TrainConfig` and :class:`NewModel` and show the progress.
+classes), trains it with :class:`~napari_dinofuse.training.train.Trainer` and describes it for saving. Drivers
+only parse their input into a :class:`~napari_dinofuse.training.train.TrainConfig` and :class:`NewModel` and
+show the progress.
 :func:`inference_settings` is the matching one place that says how a saved model predicts.
 """
 

@@ -1,4 +1,4 @@
-"""The DINOfuse dock widget: data, features, model, fine-tune, predict, attention, cancel.
+"""The DINOfuse dock widget: the forms (one per module in this package) top to bottom, wired to the session.
 
 Thin driver: every action is a :class:`~napari_dinofuse.session.Session` generator run in a napari
 ``GeneratorWorker`` thread; this module only reads the widgets and layers (main thread), shows progress and
@@ -352,7 +352,8 @@ class DinofuseWidget(QWidget):
             raw, context = self.data_box.volumes()
             return self.session.extract(raw, context, self._settings, cancel=cancel)
 
-        self._start("extract", job, lambda source: self.features_box.show_cache_size(), uses=self._chosen_layers())
+        self._start("extract", job, lambda source: self.features_box.show_cache_size(),
+                    uses=self.data_box.chosen_layers())
 
     def fine_tune(self) -> None:
         if self.worker is not None:  # a second click (or key press) must not reset the running job's plot
@@ -374,7 +375,7 @@ class DinofuseWidget(QWidget):
         self.train_box.loss_plot.reset(self.train_box.iterations_spin.value())
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
                                                                        cancel=cancel), self._show_prediction,
-                    uses=(*self._chosen_layers(), layer))
+                    uses=(*self.data_box.chosen_layers(), layer))
 
     def predict(self) -> None:
         """Predict the region into layers held in memory."""
@@ -396,7 +397,7 @@ class DinofuseWidget(QWidget):
             return self.session.predict(raw, context, self._settings, roi, cancel=cancel, out=target)
 
         self._start("predict" if out is None else "predict to disk", job, self._show_prediction,
-                    uses=self._chosen_layers())
+                    uses=self.data_box.chosen_layers())
 
     def _ask_prediction_folder(self) -> None:
         self._ask_zarr_folder("Write the prediction to (an OME-Zarr folder)", self.predict_to_disk)
@@ -500,9 +501,6 @@ class DinofuseWidget(QWidget):
             action(folder)
 
     # -- running jobs -----------------------------------------------------------------------------
-
-    def _chosen_layers(self) -> tuple:
-        return self.data_box.chosen_layers()
 
     def _inputs(self):
         raw, context = self.data_box.volumes()

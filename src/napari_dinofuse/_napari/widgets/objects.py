@@ -1,7 +1,8 @@
 """The Objects section: objects of chosen classes from the prediction, with their measurements as features.
 
-Only the form lives here; the dock runs the engine in its worker (:func:`~napari_dinofuse.inference.instances.find_objects`
-in memory, or :func:`~napari_dinofuse.inference.instances.objects_in_prediction` on a prediction folder, memory bounded by a
+Only the form lives here; the dock runs the engine in its worker
+(:func:`~napari_dinofuse.inference.instances.find_objects` in memory, or
+:func:`~napari_dinofuse.inference.instances.objects_in_prediction` on a prediction folder, memory bounded by a
 block) and hands the result back to :meth:`ObjectsBox.show`.
 """
 
