@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: DINOv3 from the local download cache if present, else random:vits16")
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     demo.add_argument("--iterations", type=int, default=None,
-                      help="training iterations per model (default 150: a few minutes on a laptop CPU)")
+                      help=f"training iterations per model (default: the recipe's {defaults.ITERATIONS}, a few "
+                           "minutes on a laptop CPU)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--raw-shape", type=_ints, default=(32, 256, 256), metavar="Z,Y,X",
                       help="size of the synthetic raw field in 4 nm voxels (y, x >= 128)")

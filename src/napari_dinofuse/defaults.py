@@ -39,7 +39,10 @@ def attention_layer(k: int) -> str:
 # -- the one recipe: the GUI, the CLI, the demo and the benchmarks start from these ---------------------------
 BASE_CHANNELS = 16  # UNet width of a new model: 16 trains in minutes on a laptop CPU; 32-64 suit a GPU
 CONTEXT_MARGIN_NM = 1024.0  # the context branch reads this far beyond a tile (its weight lies within ~1 um)
-ITERATIONS = 150  # what the benchmarks measure; with a validation share, early stopping may end sooner
+# Training steps. Few strokes are overfitted quickly: on the sample (docs/benchmarks.md, 2026-12-04 late) 100 steps
+# beat 150 at both seeds on the context classes (seed 0 on every class), and 300 fitted the strokes better and
+# generalised much worse. With a validation share, early stopping may end sooner.
+ITERATIONS = 100
 LEARNING_RATE = 3e-3  # peak, after a linear warm-up; cosine decay to 5 % of it
 # Small tiles, several per step (each centred on a painted class in turn): one step sees every class, at the
 # cost of one 16 x 64 x 64 tile. Voxels (z, y, x); the context comes from a wider window, not from the tile.
@@ -48,7 +51,8 @@ TILES_PER_STEP = 4
 # Of each class's strokes, held out to score the model and stop early. 0 by default: with the few strokes a user
 # paints, every stroke is worth more in training than as a score. Measured (docs/benchmarks.md): holding out a
 # fifth of the sample's strokes cost ~0.3 IoU on the context-dependent classes, and the held-out score peaked
-# after 25 steps while the scored voxels kept improving to 150. Worth it with many strokes per class.
+# after 25 steps while the scored voxels kept improving to 150 (then the recipe's length). Worth it with many
+# strokes per class.
 VALIDATION_SHARE = 0.0
 # Prediction tiles are independent of the training tile (per-voxel normalisation): larger is faster.
 PREDICT_TILE = (32, 128, 128)
