@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import defaults
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, atomic_write_text
 from .errors import BackboneError
 from .features.backbone import default_backbone_spec, load_backbone
 from .features.cache import FeatureCache
@@ -113,7 +113,7 @@ def run_demo(out, backbone: str | None = None, device: str = "auto", iterations:
     say(f"\nwrote {out}/prediction-attention.zarr, prediction-none.zarr, model-attention/, model-none/ and "
         f"{figure.name} (top: raw, ground truth, prediction with context, without; bottom: attention levels 1-4)")
     summary = {name: {CLASS_NAMES[k]: v for k, v in c.items()} for name, c in columns.items()}
-    (out / "iou.json").write_text(json.dumps({"backbone": str(bb.spec), "iou_unpainted": summary}, indent=1))
+    atomic_write_text(out / "iou.json", json.dumps({"backbone": str(bb.spec), "iou_unpainted": summary}, indent=1))
     return summary
 
 

@@ -42,7 +42,7 @@ from .outputs import MemorySink
 from .plan import PredictionPlan, attention_names, label_dtype, plan_prediction, smaller_tiles
 from .tiling import BlendAccumulator, Slices3, blending_weights, roi_to_str
 
-__all__ = ["predict", "predict_block", "predict_to_memory", "read_block"]
+__all__ = ["class_names_info", "predict", "predict_block", "predict_block_retrying", "predict_to_memory", "read_block"]
 
 
 def read_block(model, source: FeatureSource, plan: PredictionPlan, index: int, dev: torch.device) -> BlockFeatures:
