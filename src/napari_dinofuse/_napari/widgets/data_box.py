@@ -6,9 +6,7 @@ from qtpy.QtWidgets import QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdi
 
 from ...errors import DinofuseError
 from ...geometry import Volume
-from .fields import LayerCombo, level0, parse_xyz, xyz_text
-
-WARNING_STYLE = "color: #ff8c69"
+from .fields import WARNING_STYLE, LayerCombo, level0, parse_xyz, xyz_text
 
 
 class DataBox(QGroupBox):

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabe
 
 from ...defaults import default_backbone_spec
 from ...errors import DinofuseError
-from .data_box import WARNING_STYLE
+from .fields import WARNING_STYLE
 
 
 class FeaturesBox(QGroupBox):

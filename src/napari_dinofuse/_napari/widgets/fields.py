@@ -9,6 +9,7 @@ from ...geometry import triple
 from .results import MARK
 
 NONE = "(none)"
+WARNING_STYLE = "color: #ff8c69"  # a line that says what is wrong
 
 
 def key_text(key: str) -> str:

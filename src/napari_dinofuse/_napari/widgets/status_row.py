@@ -31,7 +31,7 @@ class StatusRow(QWidget):
         self.progress_bar.setRange(0, 0)
 
     def show_progress(self, done: int, total: int) -> None:
-        self.progress_bar.setRange(0, max(int(total), 1))
+        self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(int(done))
 
     def finished(self) -> None:
