@@ -1,13 +1,16 @@
 """Segmentation quality: the fused UNet (attention, concat, none) against a random forest on the same strokes.
 
     python benchmarks/bench_quality.py [--seeds 0 1] [--iterations N] [--backbone random:vits16] [--json out.json]
+        [--replicate R] [--set weight_decay=0.01 ...]
 
 For each seed: the synthetic sample (4 nm raw field straddling a nuclear envelope, 64 nm context), its own
 scribbles, DINOv3-shaped features (default ``random:vits16``: RANDOM weights, not DINOv3), then the UNet trained
 with the one recipe (``TrainConfig()``: every stroke trains; held-out *painted* strokes only when a validation
 share is set, never the scored voxels) in each fusion mode, and the ilastik-style forest on raw filters and on raw + context filters. Prints
 per-class IoU on the unpainted voxels with training seconds, and the half-tile-shift label agreement of the
-attention model. Needs scikit-learn (``pip install -e .[benchmark]``). CPU: about 5-10 min per UNet.
+attention model. ``--replicate R`` trains with seed ``seed + 1000 R`` (same sample and strokes, other initial
+weights and tiles): how much of a difference between settings is the recipe's own spread. ``--set`` changes a
+recipe field (``TrainConfig``) for an experiment. Needs scikit-learn (``pip install -e .[benchmark]``). CPU: about 5-10 min per UNet.
 """
 
 from __future__ import annotations
@@ -52,7 +55,18 @@ def gate_spread(arrays) -> list[float]:
     return out
 
 
-def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print) -> dict:
+def confusion(labels, truth, painted) -> dict[str, dict[str, float]]:
+    """Per true class, where its unpainted voxels went (shares of that class): which mistake costs the IoU."""
+    keep = ~painted
+    out = {}
+    for k in CLASSES:
+        got = labels[keep & (truth == k)]
+        out[CLASS_NAMES[k]] = {CLASS_NAMES[j]: round(float(np.mean(got == j)), 3) for j in CLASSES} if got.size else {}
+    return out
+
+
+def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print,
+             replicate: int = 0, recipe: dict | None = None) -> dict:
     """Rows of one seed; each UNet's IoUs are also printed as soon as it is scored."""
     sample = make_sample(seed=seed)
     scribbles = sample.scribbles(seed=seed)
@@ -60,7 +74,8 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
     source = drive(extract_sources(sample.raw, sample.context, backbone, cache))
     rows = {}
     for fusion in modes:
-        config = TrainConfig(seed=seed, device=device, **({"iterations": iterations} if iterations else {}))
+        config = TrainConfig(seed=seed + 1000 * replicate, device=device, **(recipe or {}),
+                             **({"iterations": iterations} if iterations else {}))
         result = drive(fine_tune(source, scribbles, config, NewModel(fusion)))
         model, seconds = result.model, result.seconds
         arrays = predict_to_memory(model, source, device=device).arrays
@@ -68,6 +83,7 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
         rows[f"fused UNet, {fusion}"] = {
             "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
             "iterations": result.iterations, "held_out_miou": result.validation,
+            "confusion": confusion(labels, sample.ground_truth, painted),
             **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
                if fusion == "attention" else {})}
         row = rows[f"fused UNet, {fusion}"]
@@ -99,13 +115,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the user cache)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--replicate", type=int, default=0, help="train with seed + 1000 R (same sample)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="change a recipe (TrainConfig) field, e.g. weight_decay=0.01")
     args = parser.parse_args()
+    recipe = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in TrainConfig.__dataclass_fields__ or not value:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with a TrainConfig field")
+        recipe[name] = json.loads(value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(args.backbone, device=args.device)
     print(backbone.describe())
     cache = FeatureCache(args.cache)
-    results = {seed: run_seed(seed, backbone, cache, args.modes, args.iterations, args.device) for seed in args.seeds}
+    results = {seed: run_seed(seed, backbone, cache, args.modes, args.iterations, args.device,
+                              replicate=args.replicate, recipe=recipe) for seed in args.seeds}
     print("\nIoU on unpainted voxels (* = context-dependent class); train s = training time (forest: filters + fit "
           "+ predict)\n")
     print(table(results))
