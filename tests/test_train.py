@@ -161,6 +161,30 @@ def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, sour
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
 
 
+def test_training_leaves_the_context_evidence_out_on_a_share_of_the_tiles(sample, source):
+    """With context_dropout, some training tiles go without the context head's evidence (so the UNet learns to
+    tell the classes apart itself); predictions after training always get it."""
+    labels = sample.scribbles(seed=0)
+    for share in (0.0, 0.5):
+        model = new_model(source, 4, base_channels=4)
+        masks, forward = [], model.forward
+
+        def spy(*args, evidence_keep=None, **kwargs):
+            masks.append(evidence_keep)
+            return forward(*args, evidence_keep=evidence_keep, **kwargs)
+
+        model.forward = spy
+        config = TrainConfig(iterations=12, tile_shape=(16, 48, 48), context_dropout=share)
+        drive(Trainer(model, source, labels, config).run())
+        steps, after = masks[:12], masks[12:]  # then the class shares are estimated on prediction tiles
+        assert after and all(m is None for m in after)
+        if share == 0:
+            assert all(m is None for m in steps)
+        else:
+            kept = torch.cat(steps)
+            assert len(kept) == 12 * config.tiles_per_step and 0.2 < kept.float().mean() < 0.8
+
+
 @pytest.fixture(scope="module")
 def many_strokes(sample):
     """Denser scribbles: 2-6 strokes per class, so whole strokes can be held out."""
@@ -232,6 +256,7 @@ def test_augmentation_keeps_each_voxel_with_its_own_context(source):
     ({"iterations": 0}, "iterations"), ({"iterations": -5}, "iterations"), ({"learning_rate": float("nan")},
      "learning_rate"), ({"learning_rate": 0}, "learning_rate"), ({"validation_share": 0.9}, "validation_share"),
     ({"tile_shape": (16, 0, 64)}, "tile_shape"), ({"tiles_per_step": True}, "tiles_per_step"),
+    ({"context_dropout": 1.0}, "context_dropout"), ({"context_dropout": -0.1}, "context_dropout"),
 ])
 def test_settings_that_cannot_work_are_refused_in_one_line(settings, name):
     with pytest.raises(InputError, match=name) as info:

@@ -369,3 +369,19 @@ def test_the_context_heads_logits_and_the_class_shares_reach_the_prediction(fusi
         assert (corrected.argmax(1) == 0).sum() > (out.logits.argmax(1) == 0).sum()
         model.train()
         torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, out.logits)
+
+
+def test_training_can_leave_the_context_evidence_out_per_tile():
+    """Tiles that ``evidence_keep`` marks 0 get exactly what a model without the context head's evidence gives
+    (training drops it on some tiles, TrainConfig.context_dropout); the others get it added."""
+    model = make_model("attention", num_classes=3).train()
+    raw, window = make_feats(batch=2)
+    with torch.no_grad():
+        out = model(raw, window, OUT_SHAPE, auxiliary=True)
+        model.config.context_evidence = False
+        without = model(raw, window, OUT_SHAPE).logits
+        model.config.context_evidence = True
+        kept = model(raw, window, OUT_SHAPE, evidence_keep=torch.tensor([False, True])).logits
+    torch.testing.assert_close(kept[0], without[0])
+    torch.testing.assert_close(kept[1], out.logits[1])
+    assert not torch.allclose(kept[0], out.logits[0])

@@ -426,7 +426,9 @@ class FusedUNet3D(nn.Module):
 
     def forward(self, raw_feats: torch.Tensor, context: ContextWindow | Sequence[ContextWindow] | None = None,
                 out_shape: Sequence[int] | None = None, intensity: torch.Tensor | None = None,
-                auxiliary: bool = False) -> UNetOutput:
+                auxiliary: bool = False, evidence_keep: torch.Tensor | None = None) -> UNetOutput:
+        """``evidence_keep``: per tile (B,), 1 to add the context head's evidence, 0 to leave it out (training
+        drops it on some tiles: see TrainConfig.context_dropout); None: added to every tile."""
         cfg = self.config
         _check_5d("raw_feats", raw_feats)
         if raw_feats.shape[1] != cfg.raw_channels:
@@ -488,7 +490,8 @@ class FusedUNet3D(nn.Module):
             x = decoder(x, skip)
         logits = self._crop(self.head(x) + self.local_head(skips[0]), out_shape, (1, 1, 1))
         if evidence:
-            logits = logits + context_logits
+            logits = logits + (context_logits if evidence_keep is None else
+                               context_logits * evidence_keep.to(context_logits.dtype).view(-1, 1, 1, 1, 1))
         if not self.training:  # the classes' share of the volume, not of the strokes (see class_prior)
             logits = logits + self.class_prior.log().add(math.log(cfg.num_classes)).view(1, -1, 1, 1, 1)
         return UNetOutput(logits=logits, attention=tuple(attention),

@@ -49,6 +49,11 @@ class TrainConfig:
     tiles_per_step: int = defaults.TILES_PER_STEP  # one batch, its tiles centred on painted classes in rotation
     dice_weight: float = 0.0  # add soft Dice on painted voxels
     context_loss_weight: float = 0.5  # the context head's loss beside the main one (FusedUNet3D.replace_heads)
+    # Share of training tiles that go without the context head's evidence: on those the UNet itself (through its
+    # gates) must tell the classes apart, so it does not leave it all to the context head, which from a few
+    # strokes may learn a shortcut ("nucleus => granule": in one run of eight without it, 28 % of the background
+    # became granule). Over 8 runs it raised the worst background/membrane IoU (docs/benchmarks.md, 2026-12-05).
+    context_dropout: float = 0.5
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -71,6 +76,8 @@ class TrainConfig:
             bad("learning_rate", "expected a number in (0, 1], e.g. 0.002")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
             bad("weight_decay", "expected a number in [0, 1)")
+        if not (isinstance(self.context_dropout, (int, float)) and 0 <= self.context_dropout < 1):
+            bad("context_dropout", "expected a share in [0, 1) (0: the evidence on every tile)")
         for name in ("dice_weight", "context_loss_weight"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < math.inf):
                 bad(name, "expected a number >= 0")
@@ -583,6 +590,7 @@ class Trainer:
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
+        dropout = cfg.context_dropout if model.context_head is not None and model.config.context_evidence else 0
 
         # On a GPU, tiles are made in pinned host memory and copied over by this thread without waiting: a
         # copy from ordinary memory makes the host wait until the device has finished what it was given.
@@ -613,12 +621,17 @@ class Trainer:
                         ahead.append(prefetch.submit(step_tiles, step + PREFETCH_STEPS))
                     labels = torch.cat([t[1] for t in tiles])
                     inputs = tiles[0][0]
+                    keep = None
+                    if dropout:  # drawn here (torch's seeded generator), not on the tile thread: `rng` stays as is
+                        keep = torch.rand(len(tiles)) >= dropout
+                        keep = (keep.pin_memory() if pinned else keep).to(device, non_blocking=pinned)
                     with autocast:
                         out = model(torch.cat([t[0].raw for t in tiles]),
                                     None if inputs.context is None else [t[0].context for t in tiles],
                                     out_shape=labels.shape[1:],
                                     intensity=None if inputs.intensity is None else
-                                    torch.cat([t[0].intensity for t in tiles]), auxiliary=auxiliary)
+                                    torch.cat([t[0].intensity for t in tiles]), auxiliary=auxiliary,
+                                    evidence_keep=keep)
                     loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
                     if out.context_logits is not None:
                         loss = loss + cfg.context_loss_weight * masked_loss(out.context_logits, labels, weights)
