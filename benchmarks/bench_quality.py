@@ -74,8 +74,8 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
     source = drive(extract_sources(sample.raw, sample.context, backbone, cache))
     rows = {}
     for fusion in modes:
-        config = TrainConfig(seed=seed + 1000 * replicate, device=device, **(recipe or {}),
-                             **({"iterations": iterations} if iterations else {}))
+        settings = {"seed": seed + 1000 * replicate, "device": device, **(recipe or {})}
+        config = TrainConfig(**settings, **({"iterations": iterations} if iterations else {}))
         result = drive(fine_tune(source, scribbles, config, NewModel(fusion)))
         model, seconds = result.model, result.seconds
         arrays = predict_to_memory(model, source, device=device).arrays
@@ -122,9 +122,13 @@ def main() -> None:
     recipe = {}
     for item in args.set:
         name, _, value = item.partition("=")
-        if name not in TrainConfig.__dataclass_fields__ or not value:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE with a TrainConfig field")
-        recipe[name] = json.loads(value)
+        if name not in TrainConfig.__dataclass_fields__ or name in ("seed", "device", "iterations") or not value:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with a TrainConfig field (seed, device and "
+                         "iterations have options of their own)")
+        try:
+            recipe[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: the value must be JSON, e.g. 0.01, true or [16, 32, 32]")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(args.backbone, device=args.device)

@@ -385,6 +385,11 @@ class FusedUNet3D(nn.Module):
     # -- geometry -----------------------------------------------------------------------
 
     @property
+    def adds_context_evidence(self) -> bool:
+        """Whether predictions add the context head's logits (see :meth:`replace_heads`)."""
+        return self.config.context_evidence and self.context_head is not None
+
+    @property
     def intensity_halo(self) -> tuple[int, int, int]:
         """Voxels of real neighbouring intensities the stem needs on each side of a tile (0 without a stem)."""
         return self.intensity_stem[0].halo if self.intensity_stem is not None else (0, 0, 0)
@@ -462,7 +467,7 @@ class FusedUNet3D(nn.Module):
             x = F.pad(x, spec, mode="replicate")
 
         gates, context_logits = [], None
-        evidence = cfg.context_evidence and self.context_head is not None
+        evidence = self.adds_context_evidence
         if use_context:
             head = auxiliary or evidence
             per_window = self._contexts(windows, padded, head)

@@ -590,7 +590,7 @@ class Trainer:
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
-        dropout = cfg.context_dropout if model.context_head is not None and model.config.context_evidence else 0
+        dropout = cfg.context_dropout if model.adds_context_evidence else 0
 
         # On a GPU, tiles are made in pinned host memory and copied over by this thread without waiting: a
         # copy from ordinary memory makes the host wait until the device has finished what it was given.
