@@ -153,6 +153,29 @@ def test_tile_and_block_size_do_not_change_the_result(model, source, whole):
     assert 5 * err[0] < err[1]
 
 
+def test_the_region_asked_first_is_shown_before_the_rest_and_changes_nothing(model, source, whole):
+    """With the region in view asked first, one step hands over the sink once that region is written and nothing
+    else is (what a viewer shows then), and the finished prediction is the one without it."""
+    first = (slice(2, 5), slice(0, 80), slice(10, 30))
+    steps, shown = predict(model, source, device="cpu", sink=MemorySink(), first=first, **SMALL), []
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as finished:
+            sink = finished.value
+            break
+        if step.partial is not None:
+            shown.append((step.partial, step.partial.arrays["labels"].copy()))
+    assert len(shown) == 1 and shown[0][0] is sink
+    early = shown[0][1]
+    box = (slice(0, 8), slice(0, 80), slice(0, 32))  # the asked region grown onto the blocks' grid
+    assert (early[box] > 0).all()
+    early[box] = 0
+    assert not early.any()  # the rest is not computed yet
+    _close(whole.arrays["probabilities"], sink.arrays["probabilities"], whole.arrays["labels"],
+           sink.arrays["labels"])
+
+
 def test_the_real_unet_does_not_depend_on_the_tile(real, source):
     """Per-voxel normalisation and one context window per block: the attention maps do not depend on
     the tiling at all, and the labels only through the tiles' zero-padded borders, which blending damps. A

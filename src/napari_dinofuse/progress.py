@@ -10,7 +10,7 @@ operation then ends at a batch boundary with its finished work saved.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["CANCELLED", "Progress", "cancellable", "drive", "within"]
 
@@ -21,6 +21,8 @@ class Progress:
     total: int
     message: str = ""
     metrics: dict = field(default_factory=dict)  # e.g. {"loss": 0.31} while training
+    # A result that can be shown before the end, e.g. a prediction's sink once the region in view is written.
+    partial: object = None
 
     @property
     def fraction(self) -> float:
@@ -70,6 +72,6 @@ def within(generator: Generator, done: int, total: int, message: str = "") -> Ge
                 step = next(generator)
             except StopIteration as finished:
                 return finished.value
-            yield Progress(done + step.done, total, message or step.message, step.metrics)
+            yield replace(step, done=done + step.done, total=total, message=message or step.message)
     finally:
         generator.close()  # also when the outer operation is closed (Cancel) mid-way

@@ -176,15 +176,16 @@ class Session:
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def fine_tune(self, raw, context, labels, settings: SessionSettings, roi=None, cancel=lambda: False
-                  ) -> Generator[Progress, None, object]:
-        """Train on the painted voxels of ``labels`` (a snapshot), then predict ``roi``; returns the sink.
+    def fine_tune(self, raw, context, labels, settings: SessionSettings, roi=None, cancel=lambda: False,
+                  first=None) -> Generator[Progress, None, object]:
+        """Train on the painted voxels of ``labels`` (a snapshot), then predict ``roi`` (``first``, e.g. the
+        region in view, before the rest: see :meth:`predict`); returns the sink.
 
         On cancel or error the model from before the call stays in place.
         """
-        return cancellable(self._fine_tune(raw, context, labels, settings, roi), cancel)
+        return cancellable(self._fine_tune(raw, context, labels, settings, roi, first), cancel)
 
-    def _fine_tune(self, raw, context, labels, settings, roi):
+    def _fine_tune(self, raw, context, labels, settings, roi, first=None):
         from .training.train import find_painted
 
         # Refuse bad labels before any slow work (classes the current model has may stay unpainted).
@@ -194,7 +195,7 @@ class Session:
         source = yield from self._extract(raw, context, settings)
         yield from self._train(source, labels, settings)
         self.annotations = annotations  # what the current model was trained on: saved with it
-        return (yield from self._predict(source, settings, roi))
+        return (yield from self._predict(source, settings, roi, first))
 
     def _train(self, source, labels, settings):
         from .training.finetune import NewModel, StartModel, fine_tune
@@ -210,17 +211,20 @@ class Session:
         self.model, self.info, self.log, self.validation = result.model, result.info, result.log, result.validation
         return result
 
-    def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False, out=None
-                ) -> Generator[Progress, None, object]:
+    def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False, out=None,
+                first=None) -> Generator[Progress, None, object]:
         """Segment ``roi`` (None: the whole raw) with the current model; returns the sink of layer arrays.
+
+        ``first`` (slices of raw voxels, e.g. the region in view) is computed before the rest of ``roi``; once it
+        is done a step carries the sink, partly filled, as ``Progress.partial``.
 
         With ``out`` (a folder, or a :class:`~.outputs.ZarrSink` on it that the caller watches), the prediction
         is written there as OME-Zarr block by block (memory bounded by a block, any volume size) and returned as
         lazily read arrays (:class:`~.outputs.StoredPrediction`).
         """
-        return cancellable(self._predict_action(raw, context, settings, roi, out), cancel)
+        return cancellable(self._predict_action(raw, context, settings, roi, out, first), cancel)
 
-    def _predict_action(self, raw, context, settings, roi, out=None):
+    def _predict_action(self, raw, context, settings, roi, out=None, first=None):
         if self.model is None:
             raise InputError("there is no model yet: paint a few strokes of two classes and click Fine-tune, "
                              "or load a model folder")
@@ -229,10 +233,10 @@ class Session:
         if warning:
             yield Progress(0, 1, f"warning: {warning}")
         if out is not None:
-            return (yield from self._predict_to_disk(source, settings, roi, out))
-        return (yield from self._predict(source, settings, roi))
+            return (yield from self._predict_to_disk(source, settings, roi, out, first))
+        return (yield from self._predict(source, settings, roi, first))
 
-    def _predict_to_disk(self, source, settings, roi, out):
+    def _predict_to_disk(self, source, settings, roi, out, first=None):
         from .inference.outputs import StoredPrediction, ZarrSink
         from .inference.predict import predict
         from .training.finetune import inference_settings
@@ -242,10 +246,10 @@ class Session:
         tiles = inference_settings(self.info, settings.device)
         yield from predict(self.model, source, roi, tile_shape=tiles.tile_shape, overlap=tiles.overlap,
                            block_shape=DISK_BLOCK, device=settings.device, sink=sink,
-                           class_names=self.class_names or None)
+                           class_names=self.class_names or None, first=first)
         return StoredPrediction(sink.path)
 
-    def _predict(self, source, settings, roi):
+    def _predict(self, source, settings, roi, first=None):
         from .inference.outputs import MemorySink
         from .inference.plan import snap_roi
         from .inference.predict import predict
@@ -260,7 +264,7 @@ class Session:
                              "predict` on the command line), which writes block by block to disk")
         tiles = inference_settings(self.info, settings.device)
         return (yield from predict(self.model, source, (z, y, x), tile_shape=tiles.tile_shape, overlap=tiles.overlap,
-                                   device=settings.device, sink=MemorySink(skip=("probabilities",))))
+                                   device=settings.device, sink=MemorySink(skip=("probabilities",)), first=first))
 
 
 def _model_annotations(folder):

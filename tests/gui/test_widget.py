@@ -184,6 +184,36 @@ def test_the_region_around_the_view_matches_the_whole_volume_prediction_there(ma
     assert agree > 0.9, agree  # the same model on the same place: the region matches the whole-volume run
 
 
+def test_a_whole_volume_prediction_shows_the_region_in_view_before_the_rest(make_napari_viewer, qtbot,
+                                                                           trained_model):
+    """Zoomed in on part of a volume predicted whole, the user sees that part as soon as it is done (while the
+    job still runs), and it does not change when the rest arrives."""
+    viewer, widget = make_dock(make_napari_viewer, qtbot)
+    load_and_wait(qtbot, widget, trained_model[0])
+    raw = viewer.layers["raw"]
+    assert widget.predict_box.scope_combo.currentText() == "whole volume"
+    viewer.scene.camera.center = (0, *np.array(raw.translate[1:]) + np.array(raw.scale[1:]) * (100, 150))
+    viewer.scene.camera.zoom = viewer.canvas.size[0] / (80 * raw.scale[1])  # ~80 voxels visible
+    view = widget.view(widget.data_box.volumes()[0])
+    early, handle = [], widget._on_progress
+
+    def on_step(p):  # the dock's own handler of each step, then a look at what it shows
+        handle(p)
+        if p.partial is not None:
+            layer = viewer.layers["prediction"]
+            early.append((widget.worker is not None, layer.data is p.partial.arrays["labels"], layer.data[view].copy()))
+
+    widget._on_progress = on_step
+    qtbot.mouseClick(widget.predict_box.predict_button, LEFT)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    assert len(early) == 1
+    running, shown, in_view = early[0]
+    assert running and shown and (in_view > 0).all()
+    final = viewer.layers["prediction"].data
+    assert final.shape == raw.data.shape and (final > 0).all()
+    assert np.array_equal(final[view], in_view)
+
+
 def test_the_dock_follows_the_layer_list(make_napari_viewer, qtbot):
     viewer, widget = make_dock(make_napari_viewer, qtbot)
     assert widget.data_box.raw_combo.currentText() == "raw"

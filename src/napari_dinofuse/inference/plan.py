@@ -85,6 +85,7 @@ class PredictionPlan:
     factors: tuple[tuple[int, int, int], ...]  # attention levels' voxel sizes in raw voxels; () without attention
     blocks: tuple  # (core, outer, tiles) per block, volume voxels
     align: tuple[int, int, int] = (8, PATCH_SIZE, PATCH_SIZE)  # see alignment()
+    leading: int = 0  # the first `leading` blocks cover the region asked first (plan_prediction's `first`)
 
     @property
     def roi_start(self) -> np.ndarray:
@@ -118,8 +119,14 @@ class PredictionPlan:
 
 
 def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
-                    block_shape=PREDICT_BLOCK, attention: bool = True) -> PredictionPlan:
-    """Validate the settings against the model and the features, and cut the ROI into blocks and tiles."""
+                    block_shape=PREDICT_BLOCK, attention: bool = True, first=None) -> PredictionPlan:
+    """Validate the settings against the model and the features, and cut the ROI into blocks and tiles.
+
+    ``first`` (3 slices, volume voxels; e.g. the region in view): blocks stop at its faces (grown onto the
+    alignment grid), its blocks come first (``PredictionPlan.leading`` of them) and the others follow nearest
+    first, so a viewer can show it long before the whole ROI is done. Ignored when it would cover most of the
+    ROI anyway (its extra block faces cost halos for little gain).
+    """
     cfg = model.config
     raw_volume = source.raw
     roi = snap_roi(roi, raw_volume.shape)
@@ -145,10 +152,52 @@ def plan_prediction(model, source: FeatureSource, roi=None, *, tile_shape=PREDIC
     roi_start = np.array([s.start for s in roi])
     roi_stop = np.array([s.stop for s in roi])
     factors = cfg.level_factors if attention and cfg.fusion == "attention" else ()
-    blocks = tuple(_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap, align)
-                   for b in iter_blocks(raw_volume.shape, block_shape, overlap, roi))
+    cut, leading = _blocks(raw_volume.shape, block_shape, overlap, roi, first, align)
+    blocks = tuple(_plan_block(b, roi_start, raw_volume.shape, tile_shape, overlap, align) for b in cut)
     return PredictionPlan(roi, raw_volume.grid.crop(roi_start, roi_stop), cfg.num_classes, tile_shape, overlap,
-                          block_shape, factors, blocks, align)
+                          block_shape, factors, blocks, align, leading)
+
+
+def _blocks(shape, block_shape, overlap, roi: Slices3, first, align) -> tuple[list, int]:
+    """The ROI's blocks, and how many of them (leading the list) cover ``first`` (see :func:`plan_prediction`)."""
+    box = None if first is None else _first_box(normalize_roi(first, shape), roi, align)
+    if box is None:
+        return iter_blocks(shape, block_shape, overlap, roi), 0
+    leading = iter_blocks(shape, block_shape, overlap, box)
+    rest = [b for part in _box_difference(roi, box) for b in iter_blocks(shape, block_shape, overlap, part)]
+    centre = np.array([(s.start + s.stop) / 2 for s in box])
+    rest.sort(key=lambda b: float(np.abs(np.array([(c.start + c.stop) / 2 for c in b.core]) - centre).sum()))
+    return leading + rest, len(leading)
+
+
+def _first_box(first: Slices3, roi: Slices3, align) -> Slices3 | None:
+    """``first`` clipped to the ROI and grown onto the alignment grid (relative to the ROI start); None if that
+    is empty or covers more than half of the ROI."""
+    box = []
+    for f, r, a in zip(first, roi, align):
+        lo, hi = max(f.start, r.start), min(f.stop, r.stop)
+        if lo >= hi:
+            return None
+        box.append(slice(r.start + (lo - r.start) // a * a, min(r.stop, r.start + -(-(hi - r.start) // a) * a)))
+    return tuple(box) if 2 * _voxels(box) <= _voxels(roi) else None
+
+
+def _voxels(region: Slices3) -> int:
+    return math.prod(s.stop - s.start for s in region)
+
+
+def _box_difference(outer: Slices3, inner: Slices3) -> list[Slices3]:
+    """Boxes that, with ``inner`` (inside ``outer``), partition ``outer``: the slabs before and after it
+    along z, then along y within its z range, then along x within its z and y ranges."""
+    parts = []
+    for axis in range(3):
+        o, i = outer[axis], inner[axis]
+        head = tuple(inner[:axis])
+        tail = tuple(outer[axis + 1:])
+        for lo, hi in ((o.start, i.start), (i.stop, o.stop)):
+            if lo < hi:
+                parts.append((*head, slice(lo, hi), *tail))
+    return parts
 
 
 def smaller_tiles(plan: PredictionPlan) -> PredictionPlan | None:

@@ -108,8 +108,8 @@ def _window(shape, overlap) -> np.ndarray:
 
 
 def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, overlap=PREDICT_OVERLAP,
-            block_shape=PREDICT_BLOCK, attention: bool = True, device="auto", sink=None, class_names=None
-            ) -> Generator[Progress, None, object]:
+            block_shape=PREDICT_BLOCK, attention: bool = True, device="auto", sink=None, class_names=None,
+            first=None) -> Generator[Progress, None, object]:
     """Segment ``roi`` of ``source.raw`` (None: all of it) with ``model``; returns the finished ``sink``.
 
     The output covers :func:`~napari_dinofuse.inference.plan.snap_roi` of ``roi`` (y/x start moved down to a
@@ -121,9 +121,13 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     halved in y/x (see :func:`smaller_tiles`), kept for the rest of the run; a second time raises.
     ``model`` is moved to ``device`` and left there; its train/eval mode is restored. ``class_names`` (of label
     values 1..K) are stored with the output, so a saved prediction opens with its classes named.
+
+    ``first`` (3 slices, volume voxels; e.g. the region in view) is computed first (see
+    :func:`~napari_dinofuse.inference.plan.plan_prediction`); once it is in the sink, one step carries the sink
+    as ``Progress.partial``, so a viewer can show it while the rest is computed.
     """
     plan = plan_prediction(model, source, roi, tile_shape=tile_shape, overlap=overlap, block_shape=block_shape,
-                           attention=attention)
+                           attention=attention, first=first)
     named = class_names_info(class_names, plan.num_classes)
     dev = resolve_device(device)
     sink = sink if sink is not None else MemorySink()
@@ -153,6 +157,11 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
                 if written is not None:
                     written.result()  # a failed write surfaces here
                 written = writer.submit(_write, sink, results)
+                if index + 1 == plan.leading and index + 1 < count:
+                    written.result()
+                    left = sum(len(tiles) for _, _, tiles in plan.blocks[index + 1:])
+                    yield Progress(done, done + left, "the region asked first is shown; predicting the rest",
+                                   partial=sink)
             written.result()
         sink.finish()
     except BaseException:  # GeneratorExit (cancel) included: never leave a half-written output looking done

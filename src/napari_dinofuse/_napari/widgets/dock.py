@@ -21,7 +21,7 @@ from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from ... import defaults
 from ...defaults import BACKBONE_ENV
-from ...display import class_features, fit_camera, label_colormap, prediction_style
+from ...display import class_features, fit_camera, label_colormap, prediction_style, view_region
 from ...errors import DinofuseError, InputError
 from ...geometry import Volume
 from ...progress import CANCELLED, cancellable
@@ -33,7 +33,7 @@ from .fields import level0
 from .model_box import ModelBox
 from .objects import ObjectsBox, layer_class_names, prediction_layer, shown_folder, shown_results
 from .predict_box import PredictBox
-from .results import MARK, ours, show_prediction
+from .results import MARK, ours, show_labels, show_prediction
 from .status_row import StatusRow
 from .train_box import TrainBox
 
@@ -339,11 +339,15 @@ class DinofuseWidget(QWidget):
                                intensity_stem=model.stem_check.isChecked(), iterations=train.iterations_spin.value(),
                                learning_rate=train.lr_spin.value())
 
+    def view(self, raw):
+        """The raw voxels around the current view (slices): what a prediction computes and shows first."""
+        camera = self._camera()
+        return view_region(raw.shape, raw.voxel_size, raw.offset, self.viewer.dims.point[-3], camera.center,
+                           camera.zoom, self._canvas_size())
+
     def region(self, raw):
         """The prediction region in raw voxels: None (whole volume) or slices around the current view."""
-        camera = self._camera()
-        return self.predict_box.region(raw, self.viewer.dims.point[-3], camera.center, camera.zoom,
-                                       self._canvas_size())
+        return self.predict_box.region(self.view(raw))
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -364,7 +368,7 @@ class DinofuseWidget(QWidget):
             if layer is None:
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
-            raw, context, roi = self._inputs()
+            raw, context, roi, view = self._inputs()
             labels = level0(layer)
             if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
                 labels = labels.copy()  # the user may keep painting while this trains
@@ -374,7 +378,8 @@ class DinofuseWidget(QWidget):
             return
         self.train_box.loss_plot.reset(self.train_box.iterations_spin.value())
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
-                                                                       cancel=cancel), self._show_prediction,
+                                                                       cancel=cancel, first=view),
+                    self._show_prediction,
                     uses=(*self.data_box.chosen_layers(), layer))
 
     def predict(self) -> None:
@@ -387,14 +392,14 @@ class DinofuseWidget(QWidget):
 
     def _predict(self, out=None) -> None:
         def job(cancel):
-            raw, context, roi = self._inputs()
+            raw, context, roi, view = self._inputs()
             target = out
             if out is not None:
                 from ...inference.outputs import ZarrSink
 
                 # Refused here, before any work, if the folder holds anything but an earlier prediction.
                 target = self._writing = ZarrSink(out)
-            return self.session.predict(raw, context, self._settings, roi, cancel=cancel, out=target)
+            return self.session.predict(raw, context, self._settings, roi, cancel=cancel, out=target, first=view)
 
         self._start("predict" if out is None else "predict to disk", job, self._show_prediction,
                     uses=self.data_box.chosen_layers())
@@ -503,8 +508,10 @@ class DinofuseWidget(QWidget):
     # -- running jobs -----------------------------------------------------------------------------
 
     def _inputs(self):
+        """The raw and context volumes, the region to predict and the region in view (predicted first)."""
         raw, context = self.data_box.volumes()
-        return raw, context, self.region(raw)
+        view = self.view(raw)
+        return raw, context, self.predict_box.region(view), view
 
     def _start(self, name: str, make_job, on_done, uses=()) -> None:
         """Run ``make_job(cancel)`` (a Progress generator) in a worker thread, unless one runs already; then
@@ -556,6 +563,9 @@ class DinofuseWidget(QWidget):
             self._progress.set_description(f"DINOfuse {self._job_name}: {p.message}")
         if self._writing is not None:
             self._show_writing()
+        elif p.partial is not None and not self._lost and self._docked:
+            show_labels(self.viewer, p.partial, self.session.class_names)
+            self.status_row.say(f"{self._job_name}: the region in view is shown; predicting the rest…")
         if "loss" in p.metrics:
             self.train_box.show_step(p)
 

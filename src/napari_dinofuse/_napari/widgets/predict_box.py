@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton
 
-from ...display import view_region
 from .fields import key_text
 
 WHOLE, AROUND_VIEW = "whole volume", "region around the view"
@@ -44,9 +43,7 @@ class PredictBox(QGroupBox):
         """The whole volume for a raw of ``shape`` that fits in memory easily, else the region around the view."""
         self.scope_combo.setCurrentText(AROUND_VIEW if int(np.prod(shape)) > WHOLE_VOLUME_DEFAULT_MAX else WHOLE)
 
-    def region(self, raw, z, center, zoom, canvas_size):
-        """The prediction region of the Volume ``raw`` in its voxels: None (the whole volume) or the region
-        around a view at world ``z`` and ``center`` (:func:`~napari_dinofuse.display.view_region`)."""
-        if self.scope_combo.currentText() == WHOLE:
-            return None
-        return view_region(raw.shape, raw.voxel_size, raw.offset, z, center, zoom, canvas_size)
+    def region(self, view):
+        """The prediction region: None (the whole volume) or ``view``, the raw voxels around the view
+        (:func:`~napari_dinofuse.display.view_region`)."""
+        return None if self.scope_combo.currentText() == WHOLE else view

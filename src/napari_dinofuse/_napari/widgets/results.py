@@ -36,6 +36,17 @@ def _show(viewer, role: str, kind: str, data, grid, **style):
     return add(data, name=role, metadata={MARK: role}, **_placement(grid), **style)
 
 
+def show_labels(viewer, sink, class_names=()):
+    """Add or update the ``prediction`` layer alone from ``sink`` (finished, or with the region in view written
+    so far: the rest is 0, unlabelled, until the whole prediction is shown)."""
+    prediction = _show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"],
+                       **prediction_style())
+    prediction.metadata["class names"] = {k + 1: name for k, name in enumerate(class_names)}
+    if class_names:  # the status bar names the class under the cursor
+        prediction.features = class_features(class_names)
+    return prediction
+
+
 def show_prediction(viewer, sink, class_names=()):
     """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink, one
     layer per step: a generator, so the caller can hand the event loop back between layers (napari takes ~0.1 s
@@ -43,12 +54,7 @@ def show_prediction(viewer, sink, class_names=()):
 
     Styles (colours, ranges) are set when a layer is created, so what the user changed since stays.
     """
-    prediction = _show(viewer, "prediction", "labels", sink.arrays["labels"], sink.grids["labels"],
-                       **prediction_style())
-    prediction.metadata["class names"] = {k + 1: name for k, name in enumerate(class_names)}
-    if class_names:  # the status bar names the class under the cursor
-        prediction.features = class_features(class_names)
-    yield prediction
+    yield show_labels(viewer, sink, class_names)
     yield _show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
                 **uncertainty_style())
     for k, role in enumerate(ATTENTION_LAYERS, start=1):
