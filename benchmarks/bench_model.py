@@ -7,7 +7,8 @@
   a warm step's time next to the time its tiles take on the tile thread, host waits per step; with --profile,
   host and device time per step, kernel launches and the top ops by host time;
 - inference: voxels/s of the UNet alone and end to end from the cache (their ratio, and the most the tiles'
-  overlap allows), seconds to read the blocks' features; peak RSS per tile size;
+  overlap allows), seconds to read the blocks' features; seconds until the region in view is shown when it is
+  predicted first (as the dock does), and until all is done; peak RSS per tile size;
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -192,11 +193,22 @@ def inference(args):
     # Overlapping tiles compute some voxels several times: were the UNet all, end to end would be 1 / redundancy of it.
     voxels = np.prod(sample.raw.shape)
     redundancy = sum(np.prod([s.stop - s.start for s in t]) for _, _, ts in plan.blocks for t in ts) / voxels
-    start = time.perf_counter()
-    for index in range(len(plan.blocks)):  # the host part that predict() overlaps with the device
-        read_block(model, source, plan, index, dev)
-    _sync(dev)
-    reads = time.perf_counter() - start
+
+    def read_all(direct: bool) -> float:  # the host part that predict() overlaps with the device
+        entries = [e for e in (source.raw_features, source.context_features) if e is not None]
+        kept = [e._direct for e in entries]
+        for entry in entries:  # the chunk files themselves (the default), or through zarr as before
+            entry._direct = {plane: direct and d for plane, d in entry._direct.items()}
+        start = time.perf_counter()
+        for index in range(len(plan.blocks)):
+            read_block(model, source, plan, index, dev)
+        _sync(dev)
+        for entry, direct_before in zip(entries, kept):
+            entry._direct = direct_before
+        return time.perf_counter() - start
+
+    read_all(True)  # warm: the files in the page cache, the kernels chosen
+    reads_zarr, reads = min(read_all(False), read_all(False)), min(read_all(True), read_all(True))
     start = time.perf_counter()
     predict_to_memory(model, source, None, device=args.device, **settings)
     _sync(dev)
@@ -206,8 +218,24 @@ def inference(args):
           f"{len(plan.blocks)} block(s) of {plan.block_shape}): UNet alone {unet / 1e6:.3g} Mvoxel/s; end to end "
           f"from the cache {end_to_end / 1e6:.3g} Mvoxel/s ({seconds:.1f} s) = {end_to_end / unet:.2f} of the UNet "
           f"alone ({1 / redundancy:.2f} if only the UNet took time: the tiles cover the volume {redundancy:.2f} "
-          f"times); reading the blocks' features alone {reads:.2f} s" +
+          f"times); reading the blocks' features alone {reads:.2f} s (through zarr: {reads_zarr:.2f} s)" +
           ("" if waits is None else f"; host waits for the device per UNet forward: {waits}"))
+    # What the dock does: the region in view first (here the middle slice's +- VIEW_HALF_DEPTH, all of y/x).
+    from napari_dinofuse.display import VIEW_HALF_DEPTH
+    from napari_dinofuse.inference.outputs import MemorySink
+    from napari_dinofuse.inference.predict import predict
+
+    middle = sample.raw.shape[0] // 2
+    view = (slice(max(0, middle - VIEW_HALF_DEPTH), middle + VIEW_HALF_DEPTH + 1), slice(None), slice(None))
+    start, shown = time.perf_counter(), None
+    for step in predict(model, source, None, device=args.device, sink=MemorySink(), first=view, **settings):
+        if step.partial is not None:
+            _sync(dev)
+            shown = time.perf_counter() - start
+    _sync(dev)
+    total = time.perf_counter() - start
+    print("  region in view first: " + ("not split (it is most of the volume)" if shown is None else
+          f"shown after {shown:.1f} s, all done after {total:.1f} s (one pass without it: {seconds:.1f} s)"))
     if not args.rss:
         return
     for t in ((16, 64, 64), (32, 128, 128), (32, 256, 256)):
