@@ -147,6 +147,21 @@ def test_intensity_ranges_by_dtype_and_percentile():
         intensity_range(data)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32, np.float64])
+def test_unit_range_is_the_same_for_every_dtype_and_leaves_the_input_alone(dtype):
+    """Intensities travel in their own dtype and are scaled in a copy: the user's array (often what the tile
+    is a view of) never changes, whatever its dtype, and the values are (x - low) / (high - low), clipped."""
+    data = (np.arange(4 * 5 * 6) % 200).reshape(4, 5, 6).astype(dtype)
+    before = data.copy()
+    unit = to_unit_range(data[1:3], 20.0, 180.0)
+    assert np.array_equal(data, before)
+    expected = np.clip((data[1:3].astype(np.float64) - 20.0) / 160.0, 0, 1)
+    assert unit.dtype == torch.float32 and np.allclose(unit.numpy(), expected, atol=1e-6)
+    tensor = torch.from_numpy(before)
+    assert torch.equal(to_unit_range(tensor, 20.0, 180.0), to_unit_range(before, 20.0, 180.0))
+    assert np.array_equal(tensor.numpy(), data)
+
+
 def test_bf16_weights_keep_the_fingerprint_and_the_features(tiny_backbone):
     # What CUDA gets by default ("auto"); on the CPU only when asked for.
     bf16 = _load("random:tiny", precision="bf16")

@@ -620,3 +620,21 @@ def test_reads_from_the_chunk_files_are_zarrs_reads(tmp_path, tiny_backbone, mon
         assert ours.dtype == theirs.dtype == np.float16 and np.array_equal(ours, theirs), region
     if planes == "xy":  # the missing chunk: slice 1, x patches 2 and 3
         assert not entry.read((slice(1, 2), slice(None), slice(2, 4))).any() and entry.read((slice(1, 2),)).any()
+
+
+def test_reads_beyond_the_volume_repeat_its_edge():
+    """What tiles at the volume's faces (and before its first slice) get: np.pad's "edge" of the volume, for
+    ranges partly or wholly outside it; inside it, the data itself, with no copy."""
+    from napari_dinofuse.features.extract import _read_padded
+
+    data = np.random.default_rng(0).integers(0, 255, (5, 6, 7), dtype=np.uint8)
+    far = 9
+    padded = np.pad(data, far, mode="edge")
+    rng = np.random.default_rng(1)
+    cases = [((0, 0, 0), (5, 6, 7)), ((-3, -1, 2), (2, 6, 9)), ((6, 7, 8), (8, 9, 10)), ((-4, -4, -4), (-1, 0, 3))]
+    cases += [tuple(zip(*[sorted(rng.integers(-far, n + far, 2)) for n in data.shape])) for _ in range(30)]
+    for start, stop in cases:
+        start, stop = np.array(start), np.maximum(np.array(stop), np.array(start) + 1)
+        expected = padded[tuple(slice(a + far, b + far) for a, b in zip(start, stop))]
+        assert np.array_equal(_read_padded(data, start, stop), expected), (start, stop)
+    assert np.shares_memory(_read_padded(data, (1, 1, 1), (3, 4, 5)), data)

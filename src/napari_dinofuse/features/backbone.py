@@ -94,12 +94,20 @@ def _strided_sample(data, size: int):
     return sample.compute() if hasattr(sample, "compute") else sample
 
 
-def to_unit_range(images, low: float, high: float) -> torch.Tensor:
-    """Grayscale images of any dtype -> float32 tensor in [0, 1] (clipped)."""
+# numpy dtypes torch takes as they are; others (uint16, uint32, ...) are converted on the host first.
+_TORCH_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float16,
+                                                 np.float32, np.float64, np.bool_))
+
+
+def to_unit_range(images, low: float, high: float, device=None) -> torch.Tensor:
+    """Grayscale images of any dtype -> a new float32 tensor in [0, 1] (clipped), on ``device`` (None: where they
+    are). They travel in their own dtype (uint8: a quarter of float32's bytes) and are converted there, in
+    place in one copy of our own (the input may be a view of the user's data)."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images).astype(np.float32, copy=False))
-    images = images.float()
-    return ((images - low) / (high - low)).clamp_(0.0, 1.0)
+        images = np.ascontiguousarray(images)
+        images = torch.from_numpy(images if images.dtype in _TORCH_DTYPES else images.astype(np.float32))
+    images = images.to(device=device if device is not None else images.device, dtype=torch.float32, copy=True)
+    return images.sub_(low).div_(high - low).clamp_(0.0, 1.0)
 
 
 def normalization_for(spec: str, folder: Path | None = None) -> str:

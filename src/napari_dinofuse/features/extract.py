@@ -301,7 +301,7 @@ class BlockFeatures:
             patches = tuple(slice(s.start // f, -(-s.stop // f)) for s, f in zip(window, (1, PATCH_SIZE, PATCH_SIZE)))
             feats = source.context_features.read(patches)
             low, high = (source.context_features.signature["intensity"][k] for k in ("low", "high"))
-            image = to_unit_range(read_region(source.context.data, window), low, high)[None, None].to(device)
+            image = to_unit_range(read_region(source.context.data, window), low, high, device)[None, None]
             self.context = (torch.from_numpy(np.ascontiguousarray(feats))[None].to(device), image,
                             source.context.grid.crop([s.start for s in window], [s.stop for s in window]))
         self.image = None
@@ -312,7 +312,7 @@ class BlockFeatures:
                              xs.start + (patch_stop[2] - self.patch_start[2]) * PATCH_SIZE])
             self.image_start = np.array([zs.start, ys.start, xs.start]) - self.halo
             self.image = to_unit_range(_read_padded(source.raw.data, self.image_start, stop + self.halo),
-                                       source.low, source.high).to(device)
+                                       source.low, source.high, device)
 
     def tile(self, region, full_yx=None) -> TileInputs:
         """The inputs of ``region`` (raw voxels, inside the block; z may start before the volume), float32.
@@ -364,12 +364,18 @@ def sample_images(volume: Volume, low: float, high: float, halo, count: int = 8,
 
 
 def _read_padded(data, start, stop) -> np.ndarray:
-    """``data[start:stop]`` (3D); voxels outside the volume repeat its nearest edge (``np.pad(mode="edge")``)."""
+    """``data[start:stop]`` (3D); voxels outside the volume repeat its nearest edge (``np.pad(mode="edge")``).
+    Inside the volume, what ``read_region`` returns (no copy)."""
     shape = np.array(data.shape)
-    index = [np.clip(np.arange(a, b), 0, n - 1) for a, b, n in zip(start, stop, shape)]
-    lo, hi = [int(i.min()) for i in index], [int(i.max()) + 1 for i in index]
-    block = read_region(data, tuple(slice(a, b) for a, b in zip(lo, hi)))
-    return block[np.ix_(*(i - a for i, a in zip(index, lo)))]
+    start, stop = np.asarray(start, int), np.asarray(stop, int)
+    lo = np.clip(start, 0, shape - 1)  # the voxels read: at least the nearest one per axis
+    hi = np.maximum(np.minimum(stop, shape), lo + 1)
+    block = read_region(data, tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)))
+    before = np.clip(lo - start, 0, (stop - start) - (hi - lo))
+    after = (stop - start) - (hi - lo) - before
+    if not before.any() and not after.any():
+        return block
+    return np.pad(block, [(int(a), int(b)) for a, b in zip(before, after)], mode="edge")
 
 
 class _SliceExtractor:
