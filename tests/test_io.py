@@ -131,6 +131,20 @@ def test_file_backing_names_every_file_an_array_is_read_from(tmp_path):
         assert file_backing(array) is None
 
 
+def test_sample_digest_of_a_zarr_folder_hashes_the_stored_chunks(tmp_path):
+    """A cache hit's content check reads a few chunk files as stored (no decoding): the same data in another
+    folder hashes the same, an edit of a sampled chunk or a chunk left unstored (all fill value) does not."""
+    data = np.random.default_rng(0).integers(1, 255, (40, 32, 32), dtype=np.uint8)
+    first = zarr.create_array(str(tmp_path / "a.zarr"), data=data, chunks=(4, 16, 16))
+    second = zarr.create_array(str(tmp_path / "b.zarr"), data=data, chunks=(4, 16, 16))
+    assert sample_digest(first) == sample_digest(second)
+    first[39, 31, 31] = 0  # the last chunk is always sampled
+    assert sample_digest(first) != sample_digest(second)
+    second[36:40, 16:32, 16:32] = 0  # the fill value: zarr stores no file for it
+    assert not (tmp_path / "b.zarr" / "c" / "9" / "1" / "1").exists()
+    assert sample_digest(second) != sample_digest(first)
+
+
 def test_sample_digest_reads_a_few_whole_chunks():
     data = np.random.default_rng(0).integers(0, 255, (40, 32, 32), dtype=np.uint8)
     edited = data.copy()

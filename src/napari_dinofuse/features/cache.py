@@ -77,7 +77,7 @@ def checksum(block: np.ndarray, kind: str = "crc32") -> str:
     return f"{zlib.crc32(data):08x}"
 
 
-def _file_stat(path: Path) -> list[int] | None:
+def _file_stat(path: Path | str) -> list[int] | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:  # zarr deletes a chunk that equals the fill value
@@ -125,6 +125,7 @@ class FeatureEntry:
         self.planes: tuple[str, ...] = PLANE_SETS[self.signature["planes"]]
         group = zarr.open_group(str(self.path / "features.zarr"), mode="r+")
         self._arrays = {plane: group[plane] for plane in self.planes}
+        self._chunk_grid = {plane: array.cdata_shape for plane, array in self._arrays.items()}
         self._direct = {plane: _plain_chunks(array) for plane, array in self._arrays.items()}
         self._known_complete = False  # once true, reads skip listing the markers
 
@@ -176,16 +177,21 @@ class FeatureEntry:
 
     def _chunk_coords(self, plane: str, unit: int) -> list[tuple[int, ...]]:
         """The chunks that hold one unit (one along its axis, usually one in all)."""
-        ranges = [range(n) for n in self._arrays[plane].cdata_shape]
+        ranges = [range(n) for n in self._chunk_grid[plane]]
         ranges[_UNIT_AXIS[plane]] = range(unit, unit + 1)  # chunks are one unit thick along the unit axis
         return list(itertools.product(*ranges))
 
     def _chunk_files(self, plane: str, unit: int) -> list[Path]:
-        root = self.path / "features.zarr" / plane
-        return [root / self._arrays[plane].metadata.encode_chunk_key(c) for c in self._chunk_coords(plane, unit)]
+        return [Path(p) for p in self._chunk_paths(plane, unit)]
+
+    def _chunk_paths(self, plane: str, unit: int) -> list[str]:
+        """The unit's chunk files as strings: a cache hit stats those of every unit, and pathlib's joins cost
+        more than the stat calls."""
+        root, key = f"{self.path}/features.zarr/{plane}", self._arrays[plane].metadata.encode_chunk_key
+        return [f"{root}/{key(c)}" for c in self._chunk_coords(plane, unit)]
 
     def _marker_record(self, plane: str, unit: int, digest: str) -> dict:
-        return {"crc32": digest, "chunks": [_file_stat(p) for p in self._chunk_files(plane, unit)]}
+        return {"crc32": digest, "chunks": [_file_stat(p) for p in self._chunk_paths(plane, unit)]}
 
     def _write_marker(self, plane: str, unit: int, digest: str) -> None:
         # No fsync: a marker lost in a crash only means a recomputation; a chunk lost or cut short in one no
@@ -242,7 +248,7 @@ class FeatureEntry:
         timestamps a rewrite in the same tick would keep it (git's "racily clean" files).
         """
         recorded = record.get("chunks")
-        if not recorded or recorded != [_file_stat(p) for p in self._chunk_files(plane, unit)]:
+        if not recorded or recorded != [_file_stat(p) for p in self._chunk_paths(plane, unit)]:
             return False
         return all(stat is not None and stat[1] < written for stat in recorded)
 
