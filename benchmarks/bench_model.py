@@ -5,7 +5,8 @@
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached);
   a warm step's time next to the time its tiles take on the tile thread, host waits per step; with --profile,
-  host and device time per step, kernel launches and the top ops by host time;
+  host and device time per step, kernel launches and the top ops by host time; with --ops, the ops per step that
+  launch a kernel (forward by the model's parts, backward, optimizer): what binds a GPU step, counted anywhere;
 - inference: voxels/s of the UNet alone and end to end from the cache (their ratio, and the most the tiles'
   overlap allows), seconds to read the blocks' features; seconds until the region in view is shown when it is
   predicted first (as the dock does), and until all is done; peak RSS per tile size;
@@ -129,6 +130,8 @@ def finetune(args):
     waits = _host_waits(device, lambda: [next(steps) for _ in range(5)])
     if waits is not None:
         print(f"  host waits for the device per training step: {waits / 5:.1f} (1 expected: the loss shown)")
+    if args.ops:
+        _count_ops(model, steps)
     if args.profile:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
@@ -145,6 +148,52 @@ def finetune(args):
               f"{launches / 5:.0f} kernel launches")
         print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
     steps.close()
+
+
+# Ops that launch no kernel (views, allocations, reading a CPU scalar): left out of the counts.
+_NO_KERNEL = {"slice", "view", "permute", "as_strided", "detach", "squeeze", "unsqueeze", "expand", "t", "transpose",
+              "alias", "_unsafe_view", "select", "unbind", "split", "split_with_sizes", "_local_scalar_dense",
+              "empty", "empty_strided", "new_empty_strided", "new_empty", "_reshape_alias", "reshape", "lift_fresh",
+              "resize_"}
+
+
+def _count_ops(model, steps, count: int = 3) -> None:
+    """Kernel-launching aten ops per warm training step, forward by the model's top-level parts, then backward
+    and the optimizer: a device-free stand-in for the kernel launches that bind a GPU step (the optimizer is a
+    loop per parameter on a CPU but a few foreach kernels on CUDA, so it is shown apart)."""
+    from collections import Counter
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    where, counts = ["backward, loss"], Counter()
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in _NO_KERNEL:
+                counts[where[-1]] += 1
+            return func(*args, **(kwargs or {}))
+
+    def enter(name):
+        return lambda *_: where.append(name)
+
+    def leave(*_):
+        where.pop()
+
+    hooks = [register_optimizer_step_pre_hook(enter("optimizer")), register_optimizer_step_post_hook(leave),
+             model.register_forward_pre_hook(enter("forward: its own code")), model.register_forward_hook(leave)]
+    for name, child in model.named_children():  # a ModuleList's members are what forward calls
+        for part in (child if isinstance(child, torch.nn.ModuleList) else [child]):
+            hooks += [part.register_forward_pre_hook(enter(f"forward: {name}")), part.register_forward_hook(leave)]
+    with Counting():
+        for _ in range(count):
+            next(steps)
+    for hook in hooks:
+        hook.remove()
+    model_ops = sum(n for k, n in counts.items() if k != "optimizer")
+    print(f"  kernel-launching ops per step: {model_ops / count:.0f} forward + backward (the optimizer "
+          f"{counts['optimizer'] / count:.0f} more); by part: " +
+          ", ".join(f"{k} {n / count:.0f}" for k, n in counts.most_common() if k != "optimizer"))
 
 
 def _host_waits(device: torch.device, run) -> int | None:
@@ -275,6 +324,7 @@ def main():
     parser.add_argument("--tile", type=_ints, default=(32, 128, 128), help="inference: prediction tile z,y,x")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
+    parser.add_argument("--ops", action="store_true", help="finetune: kernel-launching ops per step (any device)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "_projection_child":
