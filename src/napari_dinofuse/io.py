@@ -304,12 +304,9 @@ def file_backing(data) -> tuple[str, list[Path]] | None:
             return None
         path = Path(handle.filename).resolve()
         return f"hdf5 {path} {data.name}", [path]
-    if type(data).__module__.startswith("zarr"):
-        from zarr.storage import LocalStore
-
-        if not isinstance(getattr(data, "store", None), LocalStore):
-            return None
-        folder = (Path(data.store.root) / data.path).resolve()
+    folder = _local_zarr_folder(data)
+    if folder is not None:
+        folder = folder.resolve()
         unit = data.shards or data.chunks  # what one file holds
         grid = itertools.product(*(range(-(-n // c)) for n, c in zip(data.shape, unit)))
         files = [folder / name for name in ("zarr.json", ".zarray", ".zattrs")]
@@ -326,7 +323,7 @@ def sample_digest(data, count: int = 8, budget_bytes: int = 8 * 2**20) -> str:
     grid = [-(-n // c) for n, c in zip(data.shape, chunks)]
     block_bytes = int(np.prod(chunks)) * np.dtype(data.dtype).itemsize
     count = int(np.clip(budget_bytes // max(1, block_bytes), 1, count))
-    folder = _unsharded_zarr_folder(data)
+    folder = _local_zarr_folder(data) if getattr(data, "shards", None) is None else None
     digest = hashlib.blake2b(digest_size=16)
     for flat in np.unique(np.linspace(0, int(np.prod(grid)) - 1, count).round().astype(int)):
         index = np.unravel_index(flat, grid)
@@ -341,8 +338,9 @@ def sample_digest(data, count: int = 8, budget_bytes: int = 8 * 2**20) -> str:
     return digest.hexdigest()
 
 
-def _unsharded_zarr_folder(data) -> Path | None:
-    if not type(data).__module__.startswith("zarr") or getattr(data, "shards", None) is not None:
+def _local_zarr_folder(data) -> Path | None:
+    """The folder of a zarr array in a local store (its chunk files lie there), or None."""
+    if not type(data).__module__.startswith("zarr"):
         return None
     from zarr.storage import LocalStore
 

@@ -187,8 +187,10 @@ class FeatureEntry:
     def _chunk_paths(self, plane: str, unit: int) -> list[str]:
         """The unit's chunk files as strings: a cache hit stats those of every unit, and pathlib's joins cost
         more than the stat calls."""
-        root, key = f"{self.path}/features.zarr/{plane}", self._arrays[plane].metadata.encode_chunk_key
-        return [f"{root}/{key(c)}" for c in self._chunk_coords(plane, unit)]
+        return [self._chunk_path(plane, c) for c in self._chunk_coords(plane, unit)]
+
+    def _chunk_path(self, plane: str, coords) -> str:
+        return f"{self.path}/features.zarr/{plane}/{self._arrays[plane].metadata.encode_chunk_key(coords)}"
 
     def _marker_record(self, plane: str, unit: int, digest: str) -> dict:
         return {"crc32": digest, "chunks": [_file_stat(p) for p in self._chunk_paths(plane, unit)]}
@@ -341,11 +343,11 @@ class FeatureEntry:
         out = np.zeros([len(b) for b in bounds], np.float16)  # zarr's fill value, for chunks never stored
         if out.size == 0:
             return out
-        root = self.path / "features.zarr" / plane
         for coords in itertools.product(*(range(b.start // n, (b.stop - 1) // n + 1) for b, n in zip(bounds, chunk))):
-            path = root / array.metadata.encode_chunk_key(coords)
+            path = self._chunk_path(plane, coords)
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as file:
+                    data = file.read()
             except FileNotFoundError:
                 continue
             if len(data) != 2 * size + 4:

@@ -345,10 +345,6 @@ class DinofuseWidget(QWidget):
         return view_region(raw.shape, raw.voxel_size, raw.offset, self.viewer.dims.point[-3], camera.center,
                            camera.zoom, self._canvas_size())
 
-    def region(self, raw):
-        """The prediction region in raw voxels: None (whole volume) or slices around the current view."""
-        return self.predict_box.region(self.view(raw))
-
     # -- actions ----------------------------------------------------------------------------------
 
     def extract(self) -> None:
