@@ -101,6 +101,51 @@ def test_filter_bank_responses_depend_only_on_the_neighbourhood():
     assert out[0, 3, :, 0, 5].abs().max() < 1e-3  # far from it
 
 
+def _filter_bank_reference(bank: FilterBank, image: np.ndarray) -> np.ndarray:
+    """The bank's responses (unstandardised) in plain numpy/scipy, one scale and one axis at a time."""
+    from scipy.ndimage import correlate1d
+
+    from napari_dinofuse.modeling.filters import _gaussian
+
+    inner = tuple(slice(h, n - h) for h, n in zip(bank.halo, image.shape))
+    out = [image[inner]]
+    for axes in bank.sigmas:
+        g = image.astype(np.float64)
+        for a, sigma in enumerate(axes):
+            g = correlate1d(g, _gaussian(sigma).double().numpy(), axis=a, mode="nearest")
+        laplace, grad2 = 0, 0
+        for a in range(3):
+            after, before = np.roll(g, -1, axis=a), np.roll(g, 1, axis=a)  # wraps only outside `inner`
+            laplace = laplace + after - 2 * g + before
+            grad2 = grad2 + (0.5 * (after - before)) ** 2
+        scale = max(axes)
+        out += [g[inner], laplace[inner] * scale**2, np.sqrt(grad2[inner]) * scale]
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("voxel_size", [(8, 4, 4), (40, 5, 5), (64, 64, 64)])
+def test_filter_bank_computes_smoothing_laplacian_and_gradient_per_scale(voxel_size):
+    bank = FilterBank(scale_sigmas(voxel_size))
+    image = np.random.default_rng(0).random([n + 2 * h for n, h in zip((6, 20, 17), bank.halo)])
+    expected = _filter_bank_reference(bank, image)
+    got = bank(torch.from_numpy(image).float()[None, None])[0].double().numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+
+
+def test_filter_bank_keeps_float32_precision_under_bf16_autocast():
+    """On a GPU the stems run under bf16 autocast: a Laplacian computed in bf16 is mostly rounding noise."""
+    bank = FilterBank(scale_sigmas((8, 4, 4)))
+    image = torch.rand(1, 1, *(n + 2 * h for n, h in zip((4, 24, 24), bank.halo)))
+    bank.calibrate([image])  # standardised responses, as a model's
+    exact = bank(image.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = bank(image.bfloat16())
+    assert fast.dtype == torch.bfloat16
+    # Per channel, relative to its spread: about the input's and the output's own bf16 rounding, no more.
+    error = (fast.double() - exact).abs().amax((0, 2, 3, 4)) / exact.std((0, 2, 3, 4))
+    assert error.max() < 0.05, error
+
+
 # -- shapes ------------------------------------------------------------------------------
 
 
