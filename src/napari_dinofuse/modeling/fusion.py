@@ -58,7 +58,7 @@ class ContextAttentionFusion(nn.Module):
         # No bias before the norm: the norm's own per-channel shift follows.
         self.reduce = nn.Conv3d(channels, hidden, kernel_size=1, bias=False)
         self.norm = norm(hidden)
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU()
         self.expand = nn.Conv3d(hidden, channels, kernel_size=1)
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:

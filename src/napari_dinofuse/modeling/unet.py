@@ -187,7 +187,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 def _norm_relu(channels: int) -> list[nn.Module]:
-    return [norm(channels), nn.ReLU(inplace=True)]
+    return [norm(channels), nn.ReLU()]
 
 
 class ConvBlock(nn.Sequential):

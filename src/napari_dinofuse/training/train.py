@@ -428,6 +428,15 @@ def _whole_patches(region) -> tuple[int, int, int]:
     return z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE
 
 
+def _adamw(model: FusedUNet3D, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel on a CPU or CUDA (not tried elsewhere: an unsupported device fails at the
+    first step, not here). A loop per parameter launches ~1,200 ops a step: 59 ms at base 32 on 2 CPU cores,
+    14 ms fused."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             fused=fused or None)
+
+
 class Trainer:
     """Fine-tunes ``model`` in place on the painted voxels of ``labels``; validates on held-out strokes.
 
@@ -576,7 +585,7 @@ class Trainer:
             weights = F.pad(weights, (0, model.config.num_classes - weights.numel()))
         weights = weights.to(device)  # once: a copy per step would make the host wait for the device
         rng = np.random.default_rng(cfg.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = _adamw(model, cfg)
         warmup = max(1, min(25, cfg.iterations // 10))
 
         def schedule(step):  # linear warm-up, then cosine decay to 5 %
