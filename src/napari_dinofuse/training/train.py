@@ -465,6 +465,7 @@ class Trainer:
         z, y, x = self.config.tile_shape
         self.tile_shape = (z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE)
         self.validation_tiles = self._validation_tiles()
+        self._validation_inputs: tuple[torch.device | None, list[TileInputs]] = (None, [])
 
     def sample_region(self, rng: np.random.Generator, painted_class: int | None = None, points=None):
         """A tile of ``tile_shape`` (clipped to the volume) containing a training voxel of ``painted_class``
@@ -536,9 +537,12 @@ class Trainer:
         device = device or next(model.parameters()).device
         k = self.painted.num_classes
         confusion = np.zeros((k, k), np.int64)
-        for region, points, classes in self.validation_tiles:
+        # Read once per device: the same tiles are scored every `validate_every` steps, and reading them again
+        # would leave the device idle meanwhile.
+        if self._validation_inputs[0] != device:
+            self._validation_inputs = (device, [self._inputs(region, device) for region, _, _ in self.validation_tiles])
+        for (region, points, classes), inputs in zip(self.validation_tiles, self._validation_inputs[1]):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                inputs = self._inputs(region, device)
                 out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
             local = points - np.array([s.start for s in region])
             predicted = out.logits[0].float().argmax(0).cpu().numpy()[tuple(local.T)] + 1
@@ -565,12 +569,17 @@ class Trainer:
             rng = np.random.default_rng(self.config.seed + 2)
             regions = [regions[i] for i in sorted(rng.choice(len(regions), self.PRIOR_TILES, replace=False))]
         posteriors = []
-        for region in regions:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                inputs = self._inputs(region, device)
-                out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
-            z, y, x = (s.stop - s.start for s in region)
-            posteriors.append(out.logits[0, :, :z, :y, :x].float().softmax(0).flatten(1).cpu().numpy())
+        with ThreadPoolExecutor(1, "dinofuse-prior-read") as reader:  # the next tile read while this one runs
+            ahead = reader.submit(self._inputs, regions[0], device)
+            for i, region in enumerate(regions):
+                inputs = ahead.result()
+                if i + 1 < len(regions):
+                    ahead = reader.submit(self._inputs, regions[i + 1], device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region),
+                                intensity=inputs.intensity)
+                z, y, x = (s.stop - s.start for s in region)
+                posteriors.append(out.logits[0, :, :z, :y, :x].float().softmax(0).flatten(1).cpu().numpy())
         prior = estimate_class_prior(np.concatenate(posteriors, axis=1))
         model.class_prior.copy_(torch.from_numpy(prior))
         return prior
