@@ -275,7 +275,8 @@ def inference(args):
     from napari_dinofuse.inference.predict import predict
 
     middle = sample.raw.shape[0] // 2
-    view = (slice(max(0, middle - VIEW_HALF_DEPTH), middle + VIEW_HALF_DEPTH + 1), slice(None), slice(None))
+    view = (slice(max(0, middle - VIEW_HALF_DEPTH), min(sample.raw.shape[0], middle + VIEW_HALF_DEPTH + 1)),
+            slice(None), slice(None))
     start, shown = time.perf_counter(), None
     for step in predict(model, source, None, device=args.device, sink=MemorySink(), first=view, **settings):
         if step.partial is not None:

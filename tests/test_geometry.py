@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.geometry import Grid, Volume, resample
+from napari_dinofuse.geometry import Grid, Volume, resample, resample_batch
 
 
 def _blob(grid: Grid, centre_nm, sigma_nm: float) -> np.ndarray:
@@ -69,6 +69,24 @@ def test_torch_resampling_carries_leading_axes_and_gradients():
     assert np.allclose(got.float().numpy(), expected, atol=2e-3)
     values.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v: resample(v, src, dst, check_coverage=False), (values,))
+
+
+def test_batch_resampling_places_each_element_on_its_own_grids():
+    """Training samples every tile's gates from its own context window in one call."""
+    values = torch.rand(3, 2, 4, 6, 5, dtype=torch.float64)
+    sources = [Grid((4, 6, 5), 16.0, (0.0, 0.0, 0.0)), Grid((4, 6, 5), 16.0, (8.0, -20.0, 4.0)),
+               Grid((4, 6, 5), (16.0, 12.0, 12.0), (0.0, 0.0, 0.0))]
+    targets = [Grid((5, 7, 3), 4.0, (10.0, 2.0, 30.0)), Grid((5, 7, 3), 6.0, (0.0, 0.0, 0.0)),
+               Grid((5, 7, 3), 4.0, (-8.0, 40.0, 12.0))]
+    out = resample_batch(values, sources, targets)
+    assert out.shape == (3, 2, 5, 7, 3) and out.dtype == torch.float64
+    for b in range(3):
+        expected = resample(values[b].numpy(), sources[b], targets[b], check_coverage=False)
+        np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="one shape"):
+        resample_batch(values, sources, targets[:2] + [Grid((5, 7, 4), 4.0)])
+    with pytest.raises(GeometryError, match="source grids"):
+        resample_batch(values, sources[:2] + [Grid((4, 6, 6), 16.0)], targets)
 
 
 def test_nearest_resampling_keeps_label_values():

@@ -319,11 +319,12 @@ def test_tiles_with_their_own_windows_get_what_each_gets_alone(fusion):
     """Training batches tiles from different places, each with its own context window; windows of one shape run
     the context branch together. Each tile must still see its own window at its own place in the world."""
     model = make_model(fusion, context_evidence=True).eval()
-    raw = make_feats(batch=3)[0]
-    placed = [make_window(seed=s) for s in (2, 3, 4)]
+    raw = make_feats(batch=4)[0]
+    placed = [make_window(seed=s) for s in (2, 3, 4, 5)]
     placed[1] = placed[1]._replace(grid=Grid(WINDOW.shape, 16.0, (-40.0, -60.0, -88.0)))  # same shape, moved
     placed[2] = placed[2]._replace(features=placed[2].features[:, :, :, :3], image=placed[2].image[:, :, :, :48],
                                    grid=Grid((6, 48, 48), 16.0, (-40.0, -100.0, -120.0)))  # another shape
+    placed[3] = placed[3]._replace(grid=Grid(WINDOW.shape, 16.0, (-24.0, -90.0, -100.0)))  # the first shape again
     with torch.no_grad():
         together = model(raw, placed, OUT_SHAPE, auxiliary=True)
         for i, window in enumerate(placed):
@@ -333,6 +334,7 @@ def test_tiles_with_their_own_windows_get_what_each_gets_alone(fusion):
             for a_together, a_alone in zip(together.attention, alone.attention):
                 torch.testing.assert_close(a_together[i:i + 1], a_alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(together.logits[0], together.logits[1])  # the moved window changed tile 1
+    assert not torch.allclose(together.logits[0], together.logits[3])
 
 
 def test_intensity_stem():

@@ -7,6 +7,7 @@ Only numpy here (torch tensors are accepted by :func:`resample` without importin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,32 +182,54 @@ def resample(values, src: Grid, dst: Grid, mode: str = "linear", check_coverage:
 
 
 def _resample_torch(values, src: Grid, dst: Grid):
-    """Linear :func:`resample` of a tensor, on its device, as one trilinear ``grid_sample`` (border padding:
-    the edge value beyond the last centre), in float32 (or float64) and back to the values' dtype: one kernel each way,
-    where gathering and blending axis by axis took ~50 (a GPU training step is bound by launching them).
-    The target's coordinates go to the device in one copy, from pinned memory and without waiting: a copy
-    from ordinary memory makes the host wait until the device has finished all it was given."""
+    """Linear :func:`resample` of a tensor, on its device: :func:`resample_batch` with the leading axes as
+    channels."""
+    lead = values.shape[:-3]
+    out = resample_batch(values.reshape(1, -1, *values.shape[-3:]), [src], [dst])
+    return out.reshape(*lead, *dst.shape)
+
+
+def resample_batch(values, sources: Sequence[Grid], targets: Sequence[Grid]):
+    """Linear resampling of a batch of tensors (B, C, Z, Y, X), element b laid on ``sources[b]``, onto the voxel
+    centres of ``targets[b]`` (all of one shape): one trilinear ``grid_sample`` (border padding: the edge value
+    beyond the last centre), in float32 (or float64) and back to the values' dtype, on the values' device.
+
+    One kernel each way for the whole batch: a GPU training step is bound by launching kernels (gathering and
+    blending axis by axis took ~50 per call, and a step samples every tile's gates from its own window). The
+    targets' coordinates go to the device in one copy, from pinned memory and without waiting: a copy from
+    ordinary memory makes the host wait until the device has finished all it was given."""
     import torch
     import torch.nn.functional as F
 
-    # Per axis, each target centre in source voxels, normalised so -1 and 1 are the first and last centres.
-    positions = []
-    for axis in (2, 1, 0):  # grid_sample takes (x, y, z)
-        n = src.shape[axis]
-        pos = np.clip((dst.axis_centres(axis) - src.offset[axis]) / src.voxel_size[axis], 0, n - 1)
-        positions.append(2 * pos / (n - 1) - 1 if n > 1 else np.zeros_like(pos))
+    shape = tuple(values.shape[-3:])
+    if values.ndim != 5 or len(sources) != values.shape[0] or len(targets) != values.shape[0]:
+        raise ValueError(f"expected values (B, C, Z, Y, X) with B source and target grids, got {tuple(values.shape)}, "
+                         f"{len(sources)} and {len(targets)}")
+    if any(src.shape != shape for src in sources):
+        raise GeometryError(f"values of shape {tuple(values.shape)} do not match the source grids "
+                            f"{sorted({src.shape for src in sources})}")
+    nz, ny, nx = targets[0].shape
+    if any(dst.shape != (nz, ny, nx) for dst in targets):
+        raise ValueError(f"the targets must have one shape, got {sorted({dst.shape for dst in targets})}")
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    table = torch.from_numpy(np.concatenate(positions)).to(dtype)
+    # Per element and axis, each target centre in source voxels, normalised so -1 and 1 are the first and last
+    # centres; (x, y, z) as grid_sample takes them.
+    positions = []
+    for src, dst in zip(sources, targets):
+        for axis in (2, 1, 0):
+            n = src.shape[axis]
+            pos = np.clip((dst.axis_centres(axis) - src.offset[axis]) / src.voxel_size[axis], 0, n - 1)
+            positions.append(2 * pos / (n - 1) - 1 if n > 1 else np.zeros_like(pos))
+    table = torch.from_numpy(np.concatenate(positions).astype(np.float64 if dtype == torch.float64 else np.float32))
     if values.device.type == "cuda":
         table = table.pin_memory().to(values.device, non_blocking=True)
     else:
         table = table.to(values.device)
-    nx, ny, nz = (len(p) for p in positions)
-    x, y, z = table[:nx], table[nx:nx + ny], table[nx + ny:]
-    grid = torch.stack([x.view(1, 1, nx).expand(nz, ny, nx), y.view(1, ny, 1).expand(nz, ny, nx),
-                        z.view(nz, 1, 1).expand(nz, ny, nx)], dim=-1)[None]
-    lead = values.shape[:-3]
-    flat = values.reshape(1, -1, *values.shape[-3:])  # leading axes ride along as channels
-    out = F.grid_sample(flat.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
-    out = out.reshape(*lead, *dst.shape)
+    table = table.view(len(sources), nx + ny + nz)
+    b = len(sources)
+    x = table[:, :nx].view(b, 1, 1, nx).expand(b, nz, ny, nx)
+    y = table[:, nx:nx + ny].view(b, 1, ny, 1).expand(b, nz, ny, nx)
+    z = table[:, nx + ny:].view(b, nz, 1, 1).expand(b, nz, ny, nx)
+    out = F.grid_sample(values.to(dtype), torch.stack([x, y, z], dim=-1), mode="bilinear", padding_mode="border",
+                        align_corners=True)
     return out.to(values.dtype) if values.is_floating_point() else out  # integers interpolate to float32
