@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.geometry import Grid, Volume, resample, resample_batch
+from napari_dinofuse.geometry import Grid, Volume, crop_to_reads, resample, resample_batch
 
 
 def _blob(grid: Grid, centre_nm, sigma_nm: float) -> np.ndarray:
@@ -87,6 +87,24 @@ def test_batch_resampling_places_each_element_on_its_own_grids():
         resample_batch(values, sources, targets[:2] + [Grid((5, 7, 4), 4.0)])
     with pytest.raises(GeometryError, match="source grids"):
         resample_batch(values, sources[:2] + [Grid((4, 6, 6), 16.0)], targets)
+
+
+def test_cutting_values_to_what_resampling_reads_changes_nothing():
+    """The gates are pointwise, so they are computed only on the part of a context window that sampling reads."""
+    values = torch.rand(3, 2, 20, 24, 22, dtype=torch.float64)
+    sources = [Grid((20, 24, 22), 64.0, (0.0, 0.0, 0.0)), Grid((20, 24, 22), 64.0, (-600.0, 30.0, -100.0)),
+               Grid((20, 24, 22), 64.0, (-1200.0, -1400.0, -1300.0))]  # the last one's tile at its far corner
+    tiles = [Grid((16, 32, 32), 4.0, (600.0, 700.0, 650.0)), Grid((16, 32, 32), 4.0, (10.0, 500.0, 200.0)),
+             Grid((16, 32, 32), 4.0, (0.0, 0.0, 0.0))]
+    targets = [tiles, [t.coarsen((1, 8, 8)) for t in tiles]]
+    cut, grids = crop_to_reads(values, sources, targets)
+    assert cut.shape[:2] == (3, 2) and all(g.shape == cut.shape[2:] for g in grids)
+    assert np.prod(cut.shape[2:]) < np.prod(values.shape[2:]) / 100
+    for level in targets:
+        torch.testing.assert_close(resample_batch(cut, grids, level), resample_batch(values, sources, level),
+                                   rtol=0, atol=1e-12)
+    wide = [Grid((40, 40, 40), 100.0, (-2000.0, -2000.0, -2000.0))] * 3  # reads every window whole: no cut
+    assert crop_to_reads(values, sources, [wide])[0] is values
 
 
 def test_nearest_resampling_keeps_label_values():
