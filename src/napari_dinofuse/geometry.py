@@ -239,7 +239,7 @@ def crop_to_reads(values, sources: Sequence[Grid], targets: Sequence[Sequence[Gr
     """``values`` (B, C, Z, Y, X), element b on ``sources[b]``, cut to the voxels that linear resampling onto
     ``targets[k][b]`` (for every k) reads, and the grids of the cut: (values, sources). One box size for the
     batch, the largest element's. Resampling the cut gives what resampling the whole gives, so pointwise work
-    on the values can skip the rest (a training tile reads ~4x4x3 voxels of its ~34x34x33 context window)."""
+    on the values can skip the rest (a training tile reads 3x4x4 voxels of its 12x64x64 context window)."""
     shape = np.array(sources[0].shape)
     low = np.tile(shape, (len(sources), 1))
     high = np.zeros((len(sources), 3), int)
