@@ -536,15 +536,18 @@ class FusedUNet3D(nn.Module):
                 batch = batch._replace(features=torch.cat([w.features for w in group]),
                                        image=None if batch.image is None else torch.cat([w.image for w in group]))
             sources = [w.grid for w in group for _ in range(w.features.shape[0])]
-            tiles = [Grid(padded, w.target.voxel_size, w.target.offset) for w in group for _ in range(w.features.shape[0])]
+            tiles = [Grid(padded, w.target.voxel_size, w.target.offset)
+                     for w in group for _ in range(w.features.shape[0])]
             targets = [[t.coarsen(f) for t in tiles] for f in factors] + [tiles]  # each level's grid, the head's
             context_map, sources = crop_to_reads(self.context_encoder(batch), sources, targets)
             maps = self._pointwise_maps(context_map, auxiliary)
             per_group.append([resample_batch(m, sources, level).contiguous() for m, level in zip(maps, targets)])
             order += [j for i in members for j in range(starts[i], starts[i + 1])]
         parts = [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*per_group)]
-        if order != sorted(order):  # back to the tiles' order
-            index = torch.from_numpy(np.argsort(order)).to(parts[0].device)
+        if order != sorted(order):  # back to the tiles' order (the index sent without making the host wait)
+            device = parts[0].device
+            index = torch.from_numpy(np.argsort(order))
+            index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
             parts = [p.index_select(0, index) for p in parts]
         return parts
 
