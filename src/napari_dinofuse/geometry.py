@@ -135,10 +135,16 @@ class Volume:
         return resample(np.asarray(self.data), self.grid, target, mode=mode)
 
 
+def _source_positions(src: Grid, dst: Grid, axis: int) -> np.ndarray:
+    """Each target centre along ``axis`` in source voxels (continuous; centres at integers), clipped to the first
+    and last source centres: inside the extent but beyond the last centre, linear resampling gives the edge value."""
+    pos = (dst.axis_centres(axis) - src.offset[axis]) / src.voxel_size[axis]
+    return np.clip(pos, 0, src.shape[axis] - 1)
+
+
 def _axis_weights(src: Grid, dst: Grid, axis: int):
     """Per target voxel along ``axis``: two source indices and the weight of the second."""
-    pos = (dst.axis_centres(axis) - src.offset[axis]) / src.voxel_size[axis]
-    pos = np.clip(pos, 0, src.shape[axis] - 1)  # inside the extent but beyond the last centre: edge value
+    pos = _source_positions(src, dst, axis)
     i0 = np.floor(pos).astype(np.int64)
     i1 = np.minimum(i0 + 1, src.shape[axis] - 1)
     return i0, i1, (pos - i0).astype(np.float32)
@@ -217,8 +223,7 @@ def resample_batch(values, sources: Sequence[Grid], targets: Sequence[Grid]):
     positions = []
     for src, dst in zip(sources, targets):
         for axis in (2, 1, 0):
-            n = src.shape[axis]
-            pos = np.clip((dst.axis_centres(axis) - src.offset[axis]) / src.voxel_size[axis], 0, n - 1)
+            n, pos = src.shape[axis], _source_positions(src, dst, axis)
             positions.append(2 * pos / (n - 1) - 1 if n > 1 else np.zeros_like(pos))
     table = torch.from_numpy(np.concatenate(positions).astype(np.float64 if dtype == torch.float64 else np.float32))
     if values.device.type == "cuda":
@@ -246,8 +251,7 @@ def crop_to_reads(values, sources: Sequence[Grid], targets: Sequence[Sequence[Gr
     for level in targets:
         for b, (src, dst) in enumerate(zip(sources, level)):
             for axis in range(3):  # positions grow along an axis: its first and last centres bound them
-                ends = dst.axis_centres(axis)[[0, -1]]
-                pos = np.clip((ends - src.offset[axis]) / src.voxel_size[axis], 0, shape[axis] - 1)
+                pos = _source_positions(src, dst, axis)[[0, -1]]
                 low[b, axis] = min(low[b, axis], int(np.floor(pos[0])))
                 high[b, axis] = max(high[b, axis], int(np.ceil(pos[1])) + 1)  # exclusive
     size = np.minimum((high - low).max(axis=0), shape)
