@@ -638,3 +638,47 @@ def test_reads_beyond_the_volume_repeat_its_edge():
         expected = padded[tuple(slice(a + far, b + far) for a, b in zip(start, stop))]
         assert np.array_equal(_read_padded(data, start, stop), expected), (start, stop)
     assert np.shares_memory(_read_padded(data, (1, 1, 1), (3, 4, 5)), data)
+
+
+def test_only_arrays_stored_as_the_cache_writes_them_skip_zarr(tmp_path, counting_backbone):
+    """A cache hit learns each plane's chunk layout from its zarr.json without opening zarr (a millisecond or two
+    of a hit). An array stored any other way (compressed, without checksums, another dtype, key separator or fill
+    value, zarr v2) is left to zarr, and its features read, are reused and are written as before."""
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    from napari_dinofuse.features.cache import _plain_chunks
+
+    def layout(name, **settings):
+        settings = {"shape": (8, 3, 4, 4), "chunks": (8, 1, 4, 2), "dtype": "float16",
+                    "compressors": [Crc32cCodec()], "fill_value": 0, **settings}
+        zarr.create_array(str(tmp_path / name), **settings)
+        return _plain_chunks(tmp_path / name / "zarr.json")
+
+    assert layout("plain") == (8, 1, 4, 2)
+    assert layout("zstd", compressors=[ZstdCodec(), Crc32cCodec()]) is None
+    assert layout("no checksum", compressors=None) is None
+    assert layout("float32", dtype="float32") is None
+    assert layout("dots", chunk_key_encoding={"name": "default", "separator": "."}) is None
+    assert layout("ones", fill_value=1) is None
+    assert layout("v2", zarr_format=2, compressors=None) is None
+
+    volume = _volume()
+    cache = FeatureCache(tmp_path / "cache")
+    entry = compute_features(volume, counting_backbone, cache)
+    expected = entry.read()
+    # The same features stored compressed, as another writer might have stored them.
+    group = zarr.open_group(str(entry.path / "features.zarr"), mode="r+")
+    group.create_array("xy", data=expected, chunks=(expected.shape[0], 1, 2, 2),
+                       compressors=[ZstdCodec(), Crc32cCodec()], fill_value=0, overwrite=True)
+    _age(entry.path)
+    foreign = FeatureEntry(entry.path)
+    assert foreign._direct == {"xy": False}
+    assert np.array_equal(foreign.read(), expected)
+    assert foreign._chunk_paths("xy", 1)[0].endswith("features.zarr/xy/c/0/1/0/0")
+    # Found in the cache: its files changed since their markers, so each unit is re-checksummed, not recomputed.
+    again = compute_features(volume, counting_backbone, cache)
+    assert again.path == entry.path and counting_backbone.calls["slices"] == volume.shape[0]
+    assert np.array_equal(again.read(), expected)
+    foreign.write_unit("xy", 2, np.zeros_like(expected[:, 2]))
+    assert not foreign.read()[:, 2].any() and np.array_equal(foreign.read()[:, 3], expected[:, 3])

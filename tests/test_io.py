@@ -5,6 +5,8 @@ write them, and must land at the right place in nanometres.
 """
 
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -111,6 +113,7 @@ def test_file_backing_names_every_file_an_array_is_read_from(tmp_path):
     data = np.arange(4 * 6 * 8, dtype=np.uint8).reshape(4, 6, 8)
     v3 = zarr.create_array(str(tmp_path / "v3.zarr"), data=data, chunks=(1, 3, 8))
     where, files = file_backing(zarr.open_array(str(tmp_path / "v3.zarr"), mode="r"))
+    files = [Path(f) for f in files]
     assert where == f"zarr {(tmp_path / 'v3.zarr').resolve()}"
     assert [f.relative_to(tmp_path / "v3.zarr").as_posix() for f in files[3:]] == [
         f"c/{z}/{y}/0" for z in range(4) for y in range(2)]  # after zarr.json, .zarray, .zattrs
@@ -118,13 +121,13 @@ def test_file_backing_names_every_file_an_array_is_read_from(tmp_path):
     sharded = zarr.create_array(str(tmp_path / "sharded.zarr"), data=data, chunks=(1, 3, 8), shards=(2, 6, 8))
     assert len(file_backing(sharded)[1]) == 3 + 2  # one file per shard
     v2 = zarr.create_array(str(tmp_path / "v2.zarr"), data=data, chunks=(2, 6, 8), zarr_format=2)
-    assert sorted(f.name for f in file_backing(v2)[1] if f.is_file()) == [".zarray", ".zattrs", "0.0.0", "1.0.0"]
+    assert sorted(Path(f).name for f in file_backing(v2)[1] if Path(f).is_file()) == [".zarray", ".zattrs", "0.0.0", "1.0.0"]
     np.save(tmp_path / "raw.npy", data)
     mapped = np.load(tmp_path / "raw.npy", mmap_mode="r")
-    assert file_backing(mapped)[1] == [(tmp_path / "raw.npy").resolve()]
+    assert file_backing(mapped)[1] == [str((tmp_path / "raw.npy").resolve())]
     with h5py.File(tmp_path / "raw.h5", "w") as f:
         f["raw"] = data
-    assert file_backing(open_volume(tmp_path / "raw.h5", voxel_size=1).data)[1] == [(tmp_path / "raw.h5").resolve()]
+    assert file_backing(open_volume(tmp_path / "raw.h5", voxel_size=1).data)[1] == [str((tmp_path / "raw.h5").resolve())]
     # Arrays whose content can change without their files' times changing are identified by content alone.
     writable = np.load(tmp_path / "raw.npy", mmap_mode="r+")
     for array in (data, mapped[1:], writable, da.from_zarr(v3), zarr.create_array({}, data=data)):

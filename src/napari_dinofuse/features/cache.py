@@ -27,6 +27,7 @@ re-checksums every unit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -115,19 +116,38 @@ class FeatureEntry:
     """The features of one volume under one signature."""
 
     def __init__(self, path: Path):
-        import zarr
-
         self.path = Path(path)
         record = json.loads((self.path / "signature.json").read_text())
         self.signature: dict = record["signature"]
         self.info: dict = record.get("info", {})
         self.shape: tuple[int, int, int, int] = tuple(record["shape"])
         self.planes: tuple[str, ...] = PLANE_SETS[self.signature["planes"]]
-        group = zarr.open_group(str(self.path / "features.zarr"), mode="r+")
-        self._arrays = {plane: group[plane] for plane in self.planes}
-        self._chunk_grid = {plane: array.cdata_shape for plane, array in self._arrays.items()}
-        self._direct = {plane: _plain_chunks(array) for plane, array in self._arrays.items()}
+        # Each plane's chunk shape when its chunk files are plain (see _plain_chunks), read from its zarr.json:
+        # opening the arrays through zarr took a millisecond or two of a cache hit's ~8 ms, and only reads or
+        # writes of other layouts need zarr (opened then, see _arrays).
+        self._plain = {plane: _plain_chunks(self.path / "features.zarr" / plane / "zarr.json") for plane in self.planes}
+        self._direct = {plane: chunk is not None for plane, chunk in self._plain.items()}
+        # Per plane, the chunk coordinates of a unit but its own (one unit per chunk along its axis) and how a
+        # chunk's file is named: a cache hit builds the path of every unit's chunk files.
+        self._across, self._chunk_key = {}, {}
+        for plane, chunk in self._plain.items():
+            if chunk is not None:
+                grid, key = [-(-n // c) for n, c in zip(self.shape, chunk)], _plain_chunk_key
+            else:
+                meta = self._arrays[plane].metadata
+                grid, key = self._arrays[plane].cdata_shape, meta.chunk_key_encoding.encode_chunk_key
+            axis = _UNIT_AXIS[plane]
+            self._across[plane] = list(itertools.product(*(range(n) for a, n in enumerate(grid) if a != axis)))
+            self._chunk_key[plane] = key
         self._known_complete = False  # once true, reads skip listing the markers
+
+    @functools.cached_property
+    def _arrays(self) -> dict:
+        """The planes' zarr arrays, opened on first use."""
+        import zarr
+
+        group = zarr.open_group(str(self.path / "features.zarr"), mode="r+")
+        return {plane: group[plane] for plane in self.planes}
 
     key = property(lambda self: self.path.name)
 
@@ -177,9 +197,8 @@ class FeatureEntry:
 
     def _chunk_coords(self, plane: str, unit: int) -> list[tuple[int, ...]]:
         """The chunks that hold one unit (one along its axis, usually one in all)."""
-        ranges = [range(n) for n in self._chunk_grid[plane]]
-        ranges[_UNIT_AXIS[plane]] = range(unit, unit + 1)  # chunks are one unit thick along the unit axis
-        return list(itertools.product(*ranges))
+        axis = _UNIT_AXIS[plane]
+        return [c[:axis] + (unit,) + c[axis:] for c in self._across[plane]]
 
     def _chunk_files(self, plane: str, unit: int) -> list[Path]:
         return [Path(p) for p in self._chunk_paths(plane, unit)]
@@ -187,10 +206,11 @@ class FeatureEntry:
     def _chunk_paths(self, plane: str, unit: int) -> list[str]:
         """The unit's chunk files as strings: a cache hit stats those of every unit, and pathlib's joins cost
         more than the stat calls."""
-        return [self._chunk_path(plane, c) for c in self._chunk_coords(plane, unit)]
+        folder, key = f"{self.path}/features.zarr/{plane}/", self._chunk_key[plane]
+        return [folder + key(c) for c in self._chunk_coords(plane, unit)]
 
     def _chunk_path(self, plane: str, coords) -> str:
-        return f"{self.path}/features.zarr/{plane}/{self._arrays[plane].metadata.encode_chunk_key(coords)}"
+        return f"{self.path}/features.zarr/{plane}/{self._chunk_key[plane](coords)}"
 
     def _marker_record(self, plane: str, unit: int, digest: str) -> dict:
         return {"crc32": digest, "chunks": [_file_stat(p) for p in self._chunk_paths(plane, unit)]}
@@ -208,12 +228,11 @@ class FeatureEntry:
     def write_units(self, plane: str, units, blocks) -> None:
         """Write several units' features, then (only then) their markers."""
         blocks = [np.ascontiguousarray(b, dtype=np.float16) for b in blocks]
-        array = self._arrays[plane]
         for unit, block in zip(units, blocks):
             if self._direct[plane]:
                 self._write_chunks(plane, unit, block)
             else:
-                array[self._unit_region(plane, unit)] = block
+                self._arrays[plane][self._unit_region(plane, unit)] = block
         for unit, block in zip(units, blocks):
             self._write_marker(plane, unit, checksum(block))
 
@@ -226,9 +245,8 @@ class FeatureEntry:
         """
         import google_crc32c
 
-        array = self._arrays[plane]
         axis = _UNIT_AXIS[plane]
-        chunk = array.metadata.chunk_grid.chunk_shape
+        chunk = self._plain[plane]
         block = np.expand_dims(block, axis)  # the unit's index along its axis: 0 here
         for coords, path in zip(self._chunk_coords(plane, unit), self._chunk_files(plane, unit)):
             start = [c * n for c, n in zip(coords, chunk)]
@@ -332,13 +350,12 @@ class FeatureEntry:
 
         Not through zarr for the same reason as the writes: its one event loop serialises the prediction's
         reader thread behind every other zarr call of the process."""
-        array = self._arrays[plane]
-        bounds = [range(n)[s] for n, s in zip(array.shape, region)]
+        bounds = [range(n)[s] for n, s in zip(self.shape, region)]
         if not self._direct[plane] or any(b.step != 1 for b in bounds):
-            return np.asarray(array[region])
+            return np.asarray(self._arrays[plane][region])
         import google_crc32c
 
-        chunk = array.metadata.chunk_grid.chunk_shape
+        chunk = self._plain[plane]
         size = math.prod(chunk)
         out = np.zeros([len(b) for b in bounds], np.float16)  # zarr's fill value, for chunks never stored
         if out.size == 0:
@@ -497,23 +514,29 @@ class FeatureCache:
         return freed
 
 
-def _plain_chunks(array) -> bool:
-    """Whether ``array``'s chunk files are its little-endian float16 bytes and their CRC32C, in a local folder,
-    keyed as zarr v3 does by default: how :meth:`FeatureCache._create` makes them, and what
-    :meth:`FeatureEntry._write_chunks` writes without zarr."""
-    from zarr.codecs import BytesCodec, Crc32cCodec
-    from zarr.core.chunk_grids import RegularChunkGrid
-    from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
-    from zarr.storage import LocalStore
+def _plain_chunks(meta_path: Path) -> tuple[int, ...] | None:
+    """The chunk shape of the zarr array described by ``meta_path`` (its zarr.json) if its chunk files are its
+    little-endian float16 bytes and their CRC32C, keyed "c/i/j/k/l" (zarr v3's default), unstored chunks reading
+    as 0: how :meth:`FeatureCache._create` makes them and what :meth:`FeatureEntry._write_chunks` writes without
+    zarr. None for any other array (zarr reads and writes it)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        codecs = meta["codecs"]
+        plain = (meta["zarr_format"] == 3 and meta["node_type"] == "array" and meta["data_type"] == "float16"
+                 and meta["fill_value"] == 0 and meta["chunk_grid"]["name"] == "regular"
+                 and not meta.get("storage_transformers")
+                 and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+                 and [c["name"] for c in codecs] == ["bytes", "crc32c"]
+                 and codecs[0].get("configuration", {}).get("endian") == "little"
+                 and not codecs[1].get("configuration"))
+        return tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]) if plain else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not readable as such: zarr decides
+        return None
 
-    meta = array.metadata
-    codecs = getattr(meta, "codecs", ())
-    return (getattr(meta, "zarr_format", None) == 3 and isinstance(array.store, LocalStore)
-            and np.dtype(array.dtype) == np.float16 and isinstance(meta.chunk_grid, RegularChunkGrid)
-            and isinstance(meta.chunk_key_encoding, DefaultChunkKeyEncoding)
-            and meta.chunk_key_encoding.separator == "/" and len(codecs) == 2
-            and isinstance(codecs[0], BytesCodec) and getattr(codecs[0].endian, "value", None) == "little"
-            and isinstance(codecs[1], Crc32cCodec))
+
+def _plain_chunk_key(coords) -> str:
+    """The file of a chunk of a plain array (see :func:`_plain_chunks`), relative to the array's folder."""
+    return "c/" + "/".join(map(str, coords))
 
 
 def _chunks(plane: str, shape) -> tuple[int, ...]:
