@@ -358,6 +358,33 @@ def test_the_context_window_reaches_the_margin(source):
         source.context_window(target, -5.0)
 
 
+def test_widened_windows_of_same_shape_tiles_are_alike(source, tiny_backbone, tmp_path):
+    """Training widens every tile's context window to ``window_shape`` so that a step runs the context branch once
+    for all its tiles: wherever a tile lies, its own window fits in that shape, the widened one still holds it, and
+    has that shape unless the context ends first."""
+    ctx = Volume(np.random.default_rng(1).integers(0, 256, (16, 48, 48), dtype=np.uint8), 64.0, (40.0, -1000.0, -900.0),
+                 name="wide context")
+    wide = FeatureSource(source.raw, source.raw_features, ctx,
+                         compute_features(ctx, tiny_backbone, FeatureCache(tmp_path)))
+    tile = (8, 32, 32)
+    for margin in (0.0, 100.0, 1024.0):
+        size = wide.window_shape(tile, margin)
+        alike = 0
+        for z in range(0, SHAPE[0] - tile[0] + 1, 3):
+            for y in range(0, SHAPE[1] - tile[1] + 1, 16):
+                for x in range(0, SHAPE[2] - tile[2] + 1, 16):
+                    target = wide.raw.grid.crop((z, y, x), (z + tile[0], y + tile[1], x + tile[2]))
+                    own = wide.context_window(target, margin)
+                    widened = wide.context_window(target, margin, at_least=size)
+                    assert all(o.stop - o.start <= n for o, n in zip(own, size)), (margin, own, size)
+                    assert all(w.start == o.start and w.stop >= o.stop for w, o in zip(widened, own))
+                    spans = [w.stop - w.start for w in widened]
+                    assert all(s == n or w.stop == c for s, n, w, c in zip(spans, size, widened, ctx.shape))
+                    alike += spans == list(size)
+        assert alike > 0
+    assert wide.window_shape(tile, None) is None
+
+
 def _serial(model, source, **settings):
     """predict()'s outputs computed block after block on this thread: the reference for the overlapped run."""
     plan = plan_prediction(model, source, None, **settings)

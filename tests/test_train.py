@@ -185,6 +185,21 @@ def test_training_leaves_the_context_evidence_out_on_a_share_of_the_tiles(sample
             assert len(kept) == 12 * config.tiles_per_step and 0.2 < kept.float().mean() < 0.8
 
 
+def test_a_training_step_runs_the_context_branch_once(sample, source):
+    """Every tile of a step gets a context window of one shape (widened to it), so the context branch runs once a
+    step on all of them, not once per window shape (a GPU step is bound by launching its kernels)."""
+    model = new_model(source, 4, base_channels=4)
+    batches, encode = [], model.context_encoder.forward
+
+    def spy(window):
+        batches.append(window.features.shape[0])
+        return encode(window)
+
+    model.context_encoder.forward = spy
+    drive(Trainer(model, source, sample.scribbles(seed=0), TrainConfig(iterations=6)).run())
+    assert batches[:6] == [TrainConfig().tiles_per_step] * 6  # then the class shares, tile by tile
+
+
 @pytest.fixture(scope="module")
 def many_strokes(sample):
     """Denser scribbles: 2-6 strokes per class, so whole strokes can be held out."""

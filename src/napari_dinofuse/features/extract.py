@@ -41,6 +41,7 @@ from .cache import PLANE_SETS, FeatureCache, FeatureEntry
 
 DEFAULT_TILE_SIZE = 1024
 CONTEXT_POOLING = 4  # the context encoder pools by at most 2 x 2 per axis
+_WINDOW_ALIGN = np.array([CONTEXT_POOLING, PATCH_SIZE, PATCH_SIZE])  # where context windows start (see context_window)
 MIN_OVERLAP_PATCHES = 2
 
 
@@ -242,14 +243,17 @@ class FeatureSource:
         return self.raw_features.shape[0], ctx
 
     def tile(self, region, context: bool = True, intensity: bool = False, margin_nm: float | None = 1024.0,
-             device="cpu", full_yx=None, halo=(0, 0, 0)) -> TileInputs:
-        """The inputs of one tile: a one-tile :meth:`block` (``full_yx``, ``halo``: see :class:`BlockFeatures`)."""
-        block = self.block(region, device, context=context, intensity=intensity, margin_nm=margin_nm, halo=halo)
+             device="cpu", full_yx=None, halo=(0, 0, 0), window_shape=None) -> TileInputs:
+        """The inputs of one tile: a one-tile :meth:`block` (``full_yx``, ``halo``, ``window_shape``: see
+        :class:`BlockFeatures`)."""
+        block = self.block(region, device, context=context, intensity=intensity, margin_nm=margin_nm, halo=halo,
+                           window_shape=window_shape)
         return block.tile(region, full_yx=full_yx)
 
-    def context_window(self, target: Grid, margin_nm: float | None) -> tuple[slice, slice, slice]:
+    def context_window(self, target: Grid, margin_nm: float | None, at_least=None) -> tuple[slice, slice, slice]:
         """Context voxels reaching ``margin_nm`` beyond ``target`` on every side (None: all of them), clipped
-        to the context, with y/x on the context's patch grid."""
+        to the context, with y/x on the context's patch grid. ``at_least``: a shape (e.g. :meth:`window_shape`)
+        the window is widened to on its far sides, as far as the context reaches."""
         grid = self.context.grid
         if margin_nm is None:
             return tuple(slice(0, n) for n in grid.shape)
@@ -260,16 +264,30 @@ class FeatureSource:
         last = np.floor(grid.world_to_index(hi + margin_nm) + 0.5).astype(int) + 1
         # Starts on a fixed lattice (z: the context encoder's pooling, y/x: the patch grid, a multiple of it), so
         # every window pools the same voxels together: windows of neighbouring blocks agree where they overlap.
-        align = np.array([CONTEXT_POOLING, PATCH_SIZE, PATCH_SIZE])
-        first = first // align * align
+        first = np.maximum(first // _WINDOW_ALIGN * _WINDOW_ALIGN, 0)
         last[1:] = -(-last[1:] // PATCH_SIZE) * PATCH_SIZE
-        first, last = np.maximum(first, 0), np.minimum(last, grid.shape)
+        if at_least is not None:
+            last = np.maximum(last, first + np.asarray(at_least, int))
+        last = np.minimum(last, grid.shape)
         return tuple(slice(int(a), int(b)) for a, b in zip(first, last))
 
+    def window_shape(self, shape, margin_nm: float | None) -> tuple[int, int, int] | None:
+        """The largest :meth:`context_window` of a target of ``shape`` raw voxels, wherever it lies: windows of
+        same-shape tiles widened to it (``at_least``) are all alike away from the context's far faces, so a
+        training step runs the context branch on them as one batch. None for the whole field."""
+        if margin_nm is None:
+            return None
+        extent = (np.asarray(shape) * self.raw.voxel_size + 2 * margin_nm) / np.asarray(self.context.voxel_size)
+        # The start floors to its lattice (up to align - 1 voxels lower), the stop rounds up to the patch grid
+        # in y/x, and each end rounds to the nearest voxel.
+        size = np.floor(extent + _WINDOW_ALIGN + (1, PATCH_SIZE, PATCH_SIZE)).astype(int)
+        size[1:] = size[1:] // PATCH_SIZE * PATCH_SIZE  # both ends lie on the patch grid
+        return tuple(int(n) for n in np.minimum(size, self.context.shape))
+
     def block(self, region, device="cpu", context: bool = True, intensity: bool = False,
-              margin_nm: float | None = 1024.0, halo=(0, 0, 0)) -> BlockFeatures:
+              margin_nm: float | None = 1024.0, halo=(0, 0, 0), window_shape=None) -> BlockFeatures:
         """The inputs of all tiles inside ``region``, read once (see :class:`BlockFeatures`)."""
-        return BlockFeatures(self, region, torch.device(device), context, intensity, margin_nm, halo)
+        return BlockFeatures(self, region, torch.device(device), context, intensity, margin_nm, halo, window_shape)
 
 
 class BlockFeatures:
@@ -280,11 +298,12 @@ class BlockFeatures:
     intensities and one context window around the whole block are read once and kept on ``device``; every
     tile of the block shares that window, so a voxel's context does not depend on the tile it falls in.
     Intensities come with ``halo`` voxels of real neighbouring data around every tile (for the model's filter
-    bank), edge-padded beyond the volume.
+    bank), edge-padded beyond the volume. ``window_shape``: the context window is widened to at least this
+    shape (see :meth:`FeatureSource.window_shape`).
     """
 
     def __init__(self, source: FeatureSource, region, device: torch.device, context: bool, intensity: bool,
-                 margin_nm: float | None = 1024.0, halo=(0, 0, 0)):
+                 margin_nm: float | None = 1024.0, halo=(0, 0, 0), window_shape=None):
         zs, ys, xs = region
         if ys.start % PATCH_SIZE or xs.start % PATCH_SIZE:
             raise ValueError(f"block y/x starts must lie on the {PATCH_SIZE}-pixel patch grid, got {region}")
@@ -297,7 +316,7 @@ class BlockFeatures:
         self.context = None
         if context and source.context is not None:
             target = source.raw.grid.crop((self.z0, ys.start, xs.start), (zs.stop, ys.stop, xs.stop))
-            window = source.context_window(target, margin_nm)
+            window = source.context_window(target, margin_nm, at_least=window_shape)
             patches = tuple(slice(s.start // f, -(-s.stop // f)) for s, f in zip(window, (1, PATCH_SIZE, PATCH_SIZE)))
             feats = source.context_features.read(patches)
             low, high = (source.context_features.signature["intensity"][k] for k in ("low", "high"))

@@ -465,6 +465,10 @@ class Trainer:
         z, y, x = self.config.tile_shape
         self.tile_shape = (z, -(-y // PATCH_SIZE) * PATCH_SIZE, -(-x // PATCH_SIZE) * PATCH_SIZE)
         self.validation_tiles = self._validation_tiles()
+        # Every training tile's context window widened to one shape (away from the context's far faces), so a
+        # step runs the context branch once for all its tiles, not once per window shape (2-3 of 4 windows).
+        self.window_shape = (source.window_shape(self.tile_shape, model.config.context_margin_nm)
+                             if source.context is not None else None)
         self._validation_inputs: tuple[torch.device | None, list[TileInputs]] = (None, [])
 
     def sample_region(self, rng: np.random.Generator, painted_class: int | None = None, points=None):
@@ -505,15 +509,15 @@ class Trainer:
             points, classes = points[~inside], classes[~inside]
         return tiles
 
-    def _inputs(self, region, device) -> TileInputs:
+    def _inputs(self, region, device, window_shape=None) -> TileInputs:
         cfg = self.model.config
         return self.source.tile(region, context=cfg.fusion != "none", intensity=cfg.intensity_stem,
                                 margin_nm=cfg.context_margin_nm, device=device, full_yx=_whole_patches(region)[1:],
-                                halo=self.model.intensity_halo)
+                                halo=self.model.intensity_halo, window_shape=window_shape)
 
     def _batch(self, region, device, rng):
         """A training tile at whole patches: inputs and labels (held-out strokes and padding unpainted)."""
-        inputs = self._inputs(region, device)
+        inputs = self._inputs(region, device, self.window_shape)
         block = self.labels[region]
         labels = np.asarray(block.compute() if hasattr(block, "compute") else block).astype(np.int64)
         start = np.array([s.start for s in region])
