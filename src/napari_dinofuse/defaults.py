@@ -54,8 +54,13 @@ TILES_PER_STEP = 4
 # after 25 steps while the scored voxels kept improving to 150 (then the recipe's length). Worth it with many
 # strokes per class.
 VALIDATION_SHARE = 0.0
-# Prediction tiles are independent of the training tile (per-voxel normalisation): larger is faster.
-PREDICT_TILE = (32, 128, 128)
+# Prediction tiles are independent of the training tile (per-voxel normalisation): larger is faster, as fewer
+# voxels are computed twice where tiles overlap. On 2 CPU cores (base 16, 96 x 384 x 384) 48 x 192 x 192 predicted
+# 1.5x faster than 32 x 128 x 128 (55 vs 83 s), peak memory 2.1 vs 1.9 GB (docs/benchmarks.md).
+PREDICT_TILE = (48, 192, 192)
+# The tiles the class shares are estimated on after training (a few of them, at random): the smaller tile of
+# before, so that this estimate costs a CPU a few seconds, not half a minute.
+PRIOR_TILE = (32, 128, 128)
 # On a GPU, larger: the UNet ran 3.7x more voxels/s through 64 x 256 x 256 tiles than through the CPU's tiles, and
 # prediction end to end was 2.6x faster (H200, docs/benchmarks.md); out of memory, tiles are halved and retried.
 GPU_PREDICT_TILE = (64, 256, 256)

@@ -445,7 +445,7 @@ class Trainer:
     """
 
     MAX_VALIDATION_TILES = 8
-    PRIOR_TILES = 8  # prediction-sized tiles (at most) that the class shares are estimated on
+    PRIOR_TILES = 8  # tiles of defaults.PRIOR_TILE (at most) that the class shares are estimated on
     MIN_IMPROVEMENT = 0.005  # of the held-out mIoU: smaller gains are noise, not a reason to train on
 
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
@@ -559,16 +559,16 @@ class Trainer:
     @torch.no_grad()
     def estimate_prior(self, device) -> np.ndarray:
         """Set ``model.class_prior`` from the model's own posteriors (:func:`estimate_class_prior`) on the
-        volume, tiled as prediction tiles it: all of it, or PRIOR_TILES of its tiles chosen at random. Returns
-        the shares; deterministic for a seed.
+        volume, cut into tiles of ``defaults.PRIOR_TILE``: all of it, or PRIOR_TILES of its tiles chosen at
+        random. Returns the shares; deterministic for a seed.
 
-        Whole prediction tiles, not training ones: small tiles are mostly faces, where the padded convs see
+        Prediction-sized tiles, not training ones: small tiles are mostly faces, where the padded convs see
         less, and a few small tiles of a volume of large objects are a poor sample (measured: on 32 tiles of
         16 x 32 x 32 the shares of the sample's rare classes came out at 3-5x the whole volume's estimate).
         """
         model = self.model.eval()
         model.class_prior.fill_(1.0 / model.config.num_classes)  # posteriors as trained: equal shares
-        regions = [block.core for block in iter_blocks(self.source.raw.shape, defaults.PREDICT_TILE)]
+        regions = [block.core for block in iter_blocks(self.source.raw.shape, defaults.PRIOR_TILE)]
         if len(regions) > self.PRIOR_TILES:
             rng = np.random.default_rng(self.config.seed + 2)
             regions = [regions[i] for i in sorted(rng.choice(len(regions), self.PRIOR_TILES, replace=False))]
