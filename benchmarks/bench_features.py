@@ -1,7 +1,7 @@
 """Feature extraction benchmarks (issue: chunked extraction + cache). Run on demand:
 
     python benchmarks/bench_features.py [--backbone random:vits16] [--device auto] [--slices 24] [--size 512]
-                                        [--precision auto|fp32|bf16|autocast] [--no-rss] [--compile]
+                                        [--precision auto|fp32|bf16|autocast] [--no-rss] [--compile] [--hits-only]
 
 Prints ratios measured side by side in one run:
 - pipeline throughput / bare backbone forward (slices already on the device, features left there) on the same
@@ -57,6 +57,40 @@ def _peak_rss_child(args) -> None:
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def _hits_only(args, rounds: int = 5) -> None:
+    """The host cost of a cache hit alone: an entry for a zarr volume of ``--slices`` slices, its units filled with
+    stand-in features (the files and markers an extraction leaves, without running the ViT), then found again."""
+    import zarr
+
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import extract_features, open_entry
+    from napari_dinofuse.geometry import Volume
+    from napari_dinofuse.progress import drive
+
+    warnings.simplefilter("ignore")
+    backbone = load_backbone(args.backbone, device=args.device)
+    work = Path(tempfile.mkdtemp())
+    _zarr_volume(work / "raw.zarr", args.slices, args.size)
+    for path in (work / "raw.zarr").rglob("*"):  # dated like any dataset on disk (see main)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    volume = Volume(zarr.open_array(str(work / "raw.zarr"), mode="r"), voxel_size=(8.0, 4.0, 4.0), name="bench")
+    cache = FeatureCache(work / "cache")
+    entry = open_entry(volume, backbone, cache)
+    unit = np.random.default_rng(0).normal(size=entry.shape[:1] + entry.shape[2:]).astype(np.float16)
+    for z in range(args.slices):
+        entry.write_units("xy", [z], [unit])
+    entry.verify("xy")  # folds the markers, as the end of an extraction does
+    time.sleep(2.5)  # files younger than 2 s are not trusted: let them age as any cache does
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        drive(extract_features(volume, backbone, cache))
+        seconds.append(time.perf_counter() - start)
+    print(f"cache hit of {args.slices} slices of {args.size}^2 ({backbone.spec}): "
+          + ", ".join(f"{1000 * s:.1f}" for s in seconds) + " ms (the first one in a fresh process)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backbone", default="random:vits16")
@@ -68,10 +102,14 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="backbone precision: auto, fp32, bf16, autocast")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS test (two more processes)")
     parser.add_argument("--compile", action="store_true", help="run the backbone through torch.compile")
+    parser.add_argument("--hits-only", action="store_true",
+                        help="only time cache hits, of an entry filled with stand-in features (no ViT: seconds on a CPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return _peak_rss_child(args)
+    if args.hits_only:
+        return _hits_only(args)
 
     import torch
 
