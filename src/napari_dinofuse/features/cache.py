@@ -139,6 +139,11 @@ class FeatureEntry:
             axis = _UNIT_AXIS[plane]
             self._across[plane] = list(itertools.product(*(range(n) for a, n in enumerate(grid) if a != axis)))
             self._chunk_key[plane] = key
+        # Plain chunk files as the text before and after the unit's index ("c/i/<unit>/k/l"): joining three
+        # strings is 4x cheaper than encoding the key, and a hit names every unit's files.
+        self._path_parts = {plane: [(f"{self.path}/features.zarr/{plane}/c/" + "".join(f"{i}/" for i in c[:axis]),
+                                     "".join(f"/{i}" for i in c[axis:])) for c in self._across[plane]]
+                            for plane, axis in _UNIT_AXIS.items() if self._plain.get(plane) is not None}
         self._known_complete = False  # once true, reads skip listing the markers
 
     @functools.cached_property
@@ -206,8 +211,10 @@ class FeatureEntry:
     def _chunk_paths(self, plane: str, unit: int) -> list[str]:
         """The unit's chunk files as strings: a cache hit stats those of every unit, and pathlib's joins cost
         more than the stat calls."""
-        folder, key = f"{self.path}/features.zarr/{plane}/", self._chunk_key[plane]
-        return [folder + key(c) for c in self._chunk_coords(plane, unit)]
+        parts = self._path_parts.get(plane)
+        if parts is not None:
+            return [f"{before}{unit}{after}" for before, after in parts]
+        return [self._chunk_path(plane, c) for c in self._chunk_coords(plane, unit)]
 
     def _chunk_path(self, plane: str, coords) -> str:
         return f"{self.path}/features.zarr/{plane}/{self._chunk_key[plane](coords)}"
