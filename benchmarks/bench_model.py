@@ -326,8 +326,14 @@ def main():
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
     parser.add_argument("--ops", action="store_true", help="finetune: kernel-launching ops per step (any device)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the UNet channels-last on CUDA too (the CPU always does; to measure it there)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.channels_last:
+        from napari_dinofuse.modeling import unet
+
+        unet.CHANNELS_LAST_DEVICES.add("cuda")
     if args.what == "_projection_child":
         return _projection_child(args.extra, args.channels)
     if args.what == "_inference_child":

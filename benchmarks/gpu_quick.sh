@@ -5,13 +5,13 @@
 #   2. bench_features, 512 slices of 512^2: bare on-device forward vs extraction pipeline, writer threads,
 #      cache hit.
 #   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction; a warm
-#      step, its tiles' time, host waits, and a torch profile of five steps).
+#      step, its tiles' time, host waits, and a torch profile of five steps); both again with the UNet channels-last.
 #   4. bench_features again with --compile, if the budget allows.
 # Run from the repo root:  bash benchmarks/gpu_quick.sh      (GPU_QUICK_SMOKE=1: tiny sizes on the CPU)
 # Log: $OUT/gpu_quick.log ($OUT: the device tool's output folder; /tmp/gpu_quick elsewhere).
 # Wheels in .whl/ (zarr and its needs: the device image lacks them) are installed to /tmp/site.
 # GPU_QUICK_STEPS: which steps to run (default: all of check_cuda_backbone bench_features inference finetune
-# bench_features_compiled).
+# inference_channels_last finetune_channels_last bench_features_compiled).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ else
 fi
 
 # step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
-STEPS=${GPU_QUICK_STEPS:-check_cuda_backbone bench_features inference finetune bench_features_compiled}
+STEPS=${GPU_QUICK_STEPS:-check_cuda_backbone bench_features inference finetune inference_channels_last finetune_channels_last bench_features_compiled}
 step() {
     local name=$1 limit=$2
     shift 2
@@ -57,6 +57,11 @@ main() {
     step bench_features 100 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
     step inference 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss "${VOLUME[@]}"
     step finetune 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" --ops --profile
+    # The UNet channels-last on CUDA too (the CPU's default since 2026-12-05): adopt it there if these beat the above.
+    step inference_channels_last 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss \
+        "${VOLUME[@]}" --channels-last
+    step finetune_channels_last 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" \
+        --channels-last
     step bench_features_compiled 120 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" \
         --no-rss --compile
 }

@@ -337,6 +337,34 @@ def test_tiles_with_their_own_windows_get_what_each_gets_alone(fusion):
     assert not torch.allclose(together.logits[0], together.logits[3])
 
 
+def test_channels_last_on_the_cpu_changes_speed_not_results(monkeypatch):
+    """On a CPU the UNet's convs run channels-last (15 % faster training steps): a placed model keeps its conv
+    weights so and computes what a contiguous one computes, forward and backward; moved to another device
+    type, its weights go back to the contiguous layout (the save format is contiguous either way)."""
+    from napari_dinofuse.modeling import unet as unet_module
+
+    raw, window = make_feats(batch=2)
+    outputs = {}
+    for layout in ("contiguous", "channels last"):
+        if layout == "contiguous":
+            monkeypatch.setattr(unet_module, "CHANNELS_LAST_DEVICES", set())
+        else:
+            monkeypatch.undo()
+        model = unet_module.place(make_model("attention", intensity_stem=True), "cpu")
+        conv = model.encoders[1][0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels last")
+        intensity = torch.rand(2, 1, *(n + 2 * h for n, h in zip(OUT_SHAPE, model.intensity_halo)),
+                               generator=torch.Generator().manual_seed(5))
+        out = model(raw, window, OUT_SHAPE, intensity=intensity)
+        out.logits.square().mean().backward()
+        outputs[layout] = (out.logits.detach(), conv.grad.clone())
+    torch.testing.assert_close(*[o[0] for o in outputs.values()], atol=1e-4, rtol=1e-4)  # float sums reordered
+    grads = [o[1] for o in outputs.values()]  # sums over every voxel, in another order: to its scale
+    torch.testing.assert_close(*grads, atol=1e-4 * float(grads[0].abs().max()), rtol=1e-4)
+    monkeypatch.setattr(unet_module, "CHANNELS_LAST_DEVICES", set())  # as a device without it: contiguous again
+    assert unet_module.place(model, "cpu").encoders[1][0].weight.is_contiguous()
+
+
 def test_intensity_stem():
     model = make_model("none", intensity_stem=True).eval()
     raw, _ = make_feats()

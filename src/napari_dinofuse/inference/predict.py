@@ -37,6 +37,7 @@ from ..defaults import PREDICT_BLOCK, PREDICT_OVERLAP, PREDICT_TILE, PREDICTION_
 from ..errors import MemoryRetryWarning
 from ..features.backbone import PATCH_SIZE, resolve_device
 from ..features.extract import BlockFeatures, FeatureSource
+from ..modeling.unet import place
 from ..progress import Progress, drive, within
 from .outputs import MemorySink
 from .plan import PredictionPlan, attention_names, label_dtype, plan_prediction, smaller_tiles
@@ -136,7 +137,7 @@ def predict(model, source: FeatureSource, roi=None, *, tile_shape=PREDICT_TILE, 
     done, shrunk, count = 0, False, len(plan.blocks)
     try:
         yield Progress(0, total, f"predicting {total} tile(s) over {roi_to_str(plan.roi)}")
-        model.eval().to(dev)
+        place(model, dev).eval()
         for name, shape, dtype, grid, chunks in plan.outputs():
             sink.create(name, shape, dtype, grid, chunks)
         sink.set_info(roi=roi_to_str(plan.roi), num_classes=plan.num_classes, labels=PREDICTION_LABELS,

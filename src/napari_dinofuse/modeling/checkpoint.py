@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..atomic import fsync_dir, recover, siblings, staging, swap_in
 from ..errors import CheckpointError
-from .unet import FusedUNet3D, UNetConfig
+from .unet import FusedUNet3D, UNetConfig, place
 
 __all__ = [
     "CONFIG_FILE",
@@ -423,8 +423,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         state = {"class_prior": defaults["class_prior"], **state}
     _check_weights(model, state, folder)
     model.load_state_dict(state, strict=True)
-    model.to(device)
-    model.eval()
+    place(model, device).eval()
     return model, info
 
 

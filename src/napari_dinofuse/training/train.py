@@ -32,7 +32,7 @@ from ..geometry import Grid
 from ..inference.tiling import ints3, iter_blocks
 from ..modeling.checkpoint import ModelInfo
 from ..modeling.filters import scale_sigmas
-from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling
+from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling, place
 from ..progress import Progress
 
 PREFETCH_STEPS = 2  # training steps whose tiles are prepared ahead (host memory: a few tiles)
@@ -591,7 +591,7 @@ class Trainer:
     def run(self) -> Generator[Progress, None, "Trainer"]:
         cfg = self.config
         device = resolve_device(cfg.device)
-        model = self.model.to(device).train()
+        model = place(self.model, device).train()  # before the optimizer: it keeps the weights' layout
         model.class_prior.fill_(1.0 / model.config.num_classes)  # re-estimated below, from the new weights
         weights = class_weights(self.train_painted)
         if weights.numel() < model.config.num_classes:
