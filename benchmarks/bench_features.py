@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS test (two more processes)")
     parser.add_argument("--compile", action="store_true", help="run the backbone through torch.compile")
     parser.add_argument("--hits-only", action="store_true",
-                        help="only time cache hits, of an entry filled with stand-in features (no ViT: seconds on a CPU)")
+                        help="only time cache hits, of an entry filled with stand-in features (no ViT: seconds)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

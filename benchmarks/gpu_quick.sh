@@ -30,7 +30,8 @@ else
 fi
 
 # step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
-STEPS=${GPU_QUICK_STEPS:-check_cuda_backbone bench_features inference finetune inference_channels_last finetune_channels_last bench_features_compiled}
+ALL_STEPS="check_cuda_backbone bench_features inference finetune inference_channels_last finetune_channels_last"
+STEPS=${GPU_QUICK_STEPS:-$ALL_STEPS bench_features_compiled}
 step() {
     local name=$1 limit=$2
     shift 2

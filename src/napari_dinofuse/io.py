@@ -334,18 +334,17 @@ def sample_digest(data, count: int = 8, budget_bytes: int = 8 * 2**20) -> str:
     checks = []
     for flat in np.unique(np.linspace(0, int(np.prod(grid)) - 1, count).round().astype(int)):
         index = tuple(int(i) for i in np.unravel_index(flat, grid))
-        if folder is not None:
+        if folder is None:
+            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
+            chunk = np.ascontiguousarray(read_region(data, region)).view()  # a view: the caller's flags stay
+            chunk.flags.writeable = False  # the CRC32C takes read-only buffers only
+        else:
             try:
-                stored = Path(folder, data.metadata.encode_chunk_key(index)).read_bytes()
+                chunk = Path(folder, data.metadata.encode_chunk_key(index)).read_bytes()
             except FileNotFoundError:  # a chunk equal to the fill value is not stored
                 checks.append("not stored")
                 continue
-            checks.append(f"{len(stored)}:{google_crc32c.value(stored):08x}")
-            continue
-        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
-        block = np.ascontiguousarray(read_region(data, region)).view()  # a view: the caller's flags stay
-        block.flags.writeable = False  # the CRC32C takes read-only buffers only
-        checks.append(f"{block.nbytes}:{google_crc32c.value(block):08x}")
+        checks.append(f"{memoryview(chunk).nbytes}:{google_crc32c.value(chunk):08x}")
     return "crc32c " + " ".join(checks)
 
 

@@ -123,8 +123,8 @@ class FeatureEntry:
         self.shape: tuple[int, int, int, int] = tuple(record["shape"])
         self.planes: tuple[str, ...] = PLANE_SETS[self.signature["planes"]]
         # Each plane's chunk shape when its chunk files are plain (see _plain_chunks), read from its zarr.json:
-        # opening the arrays through zarr took a millisecond or two of a cache hit's ~8 ms, and only reads or
-        # writes of other layouts need zarr (opened then, see _arrays).
+        # opening the arrays through zarr took 1.3 ms of a cache hit, and only reads or writes of other layouts
+        # need zarr (opened then, see _arrays).
         self._plain = {plane: _plain_chunks(self.path / "features.zarr" / plane / "zarr.json") for plane in self.planes}
         self._direct = {plane: chunk is not None for plane, chunk in self._plain.items()}
         # Per plane, the chunk coordinates of a unit but its own (one unit per chunk along its axis) and how a
