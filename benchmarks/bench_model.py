@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from napari_dinofuse.defaults import PREDICT_BLOCK
+from napari_dinofuse.defaults import PREDICT_BLOCK, predict_tile
 
 warnings.simplefilter("ignore")
 
@@ -224,7 +224,9 @@ def inference(args):
     sample, source = _setup(args, raw_shape=args.volume)
     dev = resolve_device(args.device)
     model = new_model(source, 4, base_channels=args.base_channels).eval().to(dev)
-    tile, overlap = args.tile, (8, 32, 32)
+    # The UNet alone runs one whole tile of the volume: at most the volume.
+    tile = tuple(min(t, n) for t, n in zip(args.tile or predict_tile(dev.type), sample.raw.shape))
+    overlap = (8, 32, 32)
     inputs = source.tile(tuple(slice(0, n) for n in tile), intensity=True, device=dev,
                          halo=model.intensity_halo)
     # Same precision as predict(): bf16 autocast on CUDA, fp32 elsewhere.
@@ -288,7 +290,7 @@ def inference(args):
           f"shown after {shown:.1f} s, all done after {total:.1f} s (one pass without it: {seconds:.1f} s)"))
     if not args.rss:
         return
-    for t in ((16, 64, 64), (32, 128, 128), (32, 256, 256)):
+    for t in ((16, 64, 64), (32, 128, 128), (48, 192, 192), (32, 256, 256)):
         res = _run_child([sys.executable, __file__, "_inference_child", ",".join(map(str, t)),
                           "--backbone", args.backbone, "--device", args.device, "--cache", args.cache,
                           "--base-channels", str(args.base_channels)])
@@ -322,7 +324,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--volume", type=_ints, default=(64, 256, 256), help="inference: the volume's z,y,x shape")
     parser.add_argument("--block", type=_ints, default=PREDICT_BLOCK, help="inference: prediction block z,y,x")
-    parser.add_argument("--tile", type=_ints, default=(32, 128, 128), help="inference: prediction tile z,y,x")
+    parser.add_argument("--tile", type=_ints, default=None,
+                        help="inference: prediction tile z,y,x (default: the product's for the device)")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
     parser.add_argument("--ops", action="store_true", help="finetune: kernel-launching ops per step (any device)")
