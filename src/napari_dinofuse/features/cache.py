@@ -128,22 +128,21 @@ class FeatureEntry:
         self._plain = {plane: _plain_chunks(self.path / "features.zarr" / plane / "zarr.json") for plane in self.planes}
         self._direct = {plane: chunk is not None for plane, chunk in self._plain.items()}
         # Per plane, the chunk coordinates of a unit but its own (one unit per chunk along its axis) and how a
-        # chunk's file is named: a cache hit builds the path of every unit's chunk files.
-        self._across, self._chunk_key = {}, {}
+        # chunk's file is named: a cache hit builds the path of every unit's chunk files. Plain ones also as the
+        # text before and after the unit's index ("c/i/<unit>/k/l"): joining three strings is 4x cheaper than
+        # encoding the key.
+        self._across, self._chunk_key, self._path_parts = {}, {}, {}
         for plane, chunk in self._plain.items():
-            if chunk is not None:
-                grid, key = [-(-n // c) for n, c in zip(self.shape, chunk)], _plain_chunk_key
-            else:
-                meta = self._arrays[plane].metadata
-                grid, key = self._arrays[plane].cdata_shape, meta.chunk_key_encoding.encode_chunk_key
             axis = _UNIT_AXIS[plane]
-            self._across[plane] = list(itertools.product(*(range(n) for a, n in enumerate(grid) if a != axis)))
-            self._chunk_key[plane] = key
-        # Plain chunk files as the text before and after the unit's index ("c/i/<unit>/k/l"): joining three
-        # strings is 4x cheaper than encoding the key, and a hit names every unit's files.
-        self._path_parts = {plane: [(f"{self.path}/features.zarr/{plane}/c/" + "".join(f"{i}/" for i in c[:axis]),
-                                     "".join(f"/{i}" for i in c[axis:])) for c in self._across[plane]]
-                            for plane, axis in _UNIT_AXIS.items() if self._plain.get(plane) is not None}
+            grid = self._arrays[plane].cdata_shape if chunk is None else [-(-n // c) for n, c in zip(self.shape, chunk)]
+            across = self._across[plane] = list(itertools.product(*(range(n) for a, n in enumerate(grid) if a != axis)))
+            if chunk is None:
+                self._chunk_key[plane] = self._arrays[plane].metadata.chunk_key_encoding.encode_chunk_key
+                continue
+            self._chunk_key[plane] = _plain_chunk_key
+            folder = f"{self.path}/features.zarr/{plane}/c/"
+            self._path_parts[plane] = [(folder + "".join(f"{i}/" for i in c[:axis]), "".join(f"/{i}" for i in c[axis:]))
+                                       for c in across]
         self._known_complete = False  # once true, reads skip listing the markers
 
     @functools.cached_property

@@ -253,11 +253,11 @@ def calibrate_inputs(model: FusedUNet3D, source: FeatureSource, planes: int = 16
 
 
 def _window_shape(source: FeatureSource, tile_shape, margin_nm) -> tuple[int, int, int]:
-    """About how many context voxels a training tile's context window holds per axis."""
+    """The context window a training tile of ``tile_shape`` gets (see :meth:`FeatureSource.window_shape`): what
+    the context branch's pooling must fit."""
     if source.context is None:
         return tuple(tile_shape)
-    extent = np.array(tile_shape) * source.raw.voxel_size + 2 * (margin_nm if margin_nm is not None else np.inf)
-    return tuple(int(min(n, e)) for n, e in zip(source.context.shape, extent / np.array(source.context.voxel_size)))
+    return source.window_shape(tile_shape, margin_nm) or source.context.shape
 
 
 def adapt_classes(model: FusedUNet3D, num_classes: int, seed: int = 0) -> FusedUNet3D:
