@@ -189,12 +189,14 @@ def _sources(args, backbone, raw, context, settings):
 
 
 def _train(args) -> int:
+    from .annotations import find_painted
     from .features.backbone import load_backbone
     from .features.extract import ExtractionSettings
+    from .geometry import Volume
     from .io import open_volume
     from .modeling.checkpoint import load_model, read_training_log, save_model
     from .training.finetune import NewModel, StartModel, fine_tune
-    from .training.train import TrainConfig, find_painted
+    from .training.train import TrainConfig
 
     # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
@@ -204,15 +206,16 @@ def _train(args) -> int:
     extraction = ExtractionSettings(args.planes, batch_size=args.batch_size)
     start = StartModel(*load_model(args.init), read_training_log(args.init)) if args.init else None
     raw, context = _volumes(args)
-    painted = open_volume(args.labels, voxel_size=raw.voxel_size, offset=raw.offset, name="labels")
-    labels = painted.data
-    find_painted(labels, raw.shape, known_classes=start.model.config.num_classes if start else 0)
+    labels = open_volume(args.labels, voxel_size=raw.voxel_size, offset=raw.offset, name="labels")
+    # Read once: the snapshot of the strokes is what training reads and what is saved with the model.
+    painted = find_painted(labels.data, raw.shape, known_classes=start.model.config.num_classes if start else 0)
     backbone = load_backbone(args.backbone or (start.info.backbone if start else None), device=args.device,
                              compile=args.compile)
     print(backbone.describe())
     source = _sources(args, backbone, raw, context, extraction)
-    result = _follow(fine_tune(source, labels, config, new, start, backbone=backbone), "train")
-    save_model(args.out, result.model, result.info, result.log, annotations=painted)  # the strokes travel with it
+    result = _follow(fine_tune(source, painted, config, new, start, backbone=backbone), "train")
+    annotations = Volume(painted, labels.voxel_size, labels.offset, "annotations")  # the strokes travel with it
+    save_model(args.out, result.model, result.info, result.log, annotations=annotations)
     print(f"{result.summary()}; model saved to {args.out}")
     return 0
 

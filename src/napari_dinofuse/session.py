@@ -8,7 +8,8 @@ CLI and the cluster run the same engine.
 
 Guarantees the GUI relies on:
 
-* the labels passed in are only read (the widget passes a snapshot, so the user can keep painting);
+* the labels passed in are only read, once (the widget passes a snapshot of the strokes, so the user can keep
+  painting; :class:`~napari_dinofuse.annotations.PaintedLabels`);
 * a fine-tune that is cancelled or fails leaves the previous model untouched ("last good model");
 * the features of one raw/context pair are computed (or checked in the cache) once per session.
 
@@ -186,14 +187,16 @@ class Session:
         return cancellable(self._fine_tune(raw, context, labels, settings, roi, first), cancel)
 
     def _fine_tune(self, raw, context, labels, settings, roi, first=None):
-        from .training.train import find_painted
+        from .annotations import find_painted
 
-        # Refuse bad labels before any slow work (classes the current model has may stay unpainted).
-        find_painted(labels, raw.shape, known_classes=self.model.config.num_classes if self.model is not None else 0)
-        annotations = Volume(labels, raw.voxel_size, raw.offset, "annotations")
+        # Refuse bad labels before any slow work (classes the current model has may stay unpainted); from here
+        # on the snapshot stands for them (autosaved, trained on, saved with the model).
+        painted = find_painted(labels, raw.shape,
+                               known_classes=self.model.config.num_classes if self.model is not None else 0)
+        annotations = Volume(painted, raw.voxel_size, raw.offset, "annotations")
         yield from _autosave(annotations)
         source = yield from self._extract(raw, context, settings)
-        yield from self._train(source, labels, settings)
+        yield from self._train(source, painted, settings)
         self.annotations = annotations  # what the current model was trained on: saved with it
         return (yield from self._predict(source, settings, roi, first))
 

@@ -95,7 +95,8 @@ class FineTuned:
 
 def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, new: NewModel | None = None,
               start: StartModel | None = None, backbone=None) -> Generator[Progress, None, FineTuned]:
-    """Train on the painted voxels of ``labels`` (0 = unpainted, k = class k; only read).
+    """Train on the painted voxels of ``labels`` (0 = unpainted, k = class k; only read: scanned once into a
+    :class:`~napari_dinofuse.annotations.PaintedLabels`, or one already).
 
     ``start``: continue from this model (never modified: a copy is trained, so a cancelled or failed run
     leaves it as it was); else a new model per ``new``. ``backbone``: the one the features came from, to warn
@@ -119,7 +120,7 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
                           intensity_stem=new.intensity_stem, seed=config.seed,
                           context_margin_nm=new.context_margin_nm, tile_shape=config.tile_shape)
         names, log = new.class_names, []
-    trainer = Trainer(model, source, labels, config)
+    trainer = Trainer(model, source, painted, config)
     yield from trainer.run()
     last = trainer.log[-1] if trainer.log else {}
     return FineTuned(model, model_info(model, source, names), log + trainer.log, len(trainer.log),

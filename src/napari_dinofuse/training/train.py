@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__, defaults
+from ..annotations import PaintedLabels, find_painted
 from ..errors import InputError
 from ..features.backbone import PATCH_SIZE, resolve_device
 from ..features.extract import FeatureSource, TileInputs, sample_images
@@ -98,77 +99,6 @@ class TrainConfig:
             self.tile_shape = ints3(self.tile_shape, "tile_shape", 1)
         except ValueError as exc:
             raise InputError(f"training setting {exc}") from None
-
-
-@dataclass(frozen=True)
-class PaintedLabels:
-    """Where the painted voxels are, per class (1-based), found slab by slab (bounded memory)."""
-
-    coords: dict[int, np.ndarray]  # class -> (n, 3) voxel indices
-    num_classes: int  # the highest painted label: logits for 1..num_classes
-
-    @property
-    def counts(self) -> dict[int, int]:
-        return {k: len(v) for k, v in self.coords.items()}
-
-
-def find_painted(labels, raw_shape, slab: int = 16, known_classes: int = 0) -> PaintedLabels:
-    """Validate sparse labels against the raw and list painted voxels; clear refusals otherwise.
-
-    Classes are 1..K with every class painted, except those the model already has (``known_classes``, when
-    fine-tuning one): an unpainted class in between would be a model output that nothing ever trains, and a
-    stray value (300 for 3) would build hundreds of them.
-    """
-    shape = tuple(getattr(labels, "shape", ()))
-    if shape != tuple(raw_shape):
-        raise InputError(f"the labels have shape {shape} but the raw has {tuple(raw_shape)}: paint on a labels "
-                         "layer with the raw's shape (e.g. 'New annotation layer')")
-    dtype = np.dtype(labels.dtype)
-    if dtype.kind not in "iu":
-        raise InputError(f"labels must be integers ({defaults.LABEL_CONVENTION}), got {dtype}")
-    found: dict[int, list[np.ndarray]] = {}
-    for z0 in range(0, shape[0], slab):
-        block = labels[z0:z0 + slab]
-        block = np.asarray(block.compute() if hasattr(block, "compute") else block)
-        if block.min(initial=0) < 0:
-            raise InputError(f"labels must not be negative ({defaults.LABEL_CONVENTION})")
-        idx = np.nonzero(block)
-        if not idx[0].size:
-            continue
-        values = block[idx]
-        points = np.stack([idx[0] + z0, idx[1], idx[2]], axis=1)
-        for k in np.unique(values):
-            found.setdefault(int(k), []).append(points[values == k])
-    if not found:
-        raise InputError("no painted voxels: paint a few strokes of every class, background included")
-    if len(found) == 1:
-        k = next(iter(found))
-        raise InputError(f"only class {k} is painted: paint the background (and any other class) too, "
-                         "training needs at least two classes")
-    coords = {k: np.concatenate(v) for k, v in sorted(found.items())}
-    gaps, last = [], known_classes  # runs of unpainted classes (as ranges: a stray 2**40 must not be listed)
-    for k in coords:
-        if k > last + 1:
-            gaps.append((last + 1, k - 1))
-        last = max(last, k)
-    if gaps:
-        model = f" (the model has classes 1..{known_classes})" if known_classes else ""
-        raise InputError(f"labels paint classes {_ranges(coords)} but class values must be 1..K with every class "
-                         f"painted{model}: {_ranges(gaps)} never painted. Renumber the labels to "
-                         f"1..{known_classes + sum(k > known_classes for k in coords)} (0 = unpainted)")
-    return PaintedLabels(coords, max(coords))
-
-
-def _ranges(values) -> str:
-    """'1, 3-4, 300' for sorted ints or (first, last) runs: the message stays one short line."""
-    runs: list[list[int]] = []
-    for v in values:
-        a, b = v if isinstance(v, tuple) else (v, v)
-        if runs and a == runs[-1][1] + 1:
-            runs[-1][1] = b
-        else:
-            runs.append([a, b])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def class_weights(painted: PaintedLabels) -> torch.Tensor:
@@ -328,7 +258,7 @@ def split_strokes(painted: PaintedLabels, share: float, seed: int = 0) -> tuple[
         train[k] = np.concatenate(kept)
         if out:
             held[k] = np.concatenate(out)
-    return PaintedLabels(train, painted.num_classes), held
+    return PaintedLabels(train, painted.shape, painted.dtype), held
 
 
 # -- augmentation -------------------------------------------------------------------------------------------
@@ -451,8 +381,8 @@ class Trainer:
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
         self.config = config or TrainConfig()
         self.source = source
+        # The snapshot training reads (``labels`` may be one already): the layer may be painted on meanwhile.
         self.painted = find_painted(labels, source.raw.shape, known_classes=model.config.num_classes)
-        self.labels = labels
         if self.painted.num_classes > model.config.num_classes:
             raise InputError(f"class {self.painted.num_classes} is painted but the model has "
                              f"{model.config.num_classes} classes: adapt it first (adapt_classes)")
@@ -518,13 +448,7 @@ class Trainer:
     def _batch(self, region, device, rng):
         """A training tile at whole patches: inputs and labels (held-out strokes and padding unpainted)."""
         inputs = self._inputs(region, device, self.window_shape)
-        block = self.labels[region]
-        labels = np.asarray(block.compute() if hasattr(block, "compute") else block).astype(np.int64)
-        start = np.array([s.start for s in region])
-        for points in self.held_out.values():
-            local = points - start
-            keep = np.all((local >= 0) & (local < labels.shape), axis=1)
-            labels[tuple(local[keep].T)] = 0
+        labels = self.train_painted[region].astype(np.int64)
         full = _whole_patches(region)
         labels = np.pad(labels, [(0, f - n) for f, n in zip(full, labels.shape)])
         labels = torch.from_numpy(labels)[None].to(device)

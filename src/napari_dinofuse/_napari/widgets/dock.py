@@ -20,6 +20,7 @@ from qtpy.QtCore import QEvent, QSettings, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from ... import defaults
+from ...annotations import autosave_path, find_painted, load_annotations
 from ...defaults import BACKBONE_ENV
 from ...display import class_features, fit_camera, label_colormap, prediction_style, view_region
 from ...errors import DinofuseError, InputError
@@ -38,7 +39,6 @@ from .status_row import StatusRow
 from .train_box import TrainBox
 
 WRITING = "prediction (being written)"  # the temporary layer of a prediction to disk that runs
-SNAPSHOT_MAX_BYTES = 2**30  # labels up to this size are copied before training (the user may paint on)
 # Viewer shortcuts while the dock is shown (napari key names; none is bound by napari itself).
 FINE_TUNE_KEY, PREDICT_KEY = "Control-Shift-F", "Control-Shift-R"
 
@@ -306,7 +306,6 @@ class DinofuseWidget(QWidget):
     def restore_annotations(self):
         """The model's annotations (else the last autosaved ones) as a new Labels layer; the saved copy is
         never painted into."""
-        from ...annotations import autosave_path, load_annotations
         from ...io import read_region
 
         try:
@@ -366,9 +365,10 @@ class DinofuseWidget(QWidget):
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
             raw, context, roi, view = self._inputs()
             labels = level0(layer)
-            if isinstance(labels, np.ndarray) and labels.nbytes <= SNAPSHOT_MAX_BYTES:
-                labels = labels.copy()  # the user may keep painting while this trains
             _check_labels(layer.name, labels, raw)
+            if isinstance(labels, np.ndarray):  # the strokes as they are now: the user may keep painting
+                model = self.session.model  # (a layer read from disk is scanned by the worker)
+                labels = find_painted(labels, raw.shape, known_classes=model.config.num_classes if model else 0)
         except (DinofuseError, ValueError) as exc:
             self._notify_error(str(exc))
             return
