@@ -10,6 +10,9 @@
 - inference: voxels/s of the UNet alone and end to end from the cache (their ratio, and the most the tiles'
   overlap allows), seconds to read the blocks' features; seconds until the region in view is shown when it is
   predicted first (as the dock does), and until all is done; peak RSS per tile size;
+- labels: what a Fine-tune does with the labels, which grows with the volume, not the strokes (a volume of
+  --volume, default 256x1024x1024 bytes, with a few thousand painted voxels): taking their snapshot, the autosave,
+  the label tiles of 100 training steps; the same from the dense array (the dock copied the layer before) beside it;
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -221,7 +224,7 @@ def inference(args):
     from napari_dinofuse.inference.predict import predict_to_memory, read_block
     from napari_dinofuse.training.train import new_model
 
-    sample, source = _setup(args, raw_shape=args.volume)
+    sample, source = _setup(args, raw_shape=args.volume or (64, 256, 256))
     dev = resolve_device(args.device)
     model = new_model(source, 4, base_channels=args.base_channels).eval().to(dev)
     # The UNet alone runs one whole tile of the volume: at most the volume.
@@ -297,6 +300,50 @@ def inference(args):
         print(f"  peak RSS with tile {t}: {json.loads(res.stdout.strip().splitlines()[-1])['rss_mib']:.0f} MiB")
 
 
+def labels(args):
+    import shutil
+
+    from napari_dinofuse.annotations import find_painted, save_annotations
+    from napari_dinofuse.defaults import TILES_PER_STEP, TRAIN_TILE
+    from napari_dinofuse.geometry import Grid
+
+    shape = args.volume or (256, 1024, 1024)
+    rng = np.random.default_rng(0)
+    dense = np.zeros(shape, np.uint8)
+    for k in (1, 2, 3):  # 20 brush strokes a class, 3 voxels wide and ~100 long, on random slices
+        for _ in range(20):
+            z, y, x = (int(rng.integers(0, max(1, n - 100))) for n in shape)
+            dense[z, y:y + 3, x:x + 100] = k
+    grid = Grid(shape, (8.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    work = tempfile.mkdtemp()
+
+    def timed(fn, rounds=3):
+        best = np.inf
+        for _ in range(rounds):
+            start = time.perf_counter()
+            out = fn()
+            best = min(best, time.perf_counter() - start)
+        return best, out
+
+    def tiles(array):  # the label tiles of 100 training steps, around painted voxels
+        points = np.argwhere(dense[::max(1, shape[0] // 64)] > 0)[:: 7][:100 * TILES_PER_STEP]
+        for p in points:
+            region = tuple(slice(max(0, int(v) - t // 2), max(0, int(v) - t // 2) + t) for v, t in zip(p, TRAIN_TILE))
+            np.asarray(array[region])
+
+    snapshot_s, painted = timed(lambda: find_painted(dense, shape))
+    copy_s, kept = timed(dense.copy, rounds=1)  # into new memory: the session kept the last copy, as its strokes
+    save_s, _ = timed(lambda: save_annotations(f"{work}/sparse.zarr", painted, grid))
+    save_dense_s, _ = timed(lambda: save_annotations(f"{work}/dense.zarr", dense, grid))
+    read_s, _ = timed(lambda: tiles(painted))
+    read_dense_s, _ = timed(lambda: tiles(dense))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"labels of {'x'.join(map(str, shape))} ({dense.nbytes / 2**20:.0f} MiB), {sum(painted.counts.values())} "
+          f"painted voxels: snapshot {snapshot_s:.3f} s (the dense layer's copy {copy_s:.3f} s); autosave of the "
+          f"snapshot {save_s:.3f} s (of the dense layer {save_dense_s:.3f} s); label tiles of 100 steps from the "
+          f"snapshot {read_s:.3f} s (from the dense layer {read_dense_s:.3f} s)")
+
+
 def _inference_child(tile: str, args):
     from napari_dinofuse.inference.predict import predict_to_memory
     from napari_dinofuse.training.train import new_model
@@ -322,7 +369,8 @@ def main():
     parser.add_argument("--channels", type=int, default=384)
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--volume", type=_ints, default=(64, 256, 256), help="inference: the volume's z,y,x shape")
+    parser.add_argument("--volume", type=_ints, default=None,
+                        help="inference, labels: the volume's z,y,x shape (default 64,256,256; labels 256,1024,1024)")
     parser.add_argument("--block", type=_ints, default=PREDICT_BLOCK, help="inference: prediction block z,y,x")
     parser.add_argument("--tile", type=_ints, default=None,
                         help="inference: prediction tile z,y,x (default: the product's for the device)")
@@ -341,7 +389,7 @@ def main():
         return _projection_child(args.extra, args.channels)
     if args.what == "_inference_child":
         return _inference_child(args.extra, args)
-    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference)):
+    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference), ("labels", labels)):
         if args.what in (name, "all"):
             fn(args)
 
