@@ -13,6 +13,8 @@
 - labels: what a Fine-tune does with the labels, which grows with the volume, not the strokes (a volume of
   --volume, default 256x1024x1024 bytes, with a few thousand painted voxels): taking their snapshot, the autosave,
   the label tiles of 100 training steps; the same from the dense array (the dock copied the layer before) beside it;
+- first_step: seconds from the session's Fine-tune to its first training step on that volume (random intensities,
+  its features and a context's cached as stand-ins, no ViT), a new model and a continued one;
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -308,12 +310,7 @@ def labels(args):
     from napari_dinofuse.geometry import Grid
 
     shape = args.volume or (256, 1024, 1024)
-    rng = np.random.default_rng(0)
-    dense = np.zeros(shape, np.uint8)
-    for k in (1, 2, 3):  # 20 brush strokes a class, 3 voxels wide and ~100 long, on random slices
-        for _ in range(20):
-            z, y, x = (int(rng.integers(0, max(1, n - 100))) for n in shape)
-            dense[z, y:y + 3, x:x + 100] = k
+    dense = _painted(shape)
     grid = Grid(shape, (8.0, 4.0, 4.0), (0.0, 0.0, 0.0))
     work = tempfile.mkdtemp()
 
@@ -344,6 +341,65 @@ def labels(args):
           f"snapshot {read_s:.3f} s (from the dense layer {read_dense_s:.3f} s)")
 
 
+def _painted(shape, seed=0) -> np.ndarray:
+    """Labels of ``shape`` with 20 brush strokes a class (3 classes), 3 voxels wide and ~100 long."""
+    rng = np.random.default_rng(seed)
+    dense = np.zeros(shape, np.uint8)
+    for k in (1, 2, 3):
+        for _ in range(20):
+            z, y, x = (int(rng.integers(0, max(1, n - 100))) for n in shape)
+            dense[z, y:y + 3, x:x + 100] = k
+    return dense
+
+
+def first_step(args):
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import open_entry
+    from napari_dinofuse.geometry import Volume
+    from napari_dinofuse.progress import drive
+    from napari_dinofuse.session import Session, SessionSettings
+
+    shape = args.volume or (256, 1024, 1024)
+    rng = np.random.default_rng(0)
+    raw = Volume(rng.integers(0, 255, shape, dtype=np.uint8), (8.0, 4.0, 4.0), name="raw")
+    extent = np.array(shape) * raw.voxel_size
+    context = Volume(rng.integers(0, 255, tuple(int(n) for n in extent // 64 + 16), dtype=np.uint8),
+                     (64.0, 64.0, 64.0), (-512.0, -512.0, -512.0), name="context")
+    labels = _painted(shape)
+    backbone = load_backbone(args.backbone, device=args.device)
+    cache = FeatureCache(args.cache)
+    for volume in (raw, context):  # stand-in features: an extraction's files and markers without the ViT
+        entry = open_entry(volume, backbone, cache)
+        unit = rng.normal(size=entry.shape[:1] + entry.shape[2:]).astype(np.float16)
+        for z in range(volume.shape[0]):
+            entry.write_units("xy", [z], [unit])
+        entry.verify("xy")
+    time.sleep(2.5)  # files younger than 2 s are not trusted: let them age as any cache does
+    settings = SessionSettings(backbone=args.backbone, device=args.device, cache=args.cache,
+                               base_channels=args.base_channels, iterations=2)
+    session = Session()
+    drive(session.fine_tune(raw, context, labels, settings, roi=tuple(slice(0, 32) for _ in shape)))
+
+    def until_first_step(start_model):
+        session.model = start_model
+        start = time.perf_counter()
+        run = session.fine_tune(raw, context, labels, settings)
+        for p in run:
+            if "loss" in p.metrics:
+                break
+        seconds = time.perf_counter() - start
+        run.close()
+        return seconds
+
+    trained = session.model
+    new = [until_first_step(None) for _ in range(3)]
+    continued = [until_first_step(trained) for _ in range(3)]
+    print(f"Fine-tune -> first training step, {'x'.join(map(str, shape))} (features cached, base "
+          f"{args.base_channels}, {args.device}): a new model " + ", ".join(f"{s:.2f}" for s in new)
+          + " s; continuing one " + ", ".join(f"{s:.2f}" for s in continued) + " s")
+
+
 def _inference_child(tile: str, args):
     from napari_dinofuse.inference.predict import predict_to_memory
     from napari_dinofuse.training.train import new_model
@@ -370,7 +426,8 @@ def main():
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--volume", type=_ints, default=None,
-                        help="inference, labels: the volume's z,y,x shape (default 64,256,256; labels 256,1024,1024)")
+                        help="inference, labels, first_step: the volume's z,y,x shape (default 64,256,256; "
+                             "labels and first_step 256,1024,1024)")
     parser.add_argument("--block", type=_ints, default=PREDICT_BLOCK, help="inference: prediction block z,y,x")
     parser.add_argument("--tile", type=_ints, default=None,
                         help="inference: prediction tile z,y,x (default: the product's for the device)")
@@ -389,7 +446,8 @@ def main():
         return _projection_child(args.extra, args.channels)
     if args.what == "_inference_child":
         return _inference_child(args.extra, args)
-    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference), ("labels", labels)):
+    for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference), ("labels", labels),
+                     ("first_step", first_step)):
         if args.what in (name, "all"):
             fn(args)
 

@@ -26,6 +26,24 @@ def test_features_follow_the_data_not_the_array_object(tmp_path):
     assert not np.array_equal(first.raw_features.read(region), second.raw_features.read(region))
 
 
+def test_a_failed_autosave_is_a_warning_and_the_fine_tune_goes_on(tmp_path, monkeypatch):
+    from napari_dinofuse.annotations import AUTOSAVE_ENV
+
+    (tmp_path / "a file").write_text("not a folder")
+    monkeypatch.setenv(AUTOSAVE_ENV, str(tmp_path / "a file" / "annotations.zarr"))
+    raw = Volume(np.random.default_rng(1).integers(0, 255, (4, 32, 32), dtype=np.uint8), (8.0, 4.0, 4.0))
+    labels = np.zeros(raw.shape, np.uint8)
+    labels[:, 2:6, 2:30], labels[:, 20:24, 2:30] = 1, 2
+    session = Session()
+    settings = SessionSettings("random:tiny", device="cpu", cache=str(tmp_path / "cache"), fusion="none",
+                               base_channels=4, iterations=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomBackboneWarning)
+        messages = [p.message for p in session.fine_tune(raw, None, labels, settings)]
+    assert any(m.startswith("warning: the annotations could not be autosaved") for m in messages), messages
+    assert session.model is not None and np.array_equal(np.asarray(session.annotations.data), labels)
+
+
 def test_painted_strokes_survive_a_crash_and_travel_with_the_model(tmp_path):
     from napari_dinofuse.annotations import autosave_path, load_annotations
 

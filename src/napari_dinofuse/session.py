@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,9 +195,14 @@ class Session:
         painted = find_painted(labels, raw.shape,
                                known_classes=self.model.config.num_classes if self.model is not None else 0)
         annotations = Volume(painted, raw.voxel_size, raw.offset, "annotations")
-        yield from _autosave(annotations)
-        source = yield from self._extract(raw, context, settings)
-        yield from self._train(source, painted, settings)
+        # Autosaved while the features are checked and the model trains; done, also on cancel or error, before
+        # this ends (the previous autosave stays whole until the new one is swapped in).
+        with ThreadPoolExecutor(1, "dinofuse-autosave") as saver:
+            saving = saver.submit(_autosave, annotations)
+            source = yield from self._extract(raw, context, settings)
+            yield from self._train(source, painted, settings)
+            if saving.result() is not None:
+                yield Progress(0, 1, saving.result())
         self.annotations = annotations  # what the current model was trained on: saved with it
         return (yield from self._predict(source, settings, roi, first))
 
@@ -276,11 +282,13 @@ def _model_annotations(folder):
     return load_annotations(Path(folder) / FILE)
 
 
-def _autosave(annotations: Volume) -> Generator[Progress, None, None]:
-    """Keep a copy of the strokes a fine-tune starts from, so a crash or a closed viewer loses no painting."""
+def _autosave(annotations: Volume) -> str | None:
+    """Keep a copy of the strokes a fine-tune starts from, so a crash or a closed viewer loses no painting.
+    Returns the warning to show if that failed."""
     from .annotations import autosave_path, save_annotations
 
     try:
         save_annotations(autosave_path(), annotations.data, annotations.grid)
-    except OSError as exc:  # a full or read-only disk must not stop the fine-tune: say so
-        yield Progress(0, 1, f"warning: the annotations could not be autosaved ({exc}); save the model to keep them")
+    except Exception as exc:  # noqa: BLE001 - a full or read-only disk must not fail the fine-tune: say so
+        return f"warning: the annotations could not be autosaved ({exc}); save the model to keep them"
+    return None
