@@ -103,8 +103,10 @@ def _scan(labels, slab: int = 16) -> PaintedLabels:
     for z0 in range(0, labels.shape[0], slab):
         block = read_region(labels, (slice(z0, z0 + slab),))
         flat = block.reshape(len(block), -1)
-        if signed and flat.min(initial=0) < 0:
-            raise InputError(f"labels must not be negative ({LABEL_CONVENTION})")
+        lowest = flat.min(initial=0) if signed else 0
+        if lowest < 0:
+            raise InputError(f"labels must not be negative (found {lowest}; labels are {LABEL_CONVENTION}): set "
+                             "those voxels to 0 or renumber them")
         for dz in np.flatnonzero(flat.max(axis=1, initial=0) > 0):
             rows = np.flatnonzero(block[dz].max(axis=1, initial=0) > 0)
             part = block[dz][rows]

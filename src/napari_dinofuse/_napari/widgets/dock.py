@@ -19,7 +19,6 @@ import numpy as np
 from qtpy.QtCore import QEvent, QSettings, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
-from ... import defaults
 from ...annotations import autosave_path, find_painted, load_annotations
 from ...defaults import BACKBONE_ENV
 from ...display import class_features, fit_camera, label_colormap, prediction_style, view_region
@@ -61,15 +60,20 @@ def _describe_error(exc: BaseException) -> str:
     return f"unexpected {name}: {exc} (details in the terminal log)"
 
 
-def _check_labels(name: str, labels, raw: Volume) -> None:
-    """The chosen labels layer fits the raw: refused at once, naming it (the worker checks the strokes again)."""
+def _snapshot(name: str, labels, raw: Volume, known_classes: int):
+    """The chosen labels layer fits the raw and holds usable strokes, else refused at once, naming it. A layer in
+    memory gives the snapshot of its strokes the fine-tune works on (the user may paint on meanwhile); one read
+    from disk is scanned by the worker."""
     shape = tuple(labels.shape)
     if shape != tuple(raw.shape):
         raise DinofuseError(f"labels layer {name!r} has shape {shape} but the raw {raw.name!r} has {raw.shape}: "
                             "paint on a labels layer with the raw's shape (e.g. 'New annotation layer')")
-    if isinstance(labels, np.ndarray) and np.dtype(labels.dtype).kind == "i" and labels.size and labels.min() < 0:
-        raise DinofuseError(f"labels layer {name!r} has negative values (down to {labels.min()}): labels are "
-                            f"{defaults.LABEL_CONVENTION}; set them to 0 or renumber them")
+    if not isinstance(labels, np.ndarray):
+        return labels
+    try:
+        return find_painted(labels, raw.shape, known_classes=known_classes)
+    except InputError as exc:
+        raise DinofuseError(f"labels layer {name!r}: {exc}") from None
 
 
 class _Failed:
@@ -364,11 +368,8 @@ class DinofuseWidget(QWidget):
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
             raw, context, roi, view = self._inputs()
-            labels = level0(layer)
-            _check_labels(layer.name, labels, raw)
-            if isinstance(labels, np.ndarray):  # the strokes as they are now: the user may keep painting
-                model = self.session.model  # (a layer read from disk is scanned by the worker)
-                labels = find_painted(labels, raw.shape, known_classes=model.config.num_classes if model else 0)
+            model = self.session.model
+            labels = _snapshot(layer.name, level0(layer), raw, model.config.num_classes if model else 0)
         except (DinofuseError, ValueError) as exc:
             self._notify_error(str(exc))
             return
