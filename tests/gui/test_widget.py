@@ -13,7 +13,7 @@ from qtpy.QtCore import QThreadPool, QTimer
 from qtpy.QtWidgets import QApplication, QFileDialog
 
 from napari_dinofuse._napari.widgets import DinofuseWidget
-from napari_dinofuse.defaults import NUM_LEVELS
+from napari_dinofuse.defaults import NUM_LEVELS, attention_array, attention_layer
 from napari_dinofuse.progress import CANCELLED
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -191,10 +191,14 @@ def test_the_region_around_the_view_matches_the_whole_volume_prediction_there(ma
 def test_a_whole_volume_prediction_shows_the_region_in_view_before_the_rest(make_napari_viewer, qtbot,
                                                                            trained_model):
     """Zoomed in on part of a volume predicted whole, the user sees that part as soon as it is done (while the
-    job still runs), and it does not change when the rest arrives."""
+    job still runs), and it does not change when the rest arrives. The uncertainty and attention layers of an
+    earlier run switch to this run's then too, not only when all is done."""
     viewer, widget = make_dock(make_napari_viewer, qtbot)
     load_and_wait(qtbot, widget, trained_model[0])
+    click_and_wait(qtbot, widget, widget.predict_box.predict_button)  # the result layers of an earlier run
     raw = viewer.layers["raw"]
+    images = {"uncertainty": "uncertainty", **{attention_layer(k): attention_array(k) for k in range(1, 5)}}
+    switched, returned = {}, []  # layer -> (had the job returned?, showing this run's array?)
     assert widget.predict_box.scope_combo.currentText() == "whole volume"
     viewer.scene.camera.center = (0, *np.array(raw.translate[1:]) + np.array(raw.scale[1:]) * (100, 150))
     viewer.scene.camera.zoom = viewer.canvas.size[0] / (80 * raw.scale[1])  # ~80 voxels visible
@@ -206,10 +210,19 @@ def test_a_whole_volume_prediction_shows_the_region_in_view_before_the_rest(make
         if p.partial is not None:
             layer = viewer.layers["prediction"]
             early.append((widget.worker is not None, layer.data is p.partial.arrays["labels"], layer.data[view].copy()))
+            for name, array in images.items():
+                viewer.layers[name].events.data.connect(watch(name, p.partial.arrays[array]))
+
+    def watch(name, new):
+        def on_data(event):
+            switched.setdefault(name, (bool(returned), viewer.layers[name].data is new))
+        return on_data
 
     widget._on_progress = on_step
     qtbot.mouseClick(widget.predict_box.predict_button, LEFT)
+    widget.worker.returned.connect(lambda _: returned.append(True))
     qtbot.waitUntil(lambda: widget.worker is None, timeout=300_000)
+    assert switched == {name: (False, True) for name in images}, switched
     assert len(early) == 1
     running, shown, in_view = early[0]
     assert running and shown and (in_view > 0).all()
@@ -478,3 +491,33 @@ def test_voxel_sizes_and_offsets_are_three_finite_numbers():
     for typed in ("0, 4, 4", "4, -4, 4"):
         with pytest.raises(DinofuseError, match="must be positive"):
             parse_xyz(typed, "v", positive=True)
+
+
+def test_result_layers_are_those_of_the_model_shown(make_napari_viewer):
+    """A region shown early updates only the result layers already there (the rest come with the finished
+    run); a model without context fusion makes no attention maps, and the previous model's are removed."""
+    from napari_dinofuse._napari.widgets.results import show_prediction
+    from napari_dinofuse.geometry import Grid
+    from napari_dinofuse.inference.outputs import MemorySink
+
+    viewer = make_napari_viewer()
+    grid = Grid((4, 8, 8), (8.0, 4.0, 4.0))
+
+    def sink(attention: bool) -> MemorySink:
+        out = MemorySink()
+        names = ["uncertainty"] + [attention_array(k) for k in range(1, NUM_LEVELS + 1) if attention]
+        out.create("labels", grid.shape, np.uint8, grid)
+        for name in names:
+            out.create(name, grid.shape, np.float32, grid)
+        return out
+
+    attention = [attention_layer(k) for k in range(1, NUM_LEVELS + 1)]
+    early = sink(True)
+    list(show_prediction(viewer, early, partial=True))
+    assert [layer.name for layer in viewer.layers] == ["prediction"]
+    list(show_prediction(viewer, early))
+    assert [layer.name for layer in viewer.layers] == ["prediction", "uncertainty", *attention]
+    plain = sink(False)
+    list(show_prediction(viewer, plain, partial=True))
+    assert [layer.name for layer in viewer.layers] == ["prediction", "uncertainty"]
+    assert viewer.layers["uncertainty"].data is plain.arrays["uncertainty"]

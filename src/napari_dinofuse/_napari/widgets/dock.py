@@ -33,7 +33,7 @@ from .fields import level0
 from .model_box import ModelBox
 from .objects import ObjectsBox, layer_class_names, prediction_layer, shown_folder, shown_results
 from .predict_box import PredictBox
-from .results import MARK, ours, show_labels, show_prediction
+from .results import MARK, ours, show_prediction
 from .status_row import StatusRow
 from .train_box import TrainBox
 
@@ -103,6 +103,10 @@ class DinofuseWidget(QWidget):
         self._step_timer = QTimer(self)  # a child: it dies with the widget, pending steps with it
         self._step_timer.setSingleShot(True)
         self._step_timer.timeout.connect(self._step)
+        self._partial_steps = None  # the same for the region in view, shown while the job runs on
+        self._partial_timer = QTimer(self)
+        self._partial_timer.setSingleShot(True)
+        self._partial_timer.timeout.connect(self._step_partial)
         self._uses = ()  # the layers the running job reads: removing one stops it
         self._lost = []  # names of those removed while it ran
         self._model_before = None  # the session's model when the running job started
@@ -561,13 +565,15 @@ class DinofuseWidget(QWidget):
         if self._writing is not None:
             self._show_writing()
         elif p.partial is not None and not self._lost and self._docked:
-            show_labels(self.viewer, p.partial, self.session.class_names)
+            self._partial_steps = show_prediction(self.viewer, p.partial, self.session.class_names, partial=True)
+            self._step_partial()
             self.status_row.say(f"{self._job_name}: the region in view is shown; predicting the rest…")
         if "loss" in p.metrics:
             self.train_box.show_step(p)
 
     def _on_returned(self, result) -> None:
         self.last_result = result
+        self._partial_steps = None  # the finished result is shown whole next
         seconds = time.perf_counter() - self._job_started
         if not self._docked:  # the dock was closed: nothing to show, no one to tell
             return
@@ -658,6 +664,18 @@ class DinofuseWidget(QWidget):
         self._backbone_hint()  # a job may have loaded the backbone
         self._update_buttons()
         self.job_ended.emit()
+
+    def _step_partial(self) -> None:
+        """One layer of the region in view per event-loop tick (as :meth:`_step`), while the job runs on."""
+        try:
+            if (self._partial_steps is not None and self._docked
+                    and next(self._partial_steps, None) is not None):
+                self._partial_timer.start(0)
+                return
+        except Exception as exc:  # noqa: BLE001 - napari refusing a layer: the finished result is tried again
+            self._notify_error(f"DINOfuse {self._job_name}: showing the region in view failed: "
+                               f"{_describe_error(exc)}")
+        self._partial_steps = None
 
     def _update_buttons(self) -> None:
         busy = self.worker is not None

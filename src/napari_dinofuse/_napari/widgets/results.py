@@ -47,17 +47,24 @@ def show_labels(viewer, sink, class_names=()):
     return prediction
 
 
-def show_prediction(viewer, sink, class_names=()):
+def show_prediction(viewer, sink, class_names=(), partial: bool = False):
     """Add or update ``prediction``, ``uncertainty`` and ``attention level 1..4`` from a finished sink, one
     layer per step: a generator, so the caller can hand the event loop back between layers (napari takes ~0.1 s
     to add one; all six at once froze the viewer for a second).
 
-    Styles (colours, ranges) are set when a layer is created, so what the user changed since stays.
+    ``partial``: the sink holds the region in view so far (the rest is 0 until the whole prediction is shown);
+    only the layers shown already are updated, so none keeps the previous run's results beside this one's.
+    Attention layers this model does not make (no context fusion) are removed. Styles (colours, ranges) are set
+    when a layer is created, so what the user changed since stays.
     """
     yield show_labels(viewer, sink, class_names)
-    yield _show(viewer, "uncertainty", "image", sink.arrays["uncertainty"], sink.grids["uncertainty"],
-                **uncertainty_style())
-    for k, role in enumerate(ATTENTION_LAYERS, start=1):
-        name = attention_array(k)
+    images = [("uncertainty", "uncertainty", uncertainty_style())]
+    images += [(role, attention_array(k), attention_style(k)) for k, role in enumerate(ATTENTION_LAYERS, start=1)]
+    for role, name, style in images:
+        layer = ours(viewer, role)
         if name in sink.arrays:
-            yield _show(viewer, role, "image", sink.arrays[name], sink.grids[name], **attention_style(k))
+            if layer is not None or not partial:
+                yield _show(viewer, role, "image", sink.arrays[name], sink.grids[name], **style)
+        elif layer is not None:
+            viewer.layers.remove(layer)
+            yield layer
