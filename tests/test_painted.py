@@ -18,6 +18,7 @@ def _strokes(shape, dtype, seed=0):
             z, y, x = (int(rng.integers(0, n)) for n in shape)
             labels[z, y, x:x + 9] = k
             labels[tuple(int(rng.integers(0, n)) for n in shape)] = k
+    labels[shape[0] // 2, : shape[1] // 2, 3:] = 1  # a bucket fill of half a slice
     return labels
 
 
@@ -31,8 +32,12 @@ def test_the_snapshot_reads_like_the_labels_it_was_taken_from(dtype):
         box = tuple(slice(*sorted(int(v) for v in rng.integers(-2, n + 3, 2))) for n in labels.shape)
         assert np.array_equal(painted[box], labels[box]) and painted[box].dtype == labels.dtype, box
     assert np.array_equal(painted[5:9], labels[5:9]) and np.array_equal(np.asarray(painted), labels)
+    before = labels.copy()
     labels[3, 3, 3:20] = 2  # painting on after the snapshot leaves it as it was
-    assert not painted[3:4, 3:4, 3:20].any()
+    assert np.array_equal(np.asarray(painted), before)
+    # It holds a copy of the chunks with strokes only.
+    touched = {tuple(c) for c in np.argwhere(before) // np.array(PaintedLabels.CHUNK)}
+    assert set(painted.blocks) == touched
     with pytest.raises(TypeError, match="boxes"):
         painted[::2]
 

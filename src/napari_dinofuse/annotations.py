@@ -13,6 +13,7 @@ nothing, so a copy costs little disk.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from functools import cached_property
@@ -26,7 +27,8 @@ from .errors import InputError
 from .geometry import Grid, Volume
 from .io import read_region
 
-__all__ = ["AUTOSAVE_ENV", "PaintedLabels", "autosave_path", "find_painted", "load_annotations", "save_annotations"]
+__all__ = ["AUTOSAVE_ENV", "PaintedLabels", "autosave_path", "find_painted", "load_annotations", "save_annotations",
+           "take_snapshot"]
 
 FILE = "annotations.zarr"  # inside a model folder
 AUTOSAVE_ENV = "DINOFUSE_AUTOSAVE"  # overrides where the last fine-tune's annotations are autosaved
@@ -34,50 +36,117 @@ _SLAB_BYTES = 64 * 2**20
 
 
 class PaintedLabels:
-    """The painted voxels of a labels volume per class (1-based): a read-only snapshot that reads like the
-    dense volume it came from (``painted[z0:z1, y0:y1, x0:x1]``: 0 where unpainted)."""
+    """A read-only snapshot of a labels volume: a copy of its chunks (``CHUNK``) that hold strokes, which reads
+    like the volume (``painted[z0:z1, y0:y1, x0:x1]``, 0 where unpainted), and the painted voxels per class.
+
+    Taken in one pass over the volume (:func:`take_snapshot`), at memory speed where nothing is painted; the
+    voxel lists (``coords``, what training samples tiles around) are made from the copy when first asked for.
+    """
 
     ndim = 3
+    CHUNK = (8, 128, 128)  # also the chunks annotations are stored in: an autosave writes the copied ones
 
-    def __init__(self, coords: dict[int, np.ndarray], shape, dtype=np.uint8):
-        self.coords = {int(k): np.asarray(v, np.int64).reshape(-1, 3) for k, v in sorted(coords.items())}
+    def __init__(self, blocks: dict[tuple[int, int, int], np.ndarray], shape, dtype=np.uint8, coords=None):
+        self.blocks = blocks  # chunk index -> that chunk's labels (only chunks with strokes)
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
-        self.num_classes = max(self.coords, default=0)  # the highest painted label: logits for 1..num_classes
+        if coords is not None:
+            self.__dict__["coords"] = coords
+
+    @cached_property
+    def coords(self) -> dict[int, np.ndarray]:
+        """Class (1-based) -> its painted voxels (n, 3), in (z, y, x) order."""
+        found: dict[int, list[np.ndarray]] = {}
+        depth = self.CHUNK[0]
+        for z0 in sorted({depth * key[0] for key in self.blocks}):
+            _painted_points(self[z0:z0 + depth], z0, found)
+        return {k: np.concatenate(found[k]) for k in sorted(found)}
+
+    @property
+    def num_classes(self) -> int:  # the highest painted label: logits for 1..num_classes
+        return max(self.coords, default=0)
 
     @property
     def counts(self) -> dict[int, int]:
         return {k: len(v) for k, v in self.coords.items()}
 
     def __repr__(self) -> str:
-        return f"PaintedLabels(shape={self.shape}, dtype={self.dtype}, counts={self.counts})"
-
-    @cached_property
-    def _by_z(self) -> tuple[np.ndarray, np.ndarray]:
-        """All points sorted by z, and their labels: a read looks only at the slices it covers."""
-        points = np.concatenate([np.zeros((0, 3), np.int64), *self.coords.values()])
-        values = np.concatenate([np.zeros(0, self.dtype)] + [np.full(len(v), k, self.dtype)
-                                                             for k, v in self.coords.items()])
-        order = np.argsort(points[:, 0], kind="stable")
-        return points[order], values[order]
+        return f"PaintedLabels(shape={self.shape}, dtype={self.dtype}, {len(self.blocks)} chunks with strokes)"
 
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
         if len(key) > 3 or not all(isinstance(k, slice) and k.step in (None, 1) for k in key):
             raise TypeError(f"PaintedLabels reads boxes (up to three slices with step 1), not {key!r}")
         region = [slice(*k.indices(n)) for k, n in zip(key + (slice(None),) * (3 - len(key)), self.shape)]
-        start = np.array([r.start for r in region])
         out = np.zeros([max(0, r.stop - r.start) for r in region], self.dtype)
-        points, values = self._by_z
-        lo, hi = np.searchsorted(points[:, 0], [region[0].start, region[0].stop])
-        points, values = points[lo:hi], values[lo:hi]
-        inside = np.all((points >= start) & (points < [r.stop for r in region]), axis=1)
-        out[tuple((points[inside] - start).T)] = values[inside]
+        if out.size == 0:
+            return out
+        ranges = [range(r.start // c, (r.stop - 1) // c + 1) for r, c in zip(region, self.CHUNK)]
+        for index in itertools.product(*ranges):
+            block = self.blocks.get(index)
+            if block is None:
+                continue
+            origin = [i * c for i, c in zip(index, self.CHUNK)]
+            lo = [max(r.start, o) for r, o in zip(region, origin)]
+            hi = [min(r.stop, o + n) for r, o, n in zip(region, origin, block.shape)]
+            out[tuple(slice(a - r.start, b - r.start) for a, b, r in zip(lo, hi, region))] = \
+                block[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))]
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype)
+
+    def without(self, points: np.ndarray, coords: dict[int, np.ndarray]) -> PaintedLabels:
+        """This snapshot with ``points`` (n, 3) unpainted, whose painted voxels are ``coords`` (in their order)."""
+        blocks = dict(self.blocks)
+        keys = points // np.array(self.CHUNK)
+        for key in {tuple(int(v) for v in k) for k in keys}:
+            inside = points[np.all(keys == key, axis=1)] - np.array(key) * self.CHUNK
+            blocks[key] = blocks[key].copy()
+            blocks[key][tuple(inside.T)] = 0
+        return PaintedLabels(blocks, self.shape, self.dtype, coords)
+
+
+def _painted_points(slab: np.ndarray, z0: int, found: dict[int, list[np.ndarray]]) -> None:
+    """Add the painted voxels of ``slab`` (whose first slice is ``z0``) to ``found``, class by class, in (z, y,
+    x) order. Slices and rows with nothing painted are skipped at memory speed: ``np.nonzero`` over mostly
+    unpainted slabs took 50x longer."""
+    for dz in np.flatnonzero(slab.reshape(len(slab), -1).max(axis=1, initial=0) > 0):
+        rows = np.flatnonzero(slab[dz].max(axis=1, initial=0) > 0)
+        part = slab[dz][rows]
+        r, x = np.nonzero(part)
+        values = part[r, x]
+        points = np.stack([np.full(len(r), z0 + dz), rows[r], x], axis=1)
+        for k in np.unique(values):
+            found.setdefault(int(k), []).append(points[values == k])
+
+
+def take_snapshot(labels) -> PaintedLabels:
+    """A copy of the chunks of ``labels`` (Z, Y, X integers, any backing: read slab by slab) that hold strokes.
+
+    Cheap enough for the GUI thread: chunks with nothing painted are skipped at memory speed (256 x 1024 x 1024
+    bytes with a few strokes: ~20 ms; a full copy took 0.1-0.7 s and its memory); painted chunks cost a copy.
+    Negative values are refused here.
+    """
+    depth, height, width = PaintedLabels.CHUNK
+    signed = np.dtype(labels.dtype).kind == "i"
+    blocks = {}
+    for z0 in range(0, labels.shape[0], depth):
+        slab = read_region(labels, (slice(z0, z0 + depth),))
+        lowest = slab.min(initial=0) if signed else 0
+        if lowest < 0:
+            raise InputError(f"labels must not be negative (found {lowest}; labels are {LABEL_CONVENTION}): set "
+                             "those voxels to 0 or renumber them")
+        if slab.max(initial=0) <= 0:  # most slabs: one pass at memory speed
+            continue
+        rows = slab.max(axis=2).max(axis=0) > 0  # painted rows (y) of the slab
+        for y0 in np.unique(np.flatnonzero(rows) // height) * height:
+            band = slab[:, y0:y0 + height]
+            columns = band.max(axis=1).max(axis=0) > 0
+            for x0 in np.unique(np.flatnonzero(columns) // width) * width:
+                blocks[(z0 // depth, int(y0) // height, int(x0) // width)] = np.array(band[:, :, x0:x0 + width])
+    return PaintedLabels(blocks, labels.shape, labels.dtype)
 
 
 def _ranges(values) -> str:
@@ -92,35 +161,9 @@ def _ranges(values) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _scan(labels, slab: int = 16) -> PaintedLabels:
-    """The painted voxels of ``labels`` (any backing), read slab by slab (bounded memory).
-
-    Slices and rows with nothing painted are skipped at memory speed: ``np.nonzero`` over mostly unpainted
-    slabs took 50x longer (0.77 s vs ~15 ms for 256 x 1024 x 1024 bytes).
-    """
-    signed = np.dtype(labels.dtype).kind == "i"
-    found: dict[int, list[np.ndarray]] = {}
-    for z0 in range(0, labels.shape[0], slab):
-        block = read_region(labels, (slice(z0, z0 + slab),))
-        flat = block.reshape(len(block), -1)
-        lowest = flat.min(initial=0) if signed else 0
-        if lowest < 0:
-            raise InputError(f"labels must not be negative (found {lowest}; labels are {LABEL_CONVENTION}): set "
-                             "those voxels to 0 or renumber them")
-        for dz in np.flatnonzero(flat.max(axis=1, initial=0) > 0):
-            rows = np.flatnonzero(block[dz].max(axis=1, initial=0) > 0)
-            part = block[dz][rows]
-            r, x = np.nonzero(part)
-            values = part[r, x]
-            points = np.stack([np.full(len(r), z0 + dz), rows[r], x], axis=1)
-            for k in np.unique(values):
-                found.setdefault(int(k), []).append(points[values == k])
-    return PaintedLabels({k: np.concatenate(v) for k, v in found.items()}, labels.shape, labels.dtype)
-
-
 def find_painted(labels, raw_shape, known_classes: int = 0) -> PaintedLabels:
-    """Validate sparse labels against the raw and take their snapshot (one scan; ``labels`` already one: the
-    checks alone); clear refusals otherwise.
+    """Validate sparse labels against the raw and take their snapshot (:func:`take_snapshot`; ``labels``
+    already one: the checks alone); clear refusals otherwise.
 
     Classes are 1..K with every class painted, except those the model already has (``known_classes``, when
     fine-tuning one): an unpainted class in between would be a model output that nothing ever trains, and a
@@ -132,7 +175,7 @@ def find_painted(labels, raw_shape, known_classes: int = 0) -> PaintedLabels:
                          "layer with the raw's shape (e.g. 'New annotation layer')")
     if np.dtype(labels.dtype).kind not in "iu":
         raise InputError(f"labels must be integers ({LABEL_CONVENTION}), got {labels.dtype}")
-    painted = labels if isinstance(labels, PaintedLabels) else _scan(labels)
+    painted = labels if isinstance(labels, PaintedLabels) else take_snapshot(labels)
     coords = painted.coords
     if not coords:
         raise InputError("no painted voxels: paint a few strokes of every class, background included")
@@ -179,19 +222,14 @@ def save_annotations(path, labels, grid: Grid) -> Path:
     try:
         group = zarr.open_group(str(partial), mode="w", zarr_format=3)
         dtype = np.dtype(labels.dtype)
-        plane = int(np.prod(labels.shape[1:])) * dtype.itemsize
-        step = max(1, min(labels.shape[0], _SLAB_BYTES // max(plane, 1)))
         # Small chunks: strokes touch few, and writing one costs its size (an autosave of 60 strokes in
         # 256 x 1024 x 1024 took 0.52 s in chunks of 32 x 256 x 256, 0.18 s in these).
-        array = create_ome_image(group, "annotations", labels.shape, dtype, grid,
-                                 chunks=(min(step, 8), 128, 128))
-        if isinstance(labels, PaintedLabels):  # only the chunks with strokes: the rest is the fill value, 0
-            chunks = np.array(array.chunks)
-            points = np.concatenate([np.zeros((0, 3), np.int64), *labels.coords.values()])
-            for corner in np.unique(points // chunks, axis=0) * chunks:
-                region = tuple(slice(a, a + c) for a, c in zip(corner, chunks))
-                array[region] = labels[region]
+        array = create_ome_image(group, "annotations", labels.shape, dtype, grid, chunks=PaintedLabels.CHUNK)
+        if isinstance(labels, PaintedLabels):  # the chunks with strokes: the rest is the fill value, 0
+            for index, block in labels.blocks.items():
+                array[tuple(slice(i * c, i * c + n) for i, c, n in zip(index, labels.CHUNK, block.shape))] = block
         else:
+            step = max(1, min(labels.shape[0], _SLAB_BYTES // max(int(np.prod(labels.shape[1:])) * dtype.itemsize, 1)))
             for z in range(0, labels.shape[0], step):
                 array[z:z + step] = read_region(labels, (slice(z, z + step),))
         group.attrs["dinofuse"] = {"kind": ANNOTATIONS_KIND}  # the reader opens it as Labels

@@ -258,7 +258,9 @@ def split_strokes(painted: PaintedLabels, share: float, seed: int = 0) -> tuple[
         train[k] = np.concatenate(kept)
         if out:
             held[k] = np.concatenate(out)
-    return PaintedLabels(train, painted.shape, painted.dtype), held
+    if not held:
+        return painted, held
+    return painted.without(np.concatenate(list(held.values())), train), held
 
 
 # -- augmentation -------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 from qtpy.QtCore import QEvent, QSettings, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
-from ...annotations import autosave_path, find_painted, load_annotations
+from ...annotations import autosave_path, load_annotations, take_snapshot
 from ...defaults import BACKBONE_ENV
 from ...display import class_features, fit_camera, label_colormap, prediction_style, view_region
 from ...errors import DinofuseError, InputError
@@ -60,10 +60,10 @@ def _describe_error(exc: BaseException) -> str:
     return f"unexpected {name}: {exc} (details in the terminal log)"
 
 
-def _snapshot(name: str, labels, raw: Volume, known_classes: int):
-    """The chosen labels layer fits the raw and holds usable strokes, else refused at once, naming it. A layer in
-    memory gives the snapshot of its strokes the fine-tune works on (the user may paint on meanwhile); one read
-    from disk is scanned by the worker."""
+def _snapshot(name: str, labels, raw: Volume):
+    """The chosen labels layer fits the raw, else refused at once, naming it. A layer in memory gives the
+    snapshot of its strokes the fine-tune works on (the user may paint on meanwhile; the worker checks the
+    classes); one read from disk is read by the worker."""
     shape = tuple(labels.shape)
     if shape != tuple(raw.shape):
         raise DinofuseError(f"labels layer {name!r} has shape {shape} but the raw {raw.name!r} has {raw.shape}: "
@@ -71,7 +71,7 @@ def _snapshot(name: str, labels, raw: Volume, known_classes: int):
     if not isinstance(labels, np.ndarray):
         return labels
     try:
-        return find_painted(labels, raw.shape, known_classes=known_classes)
+        return take_snapshot(labels)
     except InputError as exc:
         raise DinofuseError(f"labels layer {name!r}: {exc}") from None
 
@@ -372,8 +372,7 @@ class DinofuseWidget(QWidget):
                 raise DinofuseError("choose a Labels layer with painted strokes, or click 'New annotation "
                                     "layer' and paint (1 = background, 2, 3 … = your classes)")
             raw, context, roi, view = self._inputs()
-            model = self.session.model
-            labels = _snapshot(layer.name, level0(layer), raw, model.config.num_classes if model else 0)
+            labels = _snapshot(layer.name, level0(layer), raw)
         except (DinofuseError, ValueError) as exc:
             self._notify_error(str(exc))
             return
