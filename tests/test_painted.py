@@ -75,3 +75,17 @@ def test_training_splits_keep_the_snapshot_shape_and_dtype():
     for points in held.values():
         remaining[tuple(points.T)] = 0
     assert np.array_equal(np.asarray(train), remaining)  # what training reads: the strokes not held out
+
+
+def test_a_stored_or_lazy_labels_volume_gives_the_same_snapshot(tmp_path):
+    import dask.array as da
+
+    labels = _strokes((45, 70, 300), np.uint16)
+    stored = zarr.create_array(str(tmp_path / "labels.zarr"), shape=labels.shape, dtype=labels.dtype,
+                               chunks=(20, 64, 64))  # chunks deeper than a snapshot's, and not a multiple
+    stored[:] = labels
+    expected = find_painted(labels, labels.shape)
+    for array in (stored, da.from_array(labels, chunks=(13, 70, 100))):
+        painted = find_painted(array, labels.shape)
+        assert set(painted.blocks) == set(expected.blocks) and np.array_equal(np.asarray(painted), labels)
+        assert all(np.array_equal(painted.coords[k], expected.coords[k]) for k in expected.coords)

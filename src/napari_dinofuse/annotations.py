@@ -1,9 +1,10 @@
 """Painted annotations: a snapshot of the strokes a fine-tune works on, kept safe with the model they trained
 and autosaved when a fine-tune starts.
 
-:func:`find_painted` scans a labels volume once into :class:`PaintedLabels`, the painted voxels per class: what
-training samples and reads its label tiles from, what is autosaved and saved with the model. The user may paint
-on meanwhile, and the strokes are a few thousand voxels where a copy of the layer costs its whole size.
+:func:`take_snapshot` copies the chunks of a labels volume that hold strokes into :class:`PaintedLabels`, and
+:func:`find_painted` checks its classes: what training samples and reads its label tiles from, what is autosaved
+and saved with the model. The user may paint on meanwhile, and strokes fill a few chunks where a copy of the
+layer costs its whole size.
 
 An hour of painting must not be lost to a crash, a closed viewer or a forgotten Save. Annotations are stored as
 a single-level OME-Zarr image (``annotations.zarr``: label values as painted, placed in nm like the raw), written
@@ -14,6 +15,7 @@ nothing, so a copy costs little disk.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 from functools import cached_property
@@ -132,8 +134,7 @@ def take_snapshot(labels) -> PaintedLabels:
     depth, height, width = PaintedLabels.CHUNK
     signed = np.dtype(labels.dtype).kind == "i"
     blocks = {}
-    for z0 in range(0, labels.shape[0], depth):
-        slab = read_region(labels, (slice(z0, z0 + depth),))
+    for z0, slab in _slabs(labels, depth):
         lowest = slab.min(initial=0) if signed else 0
         if lowest < 0:
             raise InputError(f"labels must not be negative (found {lowest}; labels are {LABEL_CONVENTION}): set "
@@ -147,6 +148,20 @@ def take_snapshot(labels) -> PaintedLabels:
             for x0 in np.unique(np.flatnonzero(columns) // width) * width:
                 blocks[(z0 // depth, int(y0) // height, int(x0) // width)] = np.array(band[:, :, x0:x0 + width])
     return PaintedLabels(blocks, labels.shape, labels.dtype)
+
+
+def _slabs(labels, depth: int):
+    """(z0, slices z0 .. z0 + depth) of ``labels``; a stored array is read in whole chunks along z where that
+    fits in ~64 MB (each chunk decoded once, not once per slab it holds)."""
+    stored = getattr(labels, "chunks", None)  # zarr: ints; dask: a tuple of sizes per axis
+    along_z = max(stored[0]) if stored and isinstance(stored[0], tuple) else (stored[0] if stored else depth)
+    plane = int(np.prod(labels.shape[1:])) * np.dtype(labels.dtype).itemsize
+    read = math.lcm(depth, int(along_z))
+    read = read if read * plane <= _SLAB_BYTES else depth
+    for r0 in range(0, labels.shape[0], read):
+        block = read_region(labels, (slice(r0, r0 + read),))
+        for z0 in range(r0, min(r0 + read, labels.shape[0]), depth):
+            yield z0, block[z0 - r0:z0 - r0 + depth]
 
 
 def _ranges(values) -> str:

@@ -201,8 +201,9 @@ class Session:
             saving = saver.submit(_autosave, annotations)
             source = yield from self._extract(raw, context, settings)
             yield from self._train(source, painted, settings)
-            if saving.result() is not None:
-                yield Progress(0, 1, saving.result())
+            warning = saving.result()
+            if warning:
+                yield Progress(0, 1, warning)
         self.annotations = annotations  # what the current model was trained on: saved with it
         return (yield from self._predict(source, settings, roi, first))
 
