@@ -379,7 +379,7 @@ def first_step(args):
     settings = SessionSettings(backbone=args.backbone, device=args.device, cache=args.cache,
                                base_channels=args.base_channels, iterations=2)
     session = Session()
-    drive(session.fine_tune(raw, context, labels, settings, roi=tuple(slice(0, 32) for _ in shape)))
+    drive(session.fine_tune(raw, context, labels, settings, roi=tuple(slice(0, min(32, n)) for n in shape)))
 
     def until_first_step(start_model):
         session.model = start_model
