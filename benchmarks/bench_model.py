@@ -323,7 +323,7 @@ def labels(args):
         return best, out
 
     def tiles(array):  # the label tiles of 100 training steps, around painted voxels
-        points = np.argwhere(dense[::max(1, shape[0] // 64)] > 0)[:: 7][:100 * TILES_PER_STEP]
+        points = np.concatenate(list(painted.coords.values()))[::7][:100 * TILES_PER_STEP]
         for p in points:
             region = tuple(slice(max(0, int(v) - t // 2), max(0, int(v) - t // 2) + t) for v, t in zip(p, TRAIN_TILE))
             np.asarray(array[region])
