@@ -276,6 +276,22 @@ def test_damage_that_keeps_size_and_mtime_is_refused_on_read_then_recomputed(tmp
     assert np.allclose(repaired.read(), good, atol=1e-2)
 
 
+def test_a_small_part_of_a_chunk_reads_as_the_whole_does_and_a_cut_short_chunk_is_still_refused(tmp_path,
+                                                                                                   tiny_backbone):
+    """A training tile reads 2 x 2 patches of slices stored whole: that part alone is read from the file."""
+    volume = _volume(shape=(3, 96, 128))  # 6 x 8 patches a slice, one chunk per slice
+    entry = compute_features(volume, tiny_backbone, FeatureCache(tmp_path))
+    whole = entry.read()
+    for region in [(slice(0, 3), slice(2, 4), slice(5, 7)), (slice(1, 2), slice(0, 1), slice(7, 8))]:
+        assert np.array_equal(entry.read(region), whole[(slice(None), *region)])
+    (victim,) = entry._chunk_files("xy", 2)
+    victim.write_bytes(victim.read_bytes()[:-10])  # cut short by a crash
+    assert np.array_equal(entry.read((slice(0, 2), slice(2, 4), slice(5, 7))), whole[:, 0:2, 2:4, 5:7])
+    with pytest.raises(CacheError, match="damaged"):
+        entry.read((slice(2, 3), slice(2, 4), slice(5, 7)))
+    assert entry.done_units("xy") == {0, 1}
+
+
 def test_markers_of_the_first_format_are_still_trusted_after_a_check(tmp_path, counting_backbone):
     import json
 
