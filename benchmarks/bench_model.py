@@ -15,6 +15,8 @@
   the label tiles of 100 training steps; the same from the dense array (the dock copied the layer before) beside it;
 - first_step: seconds from the session's Fine-tune to its first training step on that volume (random intensities,
   its features and a context's cached as stand-ins, no ViT), a new model and a continued one;
+- reads: a training tile's inputs and a prediction block's features from the cache, stand-in features of
+  --volume (default 32x2048x2048: slices wider than the sample's, as real ones are) for --backbone;
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -352,30 +354,83 @@ def _painted(shape, seed=0) -> np.ndarray:
     return dense
 
 
-def first_step(args):
-    from napari_dinofuse.features.backbone import load_backbone
-    from napari_dinofuse.features.cache import FeatureCache
-    from napari_dinofuse.features.extract import open_entry
+def _stand_in_volumes(shape):
+    """A raw of ``shape`` (8 x 4 x 4 nm, random intensities) and a 64 nm context around it."""
     from napari_dinofuse.geometry import Volume
-    from napari_dinofuse.progress import drive
-    from napari_dinofuse.session import Session, SessionSettings
 
-    shape = args.volume or (256, 1024, 1024)
     rng = np.random.default_rng(0)
     raw = Volume(rng.integers(0, 255, shape, dtype=np.uint8), (8.0, 4.0, 4.0), name="raw")
     extent = np.array(shape) * raw.voxel_size
     context = Volume(rng.integers(0, 255, tuple(int(n) for n in extent // 64 + 16), dtype=np.uint8),
                      (64.0, 64.0, 64.0), (-512.0, -512.0, -512.0), name="context")
-    labels = _painted(shape)
-    backbone = load_backbone(args.backbone, device=args.device)
-    cache = FeatureCache(args.cache)
-    for volume in (raw, context):  # stand-in features: an extraction's files and markers without the ViT
+    return raw, context
+
+
+def _stand_in_features(volumes, backbone, cache) -> None:
+    """Cache entries for ``volumes`` filled with random features: an extraction's files and markers, no ViT."""
+    from napari_dinofuse.features.extract import open_entry
+
+    rng = np.random.default_rng(1)
+    for volume in volumes:
         entry = open_entry(volume, backbone, cache)
         unit = rng.normal(size=entry.shape[:1] + entry.shape[2:]).astype(np.float16)
         for z in range(volume.shape[0]):
             entry.write_units("xy", [z], [unit])
         entry.verify("xy")
     time.sleep(2.5)  # files younger than 2 s are not trusted: let them age as any cache does
+
+
+def reads(args):
+    from napari_dinofuse.defaults import TRAIN_TILE
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.features.extract import extract_sources
+    from napari_dinofuse.progress import drive
+
+    shape = args.volume or (32, 2048, 2048)
+    volumes = _stand_in_volumes(shape)
+    backbone = load_backbone(args.backbone, device=args.device)
+    cache = FeatureCache(args.cache)
+    _stand_in_features(volumes, backbone, cache)
+    source = drive(extract_sources(*volumes, backbone, cache))
+    rng = np.random.default_rng(0)
+    tiles = [tuple(slice(int(rng.integers(0, max(1, n - t + 1))) // a * a, None) for n, t, a in
+                   zip(shape, TRAIN_TILE, (1, 16, 16))) for _ in range(21)]
+    tiles = [tuple(slice(s.start, s.start + t) for s, t in zip(r, TRAIN_TILE)) for r in tiles]
+
+    def tile(region):
+        return source.tile(region, context=True, intensity=True, margin_nm=1024.0, device=args.device,
+                           full_yx=tuple(r.stop - r.start for r in region[1:]), halo=(13, 13, 13))
+
+    tile(tiles[0])
+    start = time.perf_counter()
+    for region in tiles[1:]:
+        tile(region)
+    per_tile = (time.perf_counter() - start) / (len(tiles) - 1)
+    block = [min(n, b) // 16 for n, b in zip(shape[1:], (512, 512))]  # a prediction block's patches in y, x
+    corners = [(y, x) for y in range(0, shape[1] // 16 - block[0] + 1, block[0])
+               for x in range(0, shape[2] // 16 - block[1] + 1, block[1])][:5]
+    seconds = []
+    for y, x in corners:
+        start = time.perf_counter()
+        source.raw_features.read((slice(None), slice(y, y + block[0]), slice(x, x + block[1])))
+        seconds.append(time.perf_counter() - start)
+    print(f"feature reads, {backbone.spec} stand-ins of {'x'.join(map(str, shape))}: a training tile's inputs "
+          f"{1000 * per_tile:.1f} ms ({TRAIN_TILE}, context and intensities included); the features of a block "
+          f"of {shape[0]}x{16 * block[0]}x{16 * block[1]}: " + ", ".join(f"{s:.3f}" for s in seconds) + " s")
+
+
+def first_step(args):
+    from napari_dinofuse.features.backbone import load_backbone
+    from napari_dinofuse.features.cache import FeatureCache
+    from napari_dinofuse.progress import drive
+    from napari_dinofuse.session import Session, SessionSettings
+
+    shape = args.volume or (256, 1024, 1024)
+    raw, context = _stand_in_volumes(shape)
+    labels = _painted(shape)
+    backbone = load_backbone(args.backbone, device=args.device)
+    _stand_in_features((raw, context), backbone, FeatureCache(args.cache))
     settings = SessionSettings(backbone=args.backbone, device=args.device, cache=args.cache,
                                base_channels=args.base_channels, iterations=2)
     session = Session()
@@ -426,8 +481,8 @@ def main():
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--volume", type=_ints, default=None,
-                        help="inference, labels, first_step: the volume's z,y,x shape (default 64,256,256; "
-                             "labels and first_step 256,1024,1024)")
+                        help="inference, labels, first_step, reads: the volume's z,y,x shape (default 64,256,256; "
+                             "labels and first_step 256,1024,1024; reads 32,2048,2048)")
     parser.add_argument("--block", type=_ints, default=PREDICT_BLOCK, help="inference: prediction block z,y,x")
     parser.add_argument("--tile", type=_ints, default=None,
                         help="inference: prediction tile z,y,x (default: the product's for the device)")
@@ -447,7 +502,7 @@ def main():
     if args.what == "_inference_child":
         return _inference_child(args.extra, args)
     for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference), ("labels", labels),
-                     ("first_step", first_step)):
+                     ("first_step", first_step), ("reads", reads)):
         if args.what in (name, "all"):
             fn(args)
 

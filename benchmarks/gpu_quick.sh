@@ -7,8 +7,9 @@
 #   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction; a warm
 #      step, its tiles' time, host waits, and a torch profile of five steps); both again with the UNet channels-last.
 #   4. bench_features again with --compile, if the budget allows.
-#   first_step (only when named in GPU_QUICK_STEPS): Fine-tune -> first training step on a 64x1024x1024 volume
-#      with stand-in cached features (a Fine-tune's fixed costs, CUDA's warm-up included).
+#   first_step, reads (only when named in GPU_QUICK_STEPS): Fine-tune -> first training step on a 64x1024x1024
+#      volume with stand-in cached features (a Fine-tune's fixed costs, CUDA's warm-up included); a training tile's
+#      inputs and a prediction block's features read from stand-ins of 32x2048x2048 (slices as wide as real ones).
 # Run from the repo root:  bash benchmarks/gpu_quick.sh      (GPU_QUICK_SMOKE=1: tiny sizes on the CPU)
 # Log: $OUT/gpu_quick.log ($OUT: the device tool's output folder; /tmp/gpu_quick elsewhere).
 # Wheels in .whl/ (zarr and its needs: the device image lacks them) are installed to /tmp/site.
@@ -24,12 +25,12 @@ BUDGET=${GPU_QUICK_BUDGET:-450}
 if [ "${GPU_QUICK_SMOKE:-0}" = 1 ]; then
     DEV=cpu; BB=random:tiny; FEAT=(--slices 8 --size 64 --batch-size 4)
     CHECK=(--slices 1 --sizes 64 --speed 1 --batches 2); MODEL=(--backbone random:tiny --base-channels 4)
-    TUNE=(--iterations 3); VOLUME=(); FIRST=(--volume 16,128,128)
+    TUNE=(--iterations 3); VOLUME=(); FIRST=(--volume 16,128,128); READS=(--volume 8,256,256)
 else
     DEV=cuda; BB=random:vitl16; FEAT=(--slices 512 --size 512)
     CHECK=(--slices 2 --sizes 512,504 --speed 8 --batches 16,32,64 --compile --profile)
     MODEL=(--backbone random:vitl16 --base-channels 32); TUNE=(); VOLUME=(--volume 96,512,512 --tile ${GPU_QUICK_TILE:-64,256,256})
-    FIRST=(--volume 64,1024,1024)
+    FIRST=(--volume 64,1024,1024); READS=()
 fi
 
 # step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
@@ -67,6 +68,7 @@ main() {
     step finetune_channels_last 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" \
         --channels-last
     step first_step 90 $PY benchmarks/bench_model.py first_step "${MODEL[@]}" --device "$DEV" "${FIRST[@]}"
+    step reads 60 $PY benchmarks/bench_model.py reads "${MODEL[@]}" --device "$DEV" "${READS[@]}"
     step bench_features_compiled 120 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" \
         --no-rss --compile
 }
