@@ -60,6 +60,21 @@ def _peak_rss_child(args) -> None:
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def stand_in_features(volumes, backbone, cache) -> None:
+    """Cache entries for ``volumes`` filled with random features: the files and markers an extraction leaves,
+    without running the ViT (also used by bench_model.py)."""
+    from napari_dinofuse.features.extract import open_entry
+
+    rng = np.random.default_rng(0)
+    for volume in volumes:
+        entry = open_entry(volume, backbone, cache)
+        unit = rng.normal(size=entry.shape[:1] + entry.shape[2:]).astype(np.float16)
+        for z in range(volume.shape[0]):
+            entry.write_units("xy", [z], [unit])
+        entry.verify("xy")  # folds the markers, as the end of an extraction does
+    time.sleep(2.5)  # files younger than 2 s are not trusted: let them age as any cache does
+
+
 def _hits_only(args, rounds: int = 5) -> None:
     """The host cost of a cache hit alone: an entry for a zarr volume of ``--slices`` slices, its units filled with
     stand-in features (the files and markers an extraction leaves, without running the ViT), then found again."""
@@ -67,7 +82,7 @@ def _hits_only(args, rounds: int = 5) -> None:
 
     from napari_dinofuse.features.backbone import load_backbone
     from napari_dinofuse.features.cache import FeatureCache
-    from napari_dinofuse.features.extract import extract_features, open_entry
+    from napari_dinofuse.features.extract import extract_features
     from napari_dinofuse.geometry import Volume
     from napari_dinofuse.progress import drive
 
@@ -77,12 +92,7 @@ def _hits_only(args, rounds: int = 5) -> None:
     _zarr_volume(work / "raw.zarr", args.slices, args.size)
     volume = Volume(zarr.open_array(str(work / "raw.zarr"), mode="r"), voxel_size=(8.0, 4.0, 4.0), name="bench")
     cache = FeatureCache(work / "cache")
-    entry = open_entry(volume, backbone, cache)
-    unit = np.random.default_rng(0).normal(size=entry.shape[:1] + entry.shape[2:]).astype(np.float16)
-    for z in range(args.slices):
-        entry.write_units("xy", [z], [unit])
-    entry.verify("xy")  # folds the markers, as the end of an extraction does
-    time.sleep(2.5)  # files younger than 2 s are not trusted: let them age as any cache does
+    stand_in_features([volume], backbone, cache)
     seconds = []
     for _ in range(rounds):
         start = time.perf_counter()

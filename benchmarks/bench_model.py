@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 import torch
+from bench_features import stand_in_features
 
 from napari_dinofuse.defaults import PREDICT_BLOCK, predict_tile
 
@@ -366,20 +367,6 @@ def _stand_in_volumes(shape):
     return raw, context
 
 
-def _stand_in_features(volumes, backbone, cache) -> None:
-    """Cache entries for ``volumes`` filled with random features: an extraction's files and markers, no ViT."""
-    from napari_dinofuse.features.extract import open_entry
-
-    rng = np.random.default_rng(1)
-    for volume in volumes:
-        entry = open_entry(volume, backbone, cache)
-        unit = rng.normal(size=entry.shape[:1] + entry.shape[2:]).astype(np.float16)
-        for z in range(volume.shape[0]):
-            entry.write_units("xy", [z], [unit])
-        entry.verify("xy")
-    time.sleep(2.5)  # files younger than 2 s are not trusted: let them age as any cache does
-
-
 def reads(args):
     from napari_dinofuse.defaults import TRAIN_TILE
     from napari_dinofuse.features.backbone import load_backbone
@@ -391,7 +378,7 @@ def reads(args):
     volumes = _stand_in_volumes(shape)
     backbone = load_backbone(args.backbone, device=args.device)
     cache = FeatureCache(args.cache)
-    _stand_in_features(volumes, backbone, cache)
+    stand_in_features(volumes, backbone, cache)
     source = drive(extract_sources(*volumes, backbone, cache))
     rng = np.random.default_rng(0)
     tiles = [tuple(slice(int(rng.integers(0, max(1, n - t + 1))) // a * a, None) for n, t, a in
@@ -430,7 +417,7 @@ def first_step(args):
     raw, context = _stand_in_volumes(shape)
     labels = _painted(shape)
     backbone = load_backbone(args.backbone, device=args.device)
-    _stand_in_features((raw, context), backbone, FeatureCache(args.cache))
+    stand_in_features((raw, context), backbone, FeatureCache(args.cache))
     settings = SessionSettings(backbone=args.backbone, device=args.device, cache=args.cache,
                                base_channels=args.base_channels, iterations=2)
     session = Session()
