@@ -169,6 +169,21 @@ def test_scribbles_are_sparse_correct_strokes_of_every_class():
     assert (s.scribbles(fraction=0.006) > 0).sum() > 2 * on.sum()
 
 
+def test_corrections_are_strokes_of_the_true_class_where_the_prediction_is_wrong():
+    s = sample(0)
+    gt = s.ground_truth
+    prediction = gt.copy()
+    prediction[:, :, : gt.shape[2] // 2] = 1  # everything in the left half called background
+    fixes = s.corrections(prediction)
+    on = fixes > 0
+    assert on.any()
+    np.testing.assert_array_equal(fixes[on], gt[on])  # the true class
+    assert np.all(prediction[on] != gt[on])  # only where the prediction is wrong
+    assert not np.any(fixes == 1)  # background was never mistaken: nothing to correct
+    assert set(np.unique(fixes[on])) == set(np.unique(gt[prediction != gt]))
+    assert not s.corrections(gt).any()  # a right prediction needs no correction
+
+
 def test_impossible_layouts_are_refused_with_a_clear_error():
     with pytest.raises(GeometryError, match="does not cover"):
         make_sample(0, context_shape=(1, 20, 20))

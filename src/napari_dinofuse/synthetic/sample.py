@@ -19,7 +19,7 @@ Pure numpy/scipy (no torch, no Qt): cheap to import from napari's sample-data me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -114,6 +114,12 @@ class SyntheticSample:
                 out[z][stroke] = k
                 painted += int(stroke.sum())
         return out
+
+    def corrections(self, prediction: np.ndarray, fraction: float = 0.002, seed: int = 0) -> np.ndarray:
+        """Strokes a user paints to correct ``prediction`` (labels on the raw grid): :meth:`scribbles` painted
+        only where it is wrong, each in the true class there (a class the prediction gets right gets none)."""
+        wrong = np.where(prediction != self.ground_truth, self.ground_truth, 0).astype(self.ground_truth.dtype)
+        return replace(self, ground_truth=wrong).scribbles(fraction, seed)
 
 
 def make_sample(seed: int = 0, raw_shape=(32, 256, 256), context_shape=None, raw_voxel_nm: float = 4.0,
