@@ -1,7 +1,7 @@
 """Segmentation quality: the fused UNet (attention, concat, none) against a random forest on the same strokes.
 
     python benchmarks/bench_quality.py [--seeds 0 1] [--iterations N] [--backbone random:vits16] [--json out.json]
-        [--replicate R] [--set weight_decay=0.01 ...]
+        [--replicate R] [--set weight_decay=0.01 ...] [--round2 100 50]
 
 For each seed: the synthetic sample (4 nm raw field straddling a nuclear envelope, 64 nm context), its own
 scribbles, DINOv3-shaped features (default ``random:vits16``: RANDOM weights, not DINOv3), then the UNet trained
@@ -10,7 +10,10 @@ share is set, never the scored voxels) in each fusion mode, and the ilastik-styl
 per-class IoU on the unpainted voxels with training seconds, and the half-tile-shift label agreement of the
 attention model. ``--replicate R`` trains with seed ``seed + 1000 R`` (same sample and strokes, other initial
 weights and tiles): how much of a difference between settings is the recipe's own spread. ``--set`` changes a
-recipe field (``TrainConfig``) for an experiment. Needs scikit-learn (``pip install -e .[benchmark]``). CPU: about 5-10 min per UNet.
+recipe field (``TrainConfig``) for an experiment. ``--round2 N ...`` goes on as a user does: correction strokes
+where the attention model is wrong, then Fine-tune again, continuing it N iterations (each N) and anew, scored
+against the forests on all strokes (:func:`second_round`). Needs scikit-learn (``pip install -e .[benchmark]``).
+CPU: about 1-2 min per UNet (1 thread).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from napari_dinofuse.features.extract import extract_sources
 from napari_dinofuse.inference.predict import predict_to_memory
 from napari_dinofuse.progress import drive
 from napari_dinofuse.synthetic.sample import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
-from napari_dinofuse.training.finetune import NewModel, fine_tune
+from napari_dinofuse.training.finetune import NewModel, StartModel, fine_tune
 from napari_dinofuse.training.train import TrainConfig
 
 CLASSES = range(1, len(CLASS_NAMES))
@@ -66,8 +69,9 @@ def confusion(labels, truth, painted) -> dict[str, dict[str, float]]:
 
 
 def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print,
-             replicate: int = 0, recipe: dict | None = None) -> dict:
-    """Rows of one seed; each UNet's IoUs are also printed as soon as it is scored."""
+             replicate: int = 0, recipe: dict | None = None, round2: tuple[int, ...] = ()) -> dict:
+    """Rows of one seed; each UNet's IoUs are also printed as soon as it is scored. ``round2``: see
+    :func:`second_round` (needs the attention mode)."""
     sample = make_sample(seed=seed)
     scribbles = sample.scribbles(seed=seed)
     painted = scribbles > 0
@@ -87,12 +91,45 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
             **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
                if fusion == "attention" else {})}
         row = rows[f"fused UNet, {fusion}"]
+        if fusion == "attention":
+            first = result, labels
         say(f"  seed {seed} {fusion}: {result.summary()}; IoU "
             + " / ".join(f"{row['iou'][k]:.2f}" for k in CLASSES)
             + (f"; gate 5-95 % range per level {row['gate_spread']}" if "gate_spread" in row else ""), flush=True)
     for name, row in forest_rows(sample, scribbles, seed=seed).items():
         rows[name] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
                       "seconds": row["seconds"]}
+    if round2:
+        capped = {"iterations": iterations} if iterations else {}
+        rows.update(second_round(sample, scribbles, source, *first, round2, {**settings, **capped}, say))
+    return rows
+
+
+def second_round(sample, scribbles, source, first, labels, iterations, settings, say=print) -> dict:
+    """The dock's loop, once more: correction strokes where the first attention model is wrong
+    (``SyntheticSample.corrections``) added to the first strokes, then Fine-tune again on all of them,
+    continuing that model (as the dock does) for each of ``iterations``, and a new model beside it; the forests
+    on the same strokes. Scored on the voxels neither round painted."""
+    fixes = sample.corrections(labels, seed=settings["seed"] + 100)
+    strokes = np.where(scribbles > 0, scribbles, fixes)
+    painted = strokes > 0
+    say(f"  round 2: {int((fixes > 0).sum())} voxels of correction strokes, by class "
+        f"{[int((fixes == k).sum()) for k in CLASSES]}", flush=True)
+    start = StartModel(first.model, first.info, first.log)
+    rows = {}
+    for n in (*iterations, None):
+        config = TrainConfig(**{**settings, **({"iterations": n} if n else {})})
+        result = drive(fine_tune(source, strokes, config, NewModel("attention"), None if n is None else start))
+        name = f"round 2, {'new model' if n is None else f'continued {n} it'}"
+        arrays = predict_to_memory(result.model, source, device=settings["device"]).arrays
+        rows[name] = {"iou": iou_unpainted(arrays["labels"], sample.ground_truth, painted, CLASSES),
+                      "seconds": result.seconds, "iterations": result.iterations,
+                      "shares": [round(v, 4) for v in result.model.class_prior.tolist()]}
+        say(f"  {name}: {result.seconds:.0f} s; IoU " + " / ".join(f"{rows[name]['iou'][k]:.2f}" for k in CLASSES)
+            + f"; estimated shares {rows[name]['shares']}", flush=True)
+    for name, row in forest_rows(sample, strokes, seed=settings["seed"]).items():
+        rows[f"round 2, {name}"] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
+                                   "seconds": row["seconds"]}
     return rows
 
 
@@ -116,9 +153,14 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="feature cache folder (default: the user cache)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--replicate", type=int, default=0, help="train with seed + 1000 R (same sample)")
+    parser.add_argument("--round2", type=int, nargs="+", default=[], metavar="N",
+                        help="then correction strokes where the attention model errs, and Fine-tune again, "
+                             "continuing it N iterations (each N) and anew (see second_round)")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="change a recipe (TrainConfig) field, e.g. weight_decay=0.01")
     args = parser.parse_args()
+    if args.round2 and "attention" not in args.modes:
+        parser.error("--round2 continues the attention model: include it in --modes")
     recipe = {}
     for item in args.set:
         name, _, value = item.partition("=")
@@ -135,7 +177,8 @@ def main() -> None:
     print(backbone.describe())
     cache = FeatureCache(args.cache)
     results = {seed: run_seed(seed, backbone, cache, args.modes, args.iterations, args.device,
-                              replicate=args.replicate, recipe=recipe) for seed in args.seeds}
+                              replicate=args.replicate, recipe=recipe, round2=tuple(args.round2))
+               for seed in args.seeds}
     print("\nIoU on unpainted voxels (* = context-dependent class); train s = training time (forest: filters + fit "
           "+ predict)\n")
     print(table(results))
