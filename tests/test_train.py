@@ -24,6 +24,7 @@ from napari_dinofuse.training.train import (
     masked_loss,
     new_model,
     split_strokes,
+    temper_class_prior,
 )
 
 
@@ -74,6 +75,38 @@ def test_class_shares_are_estimated_from_the_posteriors_of_a_model_trained_on_eq
     assert np.abs(estimate - shares).max() < 0.35 * np.abs(1 / 3 - shares).max()
     only_first = estimate_class_prior(np.array([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
     assert only_first.min() > 5e-4  # a class the sample missed is not ruled out
+
+
+def _called(posteriors, prior):
+    return np.bincount(np.argmax(posteriors * prior[:, None], 0), minlength=len(prior)) / posteriors.shape[1]
+
+
+def test_the_share_correction_is_kept_for_sure_posteriors_and_softened_where_it_would_erase_a_class():
+    rng = np.random.default_rng(0)
+    # Sure posteriors (the Gaussian classes above, and a third class nobody's voxels show): kept as estimated.
+    shares, centres = np.array([0.9, 0.1, 0.0]), np.array([-2.0, 2.0, 30.0])
+    x = rng.normal(centres[rng.choice(3, 100_000, p=shares)], 1.0)
+    likelihood = np.exp(-0.5 * (x[None] - centres[:, None]) ** 2)
+    posteriors = likelihood / likelihood.sum(0)
+    estimate = estimate_class_prior(posteriors)
+    np.testing.assert_allclose(temper_class_prior(posteriors, estimate), estimate)
+    # A rare class the uncorrected model over-predicts (on 24 % of the voxels: 4 % sure, 20 % unsure): the full
+    # correction cuts it to its sure 4 %, as it should, and is kept.
+    kind = rng.choice(3, 100_000, p=[0.76, 0.2, 0.04])
+    posteriors = np.array([[0.95, 0.45, 0.1], [0.05, 0.55, 0.9]])[:, kind]
+    estimate = estimate_class_prior(posteriors)
+    assert _called(posteriors, estimate)[1] == pytest.approx(0.04, abs=0.005)
+    np.testing.assert_allclose(temper_class_prior(posteriors, estimate), estimate)
+
+    # Unsure posteriors: 80 % background (0.8 / 0.2), 20 % membrane called so at 0.65 / 0.35. Corrected with
+    # the estimated shares (71 / 29 %), no voxel is membrane any more; softened, the membrane voxels stay.
+    membrane = rng.random(100_000) < 0.2
+    posteriors = np.where(membrane, [[0.35], [0.65]], [[0.8], [0.2]]) + rng.normal(0, 0.01, (2, 100_000))
+    estimate = estimate_class_prior(posteriors)
+    assert _called(posteriors, estimate)[1] == 0  # what the plain correction does
+    tempered = temper_class_prior(posteriors, estimate)
+    assert tempered.sum() == pytest.approx(1) and tempered[0] > tempered[1]  # still towards background
+    assert _called(posteriors, tempered)[1] >= 0.5 * min(estimate[1], membrane.mean())
 
 
 def test_rarely_painted_classes_weigh_more(sample):
