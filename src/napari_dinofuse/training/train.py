@@ -514,9 +514,10 @@ class Trainer:
 
     @torch.no_grad()
     def estimate_prior(self, device) -> np.ndarray:
-        """Set ``model.class_prior`` from the model's own posteriors (:func:`estimate_class_prior`) on the
-        volume, cut into tiles of ``defaults.PRIOR_TILE``: all of it, or PRIOR_TILES of its tiles chosen at
-        random. Returns the shares; deterministic for a seed.
+        """Set ``model.class_prior`` from the model's own posteriors (:func:`estimate_class_prior`, softened
+        where they would erase a class: :func:`temper_class_prior`) on the volume, cut into tiles of
+        ``defaults.PRIOR_TILE``: all of it, or PRIOR_TILES of its tiles chosen at random. Returns the shares;
+        deterministic for a seed.
 
         Prediction-sized tiles, not training ones: small tiles are mostly faces, where the padded convs see
         less, and a few small tiles of a volume of large objects are a poor sample (measured: on 32 tiles of
