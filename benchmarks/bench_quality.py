@@ -93,12 +93,9 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
         row = rows[f"fused UNet, {fusion}"]
         if fusion == "attention":
             first = result, labels
-        say(f"  seed {seed} {fusion}: {result.summary()}; IoU "
-            + " / ".join(f"{row['iou'][k]:.2f}" for k in CLASSES)
+        say(f"  seed {seed} {fusion}: {result.summary()}; IoU {_ious(row)}"
             + (f"; gate 5-95 % range per level {row['gate_spread']}" if "gate_spread" in row else ""), flush=True)
-    for name, row in forest_rows(sample, scribbles, seed=seed).items():
-        rows[name] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
-                      "seconds": row["seconds"]}
+    rows.update(scored_forests(sample, scribbles, seed))
     if round2:
         capped = {"iterations": iterations} if iterations else {}
         rows.update(second_round(sample, scribbles, source, *first, round2, {**settings, **capped}, say))
@@ -125,12 +122,21 @@ def second_round(sample, scribbles, source, first, labels, iterations, settings,
         rows[name] = {"iou": iou_unpainted(arrays["labels"], sample.ground_truth, painted, CLASSES),
                       "seconds": result.seconds, "iterations": result.iterations,
                       "shares": [round(v, 4) for v in result.model.class_prior.tolist()]}
-        say(f"  {name}: {result.seconds:.0f} s; IoU " + " / ".join(f"{rows[name]['iou'][k]:.2f}" for k in CLASSES)
-            + f"; estimated shares {rows[name]['shares']}", flush=True)
-    for name, row in forest_rows(sample, strokes, seed=settings["seed"]).items():
-        rows[f"round 2, {name}"] = {"iou": iou_unpainted(row["labels"], sample.ground_truth, painted, CLASSES),
-                                   "seconds": row["seconds"]}
+        say(f"  {name}: {result.seconds:.0f} s; IoU {_ious(rows[name])}; estimated shares {rows[name]['shares']}",
+            flush=True)
+    rows.update(scored_forests(sample, strokes, settings["seed"], prefix="round 2, "))
     return rows
+
+
+def scored_forests(sample, strokes, seed: int, prefix: str = "") -> dict:
+    """The forests trained on ``strokes``, scored on the voxels they leave unpainted."""
+    return {prefix + name: {"iou": iou_unpainted(row["labels"], sample.ground_truth, strokes > 0, CLASSES),
+                            "seconds": row["seconds"]}
+            for name, row in forest_rows(sample, strokes, seed=seed).items()}
+
+
+def _ious(row) -> str:
+    return " / ".join(f"{row['iou'][k]:.2f}" for k in CLASSES)
 
 
 def table(results: dict) -> str:
