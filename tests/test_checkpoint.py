@@ -70,25 +70,12 @@ def as_before_format_6(model):
     return old
 
 
-def _save(folder, model):
-    model.class_prior.copy_(torch.tensor([0.7, 0.2, 0.1]))  # as estimated after training
-    save_model(folder, model, make_info(model), training_log=[{"epoch": 0, "loss": 1.5}])
-    return folder, model
-
-
 @pytest.fixture
 def saved(tmp_path):
-    return _save(tmp_path / "model", make_model())
-
-
-@pytest.fixture
-def saved_before_8(tmp_path):
-    """A model as formats 3-6 built them (filter banks without the Hessian), saved without the key format 8 added;
-    the tests set its format_version."""
-    folder, model = _save(tmp_path / "format 6 model", make_model(hessian_filters=False))
-    config = json.loads((folder / "config.json").read_text())
-    del config["unet"]["hessian_filters"]
-    (folder / "config.json").write_text(json.dumps(config))
+    model = make_model()
+    model.class_prior.copy_(torch.tensor([0.7, 0.2, 0.1]))  # as estimated after training
+    folder = tmp_path / "model"
+    save_model(folder, model, make_info(model), training_log=[{"epoch": 0, "loss": 1.5}])
     return folder, model
 
 
@@ -260,11 +247,9 @@ def test_newer_format_says_who_wrote_it_and_what_to_do(saved):
         load_model(folder)
 
 
-@pytest.mark.parametrize("version, what", [(1, "a GroupNorm UNet"), (2, "a BatchNorm UNet"),
-                                           (7, "an experiment whose attention gates read the class evidence")])
+@pytest.mark.parametrize("version, what", [(1, "a GroupNorm UNet"), (2, "a BatchNorm UNet")])
 def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what):
-    """Formats 1 (GroupNorm: tile-dependent), 2 (BatchNorm) and 7 (reverted) hold other layers: refused, never
-    misread."""
+    """Formats 1 (GroupNorm: tile-dependent) and 2 (BatchNorm) hold other layers: refused, never misread."""
     folder, _ = saved
     _edit_config(folder, format_version=version, package_version="0.1.0")
     with pytest.raises(CheckpointError, match=rf"format {version}: {what}.*fine-tune a new model") as info:
@@ -272,9 +257,9 @@ def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what)
     assert "\n" not in str(info.value)
 
 
-def test_a_format_3_model_loads_and_predicts_as_it_did(saved_before_8):
+def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     """Format 3 saved no input statistics (its inputs ran unstandardised): it loads with identity ones."""
-    folder, model = saved_before_8
+    folder, model = saved
     weights = folder / "model.safetensors"
     statistics = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
     state = {k: v for k, v in load_file(weights).items()
@@ -293,7 +278,7 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved_before_8):
     assert torch.equal(logits(loaded), logits(as_before_format_6(model)))
     assert (info.planes, info.feature_tile_size, info.intensity_mode) == ("ortho", 1024, "dtype")
     assert info.extra == {"note": "painted by A."}
-    calibrated = make_model(hessian_filters=False)
+    calibrated = make_model()
     for stats in (calibrated.intensity_stem[0].std, calibrated.context_encoder.feature_std):
         stats.fill_(2.0)  # the statistics do reach the output
         assert not torch.equal(logits(calibrated), logits(model))
@@ -307,9 +292,9 @@ def _drop_context_evidence(folder):
 
 
 @pytest.mark.parametrize("version", [4, 5])
-def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved_before_8, version):
+def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved, version):
     """Format 4 had no context head, formats 4-5 no class shares and no context head logits in predictions."""
-    folder, model = saved_before_8
+    folder, model = saved
     weights = folder / "model.safetensors"
     dropped = ("context_head.", "class_prior") if version == 4 else ("class_prior",)
     save_file({k: v for k, v in load_file(weights).items() if not k.startswith(dropped)}, weights,
@@ -324,19 +309,6 @@ def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved_before_8, vers
     assert not torch.equal(logits(before), logits(model))  # what format 6 changed does change predictions
     assert not loaded.config.context_evidence
     assert loaded.context_head.weight.shape[0] == model.config.num_classes  # fine-tuning it again works
-
-
-def test_a_format_6_model_loads_without_the_hessian_filters_and_predicts_as_it_did(saved_before_8, saved):
-    """Format 6 filter banks gave no Hessian eigenvalues: it loads without them (its stems' weights fit no other)."""
-    folder, model = saved_before_8
-    _edit_config(folder, format_version=6)
-    loaded, _ = load_model(folder)
-    assert not loaded.config.hessian_filters
-    assert torch.equal(logits(loaded), logits(model))
-    new_folder, new = saved  # format 8: the eigenvalues feed both stems
-    assert load_model(new_folder)[0].config.hessian_filters
-    assert new.intensity_stem[1].in_channels == model.intensity_stem[1].in_channels + 9  # 3 per scale
-    assert new.context_encoder.stem[1].in_channels == model.context_encoder.stem[1].in_channels + 9
 
 
 def test_older_unsupported_format(saved):

@@ -108,7 +108,7 @@ def _filter_bank_reference(bank: FilterBank, image: np.ndarray) -> np.ndarray:
     from napari_dinofuse.modeling.filters import _gaussian
 
     inner = tuple(slice(h, n - h) for h, n in zip(bank.halo, image.shape))
-    out, hessians = [image[inner]], []
+    out = [image[inner]]
     for axes in bank.sigmas:
         g = image.astype(np.float64)
         for a, sigma in enumerate(axes):
@@ -120,52 +120,16 @@ def _filter_bank_reference(bank: FilterBank, image: np.ndarray) -> np.ndarray:
             grad2 = grad2 + (0.5 * (after - before)) ** 2
         scale = max(axes)
         out += [g[inner], laplace[inner] * scale**2, np.sqrt(grad2[inner]) * scale]
-        if bank.hessian:  # second differences in the finest axis' voxels, times sigma^2; eigenvalues largest first
-            step = [scale / s if s > 0 else 1.0 for s in axes]
-            hessian = np.empty(g[inner].shape + (3, 3))
-            for a in range(3):
-                for b in range(3):
-                    if a == b:
-                        d = np.roll(g, -1, axis=a) - 2 * g + np.roll(g, 1, axis=a)
-                    else:
-                        d = 0.25 * sum(sa * sb * np.roll(g, (-sa, -sb), axis=(a, b))
-                                       for sa in (1, -1) for sb in (1, -1))
-                    hessian[..., a, b] = d[inner] * scale**2 / (step[a] * step[b])
-            hessians.append(np.moveaxis(np.linalg.eigvalsh(hessian)[..., ::-1], -1, 0))
-    return np.concatenate([np.stack(out), *hessians])
+    return np.stack(out)
 
 
 @pytest.mark.parametrize("voxel_size", [(8, 4, 4), (40, 5, 5), (64, 64, 64)])
-@pytest.mark.parametrize("hessian", [False, True])
-def test_filter_bank_computes_smoothing_laplacian_gradient_and_hessian_per_scale(voxel_size, hessian):
-    bank = FilterBank(scale_sigmas(voxel_size), hessian)
-    assert bank.channels == (19 if hessian else 10)
+def test_filter_bank_computes_smoothing_laplacian_and_gradient_per_scale(voxel_size):
+    bank = FilterBank(scale_sigmas(voxel_size))
     image = np.random.default_rng(0).random([n + 2 * h for n, h in zip((6, 20, 17), bank.halo)])
     expected = _filter_bank_reference(bank, image)
     got = bank(torch.from_numpy(image).float()[None, None])[0].double().numpy()
     np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
-
-
-@pytest.mark.parametrize("normal", [0, 1, 2])
-def test_hessian_eigenvalues_find_a_thin_bright_sheet_in_any_orientation(normal):
-    """A membrane is a thin sheet: one strongly negative eigenvalue across it (a bright ridge), about zero along
-    it, the same whichever axis it faces; a small bright blob is curved every way. What a forest needs to find
-    membranes from a few strokes, and what the stems now get."""
-    bank = FilterBank(scale_sigmas((4, 4, 4)), hessian=True)
-    h = bank.halo
-    sheet = torch.zeros(1, 1, *(9 + 2 * n for n in h))
-    centre = [n + 4 for n in h]
-    index = [slice(None)] * 3
-    index[normal] = centre[normal]
-    sheet[(0, 0, *index)] = 1.0
-    largest, middle, smallest = bank(sheet)[0, 10:13, 4, 4, 4]  # sigma 1: the sheet's centre
-    assert smallest < -0.1 and abs(largest) < 0.01 * abs(smallest) and abs(middle) < 0.01 * abs(smallest)
-    facing_z = bank(sheet.transpose(2 + normal, 2))  # the same sheet turned to face z
-    torch.testing.assert_close(bank(sheet)[0, 10:], facing_z[0, 10:].transpose(1, 1 + normal),
-                               atol=1e-3 * float(smallest.abs()), rtol=0)  # float32: two eigenvalues meet
-    blob = torch.zeros_like(sheet)
-    blob[(0, 0, *centre)] = 1.0
-    assert (bank(blob)[0, 10:13, 4, 4, 4] < 0).all()
 
 
 def test_filter_bank_keeps_float32_precision_under_bf16_autocast():
@@ -361,20 +325,14 @@ def test_tiles_with_their_own_windows_get_what_each_gets_alone(fusion):
     placed[2] = placed[2]._replace(features=placed[2].features[:, :, :, :3], image=placed[2].image[:, :, :, :48],
                                    grid=Grid((6, 48, 48), 16.0, (-40.0, -100.0, -120.0)))  # another shape
     placed[3] = placed[3]._replace(grid=Grid(WINDOW.shape, 16.0, (-24.0, -90.0, -100.0)))  # the first shape again
-    # Float rounding: a batch's convolutions round differently than one tile's, and the filter banks' second
-    # differences (Laplacian, Hessian) turn that into up to ~1e-4 in these untrained logits; a window placed
-    # 40 nm off changes them by > 1.
-    close = {"atol": 5e-4, "rtol": 1e-4}
     with torch.no_grad():
         together = model(raw, placed, OUT_SHAPE, auxiliary=True)
         for i, window in enumerate(placed):
             alone = model(raw[i:i + 1], window, OUT_SHAPE, auxiliary=True)
-            torch.testing.assert_close(together.logits[i:i + 1], alone.logits, **close)
-            torch.testing.assert_close(together.context_logits[i:i + 1], alone.context_logits, **close)
+            torch.testing.assert_close(together.logits[i:i + 1], alone.logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(together.context_logits[i:i + 1], alone.context_logits, atol=1e-5, rtol=1e-4)
             for a_together, a_alone in zip(together.attention, alone.attention):
-                torch.testing.assert_close(a_together[i:i + 1], a_alone, **close)
-        moved = placed[1]._replace(grid=placed[0].grid)  # the test can fail: the same window in the wrong place
-        assert (together.logits[1:2] - model(raw[1:2], moved, OUT_SHAPE).logits).abs().max() > 100 * close["atol"]
+                torch.testing.assert_close(a_together[i:i + 1], a_alone, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(together.logits[0], together.logits[1])  # the moved window changed tile 1
     assert not torch.allclose(together.logits[0], together.logits[3])
 

@@ -99,9 +99,6 @@ class UNetConfig:
     # Scales (per sigma: z, y, x in voxels) of the fixed filter banks feeding the intensity stems.
     stem_sigmas: tuple[tuple[float, float, float], ...] = scale_sigmas((1, 1, 1))
     context_stem_sigmas: tuple[tuple[float, float, float], ...] = scale_sigmas((1, 1, 1))
-    # Both banks also give the Hessian's eigenvalues per scale (see FilterBank). Model format 8; older models ran
-    # without them.
-    hessian_filters: bool = True
 
     def __post_init__(self) -> None:
         for name in ("raw_channels", "context_channels", "num_classes", "base_channels", "patch_size"):
@@ -113,7 +110,7 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"UNetConfig.fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
-        for name in ("intensity_stem", "context_stem", "context_evidence", "hessian_filters"):
+        for name in ("intensity_stem", "context_stem", "context_evidence"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
         self.pooling = _check_pooling("pooling", self.pooling, NUM_LEVELS)
@@ -268,9 +265,9 @@ def _filter_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _stem(sigmas, width: int, hessian: bool) -> nn.Sequential:
+def _stem(sigmas, width: int) -> nn.Sequential:
     """Intensities (with the bank's halo) -> fixed filter bank -> 1x1x1 conv -> ChannelNorm -> ReLU."""
-    bank = FilterBank(sigmas, hessian)
+    bank = FilterBank(sigmas)
     return nn.Sequential(bank, nn.Conv3d(bank.channels, width, kernel_size=1, bias=False), *_norm_relu(width))
 
 
@@ -284,7 +281,7 @@ class ContextEncoder(nn.Module):
     """
 
     def __init__(self, feature_channels: int, width: int, intensity: bool, pooling, patch_size: int,
-                 sigmas, hessian: bool) -> None:
+                 sigmas) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.pooling = pooling
@@ -295,7 +292,7 @@ class ContextEncoder(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(feature_channels))
         self.register_buffer("feature_std", torch.ones(feature_channels))
         self.proj = nn.Conv3d(feature_channels, width, kernel_size=1)
-        self.stem = _stem(sigmas, width, hessian) if intensity else None
+        self.stem = _stem(sigmas, width) if intensity else None
         self.fine = ConvBlock(width, width)
         self.mid = ConvBlock(width, 2 * width)
         self.coarse = ConvBlock(2 * width, 2 * width)
@@ -351,15 +348,14 @@ class FusedUNet3D(nn.Module):
         self.level_channels = tuple(base * 2**k for k in range(NUM_LEVELS))
 
         self.raw_proj = nn.Conv3d(config.raw_channels, base, kernel_size=1)
-        self.intensity_stem = (_stem(config.stem_sigmas, base, config.hessian_filters) if config.intensity_stem
-                               else None)
+        self.intensity_stem = _stem(config.stem_sigmas, base) if config.intensity_stem else None
 
         self.context_encoder = self.context_pyramid = self.fusions = self.context_to_input = None
         self.context_width = width = max(16, base)
         if config.fusion != "none":
             self.context_encoder = ContextEncoder(config.context_channels, width, config.context_stem,
                                                   config.context_pooling, config.patch_size,
-                                                  config.context_stem_sigmas, config.hessian_filters)
+                                                  config.context_stem_sigmas)
             if config.fusion == "attention":
                 # Per level: the context map -> that level's width, then the gate; all pointwise, so run at the
                 # context's resolution and only the gate logits are sampled onto the level's grid.
