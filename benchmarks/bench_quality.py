@@ -6,14 +6,15 @@
 For each seed: the synthetic sample (4 nm raw field straddling a nuclear envelope, 64 nm context), its own
 scribbles, DINOv3-shaped features (default ``random:vits16``: RANDOM weights, not DINOv3), then the UNet trained
 with the one recipe (``TrainConfig()``: every stroke trains; held-out *painted* strokes only when a validation
-share is set, never the scored voxels) in each fusion mode, and the ilastik-style forest on raw filters and on raw + context filters. Prints
-per-class IoU on the unpainted voxels with training seconds, and the half-tile-shift label agreement of the
-attention model. ``--replicate R`` trains with seed ``seed + 1000 R`` (same sample and strokes, other initial
-weights and tiles): how much of a difference between settings is the recipe's own spread. ``--set`` changes a
-recipe field (``TrainConfig``) for an experiment. ``--round2 N ...`` goes on as a user does: correction strokes
-where the attention model is wrong, then Fine-tune again, continuing it N iterations (each N) and anew, scored
-against the forests on all strokes (:func:`second_round`). Needs scikit-learn (``pip install -e .[benchmark]``).
-CPU, 1 thread: 2-6 min per UNet (100 steps at 1.1-3.6 s a step, by machine).
+share is set, never the scored voxels) in each fusion mode, and the ilastik-style forest on raw filters and on
+raw + context filters. Prints per-class IoU on the unpainted voxels with training seconds, where the membrane's
+IoU is lost (false membrane by distance to the true one, missed membrane), and the half-tile-shift label
+agreement of the attention model. ``--replicate R`` trains with seed ``seed + 1000 R`` (same sample and strokes,
+other initial weights and tiles): how much of a difference between settings is the recipe's own spread.
+``--set`` changes a recipe field (``TrainConfig``) for an experiment. ``--round2 N ...`` goes on as a user does:
+correction strokes where the attention model is wrong, then Fine-tune again, continuing it N iterations (each N)
+and anew, scored against the forests on all strokes (:func:`second_round`). Needs scikit-learn
+(``pip install -e .[benchmark]``). CPU, 1 thread: 2-6 min per UNet (100 steps at 1.1-3.6 s a step, by machine).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import warnings
 
 import numpy as np
+from scipy import ndimage
 
 from napari_dinofuse.baseline import forest_rows
 from napari_dinofuse.demo import iou_unpainted
@@ -31,7 +33,7 @@ from napari_dinofuse.features.cache import FeatureCache
 from napari_dinofuse.features.extract import extract_sources
 from napari_dinofuse.inference.predict import predict_to_memory
 from napari_dinofuse.progress import drive
-from napari_dinofuse.synthetic.sample import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, make_sample
+from napari_dinofuse.synthetic.sample import CLASS_NAMES, CONTEXT_DEPENDENT_CLASSES, MEMBRANE, make_sample
 from napari_dinofuse.training.finetune import NewModel, StartModel, fine_tune
 from napari_dinofuse.training.train import TrainConfig
 
@@ -68,6 +70,19 @@ def confusion(labels, truth, painted) -> dict[str, dict[str, float]]:
     return out
 
 
+DISTANCE_BINS = (0, 1.5, 3.5, 12.5, np.inf)  # voxels from the true membrane: 1, 2-3, 4-12, beyond
+
+
+def membrane_errors(labels, truth, painted) -> dict[str, list[int] | int]:
+    """Unpainted voxels wrongly called membrane, by their distance to the true membrane (1, 2-3, 4-12, > 12
+    voxels: too thick, a blurred band, elsewhere), and true membrane voxels missed: where a membrane IoU is lost."""
+    membrane = truth == MEMBRANE
+    false = (labels == MEMBRANE) & ~membrane & ~painted
+    distance = ndimage.distance_transform_edt(~membrane)[false]
+    return {"false_by_distance": np.histogram(distance, DISTANCE_BINS)[0].tolist(),
+            "missed": int(np.count_nonzero(membrane & (labels != MEMBRANE) & ~painted))}
+
+
 def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print,
              replicate: int = 0, recipe: dict | None = None, round2: tuple[int, ...] = ()) -> dict:
     """Rows of one seed; each UNet's IoUs are also printed as soon as it is scored. ``round2``: see
@@ -88,6 +103,7 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
             "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
             "iterations": result.iterations, "held_out_miou": result.validation,
             "confusion": confusion(labels, sample.ground_truth, painted),
+            "membrane_errors": membrane_errors(labels, sample.ground_truth, painted),
             **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
                if fusion == "attention" else {})}
         row = rows[f"fused UNet, {fusion}"]
@@ -120,6 +136,7 @@ def second_round(sample, scribbles, source, first, labels, iterations, settings,
         name = f"round 2, {'new model' if n is None else f'continued {n} it'}"
         arrays = predict_to_memory(result.model, source, device=settings["device"]).arrays
         rows[name] = {"iou": iou_unpainted(arrays["labels"], sample.ground_truth, painted, CLASSES),
+                      "membrane_errors": membrane_errors(arrays["labels"], sample.ground_truth, painted),
                       "seconds": result.seconds, "iterations": result.iterations,
                       "shares": [round(v, 4) for v in result.model.class_prior.tolist()]}
         say(f"  {name}: {result.seconds:.0f} s; IoU {_ious(rows[name])}; estimated shares {rows[name]['shares']}",
@@ -131,6 +148,7 @@ def second_round(sample, scribbles, source, first, labels, iterations, settings,
 def scored_forests(sample, strokes, seed: int, prefix: str = "") -> dict:
     """The forests trained on ``strokes``, scored on the voxels they leave unpainted."""
     return {prefix + name: {"iou": iou_unpainted(row["labels"], sample.ground_truth, strokes > 0, CLASSES),
+                            "membrane_errors": membrane_errors(row["labels"], sample.ground_truth, strokes > 0),
                             "seconds": row["seconds"]}
             for name, row in forest_rows(sample, strokes, seed=seed).items()}
 
@@ -188,6 +206,12 @@ def main() -> None:
     print("\nIoU on unpainted voxels (* = context-dependent class); train s = training time (forest: filters + fit "
           "+ predict)\n")
     print(table(results))
+    print("\nUnpainted voxels wrongly called membrane, by distance to the true membrane (1 / 2-3 / 4-12 / > 12 "
+          "voxels), and membrane voxels missed\n")
+    for seed, rows in results.items():
+        for name, row in rows.items():
+            errors = row["membrane_errors"]
+            print(f"seed {seed} {name}: {' / '.join(map(str, errors['false_by_distance']))}; missed {errors['missed']}")
     for seed, rows in results.items():
         att = rows.get("fused UNet, attention")
         if att:
