@@ -83,6 +83,13 @@ def membrane_errors(labels, truth, painted) -> dict[str, list[int] | int]:
             "missed": int(np.count_nonzero(membrane & (labels != MEMBRANE) & ~painted))}
 
 
+def scores(labels, truth, painted) -> dict:
+    """What every row reports about its labels: per-class IoU and where the membrane is lost, on the unpainted
+    voxels."""
+    return {"iou": iou_unpainted(labels, truth, painted, CLASSES),
+            "membrane_errors": membrane_errors(labels, truth, painted)}
+
+
 def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="cpu", say=print,
              replicate: int = 0, recipe: dict | None = None, round2: tuple[int, ...] = ()) -> dict:
     """Rows of one seed; each UNet's IoUs are also printed as soon as it is scored. ``round2``: see
@@ -100,10 +107,9 @@ def run_seed(seed: int, backbone, cache, modes, iterations: int | None, device="
         arrays = predict_to_memory(model, source, device=device).arrays
         labels = arrays["labels"]
         rows[f"fused UNet, {fusion}"] = {
-            "iou": iou_unpainted(labels, sample.ground_truth, painted, CLASSES), "seconds": seconds,
+            **scores(labels, sample.ground_truth, painted), "seconds": seconds,
             "iterations": result.iterations, "held_out_miou": result.validation,
             "confusion": confusion(labels, sample.ground_truth, painted),
-            "membrane_errors": membrane_errors(labels, sample.ground_truth, painted),
             **({"shift_agreement": shift_agreement(model, source), "gate_spread": gate_spread(arrays)}
                if fusion == "attention" else {})}
         row = rows[f"fused UNet, {fusion}"]
@@ -135,9 +141,8 @@ def second_round(sample, scribbles, source, first, labels, iterations, settings,
         result = drive(fine_tune(source, strokes, config, NewModel("attention"), None if n is None else start))
         name = f"round 2, {'new model' if n is None else f'continued {n} it'}"
         arrays = predict_to_memory(result.model, source, device=settings["device"]).arrays
-        rows[name] = {"iou": iou_unpainted(arrays["labels"], sample.ground_truth, painted, CLASSES),
-                      "membrane_errors": membrane_errors(arrays["labels"], sample.ground_truth, painted),
-                      "seconds": result.seconds, "iterations": result.iterations,
+        rows[name] = {**scores(arrays["labels"], sample.ground_truth, painted), "seconds": result.seconds,
+                      "iterations": result.iterations,
                       "shares": [round(v, 4) for v in result.model.class_prior.tolist()]}
         say(f"  {name}: {result.seconds:.0f} s; IoU {_ious(rows[name])}; estimated shares {rows[name]['shares']}",
             flush=True)
@@ -147,9 +152,7 @@ def second_round(sample, scribbles, source, first, labels, iterations, settings,
 
 def scored_forests(sample, strokes, seed: int, prefix: str = "") -> dict:
     """The forests trained on ``strokes``, scored on the voxels they leave unpainted."""
-    return {prefix + name: {"iou": iou_unpainted(row["labels"], sample.ground_truth, strokes > 0, CLASSES),
-                            "membrane_errors": membrane_errors(row["labels"], sample.ground_truth, strokes > 0),
-                            "seconds": row["seconds"]}
+    return {prefix + name: {**scores(row["labels"], sample.ground_truth, strokes > 0), "seconds": row["seconds"]}
             for name, row in forest_rows(sample, strokes, seed=seed).items()}
 
 
