@@ -70,12 +70,25 @@ def as_before_format_6(model):
     return old
 
 
+def _save(folder, model):
+    model.class_prior.copy_(torch.tensor([0.7, 0.2, 0.1]))  # as estimated after training
+    save_model(folder, model, make_info(model), training_log=[{"epoch": 0, "loss": 1.5}])
+    return folder, model
+
+
 @pytest.fixture
 def saved(tmp_path):
-    model = make_model()
-    model.class_prior.copy_(torch.tensor([0.7, 0.2, 0.1]))  # as estimated after training
-    folder = tmp_path / "model"
-    save_model(folder, model, make_info(model), training_log=[{"epoch": 0, "loss": 1.5}])
+    return _save(tmp_path / "model", make_model())
+
+
+@pytest.fixture
+def saved_before_9(tmp_path):
+    """A model as formats 3-6 built them (the patch features at level 0, no level-1 head), saved without the key
+    format 9 added; the tests set its format_version."""
+    folder, model = _save(tmp_path / "format 6 model", make_model(feature_level=0))
+    config = json.loads((folder / "config.json").read_text())
+    del config["unet"]["feature_level"]
+    (folder / "config.json").write_text(json.dumps(config))
     return folder, model
 
 
@@ -247,9 +260,12 @@ def test_newer_format_says_who_wrote_it_and_what_to_do(saved):
         load_model(folder)
 
 
-@pytest.mark.parametrize("version, what", [(1, "a GroupNorm UNet"), (2, "a BatchNorm UNet")])
+@pytest.mark.parametrize("version, what", [(1, "a GroupNorm UNet"), (2, "a BatchNorm UNet"),
+                                           (7, "an experiment whose attention gates read the class evidence"),
+                                           (8, "an experiment whose filter banks gave the Hessian's eigenvalues")])
 def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what):
-    """Formats 1 (GroupNorm: tile-dependent) and 2 (BatchNorm) hold other layers: refused, never misread."""
+    """Formats 1 (GroupNorm: tile-dependent), 2 (BatchNorm) and 7-8 (reverted experiments) hold other layers:
+    refused, never misread."""
     folder, _ = saved
     _edit_config(folder, format_version=version, package_version="0.1.0")
     with pytest.raises(CheckpointError, match=rf"format {version}: {what}.*fine-tune a new model") as info:
@@ -257,9 +273,9 @@ def test_a_retired_model_format_is_refused_with_what_to_do(saved, version, what)
     assert "\n" not in str(info.value)
 
 
-def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
+def test_a_format_3_model_loads_and_predicts_as_it_did(saved_before_9):
     """Format 3 saved no input statistics (its inputs ran unstandardised): it loads with identity ones."""
-    folder, model = saved
+    folder, model = saved_before_9
     weights = folder / "model.safetensors"
     statistics = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
     state = {k: v for k, v in load_file(weights).items()
@@ -278,7 +294,7 @@ def test_a_format_3_model_loads_and_predicts_as_it_did(saved):
     assert torch.equal(logits(loaded), logits(as_before_format_6(model)))
     assert (info.planes, info.feature_tile_size, info.intensity_mode) == ("ortho", 1024, "dtype")
     assert info.extra == {"note": "painted by A."}
-    calibrated = make_model()
+    calibrated = make_model(feature_level=0)
     for stats in (calibrated.intensity_stem[0].std, calibrated.context_encoder.feature_std):
         stats.fill_(2.0)  # the statistics do reach the output
         assert not torch.equal(logits(calibrated), logits(model))
@@ -292,9 +308,9 @@ def _drop_context_evidence(folder):
 
 
 @pytest.mark.parametrize("version", [4, 5])
-def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved, version):
+def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved_before_9, version):
     """Format 4 had no context head, formats 4-5 no class shares and no context head logits in predictions."""
-    folder, model = saved
+    folder, model = saved_before_9
     weights = folder / "model.safetensors"
     dropped = ("context_head.", "class_prior") if version == 4 else ("class_prior",)
     save_file({k: v for k, v in load_file(weights).items() if not k.startswith(dropped)}, weights,
@@ -309,6 +325,19 @@ def test_a_format_4_or_5_model_loads_and_predicts_as_it_did(saved, version):
     assert not torch.equal(logits(before), logits(model))  # what format 6 changed does change predictions
     assert not loaded.config.context_evidence
     assert loaded.context_head.weight.shape[0] == model.config.num_classes  # fine-tuning it again works
+
+
+def test_a_format_6_model_loads_with_the_features_at_level_0_and_predicts_as_it_did(saved_before_9, saved):
+    """Format 6 added the patch features at level 0 and had no level-1 head: it loads so (its weights fit no
+    other) and predicts as it did; format 9 models keep their features at level 1."""
+    folder, model = saved_before_9
+    _edit_config(folder, format_version=6)
+    loaded, _ = load_model(folder)
+    assert loaded.config.feature_level == 0 and loaded.region_head is None
+    assert torch.equal(logits(loaded), logits(model))
+    new_folder, new = saved
+    reloaded = load_model(new_folder)[0]
+    assert reloaded.config.feature_level == 1 and torch.equal(logits(reloaded), logits(new))
 
 
 def test_older_unsupported_format(saved):

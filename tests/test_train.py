@@ -360,11 +360,11 @@ def test_new_classes_replace_only_the_head(source):
     model = new_model(source, 3, base_channels=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adapt_classes(model, 5)
-    heads = (model.head, model.local_head, model.context_head)
+    heads = (model.head, model.local_head, model.region_head, model.context_head)
     assert model.config.num_classes == 5 and all(h.out_channels == 5 for h in heads)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before
-               if not k.startswith(("head.", "local_head.", "context_head.", "class_prior")))
+               if not k.startswith(("head.", "local_head.", "region_head.", "context_head.", "class_prior")))
     assert torch.equal(model.class_prior, torch.full((5,), 0.2))  # shares of the new classes: not known yet
 
 

@@ -384,6 +384,26 @@ def test_intensity_stem():
         model(raw, out_shape=OUT_SHAPE, intensity=torch.rand(1, 1, *OUT_SHAPE))
 
 
+@pytest.mark.parametrize("feature_level", [0, 1])
+def test_the_patch_features_join_the_encoder_at_their_level(feature_level):
+    """At level 1 (the default with the intensity stem) the patch features never reach level 0: what level 0
+    computes, and its short path to the logits, follow the intensities alone, so a patch feature cannot paint
+    its whole 16-voxel patch as membrane there; the features still reach the logits (level 1's short path and
+    the decoder). At level 0 (formats 3-6) they are added to the intensities at every voxel."""
+    model = make_model("attention", intensity_stem=True, feature_level=feature_level).eval()
+    assert (model.region_head is not None) == (feature_level == 1)
+    raw, window = make_feats()
+    other_raw = make_feats(seed=7)[0]
+    g = torch.Generator().manual_seed(3)
+    intensity = torch.rand(1, 1, *(n + 2 * h for n, h in zip(OUT_SHAPE, model.intensity_halo)), generator=g)
+    level0 = []
+    model.encoders[0].register_forward_hook(lambda module, args, out: level0.append(out))
+    with torch.no_grad():
+        logits = [model(r, window, OUT_SHAPE, intensity=intensity).logits for r in (raw, other_raw)]
+    assert not torch.allclose(*logits)
+    assert torch.equal(*level0) == (feature_level == 1)
+
+
 # -- config ------------------------------------------------------------------------------
 
 
@@ -407,6 +427,13 @@ def test_config_json_round_trip_and_validation():
         UNetConfig(RAW_C, CTX_C, 2, pooling=((3, 2, 2),) * 4)
     with pytest.raises(ValueError, match="context_margin_nm"):
         UNetConfig(RAW_C, CTX_C, 2, context_margin_nm=-1.0)
+    assert UNetConfig(RAW_C, CTX_C, 2).feature_level == 1  # with the intensity stem
+    assert UNetConfig(RAW_C, CTX_C, 2, intensity_stem=False).feature_level == 0  # level 0 needs an input
+    with pytest.raises(ValueError, match="feature_level=1 needs the intensity stem"):
+        UNetConfig(RAW_C, CTX_C, 2, intensity_stem=False, feature_level=1)
+    for bad in (2, True, 1.0):
+        with pytest.raises(ValueError, match="feature_level must be 0 or 1"):
+            UNetConfig(RAW_C, CTX_C, 2, feature_level=bad)
 
 
 def test_channel_norm_normalises_each_voxel_over_its_channels_only():

@@ -59,7 +59,10 @@ __all__ = [
 # 5: a context head (trained beside the main logits, unused when predicting; formats 3-4 load with a new one).
 # 6: the context head's logits take part in predictions (UNetConfig.context_evidence; formats 3-5 load with it
 #    off) and the estimated class shares (``class_prior``; formats 3-5 load with equal shares: as they predicted).
-FORMAT_VERSION = 6
+# 7, 8: (experiments, reverted: gates that read the class evidence; Hessian filters; retired.)
+# 9: the patch features join the encoder at level 1, with a short path from level 1 to the logits
+#    (UNetConfig.feature_level; formats 3-6 load with it at 0, as they ran).
+FORMAT_VERSION = 9
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
 
@@ -67,6 +70,8 @@ MIN_FORMAT_VERSION = 3
 _RETIRED = {
     1: "a GroupNorm UNet whose predictions depended on the tiling and whose context stopped at the tile's edge",
     2: "a BatchNorm UNet whose inference statistics did not match what its few training tiles showed",
+    7: "an experiment whose attention gates read the class evidence, not carried on",
+    8: "an experiment whose filter banks gave the Hessian's eigenvalues, not carried on",
 }
 
 _INPUT_STATISTICS = ("stem.0.mean", "stem.0.std", "context_encoder.feature_mean", "context_encoder.feature_std")
@@ -400,8 +405,10 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not isinstance(config, Mapping):
         raise CheckpointError(f"corrupt {CONFIG_FILE} in {folder}: not a JSON object; re-save or re-train it")
     version = _check_format(config, folder)
-    if version < 6 and isinstance(config.get("unet"), Mapping):  # predicted without the context head's logits
-        config = {**config, "unet": {"context_evidence": False, **config["unet"]}}
+    if isinstance(config.get("unet"), Mapping):  # what older formats ran without
+        older = {"context_evidence": False} if version < 6 else {}
+        older.update({"feature_level": 0} if version < 9 else {})
+        config = {**config, "unet": {**older, **config["unet"]}}
     try:
         info = ModelInfo.from_dict(config)
     except (TypeError, ValueError) as exc:

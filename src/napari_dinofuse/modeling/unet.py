@@ -10,9 +10,14 @@ explains the class shares added at inference).
 
 Every normalisation is a :class:`~.fusion.ChannelNorm` (statistics over a voxel's channels only), so
 predictions do not depend on the tiling and training computes what inference does. Pooling follows the voxel
-size (see :func:`anisotropic_pooling`). The logits are the decoder's plus a per-voxel reading of the first
-level (after its context gate): the local cues a classic pixel classifier uses are learnt within a few steps
-through that short path, and the deeper UNet adds what needs a wider view.
+size (see :func:`anisotropic_pooling`).
+
+Where the patch features enter (``UNetConfig.feature_level``): with the intensity stem, at level 1, after the
+first pooling; level 0 sees the intensities alone. Added at level 0, a patch feature is the same over its whole
+16-voxel patch, and the UNet drew thin membranes as bands up to half a patch wide (docs/benchmarks.md). The
+logits are the decoder's plus two short paths, each a per-voxel reading: of level 0 (the sharp local cues a
+classic pixel classifier uses) and of level 1 upsampled (the regions the patch features tell apart); both are
+learnt within a few steps, and the deeper UNet adds what needs a wider view.
 """
 
 from __future__ import annotations
@@ -99,6 +104,9 @@ class UNetConfig:
     # Scales (per sigma: z, y, x in voxels) of the fixed filter banks feeding the intensity stems.
     stem_sigmas: tuple[tuple[float, float, float], ...] = scale_sigmas((1, 1, 1))
     context_stem_sigmas: tuple[tuple[float, float, float], ...] = scale_sigmas((1, 1, 1))
+    # The encoder level the patch features join (see the module docstring): 1, or 0 as formats 3-6 had it (and as
+    # a model without an intensity stem needs: level 0 would have nothing else to read). None: 1 with the stem.
+    feature_level: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("raw_channels", "context_channels", "num_classes", "base_channels", "patch_size"):
@@ -129,6 +137,12 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.context_margin_nm must be a number of nm >= 0 (or None for the whole "
                              f"context), got {margin!r}")
         self.context_pooling = _check_pooling("context_pooling", self.context_pooling, 2)
+        if self.feature_level is None:
+            self.feature_level = 1 if self.intensity_stem else 0
+        if type(self.feature_level) is not int or self.feature_level not in (0, 1):
+            raise ValueError(f"UNetConfig.feature_level must be 0 or 1, got {self.feature_level!r}")
+        if self.feature_level == 1 and not self.intensity_stem:
+            raise ValueError("UNetConfig.feature_level=1 needs the intensity stem (level 0 would have no input)")
 
     @property
     def level_factors(self) -> tuple[_Triple, ...]:
@@ -384,9 +398,9 @@ class FusedUNet3D(nn.Module):
         self.replace_heads(config.num_classes)
 
     def replace_heads(self, num_classes: int) -> None:
-        """New output layers for ``num_classes``: the decoder's head, the short path from level 0's fused
-        skip straight to the logits (see the module docstring) and the context branch's own head. Everything
-        else is kept.
+        """New output layers for ``num_classes``: the decoder's head, the short paths from the fused skips of
+        level 0 and (features at level 1) level 1 straight to the logits (see the module docstring) and the
+        context branch's own head. Everything else is kept.
 
         The context head reads the classes from the context branch alone, and (``config.context_evidence``) its
         logits are added to the UNet's. Measured (docs/benchmarks.md): the context branch soon tells the two
@@ -404,6 +418,8 @@ class FusedUNet3D(nn.Module):
         base = self.level_channels[0]
         self.head = nn.Conv3d(base, num_classes, kernel_size=1)
         self.local_head = nn.Conv3d(base, num_classes, kernel_size=1, bias=False)
+        self.region_head = (nn.Conv3d(self.level_channels[1], num_classes, kernel_size=1, bias=False)
+                            if self.config.feature_level == 1 else None)
         self.context_head = (nn.Conv3d(self.context_width, num_classes, kernel_size=1)
                              if self.context_encoder is not None else None)
         self.register_buffer("class_prior", torch.full((num_classes,), 1.0 / num_classes))
@@ -473,7 +489,8 @@ class FusedUNet3D(nn.Module):
         if use_context:
             windows = self._check_context(raw_feats, context)
 
-        x = self.project_and_upsample(raw_feats, self.raw_proj, out_shape)
+        projected = self.project_and_upsample(raw_feats, self.raw_proj, out_shape)
+        x, features = (projected, None) if cfg.feature_level == 0 else (0, projected)
         if self.intensity_stem is not None:
             if intensity is None:
                 raise ValueError("config.intensity_stem is enabled but no intensity was given")
@@ -483,7 +500,8 @@ class FusedUNet3D(nn.Module):
                 raise ValueError(f"intensity must have shape {expected} (the tile and a halo of "
                                  f"{self.intensity_halo}), got {tuple(intensity.shape)}")
             # Full-resolution detail: patch features alone give 16-voxel blocky boundaries.
-            x = x + self.intensity_stem(intensity.to(_filter_dtype(x)))
+            x = x + self.intensity_stem(intensity.to(_filter_dtype(projected)))
+        del projected  # a full-resolution tensor: not kept through the encoder
 
         # Pad at the end of each axis so all poolings divide evenly; replicate (not zeros) so the padding does
         # not look like a dark boundary to the convs.
@@ -491,6 +509,9 @@ class FusedUNet3D(nn.Module):
         if padded != out_shape:
             spec = (0, padded[2] - out_shape[2], 0, padded[1] - out_shape[1], 0, padded[0] - out_shape[0])
             x = F.pad(x, spec, mode="replicate")
+            features = None if features is None else F.pad(features, spec, mode="replicate")
+        if features is not None:  # on level 1's grid: each voxel gets the mean of the features on its voxels
+            features = F.avg_pool3d(features, cfg.pooling[0], cfg.pooling[0])
 
         gates, context_logits = [], None
         evidence = self.adds_context_evidence
@@ -509,6 +530,8 @@ class FusedUNet3D(nn.Module):
         for k, encoder in enumerate(self.encoders):
             if k > 0:
                 x = self.pools[k - 1](x)
+            if k == 1 and features is not None:
+                x = x + features
             x = encoder(x)
             skip = x
             if gates:
@@ -519,7 +542,10 @@ class FusedUNet3D(nn.Module):
         x = self.bottleneck(self.pools[-1](x))
         for decoder, skip in zip(self.decoders, reversed(skips)):
             x = decoder(x, skip)
-        logits = self._crop(self.head(x) + self.local_head(skips[0]), out_shape, (1, 1, 1))
+        logits = self.head(x) + self.local_head(skips[0])
+        if self.region_head is not None:
+            logits = logits + _upsample(self.region_head(skips[1]), logits.shape[2:])
+        logits = self._crop(logits, out_shape, (1, 1, 1))
         if evidence:
             logits = logits + (context_logits if evidence_keep is None else
                                context_logits * evidence_keep.to(context_logits.dtype).view(-1, 1, 1, 1, 1))
