@@ -405,9 +405,12 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     if not isinstance(config, Mapping):
         raise CheckpointError(f"corrupt {CONFIG_FILE} in {folder}: not a JSON object; re-save or re-train it")
     version = _check_format(config, folder)
-    if isinstance(config.get("unet"), Mapping):  # what older formats ran without
-        older = {"context_evidence": False} if version < 6 else {}
-        older.update({"feature_level": 0} if version < 9 else {})
+    if isinstance(config.get("unet"), Mapping):  # how older formats ran where they saved no key
+        older = {}
+        if version < 6:  # predicted without the context head's logits
+            older["context_evidence"] = False
+        if version < 9:  # the patch features joined at level 0
+            older["feature_level"] = 0
         config = {**config, "unet": {**older, **config["unet"]}}
     try:
         info = ModelInfo.from_dict(config)
