@@ -109,6 +109,67 @@ def test_the_share_correction_is_kept_for_sure_posteriors_and_softened_where_it_
     assert _called(posteriors, tempered)[1] >= 0.5 * min(estimate[1], membrane.mean())
 
 
+def test_the_share_correction_is_softened_where_it_would_overrule_the_strokes():
+    """A thin class called right before the correction, half of it surely (0.97) and half less so (0.8, as models
+    trained anew on correction strokes had it): the full correction keeps half of it (no erasure: the share rule
+    alone keeps it), but calls half of its painted voxels background. The strokes soften it; strokes on the sure
+    part, or too few to judge, leave it."""
+    rng = np.random.default_rng(0)
+    kind = rng.choice(3, 100_000, p=[0.95, 0.025, 0.025])  # background, sure membrane, unsure membrane
+    posteriors = np.array([[0.97, 0.03, 0.2], [0.03, 0.97, 0.8]])[:, kind] + rng.normal(0, 0.005, (2, 100_000))
+    estimate = estimate_class_prior(posteriors)
+    assert 0.4 < _called(posteriors, estimate)[1] / 0.05 < 0.6  # half of the membrane kept
+    np.testing.assert_allclose(temper_class_prior(posteriors, estimate), estimate)
+
+    def strokes(kinds, n=200):
+        voxels = np.flatnonzero(np.isin(kind, kinds))[:n]
+        return posteriors[:, voxels], np.where(kind[voxels] == 0, 1, 2)
+
+    def recall(prior, painted, classes):
+        return np.mean(np.argmax(painted * prior[:, None], 0)[classes == 2] == 1)
+
+    painted, classes = strokes([0, 1, 2], 4000)  # background and both kinds of membrane painted
+    assert recall(estimate, painted, classes) < 0.6
+    tempered = temper_class_prior(posteriors, estimate, painted, classes)
+    assert tempered[0] > tempered[1] > estimate[1]  # softened, still towards background
+    assert recall(tempered, painted, classes) >= 0.9
+    np.testing.assert_allclose(temper_class_prior(posteriors, estimate, *strokes([0, 1], 4000)), estimate)
+    few = strokes([2], 10)
+    np.testing.assert_allclose(temper_class_prior(posteriors, estimate, *few, min_stroke_voxels=20), estimate)
+    assert temper_class_prior(posteriors, estimate, *few, min_stroke_voxels=5)[1] > estimate[1]
+
+
+def test_the_shares_are_estimated_on_random_tiles_and_checked_on_the_strokes(sample, source, monkeypatch):
+    """On a volume of many tiles: the shares come from PRIOR_TILES random tiles only (strokes are not a random
+    sample of the volume), the check against the strokes also reads the STROKE_TILES tiles holding the most."""
+    from napari_dinofuse.inference.tiling import iter_blocks
+    from napari_dinofuse.training import train
+
+    monkeypatch.setattr(train.defaults, "PRIOR_TILE", (8, 32, 32))  # 32 tiles of this volume
+    monkeypatch.setattr(Trainer, "PRIOR_TILES", 2)
+    monkeypatch.setattr(Trainer, "STROKE_TILES", 3)
+    seen = {}
+
+    def spy(posteriors, prior, stroke_posteriors, stroke_classes, **kwargs):
+        seen.update(voxels=posteriors.shape[1], strokes=np.bincount(stroke_classes, minlength=5)[1:])
+        return temper_class_prior(posteriors, prior, stroke_posteriors, stroke_classes, **kwargs)
+
+    monkeypatch.setattr(train, "temper_class_prior", spy)
+    labels = sample.scribbles(seed=0)
+    trainer = Trainer(new_model(source, 4, base_channels=4), source, labels, TrainConfig(iterations=1, seed=5))
+    shares = trainer.estimate_prior(torch.device("cpu"))
+    assert shares.sum() == pytest.approx(1) and torch.allclose(trainer.model.class_prior, torch.from_numpy(shares).float())
+
+    blocks = [b.core for b in iter_blocks(labels.shape, (8, 32, 32))]
+    sampled = np.random.default_rng(5 + 2).choice(len(blocks), 2, replace=False)
+    assert seen["voxels"] == sum(np.prod([s.stop - s.start for s in blocks[i]]) for i in sampled)
+    painted = [np.bincount(labels[b].ravel(), minlength=5)[1:] for b in blocks]
+    others = sorted((i for i in range(len(blocks)) if i not in sampled), key=lambda i: -painted[i].sum())[:3]
+    expected = sum(painted[i] for i in [*sampled, *others])
+    assert expected.sum() < (labels > 0).sum()  # some strokes lie elsewhere: the check is bounded
+    np.testing.assert_array_equal(seen["strokes"], expected)
+
+
 def test_rarely_painted_classes_weigh_more(sample):
     painted = find_painted(sample.scribbles(seed=1), sample.raw.shape)
     weights = class_weights(painted)

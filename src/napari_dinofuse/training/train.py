@@ -339,11 +339,15 @@ def estimate_class_prior(posteriors, floor: float = 1e-3) -> np.ndarray:
     return prior / prior.sum()
 
 
-def temper_class_prior(posteriors, prior, erased: float = 0.05, kept: float = 0.5) -> np.ndarray:
+def temper_class_prior(posteriors, prior, stroke_posteriors=None, stroke_classes=None, erased: float = 0.05,
+                       kept: float = 0.5, overruled: float = 0.1, min_stroke_voxels: int = 20) -> np.ndarray:
     """``prior`` (the estimated shares), or where the correction with it would all but erase a class (call it on
     less than ``erased`` of its *room*: the smaller of its estimated share and the share the uncorrected
-    predictions of ``posteriors`` (K, n) call it on), the shares raised to the largest power t of 3/4, 1/2, 1/4,
-    0 at which every class keeps ``kept`` of its room. Normalised.
+    predictions of ``posteriors`` (K, n) call it on) or overrule the user's strokes (call a class on a share of
+    its painted voxels more than ``overruled`` below the uncorrected predictions' share; ``stroke_posteriors``
+    (K, m) at painted voxels of ``stroke_classes`` (m,), 1-based; a class with fewer than ``min_stroke_voxels``
+    of them is not judged), the shares raised to the largest power t of 3/4, 1/2, 1/4, 0 at which neither
+    happens (every class keeping ``kept`` of its room). Normalised.
 
     The correction multiplies the posteriors by the shares, which is exact for calibrated posteriors. A model
     continued on correction strokes was unsure everywhere instead: membrane voxels called membrane with 0.84
@@ -353,18 +357,40 @@ def temper_class_prior(posteriors, prior, erased: float = 0.05, kept: float = 0.
     for the full correction. Where the correction only cuts an over-predicted class, as it is meant to (a granule
     class called on 24 % of the volume, 3 % corrected: 0.16 of its room, the lowest seen in models that
     predicted well), the shares stay as estimated. A class with no room (one the sample missed) does not count.
+
+    The strokes catch what the shares cannot: models trained anew on first strokes plus corrections (background
+    painted hard against the membrane, where the first model was wrong) called every class on about its true
+    share uncorrected, but with membrane posteriors near 0.8 rather than 0.98; the full correction called 31-58 %
+    of the painted membrane background and cut its IoU from 0.66-0.71 to 0.12-0.33, while still calling it on
+    more than a twentieth of its room (docs/benchmarks.md, 2026-12-05 second night). First-round models lost
+    at most 1.5 % of any class's strokes to the correction.
     """
-    log_posteriors = np.log(np.maximum(np.asarray(posteriors, np.float32), 1e-12))
     log_prior = np.log(np.asarray(prior, np.float64)).astype(np.float32)[:, None]
 
-    def called(t):  # each class's share of the voxels, corrected with the shares to the power t
-        calls = (log_posteriors + t * log_prior).argmax(0)
-        return np.bincount(calls, minlength=len(prior)) / calls.size
+    def calls(p, t):  # the classes (0-based) called with the shares to the power t
+        return (np.log(np.maximum(np.asarray(p, np.float32), 1e-12)) + t * log_prior).argmax(0)
+
+    def called(t):  # each class's share of the voxels
+        return np.bincount(calls(posteriors, t), minlength=len(prior)) / np.shape(posteriors)[1]
+
+    judged = []
+    if stroke_posteriors is not None:
+        stroke_classes = np.asarray(stroke_classes)
+        judged = [k for k in np.unique(stroke_classes) if np.count_nonzero(stroke_classes == k) >= min_stroke_voxels]
+
+    def recall(t):  # per judged class, the share of its painted voxels called that class
+        predicted = calls(stroke_posteriors, t) + 1
+        return np.array([np.mean(predicted[stroke_classes == k] == k) for k in judged])
 
     room = np.minimum(prior, called(0.0))
-    power = 1.0
-    if np.any(called(1.0) < erased * room):
-        power = next((t for t in (0.75, 0.5, 0.25) if np.all(called(t) >= kept * room)), 0.0)
+    erasing = np.any(called(1.0) < erased * room)
+    uncorrected = recall(0.0) if judged else None
+
+    def acceptable(t):
+        return ((not erasing or np.all(called(t) >= kept * room))
+                and (not judged or np.all(recall(t) >= uncorrected - overruled)))
+
+    power = next((t for t in (1.0, 0.75, 0.5, 0.25) if acceptable(t)), 0.0)
     tempered = np.asarray(prior, np.float64) ** power
     return tempered / tempered.sum()
 
@@ -408,6 +434,7 @@ class Trainer:
 
     MAX_VALIDATION_TILES = 8
     PRIOR_TILES = 8  # tiles of defaults.PRIOR_TILE (at most) that the class shares are estimated on
+    STROKE_TILES = 4  # and at most this many more, where the strokes are, to check the correction against them
     MIN_IMPROVEMENT = 0.005  # of the held-out mIoU: smaller gains are noise, not a reason to train on
 
     def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
@@ -515,9 +542,10 @@ class Trainer:
     @torch.no_grad()
     def estimate_prior(self, device) -> np.ndarray:
         """Set ``model.class_prior`` from the model's own posteriors (:func:`estimate_class_prior`, softened
-        where they would erase a class: :func:`temper_class_prior`) on the volume, cut into tiles of
-        ``defaults.PRIOR_TILE``: all of it, or PRIOR_TILES of its tiles chosen at random. Returns the shares;
-        deterministic for a seed.
+        where they would erase a class or overrule the strokes: :func:`temper_class_prior`) on the volume, cut
+        into tiles of ``defaults.PRIOR_TILE``: all of it, or PRIOR_TILES of its tiles chosen at random, checked
+        against the strokes in them and in up to STROKE_TILES more, those holding the most strokes. Returns the
+        shares; deterministic for a seed.
 
         Prediction-sized tiles, not training ones: small tiles are mostly faces, where the padded convs see
         less, and a few small tiles of a volume of large objects are a poor sample (measured: on 32 tiles of
@@ -525,24 +553,40 @@ class Trainer:
         """
         model = self.model.eval()
         model.class_prior.fill_(1.0 / model.config.num_classes)  # posteriors as trained: equal shares
-        regions = [block.core for block in iter_blocks(self.source.raw.shape, defaults.PRIOR_TILE)]
+        shape = self.source.raw.shape
+        regions = [block.core for block in iter_blocks(shape, defaults.PRIOR_TILE)]
+        sampled = list(range(len(regions)))
         if len(regions) > self.PRIOR_TILES:
             rng = np.random.default_rng(self.config.seed + 2)
-            regions = [regions[i] for i in sorted(rng.choice(len(regions), self.PRIOR_TILES, replace=False))]
-        posteriors = []
+            sampled = sorted(int(i) for i in rng.choice(len(regions), self.PRIOR_TILES, replace=False))
+        painted = np.concatenate(list(self.painted.coords.values()))
+        tiles = [-(-n // t) for n, t in zip(shape, defaults.PRIOR_TILE)]  # iter_blocks' grid, in its order
+        strokes = np.bincount(np.ravel_multi_index(tuple((painted // defaults.PRIOR_TILE).T), tiles),
+                              minlength=len(regions))
+        strokes[sampled] = 0
+        most = np.argsort(-strokes, kind="stable")[:self.STROKE_TILES]
+        chosen = sorted({*sampled, *(int(i) for i in most if strokes[i])})
+        posteriors, stroke_posteriors, stroke_classes = [], [], []
         with ThreadPoolExecutor(1, "dinofuse-prior-read") as reader:  # the next tile read while this one runs
-            ahead = reader.submit(self._inputs, regions[0], device)
-            for i, region in enumerate(regions):
+            ahead = reader.submit(self._inputs, regions[chosen[0]], device)
+            for i, index in enumerate(chosen):
+                region = regions[index]
                 inputs = ahead.result()
-                if i + 1 < len(regions):
-                    ahead = reader.submit(self._inputs, regions[i + 1], device)
+                if i + 1 < len(chosen):
+                    ahead = reader.submit(self._inputs, regions[chosen[i + 1]], device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region),
                                 intensity=inputs.intensity)
                 z, y, x = (s.stop - s.start for s in region)
-                posteriors.append(out.logits[0, :, :z, :y, :x].float().softmax(0).flatten(1).cpu().numpy())
+                probs = out.logits[0, :, :z, :y, :x].float().softmax(0).cpu().numpy()
+                if index in sampled:
+                    posteriors.append(probs.reshape(len(probs), -1))
+                labels = self.painted[region]
+                stroke_posteriors.append(probs[:, labels > 0])
+                stroke_classes.append(labels[labels > 0])
         posteriors = np.concatenate(posteriors, axis=1)
-        prior = temper_class_prior(posteriors, estimate_class_prior(posteriors))
+        prior = temper_class_prior(posteriors, estimate_class_prior(posteriors),
+                                   np.concatenate(stroke_posteriors, axis=1), np.concatenate(stroke_classes))
         model.class_prior.copy_(torch.from_numpy(prior))
         return prior
 
