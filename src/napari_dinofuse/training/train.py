@@ -363,7 +363,7 @@ def temper_class_prior(posteriors, prior, stroke_posteriors=None, stroke_classes
     share uncorrected, but with membrane posteriors near 0.8 rather than 0.98; the full correction called 31-58 %
     of the painted membrane background and cut its IoU from 0.66-0.71 to 0.12-0.33, while still calling it on
     more than a twentieth of its room (docs/benchmarks.md, 2026-12-05 second night). First-round models lost
-    at most 1.5 % of any class's strokes to the correction.
+    at most 1.6 % of any class's strokes to the correction.
     """
     log_prior = np.log(np.asarray(prior, np.float64)).astype(np.float32)[:, None]
 
