@@ -143,9 +143,9 @@ def second_round(sample, scribbles, source, first, labels, iterations, settings,
         arrays = predict_to_memory(result.model, source, device=settings["device"]).arrays
         rows[name] = {**scores(arrays["labels"], sample.ground_truth, painted), "seconds": result.seconds,
                       "iterations": result.iterations,
-                      "shares": [round(v, 4) for v in result.model.class_prior.tolist()]}
-        say(f"  {name}: {result.seconds:.0f} s; IoU {_ious(rows[name])}; estimated shares {rows[name]['shares']}",
-            flush=True)
+                      "shares": [round(v, 4) for v in result.shares], "correction_power": result.correction_power}
+        say(f"  {name}: {result.seconds:.0f} s; IoU {_ious(rows[name])}; estimated shares {rows[name]['shares']}, "
+            f"corrected for to the power {result.correction_power:g}", flush=True)
     rows.update(scored_forests(sample, strokes, settings["seed"], prefix="round 2, "))
     return rows
 

@@ -19,6 +19,7 @@ from napari_dinofuse.training.train import (
     adapt_classes,
     augment,
     class_weights,
+    correction_power,
     estimate_class_prior,
     find_painted,
     masked_loss,
@@ -89,14 +90,14 @@ def test_the_share_correction_is_kept_for_sure_posteriors_and_softened_where_it_
     likelihood = np.exp(-0.5 * (x[None] - centres[:, None]) ** 2)
     posteriors = likelihood / likelihood.sum(0)
     estimate = estimate_class_prior(posteriors)
-    np.testing.assert_allclose(temper_class_prior(posteriors, estimate), estimate)
+    assert correction_power(posteriors, estimate) == 1
     # A rare class the uncorrected model over-predicts (on 24 % of the voxels: 4 % sure, 20 % unsure): the full
     # correction cuts it to its sure 4 %, as it should, and is kept.
     kind = rng.choice(3, 100_000, p=[0.76, 0.2, 0.04])
     posteriors = np.array([[0.95, 0.45, 0.1], [0.05, 0.55, 0.9]])[:, kind]
     estimate = estimate_class_prior(posteriors)
     assert _called(posteriors, estimate)[1] == pytest.approx(0.04, abs=0.005)
-    np.testing.assert_allclose(temper_class_prior(posteriors, estimate), estimate)
+    assert correction_power(posteriors, estimate) == 1
 
     # Unsure posteriors: 80 % background (0.8 / 0.2), 20 % membrane called so at 0.65 / 0.35. Corrected with
     # the estimated shares (71 / 29 %), no voxel is membrane any more; softened, the membrane voxels stay.
@@ -104,7 +105,7 @@ def test_the_share_correction_is_kept_for_sure_posteriors_and_softened_where_it_
     posteriors = np.where(membrane, [[0.35], [0.65]], [[0.8], [0.2]]) + rng.normal(0, 0.01, (2, 100_000))
     estimate = estimate_class_prior(posteriors)
     assert _called(posteriors, estimate)[1] == 0  # what the plain correction does
-    tempered = temper_class_prior(posteriors, estimate)
+    tempered = temper_class_prior(estimate, correction_power(posteriors, estimate))
     assert tempered.sum() == pytest.approx(1) and tempered[0] > tempered[1]  # still towards background
     assert _called(posteriors, tempered)[1] >= 0.5 * min(estimate[1], membrane.mean())
 
@@ -119,7 +120,7 @@ def test_the_share_correction_is_softened_where_it_would_overrule_the_strokes():
     posteriors = np.array([[0.97, 0.03, 0.2], [0.03, 0.97, 0.8]])[:, kind] + rng.normal(0, 0.005, (2, 100_000))
     estimate = estimate_class_prior(posteriors)
     assert 0.4 < _called(posteriors, estimate)[1] / 0.05 < 0.6  # half of the membrane kept
-    np.testing.assert_allclose(temper_class_prior(posteriors, estimate), estimate)
+    assert correction_power(posteriors, estimate) == 1
 
     def strokes(kinds, n=200):
         voxels = np.flatnonzero(np.isin(kind, kinds))[:n]
@@ -130,13 +131,13 @@ def test_the_share_correction_is_softened_where_it_would_overrule_the_strokes():
 
     painted, classes = strokes([0, 1, 2], 4000)  # background and both kinds of membrane painted
     assert recall(estimate, painted, classes) < 0.6
-    tempered = temper_class_prior(posteriors, estimate, painted, classes)
+    tempered = temper_class_prior(estimate, correction_power(posteriors, estimate, painted, classes))
     assert tempered[0] > tempered[1] > estimate[1]  # softened, still towards background
     assert recall(tempered, painted, classes) >= 0.9
-    np.testing.assert_allclose(temper_class_prior(posteriors, estimate, *strokes([0, 1], 4000)), estimate)
+    assert correction_power(posteriors, estimate, *strokes([0, 1], 4000)) == 1
     few = strokes([2], 10)
-    np.testing.assert_allclose(temper_class_prior(posteriors, estimate, *few, min_stroke_voxels=20), estimate)
-    assert temper_class_prior(posteriors, estimate, *few, min_stroke_voxels=5)[1] > estimate[1]
+    assert correction_power(posteriors, estimate, *few, min_stroke_voxels=20) == 1
+    assert correction_power(posteriors, estimate, *few, min_stroke_voxels=5) < 1
 
 
 def test_the_shares_are_estimated_on_random_tiles_and_checked_on_the_strokes(sample, source, monkeypatch):
@@ -152,13 +153,15 @@ def test_the_shares_are_estimated_on_random_tiles_and_checked_on_the_strokes(sam
 
     def spy(posteriors, prior, stroke_posteriors, stroke_classes, **kwargs):
         seen.update(voxels=posteriors.shape[1], strokes=np.bincount(stroke_classes, minlength=5)[1:])
-        return temper_class_prior(posteriors, prior, stroke_posteriors, stroke_classes, **kwargs)
+        return correction_power(posteriors, prior, stroke_posteriors, stroke_classes, **kwargs)
 
-    monkeypatch.setattr(train, "temper_class_prior", spy)
+    monkeypatch.setattr(train, "correction_power", spy)
     labels = sample.scribbles(seed=0)
     trainer = Trainer(new_model(source, 4, base_channels=4), source, labels, TrainConfig(iterations=1, seed=5))
     shares = trainer.estimate_prior(torch.device("cpu"))
-    assert shares.sum() == pytest.approx(1) and torch.allclose(trainer.model.class_prior, torch.from_numpy(shares).float())
+    assert torch.allclose(trainer.model.class_prior, torch.from_numpy(shares).float())
+    np.testing.assert_allclose(shares, temper_class_prior(trainer.shares, trainer.correction_power))
+    assert trainer.shares.sum() == pytest.approx(1)
 
     blocks = [b.core for b in iter_blocks(labels.shape, (8, 32, 32))]
     sampled = np.random.default_rng(5 + 2).choice(len(blocks), 2, replace=False)
@@ -446,6 +449,10 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
     three = np.where(labels > 3, 0, labels)
     first = drive(fine_tune(source, three, QUICK, NewModel(base_channels=4, class_names=("bg", "membrane"))))
     assert first.info.class_names == ["bg", "membrane", "class 3"] and first.iterations == 3
+    # The summary gives the estimated shares, and says when predictions correct for them less than fully.
+    summary = first.summary()
+    assert f"estimated shares of the volume: bg {100 * first.shares[0]:.1f} %, membrane" in summary
+    assert ("to the power" in summary) == (first.correction_power < 1)
     before = {k: v.clone() for k, v in first.model.state_dict().items()}
 
     second = drive(fine_tune(source, labels, QUICK, start=StartModel(first.model, first.info, first.log)))

@@ -81,14 +81,18 @@ class FineTuned:
     loss: float | None = None  # smoothed, at the end
     validation: float | None = None  # best mIoU on the held-out strokes (None: too few strokes to hold out)
     stopped_early: bool = False
+    shares: tuple[float, ...] = ()  # each class's estimated share of the volume
+    correction_power: float = 1.0  # how much of the correction with them predictions apply (1: all of it)
 
     def summary(self) -> str:
         score = ("no held-out score: every stroke trained (a validation share holds some out to score and stop "
                  "early; it needs 3 or more strokes per class)"
                  if self.validation is None else f"held-out strokes mIoU {self.validation:.3f}")
         loss = f"loss {self.loss:.4f}, " if self.loss is not None else ""
-        shares = ", ".join(f"{name} {100 * share:.1f} %"
-                           for name, share in zip(self.info.class_names, self.model.class_prior.tolist()))
+        shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in zip(self.info.class_names, self.shares))
+        if self.correction_power < 1:
+            shares += (f" (predictions corrected for them to the power {self.correction_power:g} only: in full, the "
+                       "correction would erase a class or overrule the strokes)")
         return (f"trained {self.iterations} iterations in {self.seconds:.0f} s ({loss}{score}"
                 f"{', stopped early' if self.stopped_early else ''}); estimated shares of the volume: {shares}")
 
@@ -124,7 +128,8 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
     yield from trainer.run()
     last = trainer.log[-1] if trainer.log else {}
     return FineTuned(model, model_info(model, source, names), log + trainer.log, len(trainer.log),
-                     last.get("seconds", 0.0), last.get("smoothed"), trainer.best_score, trainer.stopped_early)
+                     last.get("seconds", 0.0), last.get("smoothed"), trainer.best_score, trainer.stopped_early,
+                     tuple(trainer.shares.tolist()), trainer.correction_power)
 
 
 def _require_fits(model: FusedUNet3D, source: FeatureSource) -> None:

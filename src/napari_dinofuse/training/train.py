@@ -339,15 +339,22 @@ def estimate_class_prior(posteriors, floor: float = 1e-3) -> np.ndarray:
     return prior / prior.sum()
 
 
-def temper_class_prior(posteriors, prior, stroke_posteriors=None, stroke_classes=None, erased: float = 0.05,
-                       kept: float = 0.5, overruled: float = 0.1, min_stroke_voxels: int = 20) -> np.ndarray:
-    """``prior`` (the estimated shares), or where the correction with it would all but erase a class (call it on
-    less than ``erased`` of its *room*: the smaller of its estimated share and the share the uncorrected
-    predictions of ``posteriors`` (K, n) call it on) or overrule the user's strokes (call a class on a share of
-    its painted voxels more than ``overruled`` below the uncorrected predictions' share; ``stroke_posteriors``
-    (K, m) at painted voxels of ``stroke_classes`` (m,), 1-based; a class with fewer than ``min_stroke_voxels``
-    of them is not judged), the shares raised to the largest power t of 3/4, 1/2, 1/4, 0 at which neither
-    happens (every class keeping ``kept`` of its room). Normalised.
+def temper_class_prior(prior, power: float) -> np.ndarray:
+    """The shares inference corrects with: ``prior`` raised to ``power`` (:func:`correction_power`), normalised."""
+    tempered = np.asarray(prior, np.float64) ** power
+    return tempered / tempered.sum()
+
+
+def correction_power(posteriors, prior, stroke_posteriors=None, stroke_classes=None, erased: float = 0.05,
+                     kept: float = 0.5, overruled: float = 0.1, min_stroke_voxels: int = 20) -> float:
+    """How much of the correction with ``prior`` (the estimated shares) to apply: 1 (all of it), or where it
+    would all but erase a class (call it on less than ``erased`` of its *room*: the smaller of its estimated
+    share and the share the uncorrected predictions of ``posteriors`` (K, n) call it on) or overrule the user's
+    strokes (call a class on a share of its painted voxels more than ``overruled`` below the uncorrected
+    predictions' share; ``stroke_posteriors`` (K, m) at painted voxels of ``stroke_classes`` (m,), 1-based; a
+    class with fewer than ``min_stroke_voxels`` of them is not judged), the largest power t of 3/4, 1/2, 1/4, 0
+    the shares can be raised to (:func:`temper_class_prior`) without either (every class keeping ``kept`` of
+    its room).
 
     The correction multiplies the posteriors by the shares, which is exact for calibrated posteriors. A model
     continued on correction strokes was unsure everywhere instead: membrane voxels called membrane with 0.84
@@ -392,9 +399,7 @@ def temper_class_prior(posteriors, prior, stroke_posteriors=None, stroke_classes
         return ((not erasing or np.all(called(t) >= kept * room))
                 and (not judged or np.all(recall(t) >= uncorrected - overruled)))
 
-    power = next((t for t in (1.0, 0.75, 0.5, 0.25) if acceptable(t)), 0.0)
-    tempered = np.asarray(prior, np.float64) ** power
-    return tempered / tempered.sum()
+    return next((t for t in (1.0, 0.75, 0.5, 0.25) if acceptable(t)), 0.0)
 
 
 # -- training -----------------------------------------------------------------------------------------------
@@ -451,6 +456,8 @@ class Trainer:
         self.log: list[dict] = []
         self.stopped_early = False
         self.best_score: float | None = None  # mean IoU on the held-out strokes
+        self.shares: np.ndarray | None = None  # each class's estimated share of the volume (estimate_prior)
+        self.correction_power: float | None = None  # how much of the correction with them inference applies
         self.train_painted, self.held_out = split_strokes(self.painted, self.config.validation_share,
                                                           self.config.seed)
         z, y, x = self.config.tile_shape
@@ -544,7 +551,7 @@ class Trainer:
     @torch.no_grad()
     def estimate_prior(self, device) -> np.ndarray:
         """Set ``model.class_prior`` from the model's own posteriors (:func:`estimate_class_prior`, softened
-        where they would erase a class or overrule the strokes: :func:`temper_class_prior`) on the volume, cut
+        where they would erase a class or overrule the strokes: :func:`correction_power`) on the volume, cut
         into tiles of ``defaults.PRIOR_TILE``: all of it, or PRIOR_TILES of its tiles chosen at random, checked
         against the strokes in them and in up to STROKE_TILES more, those holding the most strokes. Returns the
         shares; deterministic for a seed.
@@ -587,8 +594,10 @@ class Trainer:
                 stroke_posteriors.append(probs[:, labels > 0])
                 stroke_classes.append(labels[labels > 0])
         posteriors = np.concatenate(posteriors, axis=1)
-        prior = temper_class_prior(posteriors, estimate_class_prior(posteriors),
-                                   np.concatenate(stroke_posteriors, axis=1), np.concatenate(stroke_classes))
+        self.shares = estimate_class_prior(posteriors)
+        self.correction_power = correction_power(posteriors, self.shares, np.concatenate(stroke_posteriors, axis=1),
+                                                 np.concatenate(stroke_classes))
+        prior = temper_class_prior(self.shares, self.correction_power)
         model.class_prior.copy_(torch.from_numpy(prior))
         return prior
 
