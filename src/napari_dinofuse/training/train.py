@@ -591,8 +591,9 @@ class Trainer:
                 if index in sampled:
                     posteriors.append(probs.reshape(len(probs), -1))
                 labels = self.painted[region]
-                stroke_posteriors.append(probs[:, labels > 0])
-                stroke_classes.append(labels[labels > 0])
+                painted_here = labels > 0
+                stroke_posteriors.append(probs[:, painted_here])
+                stroke_classes.append(labels[painted_here])
         posteriors = np.concatenate(posteriors, axis=1)
         self.shares = estimate_class_prior(posteriors)
         self.correction_power = correction_power(posteriors, self.shares, np.concatenate(stroke_posteriors, axis=1),
