@@ -83,11 +83,11 @@ def saved(tmp_path):
 
 @pytest.fixture
 def saved_before_9(tmp_path):
-    """A model as formats 3-6 built them (the patch features at level 0, no level-1 head), saved without the key
-    format 9 added; the tests set its format_version."""
-    folder, model = _save(tmp_path / "format 6 model", make_model(feature_level=0))
+    """A model as formats 3-6 built them (the patch features at level 0, no level-1 head, the context head's
+    logits added whole), saved without the keys formats 9 and 10 added; the tests set its format_version."""
+    folder, model = _save(tmp_path / "format 6 model", make_model(feature_level=0, context_evidence_scale=1.0))
     config = json.loads((folder / "config.json").read_text())
-    del config["unet"]["feature_level"]
+    del config["unet"]["feature_level"], config["unet"]["context_evidence_scale"]
     (folder / "config.json").write_text(json.dumps(config))
     return folder, model
 
@@ -338,6 +338,22 @@ def test_a_format_6_model_loads_with_the_features_at_level_0_and_predicts_as_it_
     new_folder, new = saved
     reloaded = load_model(new_folder)[0]
     assert reloaded.config.feature_level == 1 and torch.equal(logits(reloaded), logits(new))
+
+
+def test_a_format_9_model_loads_with_the_context_evidence_whole_and_predicts_as_it_did(tmp_path, saved):
+    """Format 9 added the context head's logits whole; format 10 scales them (UNetConfig.context_evidence_scale)."""
+    folder, model = _save(tmp_path / "format 9 model", make_model(context_evidence_scale=1.0))
+    _edit_config(folder, format_version=9)
+    config = json.loads((folder / "config.json").read_text())
+    del config["unet"]["context_evidence_scale"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_model(folder)
+    assert loaded.config.context_evidence_scale == 1.0
+    assert torch.equal(logits(loaded), logits(model))
+    new_folder, new = saved
+    reloaded = load_model(new_folder)[0]
+    assert reloaded.config.context_evidence_scale == new.config.context_evidence_scale == 0.75
+    assert torch.equal(logits(reloaded), logits(new)) and not torch.equal(logits(new), logits(model))
 
 
 def test_older_unsupported_format(saved):

@@ -297,7 +297,8 @@ def test_missing_context_raises(fusion):
 
 def test_output_does_not_depend_on_the_batch_or_the_mode():
     """Per-voxel normalisation: a tile's output does not depend on what else is in the batch, nor (see
-    test_predict / test_train) on the tile's extent, and training computes exactly what inference does."""
+    test_predict / test_train) on the tile's extent, and training computes exactly what inference does (but
+    for the context head's evidence, which training adds whole)."""
     model = make_model("attention").eval()
     assert any(isinstance(m, ChannelNorm) for m in model.modules())
     assert not any(isinstance(m, (nn.GroupNorm, nn.InstanceNorm3d, nn.modules.batchnorm._BatchNorm))
@@ -311,7 +312,9 @@ def test_output_does_not_depend_on_the_batch_or_the_mode():
             torch.testing.assert_close(both.logits[i:i + 1], single.logits, atol=1e-5, rtol=1e-4)
             for a_both, a_single in zip(both.attention, single.attention):
                 torch.testing.assert_close(a_both[i:i + 1], a_single, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(model.train()(raw, window, OUT_SHAPE).logits, both.logits)
+        model.config.context_evidence_scale = 1.0
+        whole = model(raw, window, OUT_SHAPE).logits
+        torch.testing.assert_close(model.train()(raw, window, OUT_SHAPE).logits, whole)
 
 
 @pytest.mark.parametrize("fusion", ["attention", "concat"])
@@ -427,6 +430,9 @@ def test_config_json_round_trip_and_validation():
         UNetConfig(RAW_C, CTX_C, 2, pooling=((3, 2, 2),) * 4)
     with pytest.raises(ValueError, match="context_margin_nm"):
         UNetConfig(RAW_C, CTX_C, 2, context_margin_nm=-1.0)
+    for bad in (-0.1, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="context_evidence_scale must be a number in"):
+            UNetConfig(RAW_C, CTX_C, 2, context_evidence_scale=bad)
     assert UNetConfig(RAW_C, CTX_C, 2).feature_level == 1  # with the intensity stem
     assert UNetConfig(RAW_C, CTX_C, 2, intensity_stem=False).feature_level == 0  # level 0 needs an input
     with pytest.raises(ValueError, match="feature_level=1 needs the intensity stem"):
@@ -453,24 +459,32 @@ def test_channel_norm_normalises_each_voxel_over_its_channels_only():
 
 @pytest.mark.parametrize("fusion", ["attention", "concat"])
 def test_the_context_heads_logits_and_the_class_shares_reach_the_prediction(fusion):
-    """Predictions add the context head's logits (context_evidence) and, at inference only, log(share * K):
-    a class estimated to fill 10 % of the volume loses ground to one filling 80 %, but training (equal shares
-    in the strokes) never sees that correction."""
+    """Predictions add the context head's logits (context_evidence) times context_evidence_scale and, at inference
+    only, log(share * K): a class estimated to fill 10 % of the volume loses ground to one filling 80 %, but
+    training (equal shares in the strokes, the context head's logits whole) never sees that correction."""
     model = make_model(fusion).eval()
     raw, window = make_feats()
     with torch.no_grad():
         out = model(raw, window, OUT_SHAPE, auxiliary=True)
         model.config.context_evidence = False
         without = model(raw, window, OUT_SHAPE).logits
-        torch.testing.assert_close(out.logits, without + out.context_logits)
+        assert model.config.context_evidence_scale == 0.75
+        torch.testing.assert_close(out.logits, without + 0.75 * out.context_logits)
         model.config.context_evidence = True
+        model.config.context_evidence_scale = 1.0
+        torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, without + out.context_logits)
+        model.train()
+        torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, without + out.context_logits)
+        model.config.context_evidence_scale = 0.75  # training adds them whole whatever the scale
+        torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, without + out.context_logits)
+        model.eval()
         shares = torch.tensor([0.8, 0.1, 0.1])
         model.class_prior.copy_(shares)
         corrected = model(raw, window, OUT_SHAPE).logits
         torch.testing.assert_close(corrected, out.logits + (shares * 3).log().view(1, -1, 1, 1, 1))
         assert (corrected.argmax(1) == 0).sum() > (out.logits.argmax(1) == 0).sum()
         model.train()
-        torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, out.logits)
+        torch.testing.assert_close(model(raw, window, OUT_SHAPE).logits, without + out.context_logits)
 
 
 def test_training_can_leave_the_context_evidence_out_per_tile():

@@ -62,7 +62,9 @@ __all__ = [
 # 7, 8: (experiments, reverted: gates that read the class evidence; Hessian filters; retired.)
 # 9: the patch features join the encoder at level 1, with a short path from level 1 to the logits
 #    (UNetConfig.feature_level; formats 3-6 load with it at 0, as they ran).
-FORMAT_VERSION = 9
+# 10: predictions add the context head's logits scaled (UNetConfig.context_evidence_scale; formats 3-9 load with
+#    it at 1, as they ran).
+FORMAT_VERSION = 10
 # Oldest format this version still reads.
 MIN_FORMAT_VERSION = 3
 
@@ -411,6 +413,8 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             older["context_evidence"] = False
         if version < 9:  # the patch features joined at level 0
             older["feature_level"] = 0
+        if version < 10:  # the context head's logits added whole
+            older["context_evidence_scale"] = 1.0
         config = {**config, "unet": {**older, **config["unet"]}}
     try:
         info = ModelInfo.from_dict(config)

@@ -95,6 +95,11 @@ class UNetConfig:
     # the UNet's: the direct path by which "which side of the nuclear envelope" reaches the prediction (see
     # FusedUNet3D.replace_heads). Model format 6; older models ran without it.
     context_evidence: bool = True
+    # Predictions add the context head's logits times this (training adds them whole, on the tiles that keep them).
+    # At 64 nm the context cannot place a thin class closer than its voxel: its membrane evidence is a band the
+    # per-voxel head must cut down, and in full it left membranes thick or banded. 0.75 against 1 on 12 trained
+    # models, each against itself: better on 11 (docs/benchmarks.md, 2026-12-05 third night). Formats < 10: 1.
+    context_evidence_scale: float = 0.75
     pooling: tuple[_Triple, ...] = ISOTROPIC  # raw UNet: 3 steps between the 4 levels + 1 into the bottleneck
     context_pooling: tuple[_Triple, ...] = ISOTROPIC[:2]  # context encoder's 2 steps
     # How far beyond a tile the context branch reads (nm; None: the context's whole field). At least the
@@ -121,6 +126,9 @@ class UNetConfig:
         for name in ("intensity_stem", "context_stem", "context_evidence"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"UNetConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        scale = self.context_evidence_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 1:
+            raise ValueError(f"UNetConfig.context_evidence_scale must be a number in [0, 1], got {scale!r}")
         self.pooling = _check_pooling("pooling", self.pooling, NUM_LEVELS)
         for name in ("stem_sigmas", "context_stem_sigmas"):
             try:
@@ -474,8 +482,9 @@ class FusedUNet3D(nn.Module):
     def forward(self, raw_feats: torch.Tensor, context: ContextWindow | Sequence[ContextWindow] | None = None,
                 out_shape: Sequence[int] | None = None, intensity: torch.Tensor | None = None,
                 auxiliary: bool = False, evidence_keep: torch.Tensor | None = None) -> UNetOutput:
-        """``evidence_keep``: per tile (B,), 1 to add the context head's evidence, 0 to leave it out (training
-        drops it on some tiles: see TrainConfig.context_dropout); None: added to every tile."""
+        """``evidence_keep`` (training): per tile (B,), 1 to add the context head's evidence, 0 to leave it out
+        (training drops it on some tiles: see TrainConfig.context_dropout); None: added to every tile. Predictions
+        (eval mode) add it times ``config.context_evidence_scale``."""
         cfg = self.config
         _check_5d("raw_feats", raw_feats)
         if raw_feats.shape[1] != cfg.raw_channels:
@@ -547,8 +556,9 @@ class FusedUNet3D(nn.Module):
             logits = logits + _upsample(self.region_head(skips[1]), logits.shape[2:])
         logits = self._crop(logits, out_shape, (1, 1, 1))
         if evidence:
-            logits = logits + (context_logits if evidence_keep is None else
-                               context_logits * evidence_keep.to(context_logits.dtype).view(-1, 1, 1, 1, 1))
+            keep = (cfg.context_evidence_scale if not self.training else
+                    1 if evidence_keep is None else evidence_keep.to(context_logits.dtype).view(-1, 1, 1, 1, 1))
+            logits = logits + context_logits * keep
         if not self.training:  # the classes' share of the volume, not of the strokes (see class_prior)
             logits = logits + self.class_prior.log().add(math.log(cfg.num_classes)).view(1, -1, 1, 1, 1)
         return UNetOutput(logits=logits, attention=tuple(attention),
