@@ -98,7 +98,8 @@ class UNetConfig:
     # Predictions add the context head's logits times this (training adds them whole, on the tiles that keep them).
     # At 64 nm the context cannot place a thin class closer than its voxel: its membrane evidence is a band the
     # per-voxel head must cut down, and in full it left membranes thick or banded. 0.75 against 1 on 12 trained
-    # models, each against itself: better on 11 (docs/benchmarks.md, 2026-12-05 third night). Formats < 10: 1.
+    # models, each against itself: better on 10, worse on 2 (docs/benchmarks.md, 2026-12-05 third night).
+    # Formats < 10 load with 1, as they ran.
     context_evidence_scale: float = 0.75
     pooling: tuple[_Triple, ...] = ISOTROPIC  # raw UNet: 3 steps between the 4 levels + 1 into the bottleneck
     context_pooling: tuple[_Triple, ...] = ISOTROPIC[:2]  # context encoder's 2 steps
