@@ -557,9 +557,11 @@ class FusedUNet3D(nn.Module):
             logits = logits + _upsample(self.region_head(skips[1]), logits.shape[2:])
         logits = self._crop(logits, out_shape, (1, 1, 1))
         if evidence:
-            keep = (cfg.context_evidence_scale if not self.training else
-                    1 if evidence_keep is None else evidence_keep.to(context_logits.dtype).view(-1, 1, 1, 1, 1))
-            logits = logits + context_logits * keep
+            if not self.training:  # predictions weigh it down (see UNetConfig.context_evidence_scale)
+                weight = cfg.context_evidence_scale
+            else:
+                weight = 1 if evidence_keep is None else evidence_keep.to(context_logits.dtype).view(-1, 1, 1, 1, 1)
+            logits = logits + context_logits * weight
         if not self.training:  # the classes' share of the volume, not of the strokes (see class_prior)
             logits = logits + self.class_prior.log().add(math.log(cfg.num_classes)).view(1, -1, 1, 1, 1)
         return UNetOutput(logits=logits, attention=tuple(attention),
