@@ -127,6 +127,7 @@ BAD_OPTIONS = [
     ("train", ["--validation-share", "-1"], ["validation_share"]),
     ("train", ["--dice-weight", "-1"], ["dice_weight"]),
     ("train", ["--dice-weight", "inf"], ["dice_weight"]),
+    ("train", ["--edge-weight", "-0.5"], ["edge_weight"]),
     ("train", ["--seed", "-1"], ["seed"]),
     ("train", ["--seed", str(2**40)], ["seed"]),
     ("train", ["--fusion", "max"], ["fusion"]),
@@ -249,6 +250,7 @@ OPTIONS = {  # option -> (command, strategy of its text)
     "--context-margin": ("train", NUMBER_TEXT),
     "--validation-share": ("train", NUMBER_TEXT),
     "--dice-weight": ("train", NUMBER_TEXT),
+    "--edge-weight": ("train", NUMBER_TEXT),
     "--seed": ("train", NUMBER_TEXT),
     "--batch-size": ("extract", NUMBER_TEXT),
     "--tile-size": ("extract", NUMBER_TEXT),
@@ -274,7 +276,7 @@ ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(
 
 SETTINGS = {
     TrainConfig: ["iterations", "learning_rate", "weight_decay", "tile_shape", "tiles_per_step", "dice_weight",
-                  "validation_share", "validate_every", "patience", "min_iterations", "seed", "device"],
+                  "edge_weight", "validation_share", "validate_every", "patience", "min_iterations", "seed", "device"],
     NewModel: ["fusion", "base_channels", "intensity_stem", "context_margin_nm", "class_names"],
     PredictionSettings: ["tile_shape", "overlap", "block_shape", "workers"],
     ExtractionSettings: ["planes", "tile_size", "batch_size"],

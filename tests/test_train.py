@@ -20,6 +20,7 @@ from napari_dinofuse.training.train import (
     augment,
     class_weights,
     correction_power,
+    edge_smoothness,
     estimate_class_prior,
     find_painted,
     masked_loss,
@@ -62,6 +63,26 @@ def test_unpainted_voxels_never_enter_the_loss():
         assert torch.allclose(loss, loss2)
         assert torch.allclose(grad, grad2)
         assert grad[:, :, labels[0] == 0].abs().max() == 0
+
+
+def test_the_edge_term_is_least_where_the_classes_part_on_the_images_edge():
+    """The strokes never say where a class ends; the edge term prefers the image's edge to a cut through an even
+    region, whatever the image's contrast and brightness."""
+    rng = np.random.default_rng(0)
+    image = np.where(np.arange(16) < 8, 0.3, 0.7) + rng.normal(0, 0.03, (2, 1, 4, 16, 16))
+    image = torch.from_numpy(image).float()
+
+    def split_at(x):  # confident class 0 left of x, class 1 from x on
+        logits = torch.zeros(2, 2, 4, 16, 16)
+        logits[:, 0, ..., :x] = logits[:, 1, ..., x:] = 8.0
+        return logits
+
+    on_edge, off_edge = edge_smoothness(split_at(8), image), edge_smoothness(split_at(5), image)
+    assert on_edge < 0.05 * off_edge, (on_edge, off_edge)
+    assert torch.allclose(edge_smoothness(split_at(5), image * 3 + 1), off_edge)
+    assert edge_smoothness(torch.zeros(2, 2, 4, 16, 16).index_fill_(1, torch.tensor([0]), 16.0), image) < 1e-5
+    unsure = edge_smoothness(torch.zeros(2, 2, 4, 16, 16), image)  # 50:50 everywhere: as bad as a cut anywhere
+    assert unsure > off_edge
 
 
 def test_class_shares_are_estimated_from_the_posteriors_of_a_model_trained_on_equal_shares():
@@ -258,6 +279,30 @@ def test_training_is_reproducible_and_cancel_keeps_the_best_weights(sample, sour
     assert any(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
 
 
+def test_training_with_the_edge_term_parts_the_classes_where_the_image_does(sample, source):
+    """Measured on the whole volume, far beyond the strokes the term trained on: the predicted classes part on the
+    image's edges more than without it, and the strokes are still followed."""
+    labels = sample.scribbles(seed=0)
+    painted = labels > 0
+    shape = (16, 128, 128)
+    costs, accuracy = {}, {}
+    for weight in (0.0, TrainConfig().edge_weight):
+        model = new_model(source, 4, base_channels=8)
+        drive(Trainer(model, source, labels, TrainConfig(iterations=120, learning_rate=3e-3, edge_weight=weight)).run())
+        inputs = source.tile(tuple(slice(0, n) for n in shape), intensity=True, halo=model.intensity_halo)
+        model.class_prior.fill_(0.25)  # as training saw the classes: equal shares
+        with torch.no_grad():
+            logits = model(inputs.raw, inputs.context, shape, inputs.intensity).logits
+        inside = (..., *(slice(h, h + n) for h, n in zip(model.intensity_halo, shape)))
+        costs[weight] = float(edge_smoothness(logits, inputs.intensity[inside]))
+        accuracy[weight] = ((logits.argmax(1)[0].numpy() + 1)[painted] == labels[painted]).mean()
+    print(costs, accuracy)
+    weight = TrainConfig().edge_weight
+    assert weight > 0
+    assert costs[weight] < 0.7 * costs[0.0], costs
+    assert accuracy[weight] > accuracy[0.0] - 0.05, accuracy
+
+
 def test_training_leaves_the_context_evidence_out_on_a_share_of_the_tiles(sample, source):
     """With context_dropout, some training tiles go without the context head's evidence (so the UNet learns to
     tell the classes apart itself); predictions after training always get it."""
@@ -369,6 +414,7 @@ def test_augmentation_keeps_each_voxel_with_its_own_context(source):
      "learning_rate"), ({"learning_rate": 0}, "learning_rate"), ({"validation_share": 0.9}, "validation_share"),
     ({"tile_shape": (16, 0, 64)}, "tile_shape"), ({"tiles_per_step": True}, "tiles_per_step"),
     ({"context_dropout": 1.0}, "context_dropout"), ({"context_dropout": -0.1}, "context_dropout"),
+    ({"edge_weight": -1}, "edge_weight"), ({"edge_weight": float("nan")}, "edge_weight"),
 ])
 def test_settings_that_cannot_work_are_refused_in_one_line(settings, name):
     with pytest.raises(InputError, match=name) as info:

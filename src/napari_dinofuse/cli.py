@@ -200,7 +200,8 @@ def _train(args) -> int:
 
     # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
-                         dice_weight=args.dice_weight, validation_share=args.validation_share, device=args.device)
+                         dice_weight=args.dice_weight, edge_weight=args.edge_weight,
+                         validation_share=args.validation_share, device=args.device)
     new = NewModel(fusion=args.fusion, base_channels=args.base_channels, intensity_stem=args.intensity_stem,
                    context_margin_nm=args.context_margin)
     extraction = ExtractionSettings(args.planes, batch_size=args.batch_size)
@@ -407,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "stroke trains; e.g. 0.2 with many strokes per class)")
     train.add_argument("--dice-weight", type=float, default=0.0,
                        help="add soft Dice on painted voxels to the cross-entropy, with this weight (e.g. 0.5)")
+    train.add_argument("--edge-weight", type=float, default=defaults.EDGE_WEIGHT,
+                       help="weight of the term that pulls the classes' edges onto the image's edges on unpainted "
+                            f"voxels (default {defaults.EDGE_WEIGHT:g}; 0: off)")
     train.add_argument("--seed", type=int, default=0)
     _add_feature_args(train)
     train.set_defaults(func=_train)

@@ -55,6 +55,10 @@ class TrainConfig:
     # strokes may learn a shortcut ("nucleus => granule": in one run of eight without it, 28 % of the background
     # became granule). Over 8 runs it raised the worst background/membrane IoU (docs/benchmarks.md, 2026-12-05).
     context_dropout: float = 0.5
+    # Weight of the edge term on every voxel of a tile, painted or not (see edge_smoothness), after a ramp: the
+    # strokes never say where a class ends, so without it the UNet draws the edges wherever its smooth upsampling
+    # and the coarse context evidence put them (membranes a voxel or two too thick). 0: off.
+    edge_weight: float = defaults.EDGE_WEIGHT
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -79,7 +83,7 @@ class TrainConfig:
             bad("weight_decay", "expected a number in [0, 1)")
         if not (isinstance(self.context_dropout, (int, float)) and 0 <= self.context_dropout < 1):
             bad("context_dropout", "expected a share in [0, 1) (0: the evidence on every tile)")
-        for name in ("dice_weight", "context_loss_weight"):
+        for name in ("dice_weight", "context_loss_weight", "edge_weight"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < math.inf):
                 bad(name, "expected a number >= 0")
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
@@ -123,6 +127,26 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
         dice = (2 * (probs * onehot).sum(0) + 1) / (probs.sum(0) + onehot.sum(0) + 1)
         loss = loss + dice_weight * (1 - dice[present]).mean()
     return loss
+
+
+def edge_smoothness(logits: torch.Tensor, intensity: torch.Tensor) -> torch.Tensor:
+    """How often neighbouring voxels of alike intensity get different classes: the mean over neighbour pairs
+    (along z, y and x) of P(their classes differ) times exp(-beta * (intensity difference)^2), with beta per tile
+    and axis from the mean squared difference (as GrabCut sets it), so contrast and anisotropy need no setting.
+    Pulls the classes' edges onto the image's edges on the voxels no stroke covers. ``intensity`` (B, 1, Z, Y, X)
+    on the logits' voxels."""
+    probs = logits.float().softmax(1)
+    image = intensity.float()
+    total = logits.new_zeros((), dtype=torch.float32)
+    for axis in (2, 3, 4):
+        n = probs.shape[axis]
+        if n < 2:
+            continue
+        step = (image.narrow(axis, 1, n - 1) - image.narrow(axis, 0, n - 1)).square()
+        beta = 0.5 / step.mean(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-8)
+        same = (probs.narrow(axis, 1, n - 1) * probs.narrow(axis, 0, n - 1)).sum(1, keepdim=True)
+        total = total + (torch.exp(-beta * step) * (1 - same)).mean()
+    return total
 
 
 def new_model(source: FeatureSource, num_classes: int, base_channels: int = defaults.BASE_CHANNELS,
@@ -661,16 +685,19 @@ class Trainer:
                     if dropout:  # drawn here (torch's seeded generator), not on the tile thread: `rng` stays as is
                         keep = torch.rand(len(tiles)) >= dropout
                         keep = (keep.pin_memory() if pinned else keep).to(device, non_blocking=pinned)
+                    intensity = None if inputs.intensity is None else torch.cat([t[0].intensity for t in tiles])
                     with autocast:
                         out = model(torch.cat([t[0].raw for t in tiles]),
                                     None if inputs.context is None else [t[0].context for t in tiles],
-                                    out_shape=labels.shape[1:],
-                                    intensity=None if inputs.intensity is None else
-                                    torch.cat([t[0].intensity for t in tiles]), auxiliary=auxiliary,
+                                    out_shape=labels.shape[1:], intensity=intensity, auxiliary=auxiliary,
                                     evidence_keep=keep)
                     loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
                     if out.context_logits is not None:
                         loss = loss + cfg.context_loss_weight * masked_loss(out.context_logits, labels, weights)
+                    if cfg.edge_weight and intensity is not None:  # on the stem's input, less its halo
+                        inside = tuple(slice(h, h + n) for h, n in zip(model.intensity_halo, labels.shape[1:]))
+                        ramp = min(1.0, step / defaults.EDGE_RAMP_STEPS)
+                        loss = loss + cfg.edge_weight * ramp * edge_smoothness(out.logits, intensity[(..., *inside)])
                     loss.backward()
                     total = float(loss.detach())
                     optimizer.step()
