@@ -44,7 +44,7 @@ def source(sample, tiny_backbone, tmp_path_factory):
                          sample.context, compute_features(sample.context, tiny_backbone, cache))
 
 
-def test_unpainted_voxels_never_enter_the_loss():
+def test_unpainted_voxels_never_enter_the_strokes_loss():
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 4, 8, 8, requires_grad=True)
     labels = torch.zeros(1, 4, 8, 8, dtype=torch.long)
@@ -288,7 +288,8 @@ def test_training_with_the_edge_term_parts_the_classes_where_the_image_does(samp
     costs, accuracy = {}, {}
     for weight in (0.0, TrainConfig().edge_weight):
         model = new_model(source, 4, base_channels=8)
-        drive(Trainer(model, source, labels, TrainConfig(iterations=120, learning_rate=3e-3, edge_weight=weight)).run())
+        config = TrainConfig(iterations=120, learning_rate=3e-3, edge_weight=weight)
+        drive(Trainer(model, source, labels, config).run())
         inputs = source.tile(tuple(slice(0, n) for n in shape), intensity=True, halo=model.intensity_halo)
         model.class_prior.fill_(0.25)  # as training saw the classes: equal shares
         with torch.no_grad():
@@ -296,10 +297,9 @@ def test_training_with_the_edge_term_parts_the_classes_where_the_image_does(samp
         inside = (..., *(slice(h, h + n) for h, n in zip(model.intensity_halo, shape)))
         costs[weight] = float(edge_smoothness(logits, inputs.intensity[inside]))
         accuracy[weight] = ((logits.argmax(1)[0].numpy() + 1)[painted] == labels[painted]).mean()
-    print(costs, accuracy)
     weight = TrainConfig().edge_weight
     assert weight > 0
-    assert costs[weight] < 0.7 * costs[0.0], costs
+    assert costs[weight] < 0.7 * costs[0.0], costs  # measured 0.054 against 0.171 (stroke accuracy 0.997 both)
     assert accuracy[weight] > accuracy[0.0] - 0.05, accuracy
 
 
