@@ -55,10 +55,11 @@ TILES_PER_STEP = 4
 # strokes per class.
 VALIDATION_SHARE = 0.0
 # The edge term (training.train.edge_smoothness): its weight beside the strokes' loss, reached after growing from 0
-# over the first steps, so the strokes shape the classes before the term pulls their edges onto the image's. On the
-# sample (docs/benchmarks.md, 2026-12-06) it thinned the membrane and sharpened the organelles; without the ramp,
-# weight 1 made every voxel one class.
-EDGE_WEIGHT = 0.5
+# over the first steps, so the strokes shape the classes before the term pulls their edges onto the image's. Off by
+# default: on the sample (docs/benchmarks.md, 2026-12-06) 0.5 raised the mean of five first rounds on every class,
+# but a model trained anew on two rounds of strokes called 85 % of the volume membrane (without the ramp, weight 1
+# did so in a first round).
+EDGE_WEIGHT = 0.0
 EDGE_RAMP_STEPS = 50
 # Prediction tiles are independent of the training tile (per-voxel normalisation): larger is faster, as fewer
 # voxels are computed twice where tiles overlap. On 2 CPU cores (base 16, 96 x 384 x 384) 48 x 192 x 192 predicted

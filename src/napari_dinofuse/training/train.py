@@ -57,7 +57,8 @@ class TrainConfig:
     context_dropout: float = 0.5
     # Weight of the edge term on every voxel of a tile, painted or not (see edge_smoothness), after a ramp: the
     # strokes never say where a class ends, so without it the UNet draws the edges wherever its smooth upsampling
-    # and the coarse context evidence put them (membranes a voxel or two too thick). 0: off.
+    # and the coarse context evidence put them (membranes a voxel or two too thick). 0 (the default): off; 0.5 was
+    # measured, and can make one class of the whole volume (defaults.EDGE_WEIGHT).
     edge_weight: float = defaults.EDGE_WEIGHT
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
