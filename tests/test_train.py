@@ -83,6 +83,12 @@ def test_the_edge_term_is_least_where_the_classes_part_on_the_images_edge():
     assert edge_smoothness(torch.zeros(2, 2, 4, 16, 16).index_fill_(1, torch.tensor([0]), 16.0), image) < 1e-5
     unsure = edge_smoothness(torch.zeros(2, 2, 4, 16, 16), image)  # 50:50 everywhere: as bad as a cut anywhere
     assert unsure > off_edge
+    # A tile counts only while the model calls its strokes right: the term never argues with the strokes.
+    strokes = torch.zeros(2, 4, 16, 16, dtype=torch.uint8)
+    strokes[..., 0], strokes[..., 15] = 1, 2  # both called right by split_at(5)
+    assert torch.allclose(edge_smoothness(split_at(5), image, strokes), off_edge)
+    strokes[1, ..., 15] = 1  # tile 1: half its painted voxels called wrong
+    assert torch.allclose(edge_smoothness(split_at(5), image, strokes), edge_smoothness(split_at(5)[:1], image[:1]) / 2)
 
 
 def test_class_shares_are_estimated_from_the_posteriors_of_a_model_trained_on_equal_shares():

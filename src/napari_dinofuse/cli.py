@@ -409,9 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dice-weight", type=float, default=0.0,
                        help="add soft Dice on painted voxels to the cross-entropy, with this weight (e.g. 0.5)")
     train.add_argument("--edge-weight", type=float, default=defaults.EDGE_WEIGHT,
-                       help="experimental: weight of a term that pulls the classes' edges onto the image's edges on "
-                            f"unpainted voxels (default {defaults.EDGE_WEIGHT:g}: off; 0.5 measured in "
-                            "docs/benchmarks.md; check the prediction: it can turn the volume into one class)")
+                       help="weight of the term that pulls the classes' edges onto the image's edges on unpainted "
+                            f"voxels (default {defaults.EDGE_WEIGHT:g}; 0: off; docs/benchmarks.md)")
     train.add_argument("--seed", type=int, default=0)
     _add_feature_args(train)
     train.set_defaults(func=_train)

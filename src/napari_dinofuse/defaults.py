@@ -55,12 +55,13 @@ TILES_PER_STEP = 4
 # strokes per class.
 VALIDATION_SHARE = 0.0
 # The edge term (training.train.edge_smoothness): its weight beside the strokes' loss, reached after growing from 0
-# over the first steps, so the strokes shape the classes before the term pulls their edges onto the image's. Off by
-# default: on the sample (docs/benchmarks.md, 2026-12-06) 0.5 raised the mean of five first rounds on every class,
-# but a model trained anew on two rounds of strokes called 85 % of the volume membrane (without the ramp, weight 1
-# did so in a first round).
-EDGE_WEIGHT = 0.0
+# over the first steps, so the strokes shape the classes before the term pulls their edges onto the image's, and
+# counted on a training tile only while the model calls EDGE_GATE of the tile's painted voxels right. On the sample
+# (docs/benchmarks.md, 2026-12-06 late) 0.5 raised the mean of five first rounds and of four second-round models
+# on every class; without the gate it once made a whole volume membrane, without the ramp weight 1 did.
+EDGE_WEIGHT = 0.5
 EDGE_RAMP_STEPS = 50
+EDGE_GATE = 0.9  # a training tile's share of painted voxels called right for the edge term to count it
 # Prediction tiles are independent of the training tile (per-voxel normalisation): larger is faster, as fewer
 # voxels are computed twice where tiles overlap. On 2 CPU cores (base 16, 96 x 384 x 384) 48 x 192 x 192 predicted
 # 1.5x faster than 32 x 128 x 128 (55 vs 83 s), peak memory 2.1 vs 1.9 GB (docs/benchmarks.md).
