@@ -88,7 +88,11 @@ def test_the_edge_term_is_least_where_the_classes_part_on_the_images_edge():
     strokes[..., 0], strokes[..., 15] = 1, 2  # both called right by split_at(5)
     assert torch.allclose(edge_smoothness(split_at(5), image, strokes), off_edge)
     strokes[1, ..., 15] = 1  # tile 1: half its painted voxels called wrong
-    assert torch.allclose(edge_smoothness(split_at(5), image, strokes), edge_smoothness(split_at(5)[:1], image[:1]) / 2)
+    logits = split_at(5).requires_grad_()
+    gated = edge_smoothness(logits, image, strokes)
+    assert torch.allclose(gated, edge_smoothness(split_at(5)[:1], image[:1]) / 2)
+    gated.backward()  # the gate decides which tiles count; the counted ones still train
+    assert logits.grad[0].abs().sum() > 0 and logits.grad[1].abs().sum() == 0
 
 
 def test_class_shares_are_estimated_from_the_posteriors_of_a_model_trained_on_equal_shares():
