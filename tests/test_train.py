@@ -307,7 +307,7 @@ def test_training_with_the_edge_term_parts_the_classes_where_the_image_does(samp
         inside = (..., *(slice(h, h + n) for h, n in zip(model.intensity_halo, shape)))
         costs[weight] = float(edge_smoothness(logits, inputs.intensity[inside]))
         accuracy[weight] = ((logits.argmax(1)[0].numpy() + 1)[painted] == labels[painted]).mean()
-    assert costs[0.5] < 0.7 * costs[0.0], costs  # measured 0.054 against 0.171 (stroke accuracy 0.997 both)
+    assert costs[0.5] < 0.7 * costs[0.0], costs  # measured 0.056 against 0.171, gated (stroke accuracy 0.997 both)
     assert accuracy[0.5] > accuracy[0.0] - 0.05, accuracy
 
 
