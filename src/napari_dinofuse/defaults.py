@@ -59,6 +59,8 @@ VALIDATION_SHARE = 0.0
 # counted on a training tile only while the model calls EDGE_GATE of the tile's painted voxels right. On the sample
 # (docs/benchmarks.md, 2026-12-06 late) 0.5 raised the mean of five first rounds and of four second-round models
 # on every class; without the gate it once made a whole volume membrane, without the ramp weight 1 did.
+# Weight 1, a gate of 0.95 and a gate per class (2026-12-06 night) were no better: the gate per class turns
+# the term off on the tiles a second round's correction strokes fall on, where it helps most.
 EDGE_WEIGHT = 0.5
 EDGE_RAMP_STEPS = 50
 EDGE_GATE = 0.9  # a training tile's share of painted voxels called right for the edge term to count it
