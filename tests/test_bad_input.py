@@ -275,8 +275,9 @@ ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(
                 st.lists(st.floats(allow_nan=True), max_size=4).map(tuple))
 
 SETTINGS = {
-    TrainConfig: ["iterations", "learning_rate", "weight_decay", "tile_shape", "tiles_per_step", "dice_weight",
-                  "edge_weight", "validation_share", "validate_every", "patience", "min_iterations", "seed", "device"],
+    TrainConfig: ["iterations", "learning_rate", "continue_lr_scale", "weight_decay", "tile_shape", "tiles_per_step",
+                  "dice_weight", "edge_weight", "validation_share", "validate_every", "patience", "min_iterations",
+                  "seed", "device"],
     NewModel: ["fusion", "base_channels", "intensity_stem", "context_margin_nm", "class_names"],
     PredictionSettings: ["tile_shape", "overlap", "block_shape", "workers"],
     ExtractionSettings: ["planes", "tile_size", "batch_size"],

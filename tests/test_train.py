@@ -516,6 +516,16 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
     assert second.model is not first.model and second.model.config.num_classes == 4
     assert second.info.class_names == ["bg", "membrane", "class 3", "class 4"]
     assert len(second.log) == 6 and second.log[:3] == first.log
+    # Continuing refines: it trains at a third of a new model's peak rate (at the full rate, correction strokes
+    # pushed a class's edges past the truth), and says so.
+    peak = max(entry["learning_rate"] for entry in first.log)
+    assert peak == pytest.approx(QUICK.learning_rate)
+    assert max(entry["learning_rate"] for entry in second.log[3:]) == pytest.approx(peak * QUICK.continue_lr_scale)
+    again = StartModel(second.model, second.info, second.log)
+    messages = [p.message for p in fine_tune(source, labels, QUICK, start=again)]
+    assert any("continuing the model at a peak learning rate of 0.001" in m for m in messages)
+    with pytest.raises(InputError, match="continue_lr_scale"):
+        TrainConfig(continue_lr_scale=0)
 
 
 def test_a_model_that_does_not_fit_the_features_is_refused(sample, source):

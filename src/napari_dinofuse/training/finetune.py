@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from .. import defaults
@@ -118,6 +118,10 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
         model = adapt_classes(copy.deepcopy(start.model), max(painted.num_classes, start.model.config.num_classes),
                               seed=config.seed)
         names, log = start.info.class_names, list(start.log)
+        if config.continue_lr_scale != 1:
+            config = replace(config, learning_rate=config.learning_rate * config.continue_lr_scale, continue_lr_scale=1)
+            yield Progress(0, 1, f"continuing the model at a peak learning rate of {config.learning_rate:.2g} "
+                                 "(a share of the new-model rate: it refines what the model learned)")
     else:
         new = new or NewModel()
         model = new_model(source, painted.num_classes, base_channels=new.base_channels, fusion=new.fusion,

@@ -45,6 +45,9 @@ class TrainConfig:
 
     iterations: int = defaults.ITERATIONS  # at most: early stopping on held-out strokes often ends sooner
     learning_rate: float = defaults.LEARNING_RATE  # peak, after a linear warm-up; cosine decay to 5 % of it
+    # Continuing a model trains at this share of learning_rate: it refines what the model learned
+    # (fine_tune applies it; defaults.CONTINUE_LR_SCALE says why).
+    continue_lr_scale: float = defaults.CONTINUE_LR_SCALE
     weight_decay: float = 1e-4
     tile_shape: tuple[int, int, int] = defaults.TRAIN_TILE  # voxels; y/x are rounded up to the patch grid
     tiles_per_step: int = defaults.TILES_PER_STEP  # one batch, its tiles centred on painted classes in rotation
@@ -79,6 +82,8 @@ class TrainConfig:
             bad("min_iterations", "expected a whole number >= 0")
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1):
             bad("learning_rate", "expected a number in (0, 1], e.g. 0.002")
+        if not (isinstance(self.continue_lr_scale, (int, float)) and 0 < self.continue_lr_scale <= 1):
+            bad("continue_lr_scale", "expected a share in (0, 1] (1: continue at the full learning rate)")
         if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
             bad("weight_decay", "expected a number in [0, 1)")
         if not (isinstance(self.context_dropout, (int, float)) and 0 <= self.context_dropout < 1):
@@ -711,10 +716,11 @@ class Trainer:
                         loss = loss + cfg.edge_weight * ramp * edges
                     loss.backward()
                     total = float(loss.detach())
+                    rate = optimizer.param_groups[0]["lr"]
                     optimizer.step()
                     scheduler.step()
                     smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-                    entry = {"iteration": step, "loss": total, "smoothed": smoothed}
+                    entry = {"iteration": step, "loss": total, "smoothed": smoothed, "learning_rate": rate}
                     message = f"loss {smoothed:.4f}"
                     if self.validation_tiles and (step % cfg.validate_every == 0 or step == cfg.iterations):
                         score = self.validate(device)

@@ -33,7 +33,8 @@ class TrainBox(QGroupBox):
         self.lr_spin.setRange(1e-5, 1.0)
         self.lr_spin.setSingleStep(1e-4)
         self.lr_spin.setValue(defaults.LEARNING_RATE)
-        self.lr_spin.setToolTip("Peak learning rate of the optimiser (no unit), after a warm-up, then decaying")
+        self.lr_spin.setToolTip("Peak learning rate of the optimiser (no unit), after a warm-up, then decaying; "
+                                "continuing a model trains at a third of it (it refines)")
         self.train_button = QPushButton("Fine-tune")
         self.train_button.setToolTip(f"Train on the painted voxels, then update the prediction "
                                      f"({key_text(shortcut)} in the viewer)")
