@@ -509,7 +509,9 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
     assert ("to the power" in summary) == (first.correction_power < 1)
     before = {k: v.clone() for k, v in first.model.state_dict().items()}
 
-    second = drive(fine_tune(source, labels, QUICK, start=StartModel(first.model, first.info, first.log)))
+    messages = []
+    second = drive(fine_tune(source, labels, QUICK, start=StartModel(first.model, first.info, first.log)),
+                   lambda p: messages.append(p.message))
     # The start model is untouched (a cancelled or failed run cannot damage it); the new one has a 4th class.
     assert first.model.config.num_classes == 3
     assert all(torch.equal(before[k], v) for k, v in first.model.state_dict().items())
@@ -521,8 +523,6 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
     peak = max(entry["learning_rate"] for entry in first.log)
     assert peak == pytest.approx(QUICK.learning_rate)
     assert max(entry["learning_rate"] for entry in second.log[3:]) == pytest.approx(peak * QUICK.continue_lr_scale)
-    again = StartModel(second.model, second.info, second.log)
-    messages = [p.message for p in fine_tune(source, labels, QUICK, start=again)]
     assert any("continuing the model at a peak learning rate of 0.001" in m for m in messages)
     with pytest.raises(InputError, match="continue_lr_scale"):
         TrainConfig(continue_lr_scale=0)
