@@ -518,12 +518,13 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
     assert second.model is not first.model and second.model.config.num_classes == 4
     assert second.info.class_names == ["bg", "membrane", "class 3", "class 4"]
     assert len(second.log) == 6 and second.log[:3] == first.log
-    # Continuing refines: it trains at a third of a new model's peak rate (at the full rate, correction strokes
+    # Continuing refines: it trains at a share of a new model's peak rate (at the full rate, correction strokes
     # pushed a class's edges past the truth), and says so.
     peak = max(entry["learning_rate"] for entry in first.log)
     assert peak == pytest.approx(QUICK.learning_rate)
     assert max(entry["learning_rate"] for entry in second.log[3:]) == pytest.approx(peak * QUICK.continue_lr_scale)
-    assert any("continuing the model at a peak learning rate of 0.001" in m for m in messages)
+    continued_peak = f"{peak * QUICK.continue_lr_scale:.2g}"
+    assert any(f"continuing the model at a peak learning rate of {continued_peak}" in m for m in messages)
     with pytest.raises(InputError, match="continue_lr_scale"):
         TrainConfig(continue_lr_scale=0)
 
