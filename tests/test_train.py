@@ -520,6 +520,7 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
     assert len(second.log) == 6 and second.log[:3] == first.log
     # Continuing refines: it trains at a share of a new model's peak rate (at the full rate, correction strokes
     # pushed a class's edges past the truth), and says so.
+    assert 0 < QUICK.continue_lr_scale < 1  # the default: lower than a new model's
     peak = max(entry["learning_rate"] for entry in first.log)
     assert peak == pytest.approx(QUICK.learning_rate)
     assert max(entry["learning_rate"] for entry in second.log[3:]) == pytest.approx(peak * QUICK.continue_lr_scale)

@@ -47,7 +47,7 @@ LEARNING_RATE = 3e-3  # peak, after a linear warm-up; cosine decay to 5 % of it
 # Continuing a model (Fine-tune again after correction strokes) trains at this share of the peak rate: at the
 # full rate the correction strokes pushed a class's edge past the truth (a membrane thinned, a granule grew into
 # the background). In ten paired second rounds (docs/benchmarks.md, 2026-12-06 morning) half led a third slightly
-# (the mean of every class), both well ahead of the full rate; a fifth, and 50 steps instead of 100, were worse.
+# (the mean of every class), both ahead of the full rate; a fifth, and 50 steps instead of 100, were worse.
 CONTINUE_LR_SCALE = 1 / 2
 # Small tiles, several per step (each centred on a painted class in turn): one step sees every class, at the
 # cost of one 16 x 64 x 64 tile. Voxels (z, y, x); the context comes from a wider window, not from the tile.
