@@ -389,13 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_volume_args(train, "context", required=False)
     train.add_argument("--labels", required=True, metavar="PATH", help="painted labels on the raw grid")
     train.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (atomically)")
-    train.add_argument("--init", metavar="MODEL_DIR", help="fine-tune this model instead of starting from scratch "
-                                                          "(at half the peak learning rate: it refines)")
+    train.add_argument("--init", metavar="MODEL_DIR", help="fine-tune this model instead of starting from scratch (at "
+                       f"{defaults.CONTINUE_LR_SCALE:.2g}x the peak learning rate: it refines)")
     train.add_argument("--iterations", type=int, default=defaults.ITERATIONS,
                        help=f"at most (default {defaults.ITERATIONS}); training stops early when the held-out "
                             "strokes stop improving")
     train.add_argument("--learning-rate", type=float, default=defaults.LEARNING_RATE,
-                       help=f"peak, for a new model (default {defaults.LEARNING_RATE:g}); with --init half of it")
+                       help=f"peak, for a new model (default {defaults.LEARNING_RATE:g}); with --init "
+                            f"{defaults.CONTINUE_LR_SCALE:.2g}x of it")
     train.add_argument("--fusion", default="attention", choices=["attention", "concat", "none"])
     train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS,
                        help=f"UNet width (default {defaults.BASE_CHANNELS}, laptop-friendly; 32-64 on a GPU)")

@@ -34,7 +34,7 @@ class TrainBox(QGroupBox):
         self.lr_spin.setSingleStep(1e-4)
         self.lr_spin.setValue(defaults.LEARNING_RATE)
         self.lr_spin.setToolTip("Peak learning rate of the optimiser (no unit), after a warm-up, then decaying; "
-                                "continuing a model trains at half of it (it refines)")
+                                f"continuing a model trains at {defaults.CONTINUE_LR_SCALE:.2g}x of it (it refines)")
         self.train_button = QPushButton("Fine-tune")
         self.train_button.setToolTip(f"Train on the painted voxels, then update the prediction "
                                      f"({key_text(shortcut)} in the viewer)")
