@@ -49,10 +49,14 @@ LEARNING_RATE = 3e-3  # peak, after a linear warm-up; cosine decay to 5 % of it
 # the background). In ten paired second rounds (docs/benchmarks.md, 2026-12-06 morning) half led a third slightly
 # (the mean of every class), both ahead of the full rate; a fifth, and 50 steps instead of 100, were worse.
 CONTINUE_LR_SCALE = 1 / 2
-# Small tiles, several per step (each centred on a painted class in turn): one step sees every class, at the
-# cost of one 16 x 64 x 64 tile. Voxels (z, y, x); the context comes from a wider window, not from the tile.
+# Small tiles, several per step, each centred on a painted class in turn (with four classes a step sees each twice,
+# for the cost of two 16 x 64 x 64 tiles). Voxels (z, y, x); the context comes from a wider window, not from the
+# tile. Eight tiles (was four; with TrainConfig.context_dropout .25) in ten paired runs of both rounds
+# (docs/benchmarks.md, 2026-12-06 evening): first-round membrane IoU .64 -> .73 on the mean (its worst .43 -> .55),
+# the second round ahead on every class but the background (-.002). Cost: 1.7x a CPU step; a GPU step is bound by
+# launching its kernels, so much less there.
 TRAIN_TILE = (16, 32, 32)
-TILES_PER_STEP = 4
+TILES_PER_STEP = 8
 # Of each class's strokes, held out to score the model and stop early. 0 by default: with the few strokes a user
 # paints, every stroke is worth more in training than as a score. Measured (docs/benchmarks.md): holding out a
 # fifth of the sample's strokes cost ~0.3 IoU on the context-dependent classes, and the held-out score peaked

@@ -56,8 +56,10 @@ class TrainConfig:
     # Share of training tiles that go without the context head's evidence: on those the UNet itself (through its
     # gates) must tell the classes apart, so it does not leave it all to the context head, which from a few
     # strokes may learn a shortcut ("nucleus => granule": in one run of eight without it, 28 % of the background
-    # became granule). Over 8 runs it raised the worst background/membrane IoU (docs/benchmarks.md, 2026-12-05).
-    context_dropout: float = 0.5
+    # became granule). Over 8 runs 0.5 raised the worst background/membrane IoU (docs/benchmarks.md, 2026-12-05);
+    # with eight tiles a step 0.25 gives the context evidence back to more tiles: mitochondria and granules gained
+    # in both rounds without the shortcut's return (2026-12-06 evening; at 0.5 eight tiles lost granules to mito).
+    context_dropout: float = 0.25
     # Weight of the edge term on every voxel of a tile, painted or not (see edge_smoothness), after a ramp: the
     # strokes never say where a class ends, so without it the UNet draws the edges wherever its smooth upsampling
     # and the coarse context evidence put them (membranes a voxel or two too thick). 0: off (defaults.EDGE_WEIGHT).
