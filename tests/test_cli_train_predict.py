@@ -10,7 +10,9 @@ import pytest
 import zarr
 from PIL import Image
 
+from napari_dinofuse.defaults import TILES_PER_STEP
 from napari_dinofuse.io import open_volume
+from napari_dinofuse.modeling.checkpoint import read_training_log
 
 DINOFUSE = str(Path(sys.executable).with_name("dinofuse"))
 
@@ -47,8 +49,10 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
     assert kept.voxel_size == pytest.approx(sample.raw.voxel_size) and kept.offset == pytest.approx(sample.raw.offset)
     # Fine-tune the saved model further (--init), keeping its classes.
     again = _run("train", *flags, "--labels", d / "labels.npy", "--out", d / "model2", "--init", d / "model",
-                 "--iterations", "4")
+                 "--iterations", "4", "--tiles-per-step", "2")
     assert again.returncode == 0, again.stderr
+    steps = [e for e in read_training_log(d / "model2") if "iteration" in e]  # both runs, the first's batch default
+    assert [e.get("tiles") for e in steps] == [TILES_PER_STEP] * 8 + [2] * 4
 
     out = d / "pred.zarr"
     predicted = _run("predict", *flags, "--model", d / "model2", "--out", out, "--attention", "--roi", "0:8,16:80,:",

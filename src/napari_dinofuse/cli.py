@@ -200,7 +200,7 @@ def _train(args) -> int:
 
     # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
-                         dice_weight=args.dice_weight, edge_weight=args.edge_weight,
+                         tiles_per_step=args.tiles_per_step, dice_weight=args.dice_weight, edge_weight=args.edge_weight,
                          validation_share=args.validation_share, device=args.device)
     new = NewModel(fusion=args.fusion, base_channels=args.base_channels, intensity_stem=args.intensity_stem,
                    context_margin_nm=args.context_margin)
@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=defaults.LEARNING_RATE,
                        help=f"peak, for a new model (default {defaults.LEARNING_RATE:g}); with --init "
                             f"{defaults.CONTINUE_LR_SCALE:.2g}x of it")
+    train.add_argument("--tiles-per-step", type=int, default=defaults.TILES_PER_STEP,
+                       help=f"training tiles per step (default {defaults.TILES_PER_STEP}; 4 trains about twice as fast "
+                            "on a CPU, with a weaker first-round membrane: docs/benchmarks.md)")
     train.add_argument("--fusion", default="attention", choices=["attention", "concat", "none"])
     train.add_argument("--base-channels", type=int, default=defaults.BASE_CHANNELS,
                        help=f"UNet width (default {defaults.BASE_CHANNELS}, laptop-friendly; 32-64 on a GPU)")

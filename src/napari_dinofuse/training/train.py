@@ -722,7 +722,8 @@ class Trainer:
                     optimizer.step()
                     scheduler.step()
                     smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
-                    entry = {"iteration": step, "loss": total, "smoothed": smoothed, "learning_rate": rate}
+                    entry = {"iteration": step, "loss": total, "smoothed": smoothed, "learning_rate": rate,
+                             "tiles": len(tiles)}
                     message = f"loss {smoothed:.4f}"
                     if self.validation_tiles and (step % cfg.validate_every == 0 or step == cfg.iterations):
                         score = self.validate(device)
