@@ -51,11 +51,10 @@ LEARNING_RATE = 3e-3  # peak, after a linear warm-up; cosine decay to 5 % of it
 CONTINUE_LR_SCALE = 1 / 2
 # Small tiles, several per step, each centred on a painted class in turn (with four classes a step sees each twice,
 # for the cost of two 16 x 64 x 64 tiles). Voxels (z, y, x); the context comes from a wider window, not from the
-# tile. Eight tiles (was four; with TrainConfig.context_dropout .25) in ten paired runs of both rounds
-# (docs/benchmarks.md, 2026-12-06 evening): first-round membrane IoU .64 -> .73 on the mean (its worst .43 -> .55),
-# the second round ahead on every class but the background (-.002); on four held-out runs round 1 ahead, round 2
-# level (mito -.05, granule +.035). Cost: 1.7-2x a CPU step (`dinofuse train --tiles-per-step 4`: the old speed);
-# a GPU step was bound by launching its kernels, so likely less there (unmeasured).
+# tile. Eight tiles (was four; with TrainConfig.context_dropout .25), over 14 paired runs (docs/benchmarks.md,
+# 2026-12-06 evening): first-round membrane IoU .66 -> .73 on the mean (worst .43 -> .55), second round level.
+# Cost: 1.7-2x a CPU step (`dinofuse train --tiles-per-step 4`: the old speed); a GPU step is bound by launching
+# its kernels, so likely less there (unmeasured).
 TRAIN_TILE = (16, 32, 32)
 TILES_PER_STEP = 8
 # Of each class's strokes, held out to score the model and stop early. 0 by default: with the few strokes a user

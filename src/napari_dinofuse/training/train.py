@@ -57,8 +57,8 @@ class TrainConfig:
     # gates) must tell the classes apart, so it does not leave it all to the context head, which from a few
     # strokes may learn a shortcut ("nucleus => granule": in one run of eight without it, 28 % of the background
     # became granule). Over 8 runs 0.5 raised the worst background/membrane IoU (docs/benchmarks.md, 2026-12-05);
-    # with eight tiles a step 0.25 gives the context evidence back to more tiles: mitochondria and granules gained
-    # in both rounds without the shortcut's return (2026-12-06 evening; at 0.5 eight tiles lost granules to mito).
+    # with eight tiles a step, 0.25 gives the evidence back to more tiles (at 0.5 eight tiles lost granules to mito;
+    # 0.25 gained the first round's context classes with no shortcut's return: 2026-12-06 evening).
     context_dropout: float = 0.25
     # Weight of the edge term on every voxel of a tile, painted or not (see edge_smoothness), after a ramp: the
     # strokes never say where a class ends, so without it the UNet draws the edges wherever its smooth upsampling
