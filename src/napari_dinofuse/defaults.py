@@ -53,8 +53,8 @@ CONTINUE_LR_SCALE = 1 / 2
 # for the cost of two 16 x 64 x 64 tiles). Voxels (z, y, x); the context comes from a wider window, not from the
 # tile. Eight tiles (was four; with TrainConfig.context_dropout .25), over 14 paired runs (docs/benchmarks.md,
 # 2026-12-06 evening): first-round membrane IoU .66 -> .73 on the mean (worst .43 -> .55), second round level.
-# Cost: 1.7-2x a CPU step (`dinofuse train --tiles-per-step 4`: the old speed); a GPU step is bound by launching
-# its kernels, so likely less there (unmeasured).
+# Cost: 1.7-2x a CPU step (`dinofuse train --tiles-per-step 4` or the dock's "tiles per step" 4: the old speed);
+# a GPU step is bound by launching its kernels, so likely less there (unmeasured).
 TRAIN_TILE = (16, 32, 32)
 TILES_PER_STEP = 8
 # Of each class's strokes, held out to score the model and stop early. 0 by default: with the few strokes a user

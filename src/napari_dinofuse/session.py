@@ -60,6 +60,7 @@ class SessionSettings:
     base_channels: int = defaults.BASE_CHANNELS
     intensity_stem: bool = True
     iterations: int = defaults.ITERATIONS
+    tiles_per_step: int = defaults.TILES_PER_STEP
     learning_rate: float = defaults.LEARNING_RATE
     seed: int = 0
 
@@ -211,8 +212,8 @@ class Session:
         from .training.finetune import NewModel, StartModel, fine_tune
         from .training.train import TrainConfig
 
-        config = TrainConfig(iterations=settings.iterations, learning_rate=settings.learning_rate,
-                             seed=settings.seed, device=settings.device)
+        config = TrainConfig(iterations=settings.iterations, tiles_per_step=settings.tiles_per_step,
+                             learning_rate=settings.learning_rate, seed=settings.seed, device=settings.device)
         new = NewModel(fusion=settings.fusion if source.context is not None else "none",
                        base_channels=settings.base_channels, intensity_stem=settings.intensity_stem)
         start = StartModel(self.model, self.info, self.log) if self.model is not None else None

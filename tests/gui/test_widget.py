@@ -263,7 +263,9 @@ def test_cancel_extraction_and_training_then_run_again(make_napari_viewer, qtbot
     assert "prediction" not in viewer.layers
 
     widget.train_box.iterations_spin.setValue(5)
+    widget.train_box.tiles_spin.setValue(2)  # the laptop's faster setting reaches the training
     assert hasattr(click_and_wait(qtbot, widget, widget.train_box.train_button), "arrays")
+    assert [entry["tiles"] for entry in widget.session.log] == [2] * 5
     model = widget.session.model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     widget.train_box.iterations_spin.setValue(100_000)
@@ -427,6 +429,7 @@ def test_the_next_dock_remembers_the_settings(make_napari_viewer, qtbot, tmp_pat
     first.model_box.fusion_combo.setCurrentText("concat")
     first.model_box.base_spin.setValue(24)
     first.model_box.stem_check.setChecked(False)
+    first.train_box.tiles_spin.setValue(4)
     first._chose("model", tmp_path / "models" / "mito")  # a model folder picked in Load… / Save…
     first.close()
     first.store.sync()
@@ -438,6 +441,7 @@ def test_the_next_dock_remembers_the_settings(make_napari_viewer, qtbot, tmp_pat
     assert (second.features_box.device_combo.currentText(), second.features_box.planes_combo.currentText(),
             second.model_box.fusion_combo.currentText()) == ("cpu", "ortho", "concat")
     assert second.model_box.base_spin.value() == 24 and not second.model_box.stem_check.isChecked()
+    assert second.train_box.tiles_spin.value() == 4
     assert second._folder("model") == str(tmp_path / "models")
     assert (_private_settings / "napari-dinofuse" / "dinofuse.ini").is_file()  # Qt's store, not the cwd
 

@@ -177,7 +177,7 @@ class DinofuseWidget(QWidget):
     def _remembered(self):
         """(key, getter, setter, change signal) of every setting that persists."""
         combo = lambda c: (c.currentText, c.setCurrentText, c.currentTextChanged)  # noqa: E731
-        features, model = self.features_box, self.model_box
+        features, model, train = self.features_box, self.model_box, self.train_box
         return [
             ("backbone", features.backbone_edit.text, features.backbone_edit.setText,
              features.backbone_edit.editingFinished),
@@ -189,6 +189,8 @@ class DinofuseWidget(QWidget):
              model.base_spin.valueChanged),
             ("intensity stem", model.stem_check.isChecked, lambda v: model.stem_check.setChecked(str(v) == "true"),
              model.stem_check.toggled),
+            ("tiles per step", train.tiles_spin.value, lambda v: train.tiles_spin.setValue(int(v)),
+             train.tiles_spin.valueChanged),
         ]
 
     def _restore(self) -> None:
@@ -344,7 +346,7 @@ class DinofuseWidget(QWidget):
                                planes=features.planes_combo.currentText(), cache=features.cache_folder(),
                                fusion=model.fusion_combo.currentText(), base_channels=model.base_spin.value(),
                                intensity_stem=model.stem_check.isChecked(), iterations=train.iterations_spin.value(),
-                               learning_rate=train.lr_spin.value())
+                               tiles_per_step=train.tiles_spin.value(), learning_rate=train.lr_spin.value())
 
     def view(self, raw):
         """The raw voxels around the current view (slices): what a prediction computes and shows first."""

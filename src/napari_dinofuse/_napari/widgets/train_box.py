@@ -28,6 +28,13 @@ class TrainBox(QGroupBox):
         self.iterations_spin.setValue(defaults.ITERATIONS)
         self.iterations_spin.setToolTip("Training steps (one step: a few tiles around your strokes); every stroke "
                                         "trains")
+        self.tiles_spin = QSpinBox()
+        self.tiles_spin.setRange(1, 64)
+        self.tiles_spin.setValue(defaults.TILES_PER_STEP)
+        z, y, x = defaults.TRAIN_TILE
+        self.tiles_spin.setToolTip(f"Training tiles per step ({z} x {y} x {x} voxels, each around one of your classes "
+                                   f"in turn): {defaults.TILES_PER_STEP} learns more per step; 4 trains about twice "
+                                   "as fast on a CPU, with a rougher first result")
         self.lr_spin = QDoubleSpinBox()
         self.lr_spin.setDecimals(5)
         self.lr_spin.setRange(1e-5, 1.0)
@@ -46,6 +53,7 @@ class TrainBox(QGroupBox):
         row.addWidget(self.restore_button)
         form.addRow(row)
         form.addRow("iterations", self.iterations_spin)
+        form.addRow("tiles per step", self.tiles_spin)
         form.addRow("learning rate", self.lr_spin)
         form.addRow(self.train_button)
         form.addRow(self.loss_plot)
