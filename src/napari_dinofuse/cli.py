@@ -201,7 +201,7 @@ def _train(args) -> int:
     # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
                          tiles_per_step=args.tiles_per_step, dice_weight=args.dice_weight, edge_weight=args.edge_weight,
-                         validation_share=args.validation_share, device=args.device)
+                         keep_weight=args.keep_weight, validation_share=args.validation_share, device=args.device)
     new = NewModel(fusion=args.fusion, base_channels=args.base_channels, intensity_stem=args.intensity_stem,
                    context_margin_nm=args.context_margin)
     extraction = ExtractionSettings(args.planes, batch_size=args.batch_size)
@@ -417,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--edge-weight", type=float, default=defaults.EDGE_WEIGHT,
                        help="weight of the term that pulls the classes' edges onto the image's edges on unpainted "
                             f"voxels (default {defaults.EDGE_WEIGHT:g}; 0: off; docs/benchmarks.md)")
+    train.add_argument("--keep-weight", type=float, default=defaults.KEEP_WEIGHT,
+                       help="with --init: weight of the term that keeps the start model's sure calls on unpainted "
+                            "voxels away from the strokes it got wrong, so corrections of one class do not move "
+                            f"the others (default {defaults.KEEP_WEIGHT:g}; 0: off; docs/benchmarks.md)")
     train.add_argument("--seed", type=int, default=0)
     _add_feature_args(train)
     train.set_defaults(func=_train)

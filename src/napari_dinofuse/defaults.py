@@ -49,6 +49,15 @@ LEARNING_RATE = 3e-3  # peak, after a linear warm-up; cosine decay to 5 % of it
 # the background). In ten paired second rounds (docs/benchmarks.md, 2026-12-06 morning) half led a third slightly
 # (the mean of every class), both ahead of the full rate; a fifth, and 50 steps instead of 100, were worse.
 CONTINUE_LR_SCALE = 1 / 2
+# Continuing a model, a term keeps its sure calls (largest posterior at least KEEP_SURE, at equal shares) on the
+# unpainted voxels more than KEEP_REACH voxels (z, y, x) from any stroke it got wrong: without it, corrections of
+# one class moved the edges of classes the user did not touch. Over 14 paired runs of three rounds
+# (docs/benchmarks.md, 2026-12-06 late night) the membrane fell by more than .025 from round 2 to 3 in none (5 without),
+# the means of membrane, mitochondria and granules rose in both rounds; one run's thick membrane was held (round-3
+# worst .77 -> .72). Cost: a forward pass of the start model a step. 0: off.
+KEEP_WEIGHT = 1.0
+KEEP_SURE = 0.95
+KEEP_REACH = (1, 8, 8)
 # Small tiles, several per step, each centred on a painted class in turn (with four classes a step sees each twice,
 # for the cost of two 16 x 64 x 64 tiles). Voxels (z, y, x); the context comes from a wider window, not from the
 # tile. Eight tiles (was four; with TrainConfig.context_dropout .25), over 14 paired runs (docs/benchmarks.md,

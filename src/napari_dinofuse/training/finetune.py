@@ -128,7 +128,9 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
                           intensity_stem=new.intensity_stem, seed=config.seed,
                           context_margin_nm=new.context_margin_nm, tile_shape=config.tile_shape)
         names, log = new.class_names, []
-    trainer = Trainer(model, source, painted, config)
+    # A class painted for the first time is new to the start model too: it has no calls to keep then.
+    continues = start is not None and model.config.num_classes == start.model.config.num_classes
+    trainer = Trainer(model, source, painted, config, continues=continues)
     yield from trainer.run()
     last = trainer.log[-1] if trainer.log else {}
     return FineTuned(model, model_info(model, source, names), log + trainer.log, len(trainer.log),

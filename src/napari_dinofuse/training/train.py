@@ -64,6 +64,10 @@ class TrainConfig:
     # strokes never say where a class ends, so without it the UNet draws the edges wherever its smooth upsampling
     # and the coarse context evidence put them (membranes a voxel or two too thick). 0: off (defaults.EDGE_WEIGHT).
     edge_weight: float = defaults.EDGE_WEIGHT
+    # Continuing a model: weight of the term that keeps its sure calls on unpainted voxels away from the strokes it
+    # got wrong (keep_loss; defaults.KEEP_WEIGHT says why). 0: off. A new model has nothing to keep.
+    keep_weight: float = defaults.KEEP_WEIGHT
+    keep_sure: float = defaults.KEEP_SURE  # the calls it keeps: largest posterior (at equal shares) at least this
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -90,9 +94,11 @@ class TrainConfig:
             bad("weight_decay", "expected a number in [0, 1)")
         if not (isinstance(self.context_dropout, (int, float)) and 0 <= self.context_dropout < 1):
             bad("context_dropout", "expected a share in [0, 1) (0: the evidence on every tile)")
-        for name in ("dice_weight", "context_loss_weight", "edge_weight"):
+        for name in ("dice_weight", "context_loss_weight", "edge_weight", "keep_weight"):
             if not (isinstance(getattr(self, name), (int, float)) and 0 <= getattr(self, name) < math.inf):
                 bad(name, "expected a number >= 0")
+        if not (isinstance(self.keep_sure, (int, float)) and 0 < self.keep_sure < 1):
+            bad("keep_sure", "expected a posterior in (0, 1), e.g. 0.95")
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
             bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
                 "too few strokes to train on")
@@ -446,6 +452,33 @@ def correction_power(posteriors, prior, stroke_posteriors=None, stroke_classes=N
 # -- training -----------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def keep_mask(start_logits: torch.Tensor, labels: torch.Tensor, sure: float = defaults.KEEP_SURE,
+              reach=defaults.KEEP_REACH) -> torch.Tensor:
+    """Where :func:`keep_loss` holds the start model's calls: unpainted voxels (``labels`` (B, Z, Y, X) == 0) whose
+    largest posterior at equal shares is at least ``sure``, more than ``reach`` voxels (z, y, x) from any stroke
+    the start model called wrong (there the user showed it wrong: its calls nearby are what the strokes correct).
+
+    Why sure calls only: on ten of the sample's first-round models, a bar of 0.95 kept 96-98 % of the right calls
+    there and 17-42 % of the wrong ones (docs/benchmarks.md, 2026-12-06 late night).
+    """
+    log_p = start_logits.float().log_softmax(1)
+    near = ((labels > 0) & (log_p.argmax(1) + 1 != labels)).float()[:, None]
+    for axis, r in enumerate(reach):  # a box's maximum, one axis at a time (a tenth of the time of the 3D box)
+        kernel, padding = [1, 1, 1], [0, 0, 0]
+        kernel[axis], padding[axis] = 2 * r + 1, r
+        near = F.max_pool3d(near, kernel, 1, padding)
+    near = near[:, 0] > 0
+    return (labels == 0) & ~near & (log_p.amax(1) >= math.log(sure))
+
+
+def keep_loss(logits: torch.Tensor, start_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the start model's posteriors (at equal shares) to the model's, averaged over ``mask``."""
+    start = start_logits.float().log_softmax(1)
+    kl = (start.exp() * (start - logits.float().log_softmax(1))).sum(1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _tensors(tile: tuple[TileInputs, torch.Tensor], convert) -> tuple[TileInputs, torch.Tensor]:
     """A training tile (inputs, labels) with ``convert`` applied to each of its tensors."""
     inputs, labels = tile
@@ -485,8 +518,10 @@ class Trainer:
     STROKE_TILES = 4  # and at most this many more, where the strokes are, to check the correction against them
     MIN_IMPROVEMENT = 0.005  # of the held-out mIoU: smaller gains are noise, not a reason to train on
 
-    def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None):
+    def __init__(self, model: FusedUNet3D, source: FeatureSource, labels, config: TrainConfig | None = None,
+                 continues: bool = False):
         self.config = config or TrainConfig()
+        self.continues = continues  # model is a trained one, continued: keep_loss holds its sure calls
         self.source = source
         # The snapshot training reads (``labels`` may be one already): the layer may be painted on meanwhile.
         self.painted = find_painted(labels, source.raw.shape, known_classes=model.config.num_classes)
@@ -668,6 +703,10 @@ class Trainer:
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
         dropout = cfg.context_dropout if model.adds_context_evidence else 0
+        # The start model as it was, for keep_loss: in eval mode, as it predicts (the context evidence at its
+        # prediction weight) at equal shares (the prior was just reset).
+        start_model = (copy.deepcopy(model).eval().requires_grad_(False) if self.continues and cfg.keep_weight
+                       else None)
 
         # On a GPU, tiles are made in pinned host memory and copied over by this thread without waiting: a
         # copy from ordinary memory makes the host wait until the device has finished what it was given.
@@ -703,11 +742,11 @@ class Trainer:
                         keep = torch.rand(len(tiles)) >= dropout
                         keep = (keep.pin_memory() if pinned else keep).to(device, non_blocking=pinned)
                     intensity = None if inputs.intensity is None else torch.cat([t[0].intensity for t in tiles])
+                    raw = torch.cat([t[0].raw for t in tiles])
+                    context = None if inputs.context is None else [t[0].context for t in tiles]
                     with autocast:
-                        out = model(torch.cat([t[0].raw for t in tiles]),
-                                    None if inputs.context is None else [t[0].context for t in tiles],
-                                    out_shape=labels.shape[1:], intensity=intensity, auxiliary=auxiliary,
-                                    evidence_keep=keep)
+                        out = model(raw, context, out_shape=labels.shape[1:], intensity=intensity,
+                                    auxiliary=auxiliary, evidence_keep=keep)
                     loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
                     if out.context_logits is not None:
                         loss = loss + cfg.context_loss_weight * masked_loss(out.context_logits, labels, weights)
@@ -716,6 +755,12 @@ class Trainer:
                         ramp = min(1.0, step / defaults.EDGE_RAMP_STEPS)
                         edges = edge_smoothness(out.logits, intensity[(..., *inside)], labels)
                         loss = loss + cfg.edge_weight * ramp * edges
+                    if start_model is not None:
+                        with torch.no_grad(), autocast:
+                            start_logits = start_model(raw, context, out_shape=labels.shape[1:],
+                                                       intensity=intensity).logits
+                        mask = keep_mask(start_logits, labels, cfg.keep_sure)
+                        loss = loss + cfg.keep_weight * keep_loss(out.logits, start_logits, mask)
                     loss.backward()
                     total = float(loss.detach())
                     rate = optimizer.param_groups[0]["lr"]
