@@ -545,7 +545,6 @@ def test_a_model_that_does_not_fit_the_features_is_refused(sample, source):
         drive(fine_tune(raw_only, labels, QUICK, NewModel(fusion="attention")))
 
 
-
 def test_continuing_keeps_only_the_start_models_sure_calls_away_from_its_wrong_strokes():
     # One tile of 3 x 20 x 20 voxels, two classes; the start model calls class 1 everywhere, sure except in one column.
     logits = torch.zeros(1, 2, 3, 20, 20)
@@ -554,7 +553,8 @@ def test_continuing_keeps_only_the_start_models_sure_calls_away_from_its_wrong_s
     labels = torch.zeros(1, 3, 20, 20, dtype=torch.long)
     labels[0, 1, 2, 2] = 2  # a stroke the start model got wrong
     labels[0, 1, 2, 12] = 1  # and one it got right
-    mask = keep_mask(logits, labels, sure=0.95, reach=(1, 3, 3))
+    start = logits.log_softmax(1)
+    mask = keep_mask(start, labels, sure=0.95, reach=(1, 3, 3))
     assert not mask[0, :, :6, :6].any()  # within reach of the wrong stroke: the strokes correct those calls
     assert mask[0, :, 6:, 6:8].all() and mask[0, :, :6, 6:8].all()  # beyond it, kept
     assert mask[0, :, :, 9:15][labels[0, :, :, 9:15] == 0].all()  # around the right stroke too
@@ -562,13 +562,13 @@ def test_continuing_keeps_only_the_start_models_sure_calls_away_from_its_wrong_s
     assert not mask[0, :, :, 15].any()  # unsure calls are free to change
     # The term is 0 where the model agrees with the start model and grows where it moves away from it, on the
     # masked voxels only.
-    assert float(keep_loss(logits, logits, mask)) == pytest.approx(0, abs=1e-6)
+    assert float(keep_loss(logits, start, mask)) == pytest.approx(0, abs=1e-6)
     moved = logits.clone()
     moved[:, 1, :, :, 17:] = 10.0
-    assert float(keep_loss(moved, logits, mask)) > 0.1
+    assert float(keep_loss(moved, start, mask)) > 0.1
     moved_unsure = logits.clone()
     moved_unsure[:, 1, :, :, 15] = 10.0
-    assert float(keep_loss(moved_unsure, logits, mask)) == pytest.approx(0, abs=1e-6)
+    assert float(keep_loss(moved_unsure, start, mask)) == pytest.approx(0, abs=1e-6)
     with pytest.raises(InputError, match="keep_weight"):
         TrainConfig(keep_weight=-1)
     with pytest.raises(InputError, match="keep_sure"):

@@ -453,29 +453,29 @@ def correction_power(posteriors, prior, stroke_posteriors=None, stroke_classes=N
 
 
 @torch.no_grad()
-def keep_mask(start_logits: torch.Tensor, labels: torch.Tensor, sure: float = defaults.KEEP_SURE,
+def keep_mask(start_log_p: torch.Tensor, labels: torch.Tensor, sure: float = defaults.KEEP_SURE,
               reach=defaults.KEEP_REACH) -> torch.Tensor:
-    """Where :func:`keep_loss` holds the start model's calls: unpainted voxels (``labels`` (B, Z, Y, X) == 0) whose
+    """Where :func:`keep_loss` holds the start model's calls (``start_log_p``: its log-posteriors at equal shares,
+    (B, K, Z, Y, X)): unpainted voxels (``labels`` (B, Z, Y, X) == 0) whose
     largest posterior at equal shares is at least ``sure``, more than ``reach`` voxels (z, y, x) from any stroke
     the start model called wrong (there the user showed it wrong: its calls nearby are what the strokes correct).
 
     Why sure calls only: on ten of the sample's first-round models, a bar of 0.95 kept 96-98 % of the right calls
     there and 17-42 % of the wrong ones (docs/benchmarks.md, 2026-12-06 late night).
     """
-    log_p = start_logits.float().log_softmax(1)
-    near = ((labels > 0) & (log_p.argmax(1) + 1 != labels)).float()[:, None]
+    near = ((labels > 0) & (start_log_p.argmax(1) + 1 != labels)).float()[:, None]
     for axis, r in enumerate(reach):  # a box's maximum, one axis at a time (a tenth of the time of the 3D box)
         kernel, padding = [1, 1, 1], [0, 0, 0]
         kernel[axis], padding[axis] = 2 * r + 1, r
         near = F.max_pool3d(near, kernel, 1, padding)
     near = near[:, 0] > 0
-    return (labels == 0) & ~near & (log_p.amax(1) >= math.log(sure))
+    return (labels == 0) & ~near & (start_log_p.amax(1) >= math.log(sure))
 
 
-def keep_loss(logits: torch.Tensor, start_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL divergence from the start model's posteriors (at equal shares) to the model's, averaged over ``mask``."""
-    start = start_logits.float().log_softmax(1)
-    kl = (start.exp() * (start - logits.float().log_softmax(1))).sum(1)
+def keep_loss(logits: torch.Tensor, start_log_p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the start model's posteriors (log, at equal shares) to the model's, averaged over
+    ``mask``."""
+    kl = (start_log_p.exp() * (start_log_p - logits.float().log_softmax(1))).sum(1)
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -757,10 +757,10 @@ class Trainer:
                         loss = loss + cfg.edge_weight * ramp * edges
                     if start_model is not None:
                         with torch.no_grad(), autocast:
-                            start_logits = start_model(raw, context, out_shape=labels.shape[1:],
-                                                       intensity=intensity).logits
-                        mask = keep_mask(start_logits, labels, cfg.keep_sure)
-                        loss = loss + cfg.keep_weight * keep_loss(out.logits, start_logits, mask)
+                            start_log_p = start_model(raw, context, out_shape=labels.shape[1:],
+                                                      intensity=intensity).logits.float().log_softmax(1)
+                        mask = keep_mask(start_log_p, labels, cfg.keep_sure)
+                        loss = loss + cfg.keep_weight * keep_loss(out.logits, start_log_p, mask)
                     loss.backward()
                     total = float(loss.detach())
                     rate = optimizer.param_groups[0]["lr"]
