@@ -704,8 +704,8 @@ class Trainer:
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
         dropout = cfg.context_dropout if model.adds_context_evidence else 0
         # The start model as it was, for keep_loss: in eval mode, as it predicts (the context evidence at its
-        # prediction weight) at equal shares (the prior was just reset), on every tile of a step. In the model's
-        # training mode, or on half the tiles, less was held and the drift came back (docs/benchmarks.md, 2026-12-07).
+        # prediction weight) at equal shares (the prior was just reset), on every tile of a step: in the model's
+        # training mode, or on half the tiles, the drift came back (docs/benchmarks.md, 2026-12-07).
         start_model = (copy.deepcopy(model).eval().requires_grad_(False) if self.continues and cfg.keep_weight
                        else None)
 
