@@ -705,8 +705,8 @@ class Trainer:
         dropout = cfg.context_dropout if model.adds_context_evidence else 0
         # The start model as it was, for keep_loss: in eval mode, as it predicts (the context evidence at its
         # prediction weight) at equal shares (the prior was just reset), on every tile of a step: in the model's
-        # training mode, on half the tiles, or with its calls predicted once per round, the drift came back
-        # (docs/benchmarks.md, 2026-12-07).
+        # training mode, on half the tiles, with its calls predicted once per round, or with the evidence dropped
+        # where the model drops it, the drift came back (docs/benchmarks.md, 2026-12-07).
         start_model = (copy.deepcopy(model).eval().requires_grad_(False) if self.continues and cfg.keep_weight
                        else None)
 
