@@ -1,8 +1,14 @@
+import os
 import warnings
 
 import pytest
 
+from napari_dinofuse.defaults import CPU_BF16_ENV
 from napari_dinofuse.features.backbone import RandomBackboneWarning
+
+# The suite computes in fp32 on any CPU, so its results do not depend on whether the test machine's CPU has bf16
+# instructions (the default would use them); tests/test_precision.py switches bf16 on.
+os.environ[CPU_BF16_ENV] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import os
 DEFAULT_BACKBONE = "facebook/dinov3-vitl16-pretrain-sat493m"
 BACKBONE_ENV = "DINOFUSE_BACKBONE"
 COMPILE_ENV = "DINOFUSE_COMPILE"  # 1: the backbone runs through torch.compile (large volumes on a GPU)
+CPU_BF16_ENV = "DINOFUSE_CPU_BF16"  # 1 / 0: compute in bf16 on the CPU or not (default: where it has bf16 instructions)
 
 
 def default_backbone_spec() -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..defaults import BACKBONE_ENV, COMPILE_ENV, DEFAULT_BACKBONE, default_backbone_spec  # noqa: F401
 from ..errors import BackboneError, InputError
+from ..precision import bf16_on
 
 PATCH_SIZE = 16
 
@@ -167,7 +168,8 @@ class Backbone:
 
     ``precision``: ``fp32``; ``bf16`` (weights cast to bfloat16 once: no per-call weight casts, half the
     weight memory, bf16 activations throughout); ``autocast`` (fp32 weights under bf16 autocast: fp32
-    residual stream); ``auto``: bf16 on CUDA, fp32 elsewhere.
+    residual stream); ``auto``: bf16 where the device computes it (:func:`~napari_dinofuse.precision.bf16_on`: CUDA,
+    CPUs with bf16 instructions), fp32 elsewhere.
     ``forward``: ``fused`` (:class:`~napari_dinofuse.features.fused_vit.FusedViT`, the default) or ``transformers``
     (the reference it is tested against). ``compile``: run the forward through ``torch.compile`` (pays off on
     large volumes on a GPU: each new slice shape compiles once, tens of seconds); a compile failure falls back
@@ -183,7 +185,7 @@ class Backbone:
         if forward not in FORWARDS:
             raise BackboneError(f"unknown forward {forward!r}: choose one of {', '.join(FORWARDS)}")
         if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
+            precision = "bf16" if bf16_on(device) else "fp32"
         self.precision, self.forward, self.config = precision, forward, model.config
         model = model.eval().requires_grad_(False)
         # The weights' identity is that of the checkpoint as loaded, before any fusing or cast: every forward
@@ -298,8 +300,8 @@ def load_backbone(spec: str | None = None, device: str = "auto", normalization: 
     """Load a frozen DINOv3 from a hub id, a local folder, or ``random:<arch>`` (tests only).
 
     ``offline``: take hub checkpoints only from the local download cache, never from the network.
-    ``precision``, ``forward``, ``compile``: see :class:`Backbone` (default: bf16 weights on CUDA, fp32
-    elsewhere; the fused forward; compiled when ``$DINOFUSE_COMPILE`` is 1).
+    ``precision``, ``forward``, ``compile``: see :class:`Backbone` (default: bf16 weights where the device computes
+    bf16, fp32 elsewhere; the fused forward; compiled when ``$DINOFUSE_COMPILE`` is 1).
 
     Raises :class:`BackboneError` with one actionable message when the weights cannot be had.
     """

@@ -38,6 +38,7 @@ from ..errors import MemoryRetryWarning
 from ..features.backbone import PATCH_SIZE, resolve_device
 from ..features.extract import BlockFeatures, FeatureSource
 from ..modeling.unet import place
+from ..precision import autocast
 from ..progress import Progress, drive, within
 from .outputs import MemorySink
 from .plan import PredictionPlan, attention_names, label_dtype, plan_prediction, smaller_tiles
@@ -233,8 +234,7 @@ def _run_tile(model, features: BlockFeatures, tile: Slices3, with_attention: boo
     gy, gx = (-(-n // PATCH_SIZE) for n in size[1:])
     full = (size[0], gy * PATCH_SIZE, gx * PATCH_SIZE)
     inputs = features.tile(tile, full_yx=full[1:])  # z before the volume: edge-padded
-    with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
-                                                enabled=dev.type == "cuda"):
+    with torch.inference_mode(), autocast(dev):
         out = model(inputs.raw, inputs.context, out_shape=full, intensity=inputs.intensity)
         logits = out.logits[0, :, :size[0], :size[1], :size[2]].float()
         probs = torch.softmax(logits, dim=0)

@@ -34,6 +34,7 @@ from ..inference.tiling import ints3, iter_blocks
 from ..modeling.checkpoint import ModelInfo
 from ..modeling.filters import scale_sigmas
 from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling, place
+from ..precision import autocast
 from ..progress import Progress
 
 PREFETCH_STEPS = 2  # training steps whose tiles are prepared ahead (host memory: a few tiles)
@@ -614,7 +615,7 @@ class Trainer:
         if self._validation_inputs[0] != device:
             self._validation_inputs = (device, [self._inputs(region, device) for region, _, _ in self.validation_tiles])
         for (region, points, classes), inputs in zip(self.validation_tiles, self._validation_inputs[1]):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
             local = points - np.array([s.start for s in region])
             predicted = out.logits[0].float().argmax(0).cpu().numpy()[tuple(local.T)] + 1
@@ -659,7 +660,7 @@ class Trainer:
                 inputs = ahead.result()
                 if i + 1 < len(chosen):
                     ahead = reader.submit(self._inputs, regions[chosen[i + 1]], device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with autocast(device):
                     out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region),
                                 intensity=inputs.intensity)
                 z, y, x = (s.stop - s.start for s in region)
@@ -698,7 +699,7 @@ class Trainer:
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        bf16 = autocast(device)
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
@@ -746,7 +747,7 @@ class Trainer:
                     intensity = None if inputs.intensity is None else torch.cat([t[0].intensity for t in tiles])
                     raw = torch.cat([t[0].raw for t in tiles])
                     context = None if inputs.context is None else [t[0].context for t in tiles]
-                    with autocast:
+                    with bf16:
                         out = model(raw, context, out_shape=labels.shape[1:], intensity=intensity,
                                     auxiliary=auxiliary, evidence_keep=keep)
                     loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
@@ -758,7 +759,7 @@ class Trainer:
                         edges = edge_smoothness(out.logits, intensity[(..., *inside)], labels)
                         loss = loss + cfg.edge_weight * ramp * edges
                     if start_model is not None:
-                        with torch.no_grad(), autocast:
+                        with torch.no_grad(), bf16:
                             start_log_p = start_model(raw, context, out_shape=labels.shape[1:],
                                                       intensity=intensity).logits.float().log_softmax(1)
                         mask = keep_mask(start_log_p, labels, cfg.keep_sure)
