@@ -1,8 +1,9 @@
 """Where the engine computes in bfloat16: on CUDA GPUs, and on CPUs with bf16 instructions.
 
 A CPU with AVX512-BF16 or AMX (AMD Zen 4 and later, Intel Xeon since Cooper Lake) multiplies bf16 natively; on a
-2-core Zen 4 the ViT-S ran 1.65x, a prediction tile 1.75x and a training step 1.33x faster in bf16 than in fp32
-(docs/benchmarks.md, 2026-12-07). Other CPUs (most laptops) would emulate it, slower than fp32, so they keep fp32.
+2-core Zen 4 the ViT-S ran 1.55-1.85x, a prediction 1.6x and a training step 1.15-1.3x faster in bf16 than in fp32,
+with the same segmentation (docs/benchmarks.md, 2026-12-07). Other CPUs (most Intel laptops, older AMD) would
+emulate it, so they keep fp32.
 ``$DINOFUSE_CPU_BF16`` = 1 or 0 overrides the detection. What needs fp32 keeps it under autocast (the filter
 banks, the norms' statistics, losses and posteriors).
 """
