@@ -34,7 +34,7 @@ from ..inference.tiling import ints3, iter_blocks
 from ..modeling.checkpoint import ModelInfo
 from ..modeling.filters import scale_sigmas
 from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling, place
-from ..precision import autocast
+from ..precision import training_autocast
 from ..progress import Progress
 
 PREFETCH_STEPS = 2  # training steps whose tiles are prepared ahead (host memory: a few tiles)
@@ -615,7 +615,7 @@ class Trainer:
         if self._validation_inputs[0] != device:
             self._validation_inputs = (device, [self._inputs(region, device) for region, _, _ in self.validation_tiles])
         for (region, points, classes), inputs in zip(self.validation_tiles, self._validation_inputs[1]):
-            with autocast(device):
+            with training_autocast(device):
                 out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
             local = points - np.array([s.start for s in region])
             predicted = out.logits[0].float().argmax(0).cpu().numpy()[tuple(local.T)] + 1
@@ -660,7 +660,7 @@ class Trainer:
                 inputs = ahead.result()
                 if i + 1 < len(chosen):
                     ahead = reader.submit(self._inputs, regions[chosen[i + 1]], device)
-                with autocast(device):
+                with training_autocast(device):
                     out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region),
                                 intensity=inputs.intensity)
                 z, y, x = (s.stop - s.start for s in region)
@@ -699,7 +699,7 @@ class Trainer:
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        bf16 = autocast(device)
+        bf16 = training_autocast(device)
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
