@@ -699,7 +699,7 @@ class Trainer:
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        bf16 = training_autocast(device)
+        mixed = training_autocast(device)  # bf16 on CUDA; disabled on a CPU (precision.py says why)
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
@@ -747,7 +747,7 @@ class Trainer:
                     intensity = None if inputs.intensity is None else torch.cat([t[0].intensity for t in tiles])
                     raw = torch.cat([t[0].raw for t in tiles])
                     context = None if inputs.context is None else [t[0].context for t in tiles]
-                    with bf16:
+                    with mixed:
                         out = model(raw, context, out_shape=labels.shape[1:], intensity=intensity,
                                     auxiliary=auxiliary, evidence_keep=keep)
                     loss = masked_loss(out.logits, labels, weights, cfg.dice_weight)
@@ -759,7 +759,7 @@ class Trainer:
                         edges = edge_smoothness(out.logits, intensity[(..., *inside)], labels)
                         loss = loss + cfg.edge_weight * ramp * edges
                     if start_model is not None:
-                        with torch.no_grad(), bf16:
+                        with torch.no_grad(), mixed:
                             start_log_p = start_model(raw, context, out_shape=labels.shape[1:],
                                                       intensity=intensity).logits.float().log_softmax(1)
                         mask = keep_mask(start_log_p, labels, cfg.keep_sure)
