@@ -5,13 +5,15 @@
 Inference computes in bf16 on a CPU with bf16 instructions (napari_dinofuse.precision); this prints, for each
 precision and round, through the engine's own paths: the ViT-S/16's slices/s on 512^2 slices (random weights)
 and its features' cosine to fp32's; a prediction of the 32x256x256 sample (base 16, a model trained for 20 steps)
-and how many labels it shares with fp32's. Ratios fp32 time / bf16 time last. (Training on a CPU stays fp32; its
-bf16 figures in docs/benchmarks.md, 2026-12-07, were measured with this script at d5b31b6.)
+and how many labels it shares with fp32's; warm training steps on the sample, in fp32 and with
+TrainConfig.mixed_precision (bf16: off by default, docs/benchmarks.md 2026-12-07 late morning says why). Ratios
+fp32 time / bf16 time last.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -63,17 +65,29 @@ def main() -> None:
                 start = time.perf_counter()
                 labels = np.asarray(predict_to_memory(model, source, device="cpu").arrays["labels"])
                 predict = time.perf_counter() - start
+                trainer = Trainer(copy.deepcopy(model), source, sample.scribbles(),
+                                  TrainConfig(iterations=12, validation_share=0, device="cpu",
+                                              mixed_precision=precision == "bf16"))
+                steps = trainer.run()
+                next(steps), next(steps)  # warm
+                start = time.perf_counter()
+                for _ in range(10):
+                    next(steps)
+                step = (time.perf_counter() - start) / 10
+                steps.close()
                 reference.setdefault("features", features)
                 reference.setdefault("labels", labels)
                 cosine = torch.nn.functional.cosine_similarity(features, reference["features"], dim=1).min()
                 agree = (labels == reference["labels"]).mean()
                 print(f"{precision}: ViT-S/16 {len(slices) / vit:.2f} slices/s (cosine to fp32 >= {cosine:.5f}); "
-                      f"prediction of {sample.raw.shape} {predict:.1f} s ({100 * agree:.2f} % of labels as fp32's)",
-                      flush=True)
-                for name, value in (("vit", vit), ("predict", predict)):
+                      f"prediction of {sample.raw.shape} {predict:.1f} s ({100 * agree:.2f} % of labels as fp32's); "
+                      f"a warm training step {1000 * step:.0f} ms", flush=True)
+                for name, value in (("vit", vit), ("predict", predict), ("step", step)):
                     times.setdefault((name, precision), []).append(value)
-    ratio = {name: np.median(times[(name, "fp32")]) / np.median(times[(name, "bf16")]) for name in ("vit", "predict")}
-    print(f"bf16 speed-up (median fp32 time / bf16 time): ViT {ratio['vit']:.2f}x, prediction {ratio['predict']:.2f}x")
+    ratio = {name: np.median(times[(name, "fp32")]) / np.median(times[(name, "bf16")])
+             for name in ("vit", "predict", "step")}
+    print(f"bf16 speed-up (median fp32 time / bf16 time): ViT {ratio['vit']:.2f}x, prediction {ratio['predict']:.2f}x, "
+          f"training step (mixed precision, not the default) {ratio['step']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python benchmarks/bench_model.py [projection|finetune|inference|all] [--backbone random:vits16]
 
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
-- finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached);
+- finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached;
+  training in float32, with --mixed-precision in bf16);
   a warm step's time next to the time its tiles take on the tile thread, host waits per step; with --profile,
   host and device time per step, kernel launches and the top ops by host time; with --ops, the ops per step that
   launch a kernel (forward by the model's parts, backward, optimizer): what binds a GPU step, counted anywhere;
@@ -105,16 +106,18 @@ def finetune(args):
     sample, source = _setup(args, raw_shape=(128, 128, 128))
     model = new_model(source, 4, base_channels=args.base_channels)
     start = time.perf_counter()
-    trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=args.iterations, device=args.device))
+    settings = {"device": args.device, "mixed_precision": args.mixed_precision}
+    trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=args.iterations, **settings))
     drive(trainer.run())
     trained = time.perf_counter() - start
     predict_to_memory(model, source, None, device=args.device)
     total = time.perf_counter() - start
-    print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}): {len(trainer.log) / trained:.2f} it/s; "
+    print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}, "
+          f"{'bf16 mixed precision' if args.mixed_precision else 'float32'}): {len(trainer.log) / trained:.2f} it/s; "
           f"start -> updated prediction of 128^3 after {len(trainer.log)} iterations: {total:.1f} s "
           f"(training {trained:.1f} s, prediction {total - trained:.1f} s)")
     device = resolve_device(args.device)
-    trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=1000, device=args.device))
+    trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=1000, **settings))
     prepared = [0.0]
     make_tile = trainer._batch
 
@@ -227,6 +230,7 @@ def inference(args):
     from napari_dinofuse.features.backbone import resolve_device
     from napari_dinofuse.inference.plan import plan_prediction
     from napari_dinofuse.inference.predict import predict_to_memory, read_block
+    from napari_dinofuse.precision import autocast
     from napari_dinofuse.training.train import new_model
 
     sample, source = _setup(args, raw_shape=args.volume or (64, 256, 256))
@@ -237,8 +241,8 @@ def inference(args):
     overlap = (8, 32, 32)
     inputs = source.tile(tuple(slice(0, n) for n in tile), intensity=True, device=dev,
                          halo=model.intensity_halo)
-    # Same precision as predict(): bf16 autocast on CUDA, fp32 elsewhere.
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+    # Same precision as predict(): bf16 on CUDA and on CPUs with bf16 instructions (napari_dinofuse.precision).
+    with torch.inference_mode(), autocast(dev):
         model(inputs.raw, inputs.context, tile, inputs.intensity)
         _sync(dev)
         start = time.perf_counter()
@@ -476,6 +480,8 @@ def main():
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
     parser.add_argument("--ops", action="store_true", help="finetune: kernel-launching ops per step (any device)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="finetune: train under bf16 autocast (TrainConfig.mixed_precision; float32 by default)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run the UNet channels-last on CUDA too (the CPU always does; to measure it there)")
     args = parser.parse_args()

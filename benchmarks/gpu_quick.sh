@@ -5,7 +5,8 @@
 #   2. bench_features, 512 slices of 512^2: bare on-device forward vs extraction pipeline, writer threads,
 #      cache hit.
 #   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction; a warm
-#      step, its tiles' time, host waits, and a torch profile of five steps); both again with the UNet channels-last.
+#      step, its tiles' time, host waits, and a torch profile of five steps; float32, then bf16 as finetune_mixed);
+#      both again with the UNet channels-last.
 #   4. bench_features again with --compile, if the budget allows.
 #   first_step, reads (only when named in GPU_QUICK_STEPS): Fine-tune -> first training step on a 64x1024x1024
 #      volume with stand-in cached features (a Fine-tune's fixed costs, CUDA's warm-up included); a training tile's
@@ -14,7 +15,7 @@
 # Log: $OUT/gpu_quick.log ($OUT: the device tool's output folder; /tmp/gpu_quick elsewhere).
 # Wheels in .whl/ (zarr and its needs: the device image lacks them) are installed to /tmp/site.
 # GPU_QUICK_STEPS: which steps to run (default: all of check_cuda_backbone bench_features inference finetune
-# inference_channels_last finetune_channels_last bench_features_compiled).
+# finetune_mixed inference_channels_last finetune_channels_last bench_features_compiled).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -34,7 +35,8 @@ else
 fi
 
 # step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
-ALL_STEPS="check_cuda_backbone bench_features inference finetune inference_channels_last finetune_channels_last"
+ALL_STEPS="check_cuda_backbone bench_features inference finetune finetune_mixed"
+ALL_STEPS="$ALL_STEPS inference_channels_last finetune_channels_last"
 STEPS=${GPU_QUICK_STEPS:-$ALL_STEPS bench_features_compiled}
 step() {
     local name=$1 limit=$2
@@ -62,6 +64,10 @@ main() {
     step bench_features 100 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
     step inference 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss "${VOLUME[@]}"
     step finetune 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" --ops --profile
+    # Training computes in float32 (TrainConfig.mixed_precision off; bf16 training measured worse on a CPU,
+    # docs/benchmarks.md 2026-12-07 late morning): the same step in bf16, to see what float32 costs on a GPU.
+    step finetune_mixed 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" \
+        --mixed-precision
     # The UNet channels-last on CUDA too (the CPU's default since 2026-12-05): adopt it there if these beat the above.
     step inference_channels_last 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss \
         "${VOLUME[@]}" --channels-last

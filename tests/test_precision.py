@@ -1,9 +1,10 @@
-"""Where models compute in bf16: CUDA, and for inference CPUs with bf16 instructions (or as $DINOFUSE_CPU_BF16
-says); training on a CPU stays fp32.
+"""Where models compute in bf16: inference on CUDA and on CPUs with bf16 instructions (or as $DINOFUSE_CPU_BF16
+says); training in fp32 unless TrainConfig.mixed_precision asks for bf16.
 
 The rest of the suite runs in fp32 (conftest.py pins it, so results do not depend on the test machine's CPU);
 these tests switch bf16 on."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -29,8 +30,10 @@ def test_bf16_follows_the_device_the_cpu_and_the_setting(monkeypatch):
         assert bf16_on("cpu") is on
         with autocast("cpu"):
             assert torch.is_autocast_enabled("cpu") is on
-        with training_autocast("cpu"):
+        with training_autocast("cpu"):  # training: float32 unless mixed precision is asked for
             assert not torch.is_autocast_enabled("cpu")
+        with training_autocast("cpu", mixed=True):
+            assert torch.is_autocast_enabled("cpu") is on
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomBackboneWarning)
             backbone = load_backbone("random:tiny", device="cpu")  # precision "auto"
@@ -49,9 +52,11 @@ def sample_source(tiny_backbone, tmp_path_factory):
     return sample, source
 
 
-def test_on_a_bf16_cpu_training_stays_fp32_and_predictions_call_what_fp32_calls(sample_source, monkeypatch):
-    """bf16 on a CPU is for speed only: training (which bf16 would change) runs in fp32, and the trained model's
-    prediction in bf16 gives the labels fp32 gives (checked on the first convolution: what really ran)."""
+def test_on_a_bf16_cpu_training_stays_fp32_unless_asked_and_predictions_call_what_fp32_calls(sample_source,
+                                                                                              monkeypatch):
+    """bf16 on a CPU is for speed only: training (which bf16 would change) runs in fp32 unless mixed precision is
+    asked for, and the trained model's prediction in bf16 gives the labels fp32 gives (checked on the first
+    convolution: what really ran)."""
     sample, source = sample_source
     labels = sample.scribbles(seed=0)
     monkeypatch.setenv(CPU_BF16_ENV, "1")
@@ -64,6 +69,10 @@ def test_on_a_bf16_cpu_training_stays_fp32_and_predictions_call_what_fp32_calls(
     drive(trainer.run())
     assert set(seen) == {torch.float32}, set(seen)  # training steps and the class shares' estimate
     assert trainer.log[-1]["smoothed"] < trainer.log[0]["smoothed"] / 2, trainer.log[-1]
+    seen.clear()  # asked for, mixed precision trains in bf16 (a few steps of the trained model)
+    drive(Trainer(copy.deepcopy(model), source, labels,  # the copy keeps the hook
+                  TrainConfig(iterations=3, validation_share=0, device="cpu", mixed_precision=True)).run())
+    assert set(seen) == {torch.bfloat16}, set(seen)
 
     seen.clear()
     fast = predict_to_memory(model, source, device="cpu").arrays

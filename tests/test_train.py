@@ -428,6 +428,7 @@ def test_augmentation_keeps_each_voxel_with_its_own_context(source):
     ({"tile_shape": (16, 0, 64)}, "tile_shape"), ({"tiles_per_step": True}, "tiles_per_step"),
     ({"context_dropout": 1.0}, "context_dropout"), ({"context_dropout": -0.1}, "context_dropout"),
     ({"edge_weight": -1}, "edge_weight"), ({"edge_weight": float("nan")}, "edge_weight"),
+    ({"mixed_precision": "no"}, "mixed_precision"), ({"augment": 0}, "augment"),
 ])
 def test_settings_that_cannot_work_are_refused_in_one_line(settings, name):
     with pytest.raises(InputError, match=name) as info:

@@ -1,12 +1,15 @@
-"""Where the engine computes in bfloat16: on CUDA GPUs, and for inference on CPUs with bf16 instructions.
+"""Where the engine computes in bfloat16: inference on CUDA GPUs and on CPUs with bf16 instructions; training
+only when asked for.
 
 A CPU with AVX512-BF16 or AMX (AMD Zen 4 and later, Intel Xeon since Cooper Lake) multiplies bf16 natively; on a
 2-core Zen 4 the ViT-S ran 1.55-1.85x and a prediction 1.6x faster in bf16 than in fp32, with 99.95 % of the
 labels unchanged (docs/benchmarks.md, 2026-12-07). Other CPUs (most Intel laptops, older AMD) would emulate it, so
-they keep fp32. ``$DINOFUSE_CPU_BF16`` = 1 or 0 overrides the detection. Training on a CPU stays fp32: in bf16 a
-step was only 1.15-1.3x faster, and first rounds trained from scratch came out differently (the demo's membrane
-.64 -> .58), though on the same start model and strokes a continued round reproduced fp32's to two decimals. What
-needs fp32 keeps it under autocast (the filter banks, the norms' statistics, losses and posteriors)."""
+they keep fp32. ``$DINOFUSE_CPU_BF16`` = 1 or 0 overrides the detection. Training computes in fp32 on every device
+unless ``TrainConfig.mixed_precision``: trained from scratch in bf16 (on that CPU, steps ~1.3x faster), first rounds
+came out worse than fp32's own float noise in 11 of 14 runs (the three rare classes' IoU summed -0.034 on average),
+while bf16 features and predictions left fp32 training's results as they were (docs/benchmarks.md, 2026-12-07 late
+morning). CUDA trained in bf16 until then. What needs fp32 keeps it under autocast (the filter banks, the norms'
+statistics, losses and posteriors)."""
 
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def autocast(device: torch.device | str) -> torch.autocast:
     return torch.autocast(device.type if on else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
-def training_autocast(device: torch.device | str) -> torch.autocast:
-    """bf16 autocast for training on ``device``: on CUDA only (see the module docstring)."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def training_autocast(device: torch.device | str, mixed: bool = False) -> torch.autocast:
+    """bf16 autocast for training on ``device`` only where ``mixed`` (``TrainConfig.mixed_precision``) and
+    :func:`bf16_on`: training computes in float32 by default, on CUDA too (see the module docstring)."""
+    return autocast(device) if mixed else torch.autocast("cpu", enabled=False)

@@ -69,6 +69,10 @@ class TrainConfig:
     # got wrong (keep_loss; defaults.KEEP_WEIGHT says why). 0: off. A new model has nothing to keep.
     keep_weight: float = defaults.KEEP_WEIGHT
     keep_sure: float = defaults.KEEP_SURE  # the calls it keeps: largest posterior (at equal shares) at least this
+    # Train under bf16 autocast where the device computes bf16 (CUDA; CPUs with bf16 instructions: precision.py).
+    # Off by default: on a bf16 CPU steps ran ~1.3x faster, but first rounds trained from scratch came out worse
+    # than float32's own float noise in 11 of 14 runs (docs/benchmarks.md, 2026-12-07 late morning).
+    mixed_precision: bool = False
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -103,6 +107,9 @@ class TrainConfig:
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
             bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
                 "too few strokes to train on")
+        for name in ("mixed_precision", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             bad("seed", "expected a whole number from 0 to 2**32 - 1")  # numpy refuses negative seeds
         devices = "expected auto, cpu, cuda, cuda:N or mps"
@@ -615,7 +622,7 @@ class Trainer:
         if self._validation_inputs[0] != device:
             self._validation_inputs = (device, [self._inputs(region, device) for region, _, _ in self.validation_tiles])
         for (region, points, classes), inputs in zip(self.validation_tiles, self._validation_inputs[1]):
-            with training_autocast(device):
+            with training_autocast(device, self.config.mixed_precision):
                 out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
             local = points - np.array([s.start for s in region])
             predicted = out.logits[0].float().argmax(0).cpu().numpy()[tuple(local.T)] + 1
@@ -660,7 +667,7 @@ class Trainer:
                 inputs = ahead.result()
                 if i + 1 < len(chosen):
                     ahead = reader.submit(self._inputs, regions[chosen[i + 1]], device)
-                with training_autocast(device):
+                with training_autocast(device, self.config.mixed_precision):
                     out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region),
                                 intensity=inputs.intensity)
                 z, y, x = (s.stop - s.start for s in region)
@@ -699,7 +706,7 @@ class Trainer:
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        mixed = training_autocast(device)  # bf16 on CUDA; disabled on a CPU (precision.py says why)
+        mixed = training_autocast(device, cfg.mixed_precision)  # float32 unless asked (precision.py says why)
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
