@@ -70,7 +70,7 @@ class TrainConfig:
     keep_weight: float = defaults.KEEP_WEIGHT
     keep_sure: float = defaults.KEEP_SURE  # the calls it keeps: largest posterior (at equal shares) at least this
     # Train under bf16 autocast where the device computes bf16 (CUDA; CPUs with bf16 instructions: precision.py).
-    # Off by default: on a bf16 CPU steps ran ~1.3x faster, but first rounds trained from scratch came out worse
+    # Off by default: on a bf16 CPU steps ran 1.2-1.3x faster, but first rounds trained from scratch came out worse
     # than float32's own float noise in 11 of 14 runs (docs/benchmarks.md, 2026-12-07 late morning).
     mixed_precision: bool = False
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
