@@ -3,13 +3,13 @@ only when asked for.
 
 A CPU with AVX512-BF16 or AMX (AMD Zen 4 and later, Intel Xeon since Cooper Lake) multiplies bf16 natively; on a
 2-core Zen 4 the ViT-S ran 1.55-1.85x and a prediction 1.6x faster in bf16 than in fp32 (a Xeon with AMX: 3.1x and
-1.65x), with 99.95 % of the labels unchanged (docs/benchmarks.md, 2026-12-07). Other CPUs (most Intel laptops, older AMD) would emulate it, so
-they keep fp32. ``$DINOFUSE_CPU_BF16`` = 1 or 0 overrides the detection. Training computes in fp32 on every device
-unless ``TrainConfig.mixed_precision``: in bf16 (steps 1.2-1.3x faster on a bf16 CPU), first rounds trained from
-scratch came out worse than fp32's own float noise in 11 of 14 runs (the three rare classes' IoU summed: -0.034 on
-average), while fp32-trained models predicting in bf16 stayed level with it (docs/benchmarks.md, 2026-12-07 late
-morning). CUDA trained in bf16 until then. What needs fp32 keeps it under autocast (the filter banks, the norms'
-statistics, losses and posteriors)."""
+1.65x), with 99.95 % of the labels unchanged (docs/benchmarks.md, 2026-12-07). Other CPUs (most Intel laptops, older
+AMD) would emulate it, so they keep fp32. ``$DINOFUSE_CPU_BF16`` = 1 or 0 overrides the detection. Training computes
+in fp32 on every device unless ``TrainConfig.mixed_precision``: in bf16 (steps 1.2-1.3x faster on a bf16 CPU), first
+rounds trained from scratch came out worse than fp32's own float noise in 11 of 14 runs (the three rare classes' IoU
+summed: -0.034 on average), while fp32-trained models predicting in bf16 stayed level with it (docs/benchmarks.md,
+2026-12-07 late morning). CUDA trained in bf16 until then. What needs fp32 keeps it under autocast (the filter
+banks, the norms' statistics, losses and posteriors)."""
 
 from __future__ import annotations
 
