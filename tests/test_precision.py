@@ -1,5 +1,6 @@
 """Where models compute in bf16: inference on CUDA and on CPUs with bf16 instructions (or as $DINOFUSE_CPU_BF16
-says); training in fp32 unless TrainConfig.mixed_precision asks for bf16.
+says); training in fp32 unless TrainConfig.mixed_precision asks for bf16 (continuing a model, the start model whose
+calls it keeps runs as it predicts).
 
 The rest of the suite runs in fp32 (conftest.py pins it, so results do not depend on the test machine's CPU);
 these tests switch bf16 on."""
@@ -55,32 +56,42 @@ def sample_source(tiny_backbone, tmp_path_factory):
 def test_on_a_bf16_cpu_training_stays_fp32_unless_asked_and_predictions_call_what_fp32_calls(sample_source,
                                                                                               monkeypatch):
     """bf16 on a CPU is for speed only: training (which bf16 would change) runs in fp32 unless mixed precision is
-    asked for, and the trained model's prediction in bf16 gives the labels fp32 gives (checked on the first
-    convolution: what really ran)."""
+    asked for, the start model whose calls continued training keeps runs as it predicts, and the trained model's
+    prediction in bf16 gives the labels fp32 gives (checked on the first convolution: what really ran)."""
     sample, source = sample_source
     labels = sample.scribbles(seed=0)
     monkeypatch.setenv(CPU_BF16_ENV, "1")
     torch.manual_seed(0)
     model = new_model(source, num_classes=4, base_channels=8, fusion="attention")
-    seen = []
-    hook = model.encoders[0][0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    seen = []  # (dtype, whether it computed gradients) of each forward pass
+    hook = model.encoders[0][0].register_forward_hook(lambda m, i, out: seen.append((out.dtype, out.requires_grad)))
+
+    def dtypes():
+        return {dtype for dtype, _ in seen}
+
     trainer = Trainer(model, source, labels, TrainConfig(iterations=60, learning_rate=3e-3, validation_share=0,
                                                          augment=False, device="cpu"))
     drive(trainer.run())
-    assert set(seen) == {torch.float32}, set(seen)  # training steps and the class shares' estimate
+    assert dtypes() == {torch.float32}, seen  # training steps and the class shares' estimate
     assert trainer.log[-1]["smoothed"] < trainer.log[0]["smoothed"] / 2, trainer.log[-1]
     seen.clear()  # asked for, mixed precision trains in bf16 (a few steps of the trained model)
     drive(Trainer(copy.deepcopy(model), source, labels,  # the copy keeps the hook
                   TrainConfig(iterations=3, validation_share=0, device="cpu", mixed_precision=True)).run())
-    assert set(seen) == {torch.bfloat16}, set(seen)
+    assert dtypes() == {torch.bfloat16}, seen
+    seen.clear()  # continuing: the model trains in fp32, the start model's calls it keeps come as predicted (bf16)
+    continued = Trainer(copy.deepcopy(model), source, labels, TrainConfig(iterations=3, validation_share=0,
+                                                                          device="cpu"), continues=True).run()
+    steps = next(list(seen) for progress in continued if "estimating" in progress.message)
+    assert set(steps) == {(torch.float32, True), (torch.bfloat16, False)}, steps
+    continued.close()
 
     seen.clear()
     fast = predict_to_memory(model, source, device="cpu").arrays
-    assert set(seen) == {torch.bfloat16}
+    assert dtypes() == {torch.bfloat16}
     monkeypatch.setenv(CPU_BF16_ENV, "0")
     seen.clear()
     exact = predict_to_memory(model, source, device="cpu").arrays
-    assert set(seen) == {torch.float32}
+    assert dtypes() == {torch.float32}
     hook.remove()
 
     painted = labels > 0

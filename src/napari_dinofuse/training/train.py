@@ -34,7 +34,7 @@ from ..inference.tiling import ints3, iter_blocks
 from ..modeling.checkpoint import ModelInfo
 from ..modeling.filters import scale_sigmas
 from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling, place
-from ..precision import training_autocast
+from ..precision import autocast, training_autocast
 from ..progress import Progress
 
 PREFETCH_STEPS = 2  # training steps whose tiles are prepared ahead (host memory: a few tiles)
@@ -714,9 +714,12 @@ class Trainer:
         # The start model as it was, for keep_loss: in eval mode, as it predicts (the context evidence at its
         # prediction weight) at equal shares (the prior was just reset), on every tile of a step: in the model's
         # training mode, on half the tiles, with its calls predicted once per round, or with the evidence dropped
-        # where the model drops it, the drift came back (docs/benchmarks.md, 2026-12-07).
+        # where the model drops it, the drift came back (docs/benchmarks.md, 2026-12-07). At its predictions'
+        # precision too (bf16 where they compute in it, `precision.autocast`): the calls the user saw, level with
+        # fp32's over 14 paired rounds, and on a bf16 CPU the round 1.07x faster (docs/benchmarks.md, 2026-12-07 noon).
         start_model = (copy.deepcopy(model).eval().requires_grad_(False) if self.continues and cfg.keep_weight
                        else None)
+        as_predicted = autocast(device)
 
         # On a GPU, tiles are made in pinned host memory and copied over by this thread without waiting: a
         # copy from ordinary memory makes the host wait until the device has finished what it was given.
@@ -766,7 +769,7 @@ class Trainer:
                         edges = edge_smoothness(out.logits, intensity[(..., *inside)], labels)
                         loss = loss + cfg.edge_weight * ramp * edges
                     if start_model is not None:
-                        with torch.no_grad(), mixed:
+                        with torch.no_grad(), as_predicted:
                             start_log_p = start_model(raw, context, out_shape=labels.shape[1:],
                                                       intensity=intensity).logits.float().log_softmax(1)
                         mask = keep_mask(start_log_p, labels, cfg.keep_sure)
