@@ -6,8 +6,9 @@ Inference computes in bf16 on a CPU with bf16 instructions (napari_dinofuse.prec
 precision and round, through the engine's own paths: the ViT-S/16's slices/s on 512^2 slices (random weights)
 and its features' cosine to fp32's; a prediction of the 32x256x256 sample (base 16, a model trained for 20 steps)
 and how many labels it shares with fp32's; warm training steps on the sample, in fp32 and with
-TrainConfig.mixed_precision (bf16: off by default, docs/benchmarks.md 2026-12-07 late morning says why). Ratios
-fp32 time / bf16 time last.
+TrainConfig.mixed_precision (bf16: off by default, docs/benchmarks.md 2026-12-07 late morning says why); warm
+steps continuing that model, whose start model (the calls the keep term holds) runs at the predictions' precision
+(the default). Ratios fp32 time / bf16 time last.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -46,6 +48,18 @@ def main() -> None:
     sample = make_sample(seed=0)
     slices = torch.rand(4, 512, 512)
     times: dict[tuple[str, str], list[float]] = {}
+
+    def warm_step(trainer) -> float:
+        """Seconds per training step, steps 3-12."""
+        steps = trainer.run()
+        next(steps), next(steps)
+        start = time.perf_counter()
+        for _ in range(10):
+            next(steps)
+        seconds = (time.perf_counter() - start) / 10
+        steps.close()
+        return seconds
+
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[CPU_BF16_ENV] = "0"
         source = drive(extract_sources(sample.raw, sample.context, load_backbone("random:vits16", device="cpu"),
@@ -65,29 +79,25 @@ def main() -> None:
                 start = time.perf_counter()
                 labels = np.asarray(predict_to_memory(model, source, device="cpu").arrays["labels"])
                 predict = time.perf_counter() - start
-                trainer = Trainer(copy.deepcopy(model), source, sample.scribbles(),
-                                  TrainConfig(iterations=12, validation_share=0, device="cpu",
-                                              mixed_precision=precision == "bf16"))
-                steps = trainer.run()
-                next(steps), next(steps)  # warm
-                start = time.perf_counter()
-                for _ in range(10):
-                    next(steps)
-                step = (time.perf_counter() - start) / 10
-                steps.close()
+                config = TrainConfig(iterations=12, validation_share=0, device="cpu")
+                step = warm_step(Trainer(copy.deepcopy(model), source, sample.scribbles(),
+                                         replace(config, mixed_precision=precision == "bf16")))
+                continuing = warm_step(Trainer(copy.deepcopy(model), source, sample.scribbles(), config,
+                                               continues=True))
                 reference.setdefault("features", features)
                 reference.setdefault("labels", labels)
                 cosine = torch.nn.functional.cosine_similarity(features, reference["features"], dim=1).min()
                 agree = (labels == reference["labels"]).mean()
                 print(f"{precision}: ViT-S/16 {len(slices) / vit:.2f} slices/s (cosine to fp32 >= {cosine:.5f}); "
                       f"prediction of {sample.raw.shape} {predict:.1f} s ({100 * agree:.2f} % of labels as fp32's); "
-                      f"a warm training step {1000 * step:.0f} ms", flush=True)
-                for name, value in (("vit", vit), ("predict", predict), ("step", step)):
+                      f"a warm training step {1000 * step:.0f} ms, continuing {1000 * continuing:.0f} ms", flush=True)
+                for name, value in (("vit", vit), ("predict", predict), ("step", step), ("continuing", continuing)):
                     times.setdefault((name, precision), []).append(value)
     ratio = {name: np.median(times[(name, "fp32")]) / np.median(times[(name, "bf16")])
-             for name in ("vit", "predict", "step")}
+             for name in ("vit", "predict", "step", "continuing")}
     print(f"bf16 speed-up (median fp32 time / bf16 time): ViT {ratio['vit']:.2f}x, prediction {ratio['predict']:.2f}x, "
-          f"training step (mixed precision, not the default) {ratio['step']:.2f}x")
+          f"training step (mixed precision, not the default) {ratio['step']:.2f}x, continuing step (the start model "
+          f"at the predictions' precision, the default) {ratio['continuing']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached;
   training in float32, with --mixed-precision in bf16);
-  a warm step's time next to the time its tiles take on the tile thread, host waits per step; with --profile,
+  a warm step's time next to the time its tiles take on the tile thread, host waits per step, a warm continuing
+  step's time (the keep term runs the start model too); with --profile,
   host and device time per step, kernel launches and the top ops by host time; with --ops, the ops per step that
   launch a kernel (forward by the model's parts, backward, optimizer): what binds a GPU step, counted anywhere;
 - inference: voxels/s of the UNet alone and end to end from the cache (their ratio, and the most the tiles'
@@ -24,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -158,6 +160,18 @@ def finetune(args):
         print(f"  per step: host {events.self_cpu_time_total / 5e3:.0f} ms, device {device_time / 5e3:.0f} ms, "
               f"{launches / 5:.0f} kernel launches")
         print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    steps.close()
+    # Fine-tune again: continuing, a step also runs the start model (as it predicts) for the keep term.
+    steps = Trainer(copy.deepcopy(model), source, sample.scribbles(), TrainConfig(iterations=1000, **settings),
+                    continues=True).run()
+    for _ in range(10):
+        next(steps)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        next(steps)
+    _sync(device)
+    print(f"  a warm continuing step (the keep term's start model too): {100 * (time.perf_counter() - start):.0f} ms")
     steps.close()
 
 

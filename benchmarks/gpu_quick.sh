@@ -5,7 +5,8 @@
 #   2. bench_features, 512 slices of 512^2: bare on-device forward vs extraction pipeline, writer threads,
 #      cache hit.
 #   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction; a warm
-#      step, its tiles' time, host waits, and a torch profile of five steps; float32, then bf16 as finetune_mixed);
+#      step, its tiles' time, host waits, a torch profile of five steps, a warm continuing step; float32, then bf16
+#      as finetune_mixed);
 #      both again with the UNet channels-last.
 #   4. bench_features again with --compile, if the budget allows.
 #   first_step, reads (only when named in GPU_QUICK_STEPS): Fine-tune -> first training step on a 64x1024x1024
