@@ -457,6 +457,32 @@ def test_channel_norm_normalises_each_voxel_over_its_channels_only():
     torch.testing.assert_close(half.float(), expected, atol=0.05, rtol=0.02)
 
 
+def test_channel_norm_in_bf16_on_a_cpu_gives_fp32s_values_rounded():
+    """bf16 activations on a bf16 CPU (predictions under autocast) are normalised as in fp32 and rounded once, by
+    a kernel without casts around it; training through bf16 (mixed precision) keeps fp32's parameter gradients."""
+    layer = ChannelNorm(16)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.2, 0.2)
+    x = (torch.randn(2, 16, 6, 20, 20) * 3 + 1).contiguous(memory_format=torch.channels_last_3d).bfloat16()
+    reference = F.layer_norm(x.float().movedim(1, -1), (16,), layer.weight, layer.bias, layer.eps).movedim(-1, 1)
+    rounded = reference.detach().bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (y == rounded).float().mean() > 0.999  # the rest one bf16 step apart (fp32 sums in another order)
+    torch.testing.assert_close(y.float(), rounded.float(), atol=0.016, rtol=0.008)
+
+    upstream = torch.randn(x.shape).bfloat16()
+    reference.backward(upstream.float())
+    expected = layer.weight.grad.clone(), layer.bias.grad.clone()
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x.requires_grad_(True)).backward(upstream)
+    torch.testing.assert_close(layer.weight.grad, expected[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(layer.bias.grad, expected[1], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("fusion", ["attention", "concat"])
 def test_the_context_heads_logits_and_the_class_shares_reach_the_prediction(fusion):
     """Predictions add the context head's logits (context_evidence) times context_evidence_scale and, at inference

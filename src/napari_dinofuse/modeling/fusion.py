@@ -36,6 +36,14 @@ class ChannelNorm(nn.Module):
         # LayerNorm over the channels, moved last: one fused kernel each way instead of a strided reduction and
         # five elementwise ops (4x faster forward and backward on a CPU, and fewer kernels to launch on a GPU).
         # Statistics in fp32 under bf16 autocast too.
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            # Inference: the CPU kernel takes bf16 in and out with fp32 parameters and computes in fp32 inside, the
+            # same values as casting around it (99.99 % bit-equal) without the two casts (1.4-2.5x faster). Not in
+            # training: its backward's parameter gradients come out ~5 % off. CUDA's kernel wants parameters of
+            # the input's dtype, so it keeps the casts.
+            with torch.autocast("cpu", enabled=False):
+                y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+            return y.movedim(-1, 1)
         y = F.layer_norm(x.movedim(1, -1).float(), (x.shape[1],), self.weight, self.bias, self.eps)
         return y.movedim(-1, 1).to(x.dtype)
 
