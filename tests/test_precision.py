@@ -71,9 +71,17 @@ def test_on_a_bf16_cpu_training_stays_fp32_unless_asked_and_predictions_call_wha
 
     trainer = Trainer(model, source, labels, TrainConfig(iterations=60, learning_rate=3e-3, validation_share=0,
                                                          augment=False, device="cpu"))
-    drive(trainer.run())
-    assert dtypes() == {torch.float32}, seen  # training steps and the class shares' estimate
+    run = trainer.run()
+    steps = next(list(seen) for progress in run if "estimating" in progress.message)
+    drive(run)
+    assert set(steps) == {(torch.float32, True)}, steps
+    # the class shares are estimated from the posteriors they will correct: as predicted (bf16)
+    assert set(seen[len(steps):]) == {(torch.bfloat16, False)}, seen[len(steps):]
     assert trainer.log[-1]["smoothed"] < trainer.log[0]["smoothed"] / 2, trainer.log[-1]
+    seen.clear()  # held-out strokes are scored as the model will predict, too
+    held_out = Trainer(model, source, labels, TrainConfig(validation_share=0.3, device="cpu"))
+    assert held_out.validation_tiles and held_out.validate() is not None
+    assert dtypes() == {torch.bfloat16}, seen
     seen.clear()  # asked for, mixed precision trains in bf16 (a few steps of the trained model)
     drive(Trainer(copy.deepcopy(model), source, labels,  # the copy keeps the hook
                   TrainConfig(iterations=3, validation_share=0, device="cpu", mixed_precision=True)).run())

@@ -625,7 +625,7 @@ class Trainer:
         if self._validation_inputs[0] != device:
             self._validation_inputs = (device, [self._inputs(region, device) for region, _, _ in self.validation_tiles])
         for (region, points, classes), inputs in zip(self.validation_tiles, self._validation_inputs[1]):
-            with training_autocast(device, self.config.mixed_precision):
+            with autocast(device):  # scored as it will predict
                 out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region), intensity=inputs.intensity)
             local = points - np.array([s.start for s in region])
             predicted = out.logits[0].float().argmax(0).cpu().numpy()[tuple(local.T)] + 1
@@ -670,7 +670,7 @@ class Trainer:
                 inputs = ahead.result()
                 if i + 1 < len(chosen):
                     ahead = reader.submit(self._inputs, regions[chosen[i + 1]], device)
-                with training_autocast(device, self.config.mixed_precision):
+                with autocast(device):  # the posteriors the shares will correct
                     out = model(inputs.raw, inputs.context, out_shape=_whole_patches(region),
                                 intensity=inputs.intensity)
                 z, y, x = (s.stop - s.start for s in region)
