@@ -72,7 +72,8 @@ def test_torch_resampling_carries_leading_axes_and_gradients():
 
 
 def test_batch_resampling_places_each_element_on_its_own_grids():
-    """Training samples every tile's gates from its own context window in one call."""
+    """Training samples every tile's gates from its own context window in one call; so do predictions, by another
+    kernel (matrices: no gradients), with the same values."""
     values = torch.rand(3, 2, 4, 6, 5, dtype=torch.float64)
     sources = [Grid((4, 6, 5), 16.0, (0.0, 0.0, 0.0)), Grid((4, 6, 5), 16.0, (8.0, -20.0, 4.0)),
                Grid((4, 6, 5), (16.0, 12.0, 12.0), (0.0, 0.0, 0.0))]
@@ -83,6 +84,8 @@ def test_batch_resampling_places_each_element_on_its_own_grids():
     for b in range(3):
         expected = resample(values[b].numpy(), sources[b], targets[b], check_coverage=False)
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-12)
+    trained = resample_batch(values.clone().requires_grad_(True), sources, targets)  # training's own kernel
+    torch.testing.assert_close(trained.detach(), out, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="one shape"):
         resample_batch(values, sources, targets[:2] + [Grid((5, 7, 4), 4.0)])
     with pytest.raises(GeometryError, match="source grids"):

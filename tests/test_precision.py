@@ -56,8 +56,9 @@ def sample_source(tiny_backbone, tmp_path_factory):
 def test_on_a_bf16_cpu_training_stays_fp32_unless_asked_and_predictions_call_what_fp32_calls(sample_source,
                                                                                               monkeypatch):
     """bf16 on a CPU is for speed only: training (which bf16 would change) runs in fp32 unless mixed precision is
-    asked for, the start model whose calls continued training keeps runs as it predicts, and the trained model's
-    prediction in bf16 gives the labels fp32 gives (checked on the first convolution: what really ran)."""
+    asked for; the start model whose calls continued training keeps, the class shares' estimate and the held-out
+    strokes' scoring run as the model predicts; and the trained model's prediction in bf16 gives the labels fp32
+    gives (checked on the first convolution: what really ran)."""
     sample, source = sample_source
     labels = sample.scribbles(seed=0)
     monkeypatch.setenv(CPU_BF16_ENV, "1")

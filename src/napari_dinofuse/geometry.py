@@ -200,14 +200,15 @@ def resample_batch(values, sources: Sequence[Grid], targets: Sequence[Grid]):
     centres of ``targets[b]`` (all of one shape): trilinear, the edge value beyond the last centre, in float32 (or
     float64) and back to the values' dtype, on the values' device.
 
-    Trilinear interpolation is separable: per element and axis, a (target x source) matrix holds each target
-    centre's two weights, and three batched matrix products apply them (on a CPU 3x faster than ``grid_sample``
-    forward and 8-16x backward, docs/benchmarks.md 2026-12-07 afternoon). A few kernels for the whole batch: a GPU
-    training step is bound by launching kernels (gathering and blending axis by axis took ~50 per call), and a
-    step samples every tile's gates from its own window. The matrices go to the device in one copy, from pinned
-    memory and without waiting: a copy from ordinary memory makes the host wait until the device has finished all
-    it was given."""
+    A few kernels for the whole batch: a GPU training step is bound by launching kernels (gathering and blending
+    axis by axis took ~50 per call), and a step samples every tile's gates from its own window. Without gradients
+    (predictions, the class shares' estimate, the keep term's start model) the interpolation is applied as it
+    separates, by matrices (:func:`_resample_by_matrices`: on a CPU ~3x faster than ``grid_sample``). Training
+    keeps one trilinear ``grid_sample``: the same values to float rounding, but the rounding the recipe was
+    measured with (trained through the matrices, round 1 came out .004-.027 lower in 7 of 7 runs: docs/
+    benchmarks.md, 2026-12-07 afternoon)."""
     import torch
+    import torch.nn.functional as F
 
     shape = tuple(values.shape[-3:])
     if values.ndim != 5 or len(sources) != values.shape[0] or len(targets) != values.shape[0]:
@@ -216,11 +217,36 @@ def resample_batch(values, sources: Sequence[Grid], targets: Sequence[Grid]):
     if any(src.shape != shape for src in sources):
         raise GeometryError(f"values of shape {tuple(values.shape)} do not match the source grids "
                             f"{sorted({src.shape for src in sources})}")
-    out_shape = targets[0].shape
-    if any(dst.shape != out_shape for dst in targets):
+    nz, ny, nx = targets[0].shape
+    if any(dst.shape != (nz, ny, nx) for dst in targets):
         raise ValueError(f"the targets must have one shape, got {sorted({dst.shape for dst in targets})}")
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    b = len(sources)
+    if not (torch.is_grad_enabled() and values.requires_grad):
+        out = _resample_by_matrices(values, sources, targets, dtype)
+    else:
+        # Per element and axis, each target centre in source voxels, normalised so -1 and 1 are the first and last
+        # centres; (x, y, z) as grid_sample takes them.
+        positions = []
+        for src, dst in zip(sources, targets):
+            for axis in (2, 1, 0):
+                n, pos = src.shape[axis], _source_positions(src, dst, axis)
+                positions.append(2 * pos / (n - 1) - 1 if n > 1 else np.zeros_like(pos))
+        table = _on_device(np.concatenate(positions), dtype, values.device).view(len(sources), nx + ny + nz)
+        b = len(sources)
+        x = table[:, :nx].view(b, 1, 1, nx).expand(b, nz, ny, nx)
+        y = table[:, nx:nx + ny].view(b, 1, ny, 1).expand(b, nz, ny, nx)
+        z = table[:, nx + ny:].view(b, nz, 1, 1).expand(b, nz, ny, nx)
+        out = F.grid_sample(values.to(dtype), torch.stack([x, y, z], dim=-1), mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return out.to(values.dtype) if values.is_floating_point() else out  # integers interpolate to float32
+
+
+def _resample_by_matrices(values, sources: Sequence[Grid], targets: Sequence[Grid], dtype):
+    """:func:`resample_batch` as trilinear interpolation separates: per element and axis a (target x source) matrix
+    holding each target centre's two weights, applied by three batched matrix products, in ``dtype``."""
+    import torch
+
+    shape, out_shape, b = tuple(values.shape[-3:]), targets[0].shape, len(sources)
     matrices = []
     for axis in range(3):
         weights = np.zeros((b, out_shape[axis], shape[axis]))
@@ -231,18 +257,24 @@ def resample_batch(values, sources: Sequence[Grid], targets: Sequence[Grid]):
             weights[k, rows, i0] = 1 - (pos - i0)
             weights[k, rows, np.minimum(i0 + 1, shape[axis] - 1)] += pos - i0  # i0 itself at the last centre
         matrices.append(weights.reshape(-1))
-    table = torch.from_numpy(np.concatenate(matrices).astype(np.float64 if dtype == torch.float64 else np.float32))
-    if values.device.type == "cuda":
-        table = table.pin_memory().to(values.device, non_blocking=True)
-    else:
-        table = table.to(values.device)
+    table = _on_device(np.concatenate(matrices), dtype, values.device)
     sizes = [b * n * m for n, m in zip(out_shape, shape)]
     wz, wy, wx = (part.view(b, 1, n, m) for part, n, m in zip(table.split(sizes), out_shape, shape))
     with torch.autocast(values.device.type, enabled=False):  # as the weights are: bf16 would round them
         out = values.to(dtype) @ wx.unsqueeze(2).transpose(-1, -2)  # (B, C, Z, Y, nx)
         out = wy.unsqueeze(2) @ out  # (B, C, Z, ny, nx)
-        out = (wz @ out.flatten(3)).unflatten(3, out_shape[1:])  # (B, C, nz, ny, nx)
-    return out.to(values.dtype) if values.is_floating_point() else out  # integers interpolate to float32
+        return (wz @ out.flatten(3)).unflatten(3, out_shape[1:])  # (B, C, nz, ny, nx)
+
+
+def _on_device(table: np.ndarray, dtype, device):
+    """``table`` as a tensor of ``dtype`` on ``device``, in one copy: from pinned memory and without waiting on a
+    GPU (a copy from ordinary memory makes the host wait until the device has finished all it was given)."""
+    import torch
+
+    tensor = torch.from_numpy(table.astype(np.float64 if dtype == torch.float64 else np.float32))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def crop_to_reads(values, sources: Sequence[Grid], targets: Sequence[Sequence[Grid]]):
