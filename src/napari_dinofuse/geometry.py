@@ -203,9 +203,9 @@ def resample_batch(values, sources: Sequence[Grid], targets: Sequence[Grid]):
     A few kernels for the whole batch: a GPU training step is bound by launching kernels (gathering and blending
     axis by axis took ~50 per call), and a step samples every tile's gates from its own window. Without gradients
     (predictions, the class shares' estimate, the keep term's start model) the interpolation is applied as it
-    separates, by matrices (:func:`_resample_by_matrices`: on a CPU ~3x faster than ``grid_sample``). Training
+    separates, by matrices (:func:`_resample_by_matrices`: on a CPU 2-3x faster than ``grid_sample``). Training
     keeps one trilinear ``grid_sample``: the same values to float rounding, but the rounding the recipe was
-    measured with (trained through the matrices, round 1 came out .004-.027 lower in 7 of 7 runs: docs/
+    measured with (trained through the matrices, round 1 came out .004-.027 lower in 7 of 8 runs: docs/
     benchmarks.md, 2026-12-07 afternoon)."""
     import torch
     import torch.nn.functional as F

@@ -38,7 +38,7 @@ class ChannelNorm(nn.Module):
         # Statistics in fp32 under bf16 autocast too.
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
             # Inference: the CPU kernel takes bf16 in and out with fp32 parameters and computes in fp32 inside, the
-            # same values as casting around it (99.99 % bit-equal) without the two casts (1.4-2.5x faster). Not in
+            # same values as casting around it (99.99 % bit-equal) without the two casts (1.2-2.5x faster). Not in
             # training: its backward's parameter gradients come out ~5 % off. CUDA's kernel wants parameters of
             # the input's dtype, so it keeps the casts.
             with torch.autocast("cpu", enabled=False):
