@@ -142,12 +142,12 @@ def _source_positions(src: Grid, dst: Grid, axis: int) -> np.ndarray:
     return np.clip(pos, 0, src.shape[axis] - 1)
 
 
-def _axis_weights(src: Grid, dst: Grid, axis: int):
-    """Per target voxel along ``axis``: two source indices and the weight of the second."""
+def _axis_weights(src: Grid, dst: Grid, axis: int, dtype=np.float32):
+    """Per target voxel along ``axis``: two source indices and the weight of the second (in ``dtype``)."""
     pos = _source_positions(src, dst, axis)
     i0 = np.floor(pos).astype(np.int64)
     i1 = np.minimum(i0 + 1, src.shape[axis] - 1)
-    return i0, i1, (pos - i0).astype(np.float32)
+    return i0, i1, (pos - i0).astype(dtype)
 
 
 def resample(values, src: Grid, dst: Grid, mode: str = "linear", check_coverage: bool = True):
@@ -252,10 +252,9 @@ def _resample_by_matrices(values, sources: Sequence[Grid], targets: Sequence[Gri
         weights = np.zeros((b, out_shape[axis], shape[axis]))
         rows = np.arange(out_shape[axis])
         for k, (src, dst) in enumerate(zip(sources, targets)):
-            pos = _source_positions(src, dst, axis)
-            i0 = np.floor(pos).astype(np.int64)
-            weights[k, rows, i0] = 1 - (pos - i0)
-            weights[k, rows, np.minimum(i0 + 1, shape[axis] - 1)] += pos - i0  # i0 itself at the last centre
+            i0, i1, w = _axis_weights(src, dst, axis, np.float64)
+            weights[k, rows, i0] = 1 - w
+            weights[k, rows, i1] += w  # i1 is i0 at the last centre
         matrices.append(weights.reshape(-1))
     table = _on_device(np.concatenate(matrices), dtype, values.device)
     sizes = [b * n * m for n, m in zip(out_shape, shape)]
