@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from napari_dinofuse.errors import GeometryError
-from napari_dinofuse.geometry import Grid, Volume, crop_to_reads, resample, resample_batch
+from napari_dinofuse.geometry import Grid, Volume, read_boxes, resample, resample_batch
+from napari_dinofuse.modeling.unet import crop_to_reads, cut_boxes
 
 
 def _blob(grid: Grid, centre_nm, sigma_nm: float) -> np.ndarray:
@@ -100,14 +101,32 @@ def test_cutting_values_to_what_resampling_reads_changes_nothing():
     tiles = [Grid((16, 32, 32), 4.0, (600.0, 700.0, 650.0)), Grid((16, 32, 32), 4.0, (10.0, 500.0, 200.0)),
              Grid((16, 32, 32), 4.0, (0.0, 0.0, 0.0))]
     targets = [tiles, [t.coarsen((1, 8, 8)) for t in tiles]]
-    cut, grids = crop_to_reads(values, sources, targets)
+    cut, grids = crop_to_reads(values, sources, *read_boxes(sources, targets))
     assert cut.shape[:2] == (3, 2) and all(g.shape == cut.shape[2:] for g in grids)
     assert np.prod(cut.shape[2:]) < np.prod(values.shape[2:]) / 100
     for level in targets:
         torch.testing.assert_close(resample_batch(cut, grids, level), resample_batch(values, sources, level),
                                    rtol=0, atol=1e-12)
     wide = [Grid((40, 40, 40), 100.0, (-2000.0, -2000.0, -2000.0))] * 3  # reads every window whole: no cut
-    assert crop_to_reads(values, sources, [wide])[0] is values
+    assert crop_to_reads(values, sources, *read_boxes(sources, [wide]))[0] is values
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_cut_boxes_backward_is_autograds_own(layout):
+    """The boxes' cut has a backward of its own (one gradient filled for the batch): it must give what slicing
+    each element gives, overlapping boxes and the values' layout included."""
+    values = torch.rand(3, 4, 6, 9, 8, dtype=torch.float64).contiguous(memory_format=layout)
+    start, size = np.array([[0, 0, 0], [2, 5, 3], [1, 3, 3]]), (4, 4, 5)
+    weights = torch.rand(3, 4, *size, dtype=torch.float64)
+    grads = []
+    for cut in (cut_boxes, lambda v, a, n: torch.cat([v[b:b + 1, :, z:z + n[0], y:y + n[1], x:x + n[2]]
+                                                      for b, (z, y, x) in enumerate(a)])):
+        leaf = values.clone().requires_grad_(True)
+        out = cut(leaf, start, size)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert grads[0][1].stride() == values.stride()
 
 
 def test_nearest_resampling_keeps_label_values():

@@ -10,7 +10,7 @@ from napari_dinofuse.geometry import Grid
 from napari_dinofuse.modeling import ContextAttentionFusion, FusedUNet3D, UNetConfig, UNetOutput
 from napari_dinofuse.modeling.filters import FilterBank, scale_sigmas
 from napari_dinofuse.modeling.fusion import ChannelNorm
-from napari_dinofuse.modeling.unet import ContextWindow, anisotropic_pooling
+from napari_dinofuse.modeling.unet import ContextEncoder, ContextWindow, anisotropic_pooling
 
 RAW_C, CTX_C, BASE = 12, 6, 4
 FEAT_SHAPE = (5, 3, 2)  # patch grid (Z, Y/16, X/16)
@@ -206,6 +206,39 @@ def test_context_beyond_the_tile_steers_the_gates():
     # (Not every level: a random 4-channel level has a single hidden gate unit, which may be a dead ReLU.)
     assert max(float((x - y).abs().max()) for x, y in zip(a.attention, b.attention)) > 0  # bitwise equal if unread
     assert not torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("pooling, shape, cut", [
+    (((2, 2, 2), (1, 2, 2)), (12, 64, 64), [False, True, True]),  # the sample's 64 nm windows: z within reach
+    (((1, 2, 2), (1, 2, 2)), (24, 96, 80), [True, True, True]),
+    (((2, 2, 2), (2, 2, 2)), (48, 48, 72), [False, False, True]),
+    (((1, 2, 2), (1, 2, 2)), (24, 66, 80), [True, False, True]),  # y: not whole pooling cells, so kept whole
+])
+def test_the_context_encoder_around_what_is_read_gives_the_whole_windows_values(pooling, shape, cut):
+    """The context encoder runs on a box around the voxels sampling will read (plus its reach): on those voxels
+    it gives what it gives on the whole window, wherever they lie (at the window's faces too), and in a wide
+    window the box is smaller: on the sample a training tile reads 3 x 4 x 4 of its 12 x 64 x 64 window."""
+    torch.manual_seed(0)
+    encoder = ContextEncoder(CTX_C, 4, True, pooling, 16, scale_sigmas((64.0, 64.0, 64.0))).eval()
+    g = torch.Generator().manual_seed(3)
+    batch = 4
+    feats = torch.randn(batch, CTX_C, shape[0], ceil_div(shape[1], 16), ceil_div(shape[2], 16), generator=g)
+    window = ContextWindow(feats, torch.rand(batch, 1, *shape, generator=g), Grid(shape, 64.0, (0.0, 0.0, 0.0)),
+                           TILE)
+    size = np.array([3, 4, 4])
+    rng = np.random.default_rng(0)
+    low = np.stack([np.zeros(3, int), np.array(shape) - size, (np.array(shape) - size) // 2,  # faces, centre
+                    rng.integers(0, np.array(shape) - size + 1)])  # and anywhere
+    high = low + size
+    with torch.no_grad():
+        whole, start = encoder(window)
+        part, start = encoder(window, (low, high))
+    for b in range(batch):
+        lo, hi = low[b] - start[b], high[b] - start[b]
+        assert (lo >= 0).all() and (hi <= part.shape[2:]).all()
+        torch.testing.assert_close(part[b, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]],
+                                   whole[b, :, low[b, 0]:high[b, 0], low[b, 1]:high[b, 1], low[b, 2]:high[b, 2]])
+    assert [p < n for p, n in zip(part.shape[2:], shape)] == cut
 
 
 def test_gates_follow_world_coordinates_not_window_extent():

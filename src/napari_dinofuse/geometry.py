@@ -276,11 +276,9 @@ def _on_device(table: np.ndarray, dtype, device):
     return tensor.to(device)
 
 
-def crop_to_reads(values, sources: Sequence[Grid], targets: Sequence[Sequence[Grid]]):
-    """``values`` (B, C, Z, Y, X), element b on ``sources[b]``, cut to the voxels that linear resampling onto
-    ``targets[k][b]`` (for every k) reads, and the grids of the cut: (values, sources). One box size for the
-    batch, the largest element's. Resampling the cut gives what resampling the whole gives, so pointwise work
-    on the values can skip the rest (a training tile reads 3x4x4 voxels of its 12x64x64 context window)."""
+def read_boxes(sources: Sequence[Grid], targets: Sequence[Sequence[Grid]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per element b, the box of ``sources[b]``'s voxels that linear resampling onto ``targets[k][b]`` (for
+    every k) reads: (low, high), each (B, 3), high exclusive."""
     shape = np.array(sources[0].shape)
     low = np.tile(shape, (len(sources), 1))
     high = np.zeros((len(sources), 3), int)
@@ -289,16 +287,5 @@ def crop_to_reads(values, sources: Sequence[Grid], targets: Sequence[Sequence[Gr
             for axis in range(3):  # positions grow along an axis: its first and last centres bound them
                 pos = _source_positions(src, dst, axis)[[0, -1]]
                 low[b, axis] = min(low[b, axis], int(np.floor(pos[0])))
-                high[b, axis] = max(high[b, axis], int(np.ceil(pos[1])) + 1)  # exclusive
-    size = np.minimum((high - low).max(axis=0), shape)
-    if np.all(size == shape):
-        return values, list(sources)
-    start = np.minimum(low, shape - size)  # the box shifted back inside where an element needs less than it
-    cuts = [values[b:b + 1, :, z:z + size[0], y:y + size[1], x:x + size[2]] for b, (z, y, x) in enumerate(start)]
-    if len(cuts) == 1:
-        out = cuts[0]
-    else:
-        import torch
-
-        out = torch.cat(cuts)
-    return out, [src.crop(a, a + size) for src, a in zip(sources, start)]
+                high[b, axis] = max(high[b, axis], int(np.ceil(pos[1])) + 1)
+    return low, high
