@@ -175,7 +175,8 @@ def edge_smoothness(logits: torch.Tensor, intensity: torch.Tensor, labels: torch
         total = total + (torch.exp(-beta * step) * (1 - same)).mean(dim=(1, 2, 3, 4))
     if labels is not None:
         painted = (labels > 0).flatten(1)
-        right = (logits.detach().argmax(1).flatten(1) == labels.flatten(1).long() - 1) & painted
+        calls = logits.detach().max(1).indices  # argmax's first maximum, faster on a CPU (see keep_mask)
+        right = (calls.flatten(1) == labels.flatten(1).long() - 1) & painted
         total = total * (right.sum(1) >= gate * painted.sum(1))
     return total.mean()
 
