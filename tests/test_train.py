@@ -346,9 +346,9 @@ def test_a_training_step_runs_the_context_branch_once(sample, source):
     model = new_model(source, 4, base_channels=4)
     batches, encode = [], model.context_encoder.forward
 
-    def spy(window):
+    def spy(window, need=None):
         batches.append(window.features.shape[0])
-        return encode(window)
+        return encode(window, need)
 
     model.context_encoder.forward = spy
     drive(Trainer(model, source, sample.scribbles(seed=0), TrainConfig(iterations=6)).run())
