@@ -342,7 +342,9 @@ class ContextEncoder(nn.Module):
     Features (projected at patch resolution, then upsampled) plus intensities through a small stem, then three
     scales (1, 1/2, 1/4 of the context's voxel size, pooling per :func:`anisotropic_pooling`) summed back at
     full context resolution: receptive field +-21 context voxels in-plane (+-1.3 um at 64 nm), plus the stem's
-    filter halo (13 voxels at sigma 4); most of the weight lies in the central ~1 um.
+    filter halo (13 voxels at sigma 4); most of the weight lies in the central ~1 um. Of that, the trunk (fine,
+    mid, coarse) reads +-18 voxels of its input on the sample's pooling (measured; :meth:`reach` bounds it at 20):
+    what a box around the read voxels must add.
     """
 
     def __init__(self, feature_channels: int, width: int, intensity: bool, pooling, patch_size: int,
