@@ -76,3 +76,26 @@ def test_painted_strokes_survive_a_crash_and_travel_with_the_model(tmp_path):
     assert np.array_equal(again.annotations.data[:], labels)
     loaded.reset_model()
     assert loaded.annotations is None
+
+
+def test_fine_tune_previews_the_slice_in_view_where_it_lies(tmp_path):
+    from napari_dinofuse.progress import Preview
+
+    rng = np.random.default_rng(2)
+    raw = Volume(rng.integers(0, 255, (6, 32, 48), dtype=np.uint8), (8.0, 4.0, 4.0), (16.0, 40.0, -8.0))
+    labels = np.zeros(raw.shape, np.uint8)
+    labels[:, 2:6, 2:46], labels[:, 20:24, 2:46] = 1, 2
+    settings = SessionSettings("random:tiny", device="cpu", cache=str(tmp_path / "cache"), fusion="none",
+                               base_channels=4, iterations=4)
+    shown = (slice(3, 4), slice(0, 32), slice(16, 48))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomBackboneWarning)
+        steps = []
+        sink = drive(Session().fine_tune(raw, None, labels, settings, preview=shown), steps.append)
+    previews = [p.partial for p in steps if isinstance(p.partial, Preview)]
+    assert [p.iteration for p in previews] == [1, 2, 3]
+    for p in previews:
+        assert p.sink.arrays["labels"].shape == (1, 32, 32) and set(p.sink.arrays) == {"labels"}
+        assert p.sink.grids["labels"] == raw.grid.crop((3, 0, 16), (4, 32, 48))  # placed on the raw's slice
+        assert np.isin(p.sink.arrays["labels"], (1, 2)).all()
+    assert sink.arrays["labels"].shape == raw.shape  # the finished prediction: the whole volume, as without

@@ -536,6 +536,59 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
         TrainConfig(continue_lr_scale=0)
 
 
+def test_previews_predict_with_the_weights_of_then_and_change_no_training(sample, source):
+    """While a fine-tune trains, a preview after each share of PREVIEW_AT shows what the weights of that moment
+    predict (continuing: at the start model's class shares); the models come out exactly as without previews, the
+    progress bar and loss plot count training steps only, and a cancel mid-preview leaves no thread running."""
+    import threading
+
+    from napari_dinofuse.defaults import PREVIEW_AT
+    from napari_dinofuse.inference.predict import predict
+    from napari_dinofuse.progress import Preview
+
+    labels = sample.scribbles(seed=0)
+    config = replace(QUICK, iterations=8)
+    region = (slice(5, 6), slice(0, 128), slice(16, 80))
+    seen = []  # per preview: the model's mode, weights and class shares when it was asked
+
+    def preview(model):
+        seen.append((model.training, copy.deepcopy(model.state_dict())))
+        return predict(model, source, region, attention=False, device="cpu")
+
+    plain = drive(fine_tune(source, labels, config, NewModel(base_channels=4)))
+    start = StartModel(plain.model, plain.info, plain.log)
+    for run in ("new", "continuing"):
+        seen.clear()
+        steps = []
+        previewed = drive(fine_tune(source, labels, config, NewModel(base_channels=4) if run == "new" else None,
+                                    start if run == "continuing" else None, preview=preview), steps.append)
+        without = plain if run == "new" else drive(fine_tune(source, labels, config, start=start))
+        after = previewed.model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in without.model.state_dict().items()), run
+        assert [e["loss"] for e in previewed.log] == [e["loss"] for e in without.log]
+        shown = [p.partial for p in steps if isinstance(p.partial, Preview)]
+        assert [p.iteration for p in shown] == [round(share * 8) for share in PREVIEW_AT], run
+        assert all(p.iterations == 8 for p in shown)
+        during = [p for p in steps if "preview" in p.message]
+        assert len(during) > 3 and all(p.total == 8 and 0 < p.done < 8 and p.metrics == {} for p in during), run
+        assert sum("loss" in p.metrics for p in steps) == 8
+        prior = plain.model.class_prior if run == "continuing" else torch.full((4,), 0.25)
+        for (training, state), p in zip(seen, shown):
+            assert training and torch.equal(state["class_prior"], prior), run
+            then = copy.deepcopy(previewed.model)
+            then.load_state_dict(state)
+            expected = predict_to_memory(then, source, region, attention=False, device="cpu").arrays["labels"]
+            assert p.sink.arrays["labels"].shape == (1, 128, 64) and np.array_equal(p.sink.arrays["labels"], expected)
+        assert not all(torch.equal(seen[0][1][k], v) for k, v in seen[-1][1].items())  # the weights moved
+
+    run = fine_tune(source, labels, config, NewModel(base_channels=4), preview=preview)
+    for p in run:
+        if p.message.endswith("previewing the view"):
+            run.close()  # Cancel while a preview runs
+            break
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dinofuse")]
+
+
 def test_a_model_that_does_not_fit_the_features_is_refused(sample, source):
     labels = sample.scribbles(seed=0)
     fused = drive(fine_tune(source, labels, QUICK, NewModel(base_channels=4)))

@@ -105,17 +105,20 @@ VIEW_HALF_DEPTH = 16  # raw slices above and below the shown one in "region arou
 VIEW_HALF_WIDTH = (32, 512)  # least and most raw voxels from the view's centre to its edge (y, x)
 
 
-def view_region(shape, voxel_size, offset, z, center, zoom: float, canvas_size) -> tuple[slice, slice, slice]:
-    """The raw voxels (slices, inside ``shape``) around a 2D view: ``VIEW_HALF_DEPTH`` slices either side of the
-    world z ``z``, and in y/x the part of the world that a canvas of ``canvas_size`` (height, width) pixels shows
+def view_region(shape, voxel_size, offset, z, center, zoom: float, canvas_size,
+                half_depth: int = VIEW_HALF_DEPTH) -> tuple[slice, slice, slice]:
+    """The raw voxels (slices, inside ``shape``) around a 2D view: ``half_depth`` slices either side of the
+    world z ``z`` (0: the slice shown), and in y/x the part of the world that a canvas of ``canvas_size`` (height, width) pixels shows
     at ``zoom`` (screen pixels per world unit) around the world ``center`` (y, x), clipped to
     ``VIEW_HALF_WIDTH`` voxels either side. Never empty: at least one voxel per axis."""
     voxel, offset = np.asarray(voxel_size, float), np.asarray(offset, float)
     z_voxel = (z - offset[0]) / voxel[0]
+    if half_depth == 0:  # the slice napari shows: it rounds the point (half-way to even)
+        z_voxel = np.round(z_voxel)
     center_voxel = (np.asarray(center, float)[-2:] - offset[1:]) / voxel[1:]
     half = np.clip(np.asarray(canvas_size, float)[-2:] / 2 / max(zoom, 1e-6) / voxel[1:], *VIEW_HALF_WIDTH)
-    lo = [z_voxel - VIEW_HALF_DEPTH, *(center_voxel - half)]
-    hi = [z_voxel + VIEW_HALF_DEPTH, *(center_voxel + half)]
+    lo = [z_voxel - half_depth, *(center_voxel - half)]
+    hi = [z_voxel + half_depth, *(center_voxel + half)]
     region = []
     for a, b, n in zip(lo, hi, shape):
         a, b = int(np.clip(np.floor(a), 0, n - 1)), int(np.clip(np.ceil(b), 1, n))

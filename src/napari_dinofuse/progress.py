@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
-__all__ = ["CANCELLED", "Progress", "cancellable", "drive", "within"]
+__all__ = ["CANCELLED", "Preview", "Progress", "cancellable", "drive", "within"]
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,22 @@ class Progress:
     total: int
     message: str = ""
     metrics: dict = field(default_factory=dict)  # e.g. {"loss": 0.31} while training
-    # A result that can be shown before the end, e.g. a prediction's sink once the region in view is written.
+    # A result that can be shown before the end, e.g. a prediction's sink once the region in view is written, or a
+    # Preview while training.
     partial: object = None
 
     @property
     def fraction(self) -> float:
         return self.done / self.total if self.total else 1.0
+
+
+class Preview(NamedTuple):
+    """A region predicted with the weights of a model still training (a sink), after ``iteration`` of
+    ``iterations``: shown for a while, replaced by the finished prediction."""
+
+    sink: object
+    iteration: int
+    iterations: int
 
 
 class _Cancelled:

@@ -27,6 +27,7 @@ import math
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -180,15 +181,19 @@ class Session:
     # -- actions ----------------------------------------------------------------------------------
 
     def fine_tune(self, raw, context, labels, settings: SessionSettings, roi=None, cancel=lambda: False,
-                  first=None) -> Generator[Progress, None, object]:
+                  first=None, preview=None) -> Generator[Progress, None, object]:
         """Train on the painted voxels of ``labels`` (a snapshot), then predict ``roi`` (``first``, e.g. the
         region in view, before the rest: see :meth:`predict`); returns the sink.
 
-        On cancel or error the model from before the call stays in place.
+        ``preview`` (slices of raw voxels, e.g. the slice in view; off a GPU only its middle
+        ``defaults.CPU_PREVIEW_HALF_WIDTH`` voxels either side in y and x): predicted with the weights so far after
+        each share of the iterations in ``defaults.PREVIEW_AT``, each time a step carrying a
+        :class:`~napari_dinofuse.progress.Preview` (labels only) as ``Progress.partial``. Training is the same
+        without it. On cancel or error the model from before the call stays in place.
         """
-        return cancellable(self._fine_tune(raw, context, labels, settings, roi, first), cancel)
+        return cancellable(self._fine_tune(raw, context, labels, settings, roi, first, preview), cancel)
 
-    def _fine_tune(self, raw, context, labels, settings, roi, first=None):
+    def _fine_tune(self, raw, context, labels, settings, roi, first=None, preview=None):
         from .annotations import find_painted
 
         # Refuse bad labels before any slow work (classes the current model has may stay unpainted); from here
@@ -201,14 +206,15 @@ class Session:
         with ThreadPoolExecutor(1, "dinofuse-autosave") as saver:
             saving = saver.submit(_autosave, annotations)
             source = yield from self._extract(raw, context, settings)
-            yield from self._train(source, painted, settings)
+            yield from self._train(source, painted, settings, preview)
             warning = saving.result()
             if warning:
                 yield Progress(0, 1, warning)
         self.annotations = annotations  # what the current model was trained on: saved with it
         return (yield from self._predict(source, settings, roi, first))
 
-    def _train(self, source, labels, settings):
+    def _train(self, source, labels, settings, preview=None):
+        from .features.backbone import resolve_device
         from .training.finetune import NewModel, StartModel, fine_tune
         from .training.train import TrainConfig
 
@@ -218,9 +224,23 @@ class Session:
                        base_channels=settings.base_channels, intensity_stem=settings.intensity_stem)
         start = StartModel(self.model, self.info, self.log) if self.model is not None else None
         # The current model is only replaced once the new one is trained (cancel or error: it stays).
-        result = yield from fine_tune(source, labels, config, new, start, backbone=self.backbone)
+        if preview is not None:
+            region = defaults.preview_region(preview, resolve_device(settings.device).type)
+            preview = partial(self._preview, source, settings, region)
+        result = yield from fine_tune(source, labels, config, new, start, backbone=self.backbone, preview=preview)
         self.model, self.info, self.log, self.validation = result.model, result.info, result.log, result.validation
         return result
+
+    @staticmethod
+    def _preview(source, settings, region, model):
+        """The labels of ``region`` as ``model`` predicts them now (a training preview: no attention maps)."""
+        from .inference.outputs import MemorySink
+        from .inference.predict import predict
+        from .training.finetune import inference_settings
+
+        tiles = inference_settings(None, settings.device)
+        return predict(model, source, region, tile_shape=tiles.tile_shape, overlap=tiles.overlap, attention=False,
+                       device=settings.device, sink=MemorySink(skip=("probabilities", "uncertainty")))
 
     def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False, out=None,
                 first=None) -> Generator[Progress, None, object]:

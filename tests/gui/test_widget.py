@@ -13,8 +13,9 @@ from qtpy.QtCore import QThreadPool, QTimer
 from qtpy.QtWidgets import QApplication, QFileDialog
 
 from napari_dinofuse._napari.widgets import DinofuseWidget
+from napari_dinofuse._napari.widgets.dock import PREVIEW
 from napari_dinofuse.defaults import NUM_LEVELS, attention_array, attention_layer
-from napari_dinofuse.progress import CANCELLED
+from napari_dinofuse.progress import CANCELLED, Preview
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -41,7 +42,19 @@ def test_paint_and_fine_tune_show_the_prediction_while_the_viewer_stays_responsi
         seen.append(len(train.loss_plot.losses))
 
     added_at = []  # the timer's tick count when each result layer was added
-    viewer.layers.events.inserted.connect(lambda event: added_at.append(len(seen)))
+    viewer.layers.events.inserted.connect(lambda event: added_at.append(len(seen)) if event.value.name != PREVIEW
+                                          else None)
+    previews, handle = [], widget._on_progress  # what the viewer showed at each training preview
+
+    def on_step(p):
+        handle(p)
+        if isinstance(p.partial, Preview):
+            layer = viewer.layers[PREVIEW]
+            shows = layer.data is p.partial.sink.arrays["labels"]
+            previews.append((widget.worker is not None, p.partial.iteration, shows, np.isin(layer.data, (1, 2)).all(),
+                             layer.translate[0], viewer.layers.selection.active))
+
+    widget._on_progress = on_step
     probe = QTimer()
     probe.timeout.connect(tick)
     probe.start(10)
@@ -71,6 +84,11 @@ def test_paint_and_fine_tune_show_the_prediction_while_the_viewer_stays_responsi
     # Two classes, 60 iterations of a 4-channel UNet: measured 0.955 (0.71 with the BatchNorm model).
     assert accuracy > 0.9, accuracy
     assert np.array_equal(labels.data, painted_after)  # the user's labels are never modified
+    # While it trained, the slice in view came as predicted by the weights of then, after 15, 30 and 45 of the 60
+    # iterations, in a layer of its own, gone once the prediction was shown; the selected layer stayed selected.
+    z = raw.translate[0] + raw.scale[0] * round((viewer.dims.point[0] - raw.translate[0]) / raw.scale[0])
+    assert previews == [(True, k, True, True, z, labels) for k in (15, 30, 45)], previews
+    assert PREVIEW not in viewer.layers
 
 
 def test_the_prediction_has_the_class_colours_names_and_placed_attention_maps(make_napari_viewer, qtbot,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ from ..errors import InputError
 from ..features.extract import FeatureSource
 from ..modeling.checkpoint import ModelInfo, check_backbone_compatible
 from ..modeling.unet import FUSION_MODES, FusedUNet3D
-from ..progress import Progress
+from ..progress import Preview, Progress
 from .train import TrainConfig, Trainer, adapt_classes, find_painted, model_info, new_model
 
 # Wider UNets than this do not fit any GPU at the training tile size; a larger value is a typo.
@@ -98,13 +99,17 @@ class FineTuned:
 
 
 def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, new: NewModel | None = None,
-              start: StartModel | None = None, backbone=None) -> Generator[Progress, None, FineTuned]:
+              start: StartModel | None = None, backbone=None, preview=None) -> Generator[Progress, None, FineTuned]:
     """Train on the painted voxels of ``labels`` (0 = unpainted, k = class k; only read: scanned once into a
     :class:`~napari_dinofuse.annotations.PaintedLabels`, or one already).
 
     ``start``: continue from this model (never modified: a copy is trained, so a cancelled or failed run
     leaves it as it was); else a new model per ``new``. ``backbone``: the one the features came from, to warn
-    (as a progress message) when it differs from the start model's. Returns :class:`FineTuned`.
+    (as a progress message) when it differs from the start model's. ``preview``: a function that predicts with the
+    model being trained (a Progress generator returning a sink, e.g. of the slice in view), run after each share of
+    the iterations in ``defaults.PREVIEW_AT``; its sink comes as a step's ``partial``, a
+    :class:`~napari_dinofuse.progress.Preview`. The model trains the same with or without previews. Returns
+    :class:`FineTuned`.
     """
     config = config or TrainConfig()
     # Refuse bad labels before building anything (classes the start model has may stay unpainted).
@@ -131,11 +136,48 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
     # A class painted for the first time is new to the start model too: it has no calls to keep then.
     continues = start is not None and model.config.num_classes == start.model.config.num_classes
     trainer = Trainer(model, source, painted, config, continues=continues)
-    yield from trainer.run()
+    steps = trainer.run()
+    if preview is not None:
+        # Predicted at the shares of the volume the start model knew; a new model's are estimated after training.
+        steps = _previewed(steps, model, preview, config.iterations, start.model.class_prior if continues else None)
+    yield from steps
     last = trainer.log[-1] if trainer.log else {}
     return FineTuned(model, model_info(model, source, names), log + trainer.log, len(trainer.log),
                      last.get("seconds", 0.0), last.get("smoothed"), trainer.best_score, trainer.stopped_early,
                      tuple(trainer.shares.tolist()), trainer.correction_power)
+
+
+def _previewed(steps, model: FusedUNet3D, preview, iterations: int, prior=None) -> Generator[Progress, None, None]:
+    """The training ``steps``, and after each share of the ``iterations`` in ``defaults.PREVIEW_AT`` a ``preview``
+    of ``model`` as it is then, at the class shares ``prior`` (None: as they are). The preview's own steps keep the
+    training's count (Cancel stops it between tiles); the weights, the train mode (``predict`` restores it), the
+    class shares and the random generators are left as they were."""
+    due = sorted({max(1, round(share * iterations)) for share in defaults.PREVIEW_AT})
+    try:
+        for step in steps:
+            yield step
+            iteration = step.metrics.get("iteration")
+            if iteration is None or not due or iteration < due[0]:
+                continue
+            due = [d for d in due if d > iteration]
+            shares = model.class_prior.clone()
+            if prior is not None:
+                model.class_prior.copy_(prior)
+            try:
+                with closing(preview(model)) as predicting:
+                    while True:
+                        try:
+                            next(predicting)
+                        except StopIteration as finished:
+                            sink = finished.value
+                            break
+                        yield Progress(step.done, step.total, f"{step.message}; previewing the view")
+            finally:
+                model.class_prior.copy_(shares)
+            yield Progress(step.done, step.total, f"{step.message}; the view as predicted now (a preview)",
+                           partial=Preview(sink, iteration, iterations))
+    finally:
+        steps.close()  # Cancel (this generator closed) stops the training where it is
 
 
 def _require_fits(model: FusedUNet3D, source: FeatureSource) -> None:

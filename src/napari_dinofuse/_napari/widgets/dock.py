@@ -21,10 +21,10 @@ from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from ...annotations import autosave_path, load_annotations, take_snapshot
 from ...defaults import BACKBONE_ENV
-from ...display import class_features, fit_camera, label_colormap, prediction_style, view_region
+from ...display import VIEW_HALF_DEPTH, class_features, fit_camera, label_colormap, prediction_style, view_region
 from ...errors import DinofuseError, InputError
 from ...geometry import Volume
-from ...progress import CANCELLED, cancellable
+from ...progress import CANCELLED, Preview, cancellable
 from ...session import Session, SessionSettings
 from .attention_box import AttentionBox
 from .data_box import DataBox
@@ -38,6 +38,7 @@ from .status_row import StatusRow
 from .train_box import TrainBox
 
 WRITING = "prediction (being written)"  # the temporary layer of a prediction to disk that runs
+PREVIEW = "prediction (training preview)"  # the temporary layer of the slice in view while Fine-tune trains
 # Viewer shortcuts while the dock is shown (napari key names; none is bound by napari itself).
 FINE_TUNE_KEY, PREDICT_KEY = "Control-Shift-F", "Control-Shift-R"
 
@@ -100,6 +101,7 @@ class DinofuseWidget(QWidget):
         self._writing = None  # the ZarrSink of a prediction to disk that runs: shown while it is written
         self._writing_layer = None  # its temporary layer; False once the user removed it
         self._writing_shown = 0.0
+        self._preview_layer = None  # the running fine-tune's preview layer; False once the user removed it
         self._step_timer = QTimer(self)  # a child: it dies with the widget, pending steps with it
         self._step_timer.setSingleShot(True)
         self._step_timer.timeout.connect(self._step)
@@ -348,11 +350,12 @@ class DinofuseWidget(QWidget):
                                intensity_stem=model.stem_check.isChecked(), iterations=train.iterations_spin.value(),
                                tiles_per_step=train.tiles_spin.value(), learning_rate=train.lr_spin.value())
 
-    def view(self, raw):
-        """The raw voxels around the current view (slices): what a prediction computes and shows first."""
+    def view(self, raw, half_depth: int = VIEW_HALF_DEPTH):
+        """The raw voxels around the current view (slices): what a prediction computes and shows first; with
+        ``half_depth`` 0 the slice shown (what Fine-tune previews while it trains)."""
         camera = self._camera()
         return view_region(raw.shape, raw.voxel_size, raw.offset, self.viewer.dims.point[-3], camera.center,
-                           camera.zoom, self._canvas_size())
+                           camera.zoom, self._canvas_size(), half_depth)
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -379,8 +382,9 @@ class DinofuseWidget(QWidget):
             self._notify_error(str(exc))
             return
         self.train_box.loss_plot.reset(self.train_box.iterations_spin.value())
+        shown = self.view(raw, half_depth=0)
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
-                                                                       cancel=cancel, first=view),
+                                                                       cancel=cancel, first=view, preview=shown),
                     self._show_prediction,
                     uses=(*self.data_box.chosen_layers(), layer))
 
@@ -565,7 +569,11 @@ class DinofuseWidget(QWidget):
             self._progress.set_description(f"DINOfuse {self._job_name}: {p.message}")
         if self._writing is not None:
             self._show_writing()
+        elif isinstance(p.partial, Preview):
+            if not self._lost and self._docked:
+                self._show_preview(p.partial)
         elif p.partial is not None and not self._lost and self._docked:
+            self._stop_preview()  # the new model's own prediction from here on
             self._partial_steps = show_prediction(self.viewer, p.partial, self.session.class_names, partial=True)
             self._step_partial()
             self.status_row.say(f"{self._job_name}: the region in view is shown; predicting the rest…")
@@ -621,6 +629,36 @@ class DinofuseWidget(QWidget):
         else:
             self._writing_layer = False  # removed by the user: not brought back
 
+    def _show_preview(self, preview: Preview) -> None:
+        """While Fine-tune trains: the slice in view as the weights so far predict it, in a temporary layer over
+        the prediction (removed when the job ends; not brought back once the user removes it). The selected layer
+        stays selected: the user may be painting on."""
+        sink = preview.sink
+        labels, grid = sink.arrays["labels"], sink.grids["labels"]
+        layer = self._preview_layer
+        if layer is False:
+            return
+        if layer is not None and layer not in self.viewer.layers:
+            self._preview_layer = False
+            return
+        if layer is None:
+            selected = self.viewer.layers.selection.active
+            self._preview_layer = self.viewer.add_labels(labels, name=PREVIEW, metadata={MARK: PREVIEW},
+                                                         scale=grid.voxel_size, translate=grid.offset,
+                                                         **prediction_style())
+            if selected is not None:
+                self.viewer.layers.selection.active = selected
+        else:
+            layer.data = labels
+            layer.scale, layer.translate = grid.voxel_size, grid.offset
+        self.status_row.say(f"fine-tune: the slice in view after {preview.iteration} of {preview.iterations} "
+                            "iterations (a preview; the finished prediction replaces it)")
+
+    def _stop_preview(self) -> None:
+        if self._preview_layer and self._preview_layer in self.viewer.layers:
+            self.viewer.layers.remove(self._preview_layer)
+        self._preview_layer = None
+
     def _stop_showing_writing(self) -> None:
         if self._writing_layer and self._writing_layer in self.viewer.layers:
             self.viewer.layers.remove(self._writing_layer)
@@ -660,6 +698,7 @@ class DinofuseWidget(QWidget):
             self._notify_error(f"DINOfuse {self._job_name}: showing the result failed: {_describe_error(exc)}")
         self._steps = None
         self._stop_showing_writing()
+        self._stop_preview()
         self.worker = None
         self._uses = ()  # the job's layers are not kept alive by the widget
         self._backbone_hint()  # a job may have loaded the backbone
