@@ -19,6 +19,9 @@
   its features and a context's cached as stand-ins, no ViT), a new model and a continued one;
 - reads: a training tile's inputs and a prediction block's features from the cache, stand-in features of
   --volume (default 32x2048x2048: slices wider than the sample's, as real ones are) for --backbone;
+- preview: the dock's Fine-tune of the 32x256x256 sample with and without previews of the slice in view, in one
+  run: seconds to the finished prediction, seconds in previews, the same weights?, and how far each preview is from
+  the finished prediction of that slice (and from the finished model at equal class shares, as previews predict);
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -471,6 +475,57 @@ def _inference_child(tile: str, args):
     print(json.dumps({"rss_mib": _rss_mib()}))
 
 
+def preview(args):
+    from napari_dinofuse.features.backbone import resolve_device
+    from napari_dinofuse.inference.predict import predict_to_memory
+    from napari_dinofuse.progress import Preview, drive
+    from napari_dinofuse.session import Session, SessionSettings
+    from napari_dinofuse.synthetic.sample import make_sample
+
+    sample = make_sample(seed=0)
+    settings = SessionSettings(args.backbone, device=args.device, cache=args.cache, base_channels=args.base_channels,
+                               iterations=args.iterations)
+    shown = (slice(16, 17), slice(0, 256), slice(0, 256))  # the middle slice, all of it in view
+    drive(Session().extract(sample.raw, sample.context, settings))  # features cached before either run
+    # A short untimed Fine-tune first: the first run in a process pays for warming up (kernels, threads).
+    drive(Session().fine_tune(sample.raw, sample.context, sample.scribbles(), replace(settings, iterations=4),
+                              preview=shown))
+    runs = {}
+    for previewed in (False, True):
+        session, steps, last = Session(), [], [time.perf_counter()]
+
+        def timed(p):
+            now = time.perf_counter()
+            steps.append((p, now - last[0]))
+            last[0] = now
+
+        start = time.perf_counter()
+        drive(session.fine_tune(sample.raw, sample.context, sample.scribbles(), settings,
+                                preview=shown if previewed else None), timed)
+        seconds = time.perf_counter() - start
+        weights = b"".join(v.detach().cpu().numpy().tobytes() for v in session.model.state_dict().values())
+        runs[previewed] = (session, steps, seconds, weights)
+    session, steps, seconds, weights = runs[True]
+    in_previews = sum(dt for p, dt in steps if "preview" in p.message)
+    shown_previews = [p.partial for p, _ in steps if isinstance(p.partial, Preview)]
+    region = shown_previews[0].sink.grids["labels"].shape if shown_previews else None
+    print(f"Fine-tune -> prediction of the sample ({args.iterations} iterations, base {args.base_channels}, "
+          f"{resolve_device(args.device)}): {runs[False][2]:.1f} s without previews, {seconds:.1f} s with "
+          f"{len(shown_previews)} previews of {region} voxels ({in_previews:.1f} s in them, "
+          f"{in_previews / len(shown_previews):.2f} s each; {seconds / runs[False][2]:.3f}x); weights "
+          f"{'identical' if weights == runs[False][3] else 'DIFFERENT'}")
+    model = session.model
+    final = predict_to_memory(model, session.source, shown, attention=False, device=args.device).arrays["labels"]
+    model.class_prior.fill_(1 / model.config.num_classes)
+    equal = predict_to_memory(model, session.source, shown, attention=False, device=args.device).arrays["labels"]
+    for p in shown_previews:
+        labels = p.sink.arrays["labels"]
+        print(f"  after {p.iteration}/{p.iterations}: the preview's labels are the finished prediction's on "
+              f"{100 * (labels == final).mean():.1f} % of the slice, the finished model's at equal shares on "
+              f"{100 * (labels == equal).mean():.1f} %")
+    print(f"  (the finished model at equal shares against its prediction: {100 * (equal == final).mean():.1f} %)")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
@@ -509,7 +564,7 @@ def main():
     if args.what == "_inference_child":
         return _inference_child(args.extra, args)
     for name, fn in (("projection", projection), ("finetune", finetune), ("inference", inference), ("labels", labels),
-                     ("first_step", first_step), ("reads", reads)):
+                     ("first_step", first_step), ("reads", reads), ("preview", preview)):
         if args.what in (name, "all"):
             fn(args)
 

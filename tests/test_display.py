@@ -43,22 +43,21 @@ def test_the_region_around_the_view_is_what_the_canvas_shows_in_raw_voxels():
     assert all(0 <= s.start < s.stop <= n for s, n in zip(far, shape))
 
 
-def test_a_training_preview_covers_the_slice_shown_and_off_a_gpu_its_middle():
-    from napari_dinofuse.defaults import CPU_PREVIEW_HALF_WIDTH, preview_region
+def test_a_training_preview_covers_the_middle_of_the_slice_shown():
+    from napari_dinofuse.defaults import PREVIEW_HALF_WIDTH, preview_region
 
     shape, voxel, offset = (64, 1000, 1000), (8, 4, 4), (80, 1000, 2000)
     z, center = 80 + 20 * 8, (1000 + 300 * 4, 2000 + 400 * 4)
     shown = view_region(shape, voxel, offset, z, center, 0.05, (400, 800), half_depth=0)
     assert shown == (slice(20, 21), slice(0, 300 + 512), slice(0, 400 + 512))  # the slice in view, all of it
-    assert preview_region(shown, "cuda") == shown
     for at, index in ((6.5, 6), (7.5, 8), (7.4, 7)):  # the slice napari shows: it rounds half-way to even
         assert view_region(shape, voxel, offset, 80 + at * 8, center, 2.0, (400, 800), 0)[0] == slice(index, index + 1)
-    half = CPU_PREVIEW_HALF_WIDTH
-    middle = preview_region(shown, "cpu")
+    half = PREVIEW_HALF_WIDTH
+    middle = preview_region(shown)
     assert middle[0] == shown[0] and middle[1] == slice(406 - half, 406 + half)
     assert middle[2] == slice(456 - half, 456 + half)
     small = (slice(3, 4), slice(10, 60), slice(0, 2 * half + 1))  # y narrower than the cap: kept; x one wider
-    assert preview_region(small, "mps") == (slice(3, 4), slice(10, 60), slice(0, 2 * half))
+    assert preview_region(small) == (slice(3, 4), slice(10, 60), slice(0, 2 * half))
 
 
 def test_one_colour_per_class_and_a_transparent_prediction_background():

@@ -92,6 +92,10 @@ def test_fine_tune_previews_the_slice_in_view_where_it_lies(tmp_path):
         warnings.simplefilter("ignore", RandomBackboneWarning)
         steps = []
         sink = drive(Session().fine_tune(raw, None, labels, settings, preview=shown), steps.append)
+        # The user scrolls while it trains: each preview covers the slice in view then.
+        moving = iter([shown, (slice(0, 1), slice(16, 32), slice(0, 48)), (slice(5, 6), slice(0, 32), slice(0, 16))])
+        moved = []
+        drive(Session().fine_tune(raw, None, labels, settings, preview=lambda: next(moving)), moved.append)
     previews = [p.partial for p in steps if isinstance(p.partial, Preview)]
     assert [p.iteration for p in previews] == [1, 2, 3]
     for p in previews:
@@ -99,3 +103,6 @@ def test_fine_tune_previews_the_slice_in_view_where_it_lies(tmp_path):
         assert p.sink.grids["labels"] == raw.grid.crop((3, 0, 16), (4, 32, 48))  # placed on the raw's slice
         assert np.isin(p.sink.arrays["labels"], (1, 2)).all()
     assert sink.arrays["labels"].shape == raw.shape  # the finished prediction: the whole volume, as without
+    grids = [p.partial.sink.grids["labels"] for p in moved if isinstance(p.partial, Preview)]
+    assert grids == [raw.grid.crop((3, 0, 16), (4, 32, 48)), raw.grid.crop((0, 16, 0), (1, 32, 48)),
+                     raw.grid.crop((5, 0, 0), (6, 32, 16))]

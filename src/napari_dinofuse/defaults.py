@@ -105,21 +105,18 @@ def predict_tile(device_type: str) -> tuple[int, int, int]:
 
 # While Fine-tune trains, the slice in view is predicted with the weights so far after these shares of the
 # iterations, as a preview the finished prediction replaces (the user sees where training is heading long before
-# it ends). Off a GPU it covers at most this many raw voxels either side of the view's centre in y and x, so the
-# previews cost a few percent of a round (docs/benchmarks.md, "Training previews").
+# it ends). It covers at most this many raw voxels either side of the view's centre in y and x: a preview computes
+# ~20 slices of UNet for its one (the tiles' z overlap), 1.3 s for 256 x 256 on 2 CPU cores, so the three cost ~6 %
+# of a CPU round (docs/benchmarks.md, "Training previews"); a whole 1024 x 1024 view would cost more than training.
 PREVIEW_AT = (0.25, 0.5, 0.75)
-CPU_PREVIEW_HALF_WIDTH = 128
+PREVIEW_HALF_WIDTH = 128
 
 
-def preview_region(view, device_type: str):
-    """The part of ``view`` (3 slices of raw voxels, e.g. the slice in view) a training preview on a device of
-    ``device_type`` covers: all of it on CUDA, else at most ``CPU_PREVIEW_HALF_WIDTH`` voxels either side of its
-    centre in y and x."""
-    if device_type == "cuda":
-        return tuple(view)
-    half = CPU_PREVIEW_HALF_WIDTH
+def preview_region(view):
+    """The part of ``view`` (3 slices of raw voxels, e.g. the slice in view) a training preview covers: at most
+    ``PREVIEW_HALF_WIDTH`` voxels either side of its centre in y and x."""
     yx = []
     for s in view[1:]:
         centre = (s.start + s.stop) // 2
-        yx.append(slice(max(s.start, centre - half), min(s.stop, centre + half)))
+        yx.append(slice(max(s.start, centre - PREVIEW_HALF_WIDTH), min(s.stop, centre + PREVIEW_HALF_WIDTH)))
     return (view[0], *yx)

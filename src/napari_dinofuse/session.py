@@ -185,11 +185,11 @@ class Session:
         """Train on the painted voxels of ``labels`` (a snapshot), then predict ``roi`` (``first``, e.g. the
         region in view, before the rest: see :meth:`predict`); returns the sink.
 
-        ``preview`` (slices of raw voxels, e.g. the slice in view; off a GPU only its middle
-        ``defaults.CPU_PREVIEW_HALF_WIDTH`` voxels either side in y and x): predicted with the weights so far after
-        each share of the iterations in ``defaults.PREVIEW_AT``, each time a step carrying a
-        :class:`~napari_dinofuse.progress.Preview` (labels only) as ``Progress.partial``. Training is the same
-        without it. On cancel or error the model from before the call stays in place.
+        ``preview`` (slices of raw voxels, or a function that gives them when called, e.g. the slice in view as the
+        user moves; only their middle ``defaults.PREVIEW_HALF_WIDTH`` voxels either side in y and x):
+        predicted with the weights so far after each share of the iterations in ``defaults.PREVIEW_AT``, each time a
+        step carrying a :class:`~napari_dinofuse.progress.Preview` (labels only) as ``Progress.partial``. Training
+        is the same without it. On cancel or error the model from before the call stays in place.
         """
         return cancellable(self._fine_tune(raw, context, labels, settings, roi, first, preview), cancel)
 
@@ -214,7 +214,6 @@ class Session:
         return (yield from self._predict(source, settings, roi, first))
 
     def _train(self, source, labels, settings, preview=None):
-        from .features.backbone import resolve_device
         from .training.finetune import NewModel, StartModel, fine_tune
         from .training.train import TrainConfig
 
@@ -224,20 +223,23 @@ class Session:
                        base_channels=settings.base_channels, intensity_stem=settings.intensity_stem)
         start = StartModel(self.model, self.info, self.log) if self.model is not None else None
         # The current model is only replaced once the new one is trained (cancel or error: it stays).
+        previewer = None
         if preview is not None:
-            region = defaults.preview_region(preview, resolve_device(settings.device).type)
-            preview = partial(self._preview, source, settings, region)
-        result = yield from fine_tune(source, labels, config, new, start, backbone=self.backbone, preview=preview)
+            where = preview if callable(preview) else lambda: preview
+            previewer = partial(self._preview, source, settings, where)
+        result = yield from fine_tune(source, labels, config, new, start, backbone=self.backbone, preview=previewer)
         self.model, self.info, self.log, self.validation = result.model, result.info, result.log, result.validation
         return result
 
     @staticmethod
-    def _preview(source, settings, region, model):
-        """The labels of ``region`` as ``model`` predicts them now (a training preview: no attention maps)."""
+    def _preview(source, settings, where, model):
+        """The labels of the region ``where()`` gives as ``model`` predicts them now (a training preview: no
+        attention maps)."""
         from .inference.outputs import MemorySink
         from .inference.predict import predict
         from .training.finetune import inference_settings
 
+        region = defaults.preview_region(where())
         tiles = inference_settings(None, settings.device)
         return predict(model, source, region, tile_shape=tiles.tile_shape, overlap=tiles.overlap, attention=False,
                        device=settings.device, sink=MemorySink(skip=("probabilities", "uncertainty")))

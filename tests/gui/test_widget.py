@@ -53,8 +53,11 @@ def test_paint_and_fine_tune_show_the_prediction_while_the_viewer_stays_responsi
             shows = layer.data is p.partial.sink.arrays["labels"]
             previews.append((widget.worker is not None, p.partial.iteration, shows, np.isin(layer.data, (1, 2)).all(),
                              layer.translate[0], viewer.layers.selection.active))
+            viewer.dims.set_point(0, raw.translate[0] + raw.scale[0] * 3 * len(previews))  # the user scrolls on
+            points.append(viewer.dims.point[0])
 
     widget._on_progress = on_step
+    points = [viewer.dims.point[0]]  # the point in z at each preview
     probe = QTimer()
     probe.timeout.connect(tick)
     probe.start(10)
@@ -86,8 +89,10 @@ def test_paint_and_fine_tune_show_the_prediction_while_the_viewer_stays_responsi
     assert np.array_equal(labels.data, painted_after)  # the user's labels are never modified
     # While it trained, the slice in view came as predicted by the weights of then, after 15, 30 and 45 of the 60
     # iterations, in a layer of its own, gone once the prediction was shown; the selected layer stayed selected.
-    z = raw.translate[0] + raw.scale[0] * round((viewer.dims.point[0] - raw.translate[0]) / raw.scale[0])
-    assert previews == [(True, k, True, True, z, labels) for k in (15, 30, 45)], previews
+    # Once the user scrolled, the next preview showed the slice scrolled to (as napari rounds the point to a slice).
+    z = [raw.translate[0] + raw.scale[0] * np.round((point - raw.translate[0]) / raw.scale[0]) for point in points]
+    assert len(set(z[:3])) == 3
+    assert previews == [(True, k, True, True, z, labels) for k, z in zip((15, 30, 45), z)], previews
     assert PREVIEW not in viewer.layers
 
 

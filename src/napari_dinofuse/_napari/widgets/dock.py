@@ -102,6 +102,7 @@ class DinofuseWidget(QWidget):
         self._writing_layer = None  # its temporary layer; False once the user removed it
         self._writing_shown = 0.0
         self._preview_layer = None  # the running fine-tune's preview layer; False once the user removed it
+        self._previewed_raw, self._shown = None, None  # its raw, and the slice in view its next preview covers
         self._step_timer = QTimer(self)  # a child: it dies with the widget, pending steps with it
         self._step_timer.setSingleShot(True)
         self._step_timer.timeout.connect(self._step)
@@ -382,9 +383,12 @@ class DinofuseWidget(QWidget):
             self._notify_error(str(exc))
             return
         self.train_box.loss_plot.reset(self.train_box.iterations_spin.value())
-        shown = self.view(raw, half_depth=0)
+        # The slice in view, kept current by each training step's progress (on this thread), read by the worker's
+        # previews: they follow the user around the volume.
+        self._previewed_raw, self._shown = raw, self.view(raw, half_depth=0)
         self._start("fine-tune", lambda cancel: self.session.fine_tune(raw, context, labels, self._settings, roi,
-                                                                       cancel=cancel, first=view, preview=shown),
+                                                                       cancel=cancel, first=view,
+                                                                       preview=lambda: self._shown),
                     self._show_prediction,
                     uses=(*self.data_box.chosen_layers(), layer))
 
@@ -579,6 +583,8 @@ class DinofuseWidget(QWidget):
             self.status_row.say(f"{self._job_name}: the region in view is shown; predicting the rest…")
         if "loss" in p.metrics:
             self.train_box.show_step(p)
+            if self._previewed_raw is not None:
+                self._shown = self.view(self._previewed_raw, half_depth=0)
 
     def _on_returned(self, result) -> None:
         self.last_result = result
@@ -657,7 +663,7 @@ class DinofuseWidget(QWidget):
     def _stop_preview(self) -> None:
         if self._preview_layer and self._preview_layer in self.viewer.layers:
             self.viewer.layers.remove(self._preview_layer)
-        self._preview_layer = None
+        self._preview_layer, self._previewed_raw = None, None
 
     def _stop_showing_writing(self) -> None:
         if self._writing_layer and self._writing_layer in self.viewer.layers:
