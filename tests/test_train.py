@@ -539,7 +539,8 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
 def test_previews_predict_with_the_weights_of_then_and_change_no_training(sample, source):
     """While a fine-tune trains, a preview after each share of PREVIEW_AT shows what the weights of that moment
     predict (continuing: at the start model's class shares); the models come out exactly as without previews, the
-    progress bar and loss plot count training steps only, and a cancel mid-preview leaves no thread running."""
+    progress bar and loss plot count training steps only, a preview that fails is one warning and training goes on,
+    and a cancel mid-preview leaves no thread running."""
     import threading
 
     from napari_dinofuse.defaults import PREVIEW_AT
@@ -580,6 +581,16 @@ def test_previews_predict_with_the_weights_of_then_and_change_no_training(sample
             expected = predict_to_memory(then, source, region, attention=False, device="cpu").arrays["labels"]
             assert p.sink.arrays["labels"].shape == (1, 128, 64) and np.array_equal(p.sink.arrays["labels"], expected)
         assert not all(torch.equal(seen[0][1][k], v) for k, v in seen[-1][1].items())  # the weights moved
+
+    def failing(model):
+        yield from ()
+        raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+
+    messages = []
+    failed = drive(fine_tune(source, labels, config, NewModel(base_channels=4), preview=failing),
+                   lambda p: messages.append(p.message))
+    assert sum(m.startswith("warning: the training preview failed (OutOfMemoryError") for m in messages) == 1
+    assert all(torch.equal(v, failed.model.state_dict()[k]) for k, v in plain.model.state_dict().items())
 
     run = fine_tune(source, labels, config, NewModel(base_channels=4), preview=preview)
     for p in run:

@@ -151,7 +151,8 @@ def _previewed(steps, model: FusedUNet3D, preview, iterations: int, prior=None) 
     """The training ``steps``, and after each share of the ``iterations`` in ``defaults.PREVIEW_AT`` a ``preview``
     of ``model`` as it is then, at the class shares ``prior`` (None: as they are). The preview's own steps keep the
     training's count (Cancel stops it between tiles); the weights, the train mode (``predict`` restores it), the
-    class shares and the random generators are left as they were."""
+    class shares and the random generators are left as they were. A preview that fails (e.g. out of memory twice)
+    is a warning, and the training goes on without previews."""
     due = sorted({max(1, round(share * iterations)) for share in defaults.PREVIEW_AT})
     try:
         for step in steps:
@@ -172,6 +173,11 @@ def _previewed(steps, model: FusedUNet3D, preview, iterations: int, prior=None) 
                             sink = finished.value
                             break
                         yield Progress(step.done, step.total, f"{step.message}; previewing the view")
+            except Exception as exc:  # noqa: BLE001 - a preview is a courtesy: training goes on without them
+                due = []
+                yield Progress(step.done, step.total, f"warning: the training preview failed ({type(exc).__name__}: "
+                                                      f"{exc}); training goes on without previews")
+                continue
             finally:
                 model.class_prior.copy_(shares)
             yield Progress(step.done, step.total, f"{step.message}; the view as predicted now (a preview)",
