@@ -153,6 +153,32 @@ def test_renaming_or_choosing_another_layer_mid_job_changes_nothing(make_napari_
     assert (data.raw_combo.currentText(), data.context_combo.currentText()) == ("context", "(none)")
 
 
+def test_a_removed_training_preview_stays_removed_and_the_fine_tune_goes_on(make_napari_viewer, qtbot,
+                                                                            notifications):
+    from napari_dinofuse._napari.widgets.dock import PREVIEW
+    from napari_dinofuse.progress import Preview
+
+    viewer, widget = make_dock(make_napari_viewer, qtbot, iterations=8)
+    paint_two_classes(viewer, widget, qtbot)
+    before = len(notifications)
+    added, previews, handle = [], [], widget._on_progress
+    viewer.layers.events.inserted.connect(lambda event: added.append(event.value.name))
+
+    def on_step(p):
+        handle(p)
+        if isinstance(p.partial, Preview):
+            previews.append(p.partial.iteration)
+            if PREVIEW in viewer.layers:
+                viewer.layers.remove(PREVIEW)  # the user does not want it
+
+    widget._on_progress = on_step
+    click_and_wait(qtbot, widget, widget.train_box.train_button)
+    assert previews == [2, 4, 6] and added.count(PREVIEW) == 1 and PREVIEW not in viewer.layers
+    result = widget.last_result
+    assert hasattr(result, "arrays") and viewer.layers["prediction"].data is result.arrays["labels"]
+    assert len(notifications) == before and _no_traceback(notifications)
+
+
 # -- 2. inputs that cannot be used ----------------------------------------------------------------------------
 
 def test_unusable_inputs_are_refused_before_any_work(make_napari_viewer, qtbot, notifications):
