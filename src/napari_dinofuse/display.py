@@ -108,9 +108,9 @@ VIEW_HALF_WIDTH = (32, 512)  # least and most raw voxels from the view's centre 
 def view_region(shape, voxel_size, offset, z, center, zoom: float, canvas_size,
                 half_depth: int = VIEW_HALF_DEPTH) -> tuple[slice, slice, slice]:
     """The raw voxels (slices, inside ``shape``) around a 2D view: ``half_depth`` slices either side of the
-    world z ``z`` (0: the slice shown), and in y/x the part of the world that a canvas of ``canvas_size`` (height, width) pixels shows
-    at ``zoom`` (screen pixels per world unit) around the world ``center`` (y, x), clipped to
-    ``VIEW_HALF_WIDTH`` voxels either side. Never empty: at least one voxel per axis."""
+    world z ``z`` (0: the slice shown), and in y/x the part of the world that a canvas of ``canvas_size``
+    (height, width) pixels shows at ``zoom`` (screen pixels per world unit) around the world ``center`` (y, x),
+    clipped to ``VIEW_HALF_WIDTH`` voxels either side. Never empty: at least one voxel per axis."""
     voxel, offset = np.asarray(voxel_size, float), np.asarray(offset, float)
     z_voxel = (z - offset[0]) / voxel[0]
     if half_depth == 0:  # the slice napari shows: it rounds the point (half-way to even)
