@@ -21,7 +21,7 @@
   --volume (default 32x2048x2048: slices wider than the sample's, as real ones are) for --backbone;
 - preview: the dock's Fine-tune of the 32x256x256 sample with and without previews of the slice in view, in one
   run: seconds to the finished prediction, seconds in previews, the same weights?, and how far each preview is from
-  the finished prediction of that slice (and from the finished model at equal class shares, as previews predict);
+  the finished prediction of that slice and from the truth (and the finished model at equal class shares beside);
 (Segmentation quality, fusion modes against a random forest: bench_quality.py.)
 """
 
@@ -507,6 +507,10 @@ def preview(args):
         runs[previewed] = (session, steps, seconds, weights)
     session, steps, seconds, weights = runs[True]
     in_previews = sum(dt for p, dt in steps if "preview" in p.message)
+
+    def step_ms(steps, after_preview=False):  # training steps' durations (those right after a preview, or all)
+        return [1000 * dt for (p, dt), (before, _) in zip(steps[1:], steps) if "loss" in p.metrics
+                and (not after_preview or isinstance(before.partial, Preview))]
     shown_previews = [p.partial for p, _ in steps if isinstance(p.partial, Preview)]
     region = shown_previews[0].sink.grids["labels"].shape if shown_previews else None
     print(f"Fine-tune -> prediction of the sample ({args.iterations} iterations, base {args.base_channels}, "
@@ -514,16 +518,24 @@ def preview(args):
           f"{len(shown_previews)} previews of {region} voxels ({in_previews:.1f} s in them, "
           f"{in_previews / len(shown_previews):.2f} s each; {seconds / runs[False][2]:.3f}x); weights "
           f"{'identical' if weights == runs[False][3] else 'DIFFERENT'}")
-    model = session.model
+    print(f"  a training step: median {np.median(step_ms(runs[False][1])):.0f} ms without previews, "
+          f"{np.median(step_ms(steps)):.0f} ms with; right after each preview "
+          f"{', '.join(f'{ms:.0f}' for ms in step_ms(steps, after_preview=True))} ms")
+    model, truth = session.model, sample.ground_truth[shown]
     final = predict_to_memory(model, session.source, shown, attention=False, device=args.device).arrays["labels"]
     model.class_prior.fill_(1 / model.config.num_classes)
     equal = predict_to_memory(model, session.source, shown, attention=False, device=args.device).arrays["labels"]
+
+    def ious(labels):
+        return "/".join(f"{((labels == k) & (truth == k)).sum() / max(1, ((labels == k) | (truth == k)).sum()):.3f}"
+                        for k in range(1, model.config.num_classes + 1))
+
     for p in shown_previews:
         labels = p.sink.arrays["labels"]
         print(f"  after {p.iteration}/{p.iterations}: the preview's labels are the finished prediction's on "
-              f"{100 * (labels == final).mean():.1f} % of the slice, the finished model's at equal shares on "
-              f"{100 * (labels == equal).mean():.1f} %")
-    print(f"  (the finished model at equal shares against its prediction: {100 * (equal == final).mean():.1f} %)")
+              f"{100 * (labels == final).mean():.1f} % of the slice; IoU per class against the truth {ious(labels)}")
+    print(f"  the finished prediction: IoU {ious(final)}; the finished model at equal class shares: IoU {ious(equal)}, "
+          f"its labels on {100 * (equal == final).mean():.1f} % of the slice")
 
 
 def _ints(text: str) -> tuple[int, ...]:

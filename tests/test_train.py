@@ -538,7 +538,7 @@ def test_continuing_trains_a_copy_and_keeps_names_and_history(sample, source):
 
 def test_previews_predict_with_the_weights_of_then_and_change_no_training(sample, source):
     """While a fine-tune trains, a preview after each share of PREVIEW_AT shows what the weights of that moment
-    predict (continuing: at the start model's class shares); the models come out exactly as without previews, the
+    predict; the models come out exactly as without previews, the
     progress bar and loss plot count training steps only, a preview that fails is one warning and training goes on,
     and a cancel mid-preview leaves no thread running."""
     import threading
@@ -573,9 +573,8 @@ def test_previews_predict_with_the_weights_of_then_and_change_no_training(sample
         during = [p for p in steps if "preview" in p.message]
         assert len(during) > 3 and all(p.total == 8 and 0 < p.done < 8 and p.metrics == {} for p in during), run
         assert sum("loss" in p.metrics for p in steps) == 8
-        prior = plain.model.class_prior if run == "continuing" else torch.full((4,), 0.25)
-        for (training, state), p in zip(seen, shown):
-            assert training and torch.equal(state["class_prior"], prior), run
+        for (training, state), p in zip(seen, shown):  # a model in training predicts at equal shares
+            assert training and torch.equal(state["class_prior"], torch.full((4,), 0.25)), run
             then = copy.deepcopy(previewed.model)
             then.load_state_dict(state)
             expected = predict_to_memory(then, source, region, attention=False, device="cpu").arrays["labels"]
@@ -598,6 +597,25 @@ def test_previews_predict_with_the_weights_of_then_and_change_no_training(sample
             run.close()  # Cancel while a preview runs
             break
     assert not [t.name for t in threading.enumerate() if t.name.startswith("dinofuse")]
+
+
+def test_a_preview_corrects_its_labels_for_the_shares_its_own_posteriors_give():
+    """At equal shares a model calls a rare class wherever it is unsure; the preview's labels use the shares its
+    posteriors estimate (as the volume's estimate does after training), unless that would erase a class."""
+    from napari_dinofuse.training.train import labels_at_own_shares
+
+    truth = np.repeat([1, 2], [900, 100])
+    probs = np.where(truth == 2, 0.8, 0.1)  # class 2's voxels called with 0.8; most of class 1's with 0.1
+    probs[:200] = 0.55  # 200 of class 1's, unsure: called class 2 at equal shares
+    probabilities = np.stack([1 - probs, probs]).reshape(2, 1, 10, 100)
+    equal = probabilities.argmax(0) + 1
+    assert (equal == 2).sum() == 300
+    labels = labels_at_own_shares(probabilities.astype(np.float16))
+    assert labels.shape == (1, 10, 100) and np.array_equal(labels.ravel(), truth)
+    # Where the shares would erase a class its own predictions call on a fair share, they are tempered.
+    unsure = np.stack([np.full(1000, 0.45), np.full(1000, 0.55)])
+    unsure[:, :900] = [[0.9], [0.1]]
+    assert (labels_at_own_shares(unsure) == 2).sum() == 100
 
 
 def test_a_model_that_does_not_fit_the_features_is_refused(sample, source):

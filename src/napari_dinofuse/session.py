@@ -234,15 +234,20 @@ class Session:
     @staticmethod
     def _preview(source, settings, where, model):
         """The labels of the region ``where()`` gives as ``model`` predicts them now (a training preview: no
-        attention maps)."""
+        attention maps), corrected for the class shares its own posteriors give (the volume's are estimated after
+        training; a model in training predicts at equal shares)."""
         from .inference.outputs import MemorySink
         from .inference.predict import predict
         from .training.finetune import inference_settings
+        from .training.train import labels_at_own_shares
 
         region = defaults.preview_region(where())
         tiles = inference_settings(None, settings.device)
-        return predict(model, source, region, tile_shape=tiles.tile_shape, overlap=tiles.overlap, attention=False,
-                       device=settings.device, sink=MemorySink(skip=("probabilities", "uncertainty")))
+        sink = yield from predict(model, source, region, tile_shape=tiles.tile_shape, overlap=tiles.overlap,
+                                  attention=False, device=settings.device, sink=MemorySink(skip=("uncertainty",)))
+        labels = sink.arrays["labels"]
+        labels[...] = labels_at_own_shares(sink.arrays.pop("probabilities"))
+        return sink
 
     def predict(self, raw, context, settings: SessionSettings, roi=None, cancel=lambda: False, out=None,
                 first=None) -> Generator[Progress, None, object]:

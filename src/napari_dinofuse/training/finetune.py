@@ -136,10 +136,7 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
     # A class painted for the first time is new to the start model too: it has no calls to keep then.
     continues = start is not None and model.config.num_classes == start.model.config.num_classes
     trainer = Trainer(model, source, painted, config, continues=continues)
-    steps = trainer.run()
-    if preview is not None:
-        # Predicted at the shares of the volume the start model knew; a new model's are estimated after training.
-        steps = _previewed(steps, model, preview, config.iterations, start.model.class_prior if continues else None)
+    steps = trainer.run() if preview is None else _previewed(trainer.run(), model, preview, config.iterations)
     yield from steps
     last = trainer.log[-1] if trainer.log else {}
     return FineTuned(model, model_info(model, source, names), log + trainer.log, len(trainer.log),
@@ -147,12 +144,12 @@ def fine_tune(source: FeatureSource, labels, config: TrainConfig | None = None, 
                      tuple(trainer.shares.tolist()), trainer.correction_power)
 
 
-def _previewed(steps, model: FusedUNet3D, preview, iterations: int, prior=None) -> Generator[Progress, None, None]:
+def _previewed(steps, model: FusedUNet3D, preview, iterations: int) -> Generator[Progress, None, None]:
     """The training ``steps``, and after each share of the ``iterations`` in ``defaults.PREVIEW_AT`` a ``preview``
-    of ``model`` as it is then, at the class shares ``prior`` (None: as they are). The preview's own steps keep the
-    training's count (Cancel stops it between tiles); the weights, the train mode (``predict`` restores it), the
-    class shares and the random generators are left as they were. A preview that fails (e.g. out of memory twice)
-    is a warning, and the training goes on without previews."""
+    of ``model`` as it is then (at equal class shares: training reset them). The preview's own steps keep the
+    training's count (Cancel stops it between tiles); the weights, the train mode (``predict`` restores it) and the
+    random generators are left as they were. A preview that fails (e.g. out of memory twice) is a warning, and the
+    training goes on without previews."""
     due = sorted({max(1, round(share * iterations)) for share in defaults.PREVIEW_AT})
     try:
         for step in steps:
@@ -161,9 +158,6 @@ def _previewed(steps, model: FusedUNet3D, preview, iterations: int, prior=None) 
             if iteration is None or not due or iteration < due[0]:
                 continue
             due = [d for d in due if d > iteration]
-            shares = model.class_prior.clone()
-            if prior is not None:
-                model.class_prior.copy_(prior)
             try:
                 with closing(preview(model)) as predicting:
                     while True:
@@ -178,8 +172,6 @@ def _previewed(steps, model: FusedUNet3D, preview, iterations: int, prior=None) 
                 yield Progress(step.done, step.total, f"warning: the training preview failed ({type(exc).__name__}: "
                                                       f"{exc}); training goes on without previews")
                 continue
-            finally:
-                model.class_prior.copy_(shares)
             yield Progress(step.done, step.total, f"{step.message}; the view as predicted now (a preview)",
                            partial=Preview(sink, iteration, iterations))
     finally:
