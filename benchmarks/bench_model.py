@@ -511,6 +511,7 @@ def preview(args):
     def step_ms(steps, after_preview=False):  # training steps' durations (those right after a preview, or all)
         return [1000 * dt for (p, dt), (before, _) in zip(steps[1:], steps) if "loss" in p.metrics
                 and (not after_preview or isinstance(before.partial, Preview))]
+
     shown_previews = [p.partial for p, _ in steps if isinstance(p.partial, Preview)]
     region = shown_previews[0].sink.grids["labels"].shape if shown_previews else None
     print(f"Fine-tune -> prediction of the sample ({args.iterations} iterations, base {args.base_channels}, "
