@@ -378,8 +378,11 @@ class ContextEncoder(nn.Module):
         """Per axis, how many voxels an output voxel of the trunk (fine, mid, coarse) reads on each side: a bound
         from its two 3x3x3 convolutions per scale, the pooling and the linear upsampling back (on the sample's
         context 20 voxels in-plane; 18 measured)."""
-        first, both = np.array(self.pooling[0]), np.array(self.pooling[0]) * np.array(self.pooling[1])
-        return np.ceil(3.5 * both + 2 * first + 1.5).astype(int)
+        return np.ceil(3.5 * self._cell() + 2 * np.array(self.pooling[0]) + 1.5).astype(int)
+
+    def _cell(self) -> np.ndarray:
+        """Per axis, the voxels of one coarse cell (both poolings)."""
+        return np.array(self.pooling[0]) * np.array(self.pooling[1])
 
     def _box(self, shape, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The box (start per element, one size) the trunk runs on so that its outputs on each element's
@@ -387,8 +390,7 @@ class ContextEncoder(nn.Module):
         the pooling's lattice and a whole number of its cells long, so every pooled cell and upsampled position
         is the whole window's. An axis the cells do not divide stays whole (its upsampling scale would change)."""
         shape = np.array(shape)
-        step = np.array(self.pooling[0]) * np.array(self.pooling[1])
-        reach = self.reach()
+        step, reach = self._cell(), self.reach()
         lo = np.clip(low - reach, 0, shape) // step * step
         hi = np.clip(high + reach, 0, shape)
         size = np.minimum(-(-(hi - lo).max(axis=0) // step) * step, shape)

@@ -410,7 +410,7 @@ def labels_at_own_shares(probabilities) -> np.ndarray:
     posteriors = np.asarray(probabilities, np.float32).reshape(len(probabilities), -1)
     shares = estimate_class_prior(posteriors)
     prior = temper_class_prior(shares, correction_power(posteriors, shares))
-    scores = np.log(np.maximum(posteriors, 1e-12)) + np.log(prior * len(prior)).astype(np.float32)[:, None]
+    scores = np.log(np.maximum(posteriors, 1e-12)) + np.log(prior).astype(np.float32)[:, None]
     return (scores.argmax(0) + 1).reshape(probabilities.shape[1:])
 
 
