@@ -1,6 +1,7 @@
 """`dinofuse train`, `predict` and `demo` end to end on a tiny synthetic volume, as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +11,16 @@ import pytest
 import zarr
 from PIL import Image
 
-from napari_dinofuse.defaults import TILES_PER_STEP
+from napari_dinofuse.defaults import CPU_BF16_ENV, TILES_PER_STEP
 from napari_dinofuse.io import open_volume
 from napari_dinofuse.modeling.checkpoint import read_training_log
 
 DINOFUSE = str(Path(sys.executable).with_name("dinofuse"))
 
 
-def _run(*args):
-    return subprocess.run([DINOFUSE, *map(str, args)], capture_output=True, text=True, timeout=600)
+def _run(*args, env=None):
+    return subprocess.run([DINOFUSE, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +49,19 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
     kept = open_volume(d / "model" / "annotations.zarr")  # the strokes it was trained on, placed like the raw
     assert np.array_equal(np.asarray(kept.data), np.load(d / "labels.npy"))
     assert kept.voxel_size == pytest.approx(sample.raw.voxel_size) and kept.offset == pytest.approx(sample.raw.offset)
-    # Fine-tune the saved model further (--init), keeping its classes.
+    # Fine-tune the saved model further (--init), keeping its classes: on a CPU computing bf16, in bf16 unless asked
+    # for float32 (a new model trains in float32).
+    bf16 = {CPU_BF16_ENV: "1"}
     again = _run("train", *flags, "--labels", d / "labels.npy", "--out", d / "model2", "--init", d / "model",
-                 "--iterations", "4", "--tiles-per-step", "2")
+                 "--iterations", "4", "--tiles-per-step", "2", env=bf16)
     assert again.returncode == 0, again.stderr
     steps = [e for e in read_training_log(d / "model2") if "iteration" in e]  # both runs, the first's batch default
-    assert [e.get("tiles") for e in steps] == [TILES_PER_STEP] * 8 + [2] * 4
+    precisions = [(e.get("tiles"), e.get("precision")) for e in steps]
+    assert precisions == [(TILES_PER_STEP, "float32")] * 8 + [(2, "bf16")] * 4
+    exact = _run("train", *flags, "--labels", d / "labels.npy", "--out", d / "model3", "--init", d / "model",
+                 "--iterations", "2", "--tiles-per-step", "2", "--train-precision", "float32", env=bf16)
+    assert exact.returncode == 0, exact.stderr
+    assert [e.get("precision") for e in read_training_log(d / "model3") if "iteration" in e][8:] == ["float32"] * 2
 
     out = d / "pred.zarr"
     predicted = _run("predict", *flags, "--model", d / "model2", "--out", out, "--attention", "--roi", "0:8,16:80,:",

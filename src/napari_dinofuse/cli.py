@@ -201,7 +201,8 @@ def _train(args) -> int:
     # Every refusal before any slow work (backbone, features): settings, volumes, labels.
     config = TrainConfig(iterations=args.iterations, learning_rate=args.learning_rate, seed=args.seed,
                          tiles_per_step=args.tiles_per_step, dice_weight=args.dice_weight, edge_weight=args.edge_weight,
-                         keep_weight=args.keep_weight, validation_share=args.validation_share, device=args.device)
+                         keep_weight=args.keep_weight, validation_share=args.validation_share, device=args.device,
+                         mixed_precision=defaults.TRAIN_PRECISIONS[args.train_precision])
     new = NewModel(fusion=args.fusion, base_channels=args.base_channels, intensity_stem=args.intensity_stem,
                    context_margin_nm=args.context_margin)
     extraction = ExtractionSettings(args.planes, batch_size=args.batch_size)
@@ -421,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --init: weight of the term that keeps the start model's sure calls on unpainted "
                             "voxels away from the strokes it got wrong, so corrections of one class do not move "
                             f"the others (default {defaults.KEEP_WEIGHT:g}; 0: off; docs/benchmarks.md)")
+    train.add_argument("--train-precision", default="auto", choices=list(defaults.TRAIN_PRECISIONS),
+                       help="auto (default): a new model in float32, one continued with --init in bf16 where the "
+                            "device computes it (CUDA, CPUs with bf16 instructions); bf16 trains new models in it too "
+                            "(faster, first rounds measurably worse: docs/benchmarks.md)")
     train.add_argument("--seed", type=int, default=0)
     _add_feature_args(train)
     train.set_defaults(func=_train)

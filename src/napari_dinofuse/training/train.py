@@ -34,7 +34,7 @@ from ..inference.tiling import ints3, iter_blocks
 from ..modeling.checkpoint import ModelInfo
 from ..modeling.filters import scale_sigmas
 from ..modeling.unet import ContextWindow, FusedUNet3D, UNetConfig, anisotropic_pooling, place
-from ..precision import autocast, training_autocast
+from ..precision import autocast, bf16_on, training_autocast
 from ..progress import Progress
 
 PREFETCH_STEPS = 2  # training steps whose tiles are prepared ahead (host memory: a few tiles)
@@ -70,9 +70,11 @@ class TrainConfig:
     keep_weight: float = defaults.KEEP_WEIGHT
     keep_sure: float = defaults.KEEP_SURE  # the calls it keeps: largest posterior (at equal shares) at least this
     # Train under bf16 autocast where the device computes bf16 (CUDA; CPUs with bf16 instructions: precision.py).
-    # Off by default: on a bf16 CPU steps ran 1.2-1.3x faster, but first rounds trained from scratch came out worse
-    # than float32's own float noise in 11 of 14 runs (docs/benchmarks.md, 2026-12-07 late morning).
-    mixed_precision: bool = False
+    # None: only when continuing a model. A new model trains in float32: in bf16 (steps 1.2-1.3x faster on a bf16
+    # CPU) first rounds trained from scratch came out worse than float32's own float noise in 11 of 14 runs
+    # (docs/benchmarks.md, 2026-12-07 late morning); a continued round, from the same model on the same strokes, came
+    # out level with float32's (2026-12-07 late night). True / False: always / never.
+    mixed_precision: bool | None = None
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -107,9 +109,10 @@ class TrainConfig:
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
             bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
                 "too few strokes to train on")
-        for name in ("mixed_precision", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, "expected True or False")
+        if not isinstance(self.augment, bool):
+            bad("augment", "expected True or False")
+        if self.mixed_precision is not None and not isinstance(self.mixed_precision, bool):
+            bad("mixed_precision", "expected True, False or None (bf16 when continuing a model)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             bad("seed", "expected a whole number from 0 to 2**32 - 1")  # numpy refuses negative seeds
         devices = "expected auto, cpu, cuda, cuda:N or mps"
@@ -723,7 +726,9 @@ class Trainer:
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        mixed = training_autocast(device, cfg.mixed_precision)  # float32 unless asked (precision.py says why)
+        # A new model in float32 unless asked, a continued one in bf16 where the device computes it (precision.py)
+        bf16 = (self.continues if cfg.mixed_precision is None else cfg.mixed_precision) and bf16_on(device)
+        mixed = training_autocast(device, bf16)
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
         auxiliary = bool(cfg.context_loss_weight) and model.context_head is not None
@@ -798,7 +803,7 @@ class Trainer:
                     scheduler.step()
                     smoothed = total if smoothed is None else 0.9 * smoothed + 0.1 * total
                     entry = {"iteration": step, "loss": total, "smoothed": smoothed, "learning_rate": rate,
-                             "tiles": len(tiles)}
+                             "tiles": len(tiles), "precision": "bf16" if bf16 else "float32"}
                     message = f"loss {smoothed:.4f}"
                     if self.validation_tiles and (step % cfg.validate_every == 0 or step == cfg.iterations):
                         score = self.validate(device)
