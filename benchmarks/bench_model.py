@@ -4,7 +4,8 @@
 
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached;
-  training in float32, with --mixed-precision in bf16);
+  --precision auto: as the product trains, a new model in float32 and a continued one in bf16 where the device
+  computes it; float32 or bf16: every step so);
   a warm step's time next to the time its tiles take on the tile thread, host waits per step, a warm continuing
   step's time (the keep term runs the start model too); with --profile,
   host and device time per step, kernel launches and the top ops by host time; with --ops, the ops per step that
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from bench_features import stand_in_features
 
-from napari_dinofuse.defaults import PREDICT_BLOCK, predict_tile
+from napari_dinofuse.defaults import PREDICT_BLOCK, TRAIN_PRECISIONS, predict_tile
 
 warnings.simplefilter("ignore")
 
@@ -112,14 +113,14 @@ def finetune(args):
     sample, source = _setup(args, raw_shape=(128, 128, 128))
     model = new_model(source, 4, base_channels=args.base_channels)
     start = time.perf_counter()
-    settings = {"device": args.device, "mixed_precision": args.mixed_precision}
+    settings = {"device": args.device, "mixed_precision": TRAIN_PRECISIONS[args.precision]}
     trainer = Trainer(model, source, sample.scribbles(), TrainConfig(iterations=args.iterations, **settings))
     drive(trainer.run())
     trained = time.perf_counter() - start
     predict_to_memory(model, source, None, device=args.device)
     total = time.perf_counter() - start
     print(f"fine-tune (base {args.base_channels}, tile {trainer.tile_shape}, "
-          f"{'bf16 mixed precision' if args.mixed_precision else 'float32'}): {len(trainer.log) / trained:.2f} it/s; "
+          f"precision {args.precision}): {len(trainer.log) / trained:.2f} it/s; "
           f"start -> updated prediction of 128^3 after {len(trainer.log)} iterations: {total:.1f} s "
           f"(training {trained:.1f} s, prediction {total - trained:.1f} s)")
     device = resolve_device(args.device)
@@ -562,8 +563,9 @@ def main():
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
     parser.add_argument("--ops", action="store_true", help="finetune: kernel-launching ops per step (any device)")
-    parser.add_argument("--mixed-precision", action="store_true",
-                        help="finetune: train under bf16 autocast (TrainConfig.mixed_precision; float32 by default)")
+    parser.add_argument("--precision", choices=list(TRAIN_PRECISIONS), default="auto",
+                        help="finetune: auto (the product's: a new model in float32, a continued one in bf16 where "
+                             "the device computes it), float32 or bf16 (TrainConfig.mixed_precision)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run the UNet channels-last on CUDA too (the CPU always does; to measure it there)")
     args = parser.parse_args()
