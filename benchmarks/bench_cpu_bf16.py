@@ -5,10 +5,10 @@
 Inference computes in bf16 on a CPU with bf16 instructions (napari_dinofuse.precision); this prints, for each
 precision and round, through the engine's own paths: the ViT-S/16's slices/s on 512^2 slices (random weights)
 and its features' cosine to fp32's; a prediction of the 32x256x256 sample (base 16, a model trained for 20 steps)
-and how many labels it shares with fp32's; warm training steps of a new model on the sample, in fp32 and with
-TrainConfig.mixed_precision (bf16: not the default for a new model, docs/benchmarks.md 2026-12-07 late morning says
-why); warm steps continuing that model as the product continues one (in bf16 where the CPU computes it, its start
-model, the calls the keep term holds, as predicted). Ratios fp32 time / bf16 time last.
+and how many labels it shares with fp32's; warm training steps on the sample, in fp32 and with
+TrainConfig.mixed_precision (bf16: off by default, docs/benchmarks.md 2026-12-07 late morning says why); warm
+steps continuing that model, whose start model (the calls the keep term holds) runs at the predictions' precision
+(the default). Ratios fp32 time / bf16 time last.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def main() -> None:
     ratio = {name: np.median(times[(name, "fp32")]) / np.median(times[(name, "bf16")])
              for name in ("vit", "predict", "step", "continuing")}
     print(f"bf16 speed-up (median fp32 time / bf16 time): ViT {ratio['vit']:.2f}x, prediction {ratio['predict']:.2f}x, "
-          f"a new model's training step (mixed precision, not the default) {ratio['step']:.2f}x, continuing step "
-          f"(the default) {ratio['continuing']:.2f}x")
+          f"training step (mixed precision, not the default) {ratio['step']:.2f}x, continuing step (the start model "
+          f"at the predictions' precision, the default) {ratio['continuing']:.2f}x")
 
 
 if __name__ == "__main__":

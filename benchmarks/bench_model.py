@@ -4,8 +4,7 @@
 
 - projection: 1x1x1 projection before vs after upsampling on the same tile: time, peak memory, equal outputs;
 - finetune: iterations/s, and seconds from "start" to an updated prediction of a 128^3 region (features cached;
-  --precision auto: as the product trains, a new model in float32 and a continued one in bf16 where the device
-  computes it; float32 or bf16: every step so);
+  training in float32, with --precision bf16 under bf16 autocast);
   a warm step's time next to the time its tiles take on the tile thread, host waits per step, a warm continuing
   step's time (the keep term runs the start model too); with --profile,
   host and device time per step, kernel launches and the top ops by host time; with --ops, the ops per step that
@@ -563,9 +562,9 @@ def main():
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="inference: skip the peak RSS per tile")
     parser.add_argument("--profile", action="store_true", help="finetune: torch profiler over five warm steps")
     parser.add_argument("--ops", action="store_true", help="finetune: kernel-launching ops per step (any device)")
-    parser.add_argument("--precision", choices=list(TRAIN_PRECISIONS), default="auto",
-                        help="finetune: auto (the product's: a new model in float32, a continued one in bf16 where "
-                             "the device computes it), float32 or bf16 (TrainConfig.mixed_precision)")
+    parser.add_argument("--precision", choices=list(TRAIN_PRECISIONS), default="float32",
+                        help="finetune: train in float32 (the default) or under bf16 autocast "
+                             "(TrainConfig.mixed_precision)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run the UNet channels-last on CUDA too (the CPU always does; to measure it there)")
     args = parser.parse_args()

@@ -5,8 +5,8 @@
 #   2. bench_features, 512 slices of 512^2: bare on-device forward vs extraction pipeline, writer threads,
 #      cache hit.
 #   3. bench_model inference (UNet alone vs end to end from the cache) and finetune (paint -> prediction; a warm
-#      step, its tiles' time, host waits, a torch profile of five steps, a warm continuing step; as the product
-#      trains: a new model in float32, a continued one in bf16; then all in float32 as finetune_float32);
+#      step, its tiles' time, host waits, a torch profile of five steps, a warm continuing step; float32, then bf16
+#      as finetune_mixed);
 #      both again with the UNet channels-last.
 #   4. bench_features again with --compile, if the budget allows.
 #   first_step, reads (only when named in GPU_QUICK_STEPS): Fine-tune -> first training step on a 64x1024x1024
@@ -18,7 +18,7 @@
 # Log: $OUT/gpu_quick.log ($OUT: the device tool's output folder; /tmp/gpu_quick elsewhere).
 # Wheels in .whl/ (zarr and its needs: the device image lacks them) are installed to /tmp/site.
 # GPU_QUICK_STEPS: which steps to run (default: all of check_cuda_backbone bench_features inference finetune
-# finetune_float32 inference_channels_last finetune_channels_last bench_features_compiled).
+# finetune_mixed inference_channels_last finetune_channels_last bench_features_compiled).
 
 set -u
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ else
 fi
 
 # step NAME SECONDS COMMAND...: run under min(SECONDS, what is left of the budget)
-ALL_STEPS="check_cuda_backbone bench_features inference finetune finetune_float32"
+ALL_STEPS="check_cuda_backbone bench_features inference finetune finetune_mixed"
 ALL_STEPS="$ALL_STEPS inference_channels_last finetune_channels_last"
 STEPS=${GPU_QUICK_STEPS:-$ALL_STEPS bench_features_compiled}
 step() {
@@ -67,10 +67,11 @@ main() {
     step bench_features 100 $PY benchmarks/bench_features.py --backbone "$BB" --device "$DEV" "${FEAT[@]}" --no-rss
     step inference 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss "${VOLUME[@]}"
     step finetune 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" --ops --profile
-    # A new model trains in float32 (in bf16 its first rounds came out worse on a CPU, docs/benchmarks.md 2026-12-07
-    # late morning), a continued one in bf16: its continuing step in float32 too, to see what bf16 saves on a GPU.
-    step finetune_float32 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" \
-        --precision float32
+    # Training computes in float32 (TrainConfig.mixed_precision off; bf16 training measured worse on a CPU,
+    # docs/benchmarks.md 2026-12-07 late morning): the same steps in bf16, to see what float32 costs on a GPU
+    # (continued rounds came out level in bf16: 2026-12-07 late night).
+    step finetune_mixed 90 $PY benchmarks/bench_model.py finetune "${MODEL[@]}" --device "$DEV" "${TUNE[@]}" \
+        --precision bf16
     # The UNet channels-last on CUDA too (the CPU's default since 2026-12-05): adopt it there if these beat the above.
     step inference_channels_last 90 $PY benchmarks/bench_model.py inference "${MODEL[@]}" --device "$DEV" --no-rss \
         "${VOLUME[@]}" --channels-last

@@ -49,17 +49,17 @@ def test_train_then_predict_writes_an_aligned_ome_zarr(files):
     kept = open_volume(d / "model" / "annotations.zarr")  # the strokes it was trained on, placed like the raw
     assert np.array_equal(np.asarray(kept.data), np.load(d / "labels.npy"))
     assert kept.voxel_size == pytest.approx(sample.raw.voxel_size) and kept.offset == pytest.approx(sample.raw.offset)
-    # Fine-tune the saved model further (--init), keeping its classes: on a CPU computing bf16, in bf16 unless asked
-    # for float32 (a new model trains in float32).
+    # Fine-tune the saved model further (--init), keeping its classes: on a CPU computing bf16, in float32 unless
+    # asked for bf16; the log says which.
     bf16 = {CPU_BF16_ENV: "1"}
     again = _run("train", *flags, "--labels", d / "labels.npy", "--out", d / "model2", "--init", d / "model",
-                 "--iterations", "4", "--tiles-per-step", "2", env=bf16)
+                 "--iterations", "4", "--tiles-per-step", "2", "--train-precision", "bf16", env=bf16)
     assert again.returncode == 0, again.stderr
     steps = [e for e in read_training_log(d / "model2") if "iteration" in e]  # both runs, the first's batch default
     precisions = [(e.get("tiles"), e.get("precision")) for e in steps]
     assert precisions == [(TILES_PER_STEP, "float32")] * 8 + [(2, "bf16")] * 4
     exact = _run("train", *flags, "--labels", d / "labels.npy", "--out", d / "model3", "--init", d / "model",
-                 "--iterations", "2", "--tiles-per-step", "2", "--train-precision", "float32", env=bf16)
+                 "--iterations", "2", "--tiles-per-step", "2", env=bf16)
     assert exact.returncode == 0, exact.stderr
     assert [e.get("precision") for e in read_training_log(d / "model3") if "iteration" in e][8:] == ["float32"] * 2
 

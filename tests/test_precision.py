@@ -1,6 +1,6 @@
 """Where models compute in bf16: inference on CUDA and on CPUs with bf16 instructions (or as $DINOFUSE_CPU_BF16
-says); training a new model in fp32 and continuing one in bf16 there, unless TrainConfig.mixed_precision says
-otherwise (continuing, the start model whose calls it keeps runs as it predicts).
+says); training in fp32 unless TrainConfig.mixed_precision asks for bf16 (continuing a model, the start model whose
+calls it keeps runs as it predicts).
 
 The rest of the suite runs in fp32 (conftest.py pins it, so results do not depend on the test machine's CPU);
 these tests switch bf16 on."""
@@ -53,12 +53,12 @@ def sample_source(tiny_backbone, tmp_path_factory):
     return sample, source
 
 
-def test_on_a_bf16_cpu_a_new_model_trains_in_fp32_a_continued_one_in_bf16_and_predictions_call_what_fp32_calls(
-        sample_source, monkeypatch):
-    """bf16 on a CPU is for speed only: a new model (whose first round bf16 would change) trains in fp32 unless
-    mixed precision is asked for, a continued one in bf16 unless asked not to; the start model whose calls continued
-    training keeps, the class shares' estimate and the held-out strokes' scoring run as the model predicts; and the
-    trained model's prediction in bf16 gives the labels fp32 gives (checked on the first convolution: what ran)."""
+def test_on_a_bf16_cpu_training_stays_fp32_unless_asked_and_predictions_call_what_fp32_calls(sample_source,
+                                                                                              monkeypatch):
+    """bf16 on a CPU is for speed only: training (which bf16 would change) runs in fp32 unless mixed precision is
+    asked for; the start model whose calls continued training keeps, the class shares' estimate and the held-out
+    strokes' scoring run as the model predicts; and the trained model's prediction in bf16 gives the labels fp32
+    gives (checked on the first convolution: what really ran)."""
     sample, source = sample_source
     labels = sample.scribbles(seed=0)
     monkeypatch.setenv(CPU_BF16_ENV, "1")
@@ -87,9 +87,9 @@ def test_on_a_bf16_cpu_a_new_model_trains_in_fp32_a_continued_one_in_bf16_and_pr
     drive(Trainer(copy.deepcopy(model), source, labels,  # the copy keeps the hook
                   TrainConfig(iterations=3, validation_share=0, device="cpu", mixed_precision=True)).run())
     assert dtypes() == {torch.bfloat16}, seen
-    for mixed, trains_in in ((None, torch.bfloat16), (False, torch.float32)):
-        seen.clear()  # continuing: the model trains in bf16 unless asked not to, the start model's calls it keeps
-        continued = Trainer(copy.deepcopy(model), source, labels,  # come as predicted (bf16)
+    for mixed, trains_in in ((False, torch.float32), (True, torch.bfloat16)):
+        seen.clear()  # continuing: the model trains in fp32 unless asked, the start model's calls it keeps come as
+        continued = Trainer(copy.deepcopy(model), source, labels,  # predicted (bf16)
                             TrainConfig(iterations=3, validation_share=0, device="cpu", mixed_precision=mixed),
                             continues=True).run()
         steps = next(list(seen) for progress in continued if "estimating" in progress.message)

@@ -422,10 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --init: weight of the term that keeps the start model's sure calls on unpainted "
                             "voxels away from the strokes it got wrong, so corrections of one class do not move "
                             f"the others (default {defaults.KEEP_WEIGHT:g}; 0: off; docs/benchmarks.md)")
-    train.add_argument("--train-precision", default="auto", choices=list(defaults.TRAIN_PRECISIONS),
-                       help="auto (default): a new model in float32, one continued with --init in bf16 where the "
-                            "device computes it (CUDA, CPUs with bf16 instructions); bf16 trains new models in it too "
-                            "(faster, first rounds measurably worse: docs/benchmarks.md)")
+    train.add_argument("--train-precision", default="float32", choices=list(defaults.TRAIN_PRECISIONS),
+                       help="bf16: train under bf16 autocast where the device computes it (CUDA, CPUs with bf16 "
+                            "instructions): with --init level with float32 and ~1.15x faster on an idle CPU, slower "
+                            "beside other busy processes; a new model's first round measurably worse "
+                            "(docs/benchmarks.md; default float32)")
     train.add_argument("--seed", type=int, default=0)
     _add_feature_args(train)
     train.set_defaults(func=_train)

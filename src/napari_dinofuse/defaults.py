@@ -59,9 +59,8 @@ CONTINUE_LR_SCALE = 1 / 2
 KEEP_WEIGHT = 1.0
 KEEP_SURE = 0.95
 KEEP_REACH = (1, 8, 8)
-# TrainConfig.mixed_precision by name (`dinofuse train --train-precision`): auto trains a new model in float32, a
-# continued one in bf16 where the device computes it (precision.py says why).
-TRAIN_PRECISIONS = {"auto": None, "float32": False, "bf16": True}
+# TrainConfig.mixed_precision by name (`dinofuse train --train-precision`; precision.py says why float32 by default).
+TRAIN_PRECISIONS = {"float32": False, "bf16": True}
 # Small tiles, several per step, each centred on a painted class in turn (with four classes a step sees each twice,
 # for the cost of two 16 x 64 x 64 tiles). Voxels (z, y, x); the context comes from a wider window, not from the
 # tile. Eight tiles (was four; with TrainConfig.context_dropout .25), over 14 paired runs (docs/benchmarks.md,

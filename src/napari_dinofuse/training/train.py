@@ -70,11 +70,11 @@ class TrainConfig:
     keep_weight: float = defaults.KEEP_WEIGHT
     keep_sure: float = defaults.KEEP_SURE  # the calls it keeps: largest posterior (at equal shares) at least this
     # Train under bf16 autocast where the device computes bf16 (CUDA; CPUs with bf16 instructions: precision.py).
-    # None: only when continuing a model. A new model trains in float32: in bf16 (steps 1.2-1.3x faster on a bf16
-    # CPU) first rounds trained from scratch came out worse than float32's own float noise in 11 of 14 runs
-    # (docs/benchmarks.md, 2026-12-07 late morning); a continued round, from the same model on the same strokes, came
-    # out level with float32's (2026-12-07 late night). True / False: always / never.
-    mixed_precision: bool | None = None
+    # Off by default: on a bf16 CPU steps ran 1.2-1.3x faster, but first rounds trained from scratch came out worse
+    # than float32's own float noise in 11 of 14 runs (docs/benchmarks.md, 2026-12-07 late morning). Continued
+    # rounds came out level with float32's (14 paired runs, 2026-12-07 late night), 1.16x faster on an idle CPU
+    # but 0.83x beside one busy process: an option, not the default.
+    mixed_precision: bool = False
     augment: bool = True  # flips, 90-degree in-plane rotations (where y and x voxels are equal), intensity jitter
     validation_share: float = defaults.VALIDATION_SHARE  # of each class's strokes, held out for early stopping
     validate_every: int = 25  # steps
@@ -109,10 +109,9 @@ class TrainConfig:
         if not (isinstance(self.validation_share, (int, float)) and 0 <= self.validation_share <= 0.5):
             bad("validation_share", "expected a share in [0, 0.5] (0: no validation): larger shares leave "
                 "too few strokes to train on")
-        if not isinstance(self.augment, bool):
-            bad("augment", "expected True or False")
-        if self.mixed_precision is not None and not isinstance(self.mixed_precision, bool):
-            bad("mixed_precision", "expected True, False or None (bf16 when continuing a model)")
+        for name in ("mixed_precision", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             bad("seed", "expected a whole number from 0 to 2**32 - 1")  # numpy refuses negative seeds
         devices = "expected auto, cpu, cuda, cuda:N or mps"
@@ -726,8 +725,7 @@ class Trainer:
             return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        # A new model in float32 unless asked, a continued one in bf16 where the device computes it (precision.py)
-        bf16 = (self.continues if cfg.mixed_precision is None else cfg.mixed_precision) and bf16_on(device)
+        bf16 = cfg.mixed_precision and bf16_on(device)  # float32 unless asked (precision.py says why)
         mixed = training_autocast(device, bf16)
         best_state, best_step, smoothed, message = None, 0, None, ""
         classes = list(self.train_painted.coords)
