@@ -94,7 +94,6 @@ class DinofuseWidget(QWidget):
         self.session = Session()
         self.worker = None
         self._cancel = threading.Event()
-        self._progress = None  # napari activity-dock progress bar of the running job
         self._job_started = 0.0
         self._on_done = None  # what the running job's value goes to (see _start)
         self._steps = None  # the rest of on_done's main-thread work, one step per event-loop tick
@@ -529,7 +528,6 @@ class DinofuseWidget(QWidget):
         event-loop tick, the job still counting as running). Removing one of the layers it ``uses`` stops it,
         and its value is not shown."""
         from napari.qt.threading import GeneratorWorker
-        from napari.utils import progress
 
         if self.worker is not None:
             self._notify_error("another task is running: wait for it or click Cancel")
@@ -555,7 +553,6 @@ class DinofuseWidget(QWidget):
         self.worker.yielded.connect(self._on_progress)
         self.worker.returned.connect(self._on_returned)
         self.worker.finished.connect(self._on_finished)
-        self._progress = progress(total=0, desc=f"DINOfuse: {name}")
         self.status_row.say(f"{name}…")
         self.status_row.busy()
         self._update_buttons()
@@ -567,10 +564,6 @@ class DinofuseWidget(QWidget):
             self._notify_warning(p.message[len("warning: "):])
         total = max(int(p.total), 1)
         self.status_row.show_progress(p.done, total)
-        if self._progress is not None:
-            self._progress.total = total
-            self._progress.n = int(p.done)
-            self._progress.set_description(f"DINOfuse {self._job_name}: {p.message}")
         if self._writing is not None:
             self._show_writing()
         elif isinstance(p.partial, Preview):
@@ -687,9 +680,6 @@ class DinofuseWidget(QWidget):
         self.status_row.say(f"model loaded ({self.session.describe_model()}){kept}")
 
     def _on_finished(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
         self.status_row.finished()
         self._step()
 
