@@ -51,7 +51,7 @@ def test_paint_and_fine_tune_show_the_prediction_while_the_viewer_stays_responsi
     def on_step(p):
         handle(p)
         if "loss" in p.metrics:
-            animated.extend(type(label.parent()).__name__ for label in viewer.window._qt_window.findChildren(QLabel)
+            animated.extend(type(label.parent()).__name__ for label in widget.window().findChildren(QLabel)
                             if label.movie() is not None and label.movie().state() == QMovie.MovieState.Running)
         if isinstance(p.partial, Preview):
             layer = viewer.layers[PREVIEW]
